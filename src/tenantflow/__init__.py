@@ -1,0 +1,79 @@
+"""tenantflow: multi-tenant durable workflows for Python.
+
+A workflow is plain async Python whose steps are checkpointed in its tenant's own database, so
+a crash resumes exactly where it stopped.
+"""
+
+from tenantflow.errors import (
+    ChildWorkflowError,
+    ConfigError,
+    IdempotencyConflictError,
+    InvalidTenantIdError,
+    MaxRecoveryAttemptsExceededError,
+    NonDeterminismError,
+    NotFoundError,
+    ResultTimeoutError,
+    RunCancelledError,
+    RunFailedError,
+    RunFinishedError,
+    RunNotFoundError,
+    SerializationError,
+    StepFailedError,
+    StepTimeoutError,
+    TenantflowError,
+    TenantNotFoundError,
+    TenantSuspendedError,
+    WorkflowNotRegisteredError,
+    WorkflowTimeoutError,
+)
+from tenantflow.runtime import Runtime
+from tenantflow.sdk.app import App, Step, Workflow
+from tenantflow.sdk.client import Client, RunHandle, TenantClient
+from tenantflow.sdk.context import StepContext, WorkflowContext, current_step
+from tenantflow.sdk.options import RetryPolicy, StartOptions, StepOptions, WorkflowOptions
+from tenantflow.settings import Settings
+from tenantflow.store.records import RunRecord, RunStatus, StepRecord
+from tenantflow.worker.worker import Worker
+
+__all__ = [
+    "App",
+    "ChildWorkflowError",
+    "Client",
+    "ConfigError",
+    "IdempotencyConflictError",
+    "InvalidTenantIdError",
+    "MaxRecoveryAttemptsExceededError",
+    "NonDeterminismError",
+    "NotFoundError",
+    "ResultTimeoutError",
+    "RetryPolicy",
+    "RunCancelledError",
+    "RunFailedError",
+    "RunFinishedError",
+    "RunHandle",
+    "RunNotFoundError",
+    "RunRecord",
+    "RunStatus",
+    "Runtime",
+    "SerializationError",
+    "Settings",
+    "StartOptions",
+    "Step",
+    "StepContext",
+    "StepFailedError",
+    "StepOptions",
+    "StepRecord",
+    "StepTimeoutError",
+    "TenantClient",
+    "TenantNotFoundError",
+    "TenantSuspendedError",
+    "TenantflowError",
+    "Worker",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowNotRegisteredError",
+    "WorkflowOptions",
+    "WorkflowTimeoutError",
+    "current_step",
+]
+__version__ = "0.1.0"

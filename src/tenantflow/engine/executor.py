@@ -1,0 +1,360 @@
+"""Executes one claimed run: replays the workflow function from its checkpoints, runs new
+steps, and commits each step's result before the workflow moves on."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from tenantflow.errors import (
+    ChildWorkflowError,
+    NonDeterminismError,
+    StepFailedError,
+    StepTimeoutError,
+    WorkflowCancelled,
+    WorkflowSuspended,
+    WorkflowTimeoutError,
+)
+from tenantflow.sdk.context import StepContext, WorkflowContext, _step, _workflow
+from tenantflow.sdk.serde import dumps, loads
+from tenantflow.store.base import LeaseLost, RunStore
+from tenantflow.store.records import (
+    TERMINAL,
+    NewRun,
+    RunRecord,
+    RunStatus,
+    StepKind,
+    StepRecord,
+    StepStatus,
+    SuspendOutcome,
+    Wait,
+    WaitKind,
+)
+
+if TYPE_CHECKING:
+    from tenantflow.sdk.app import Step, Workflow
+
+log = structlog.get_logger(__name__)
+
+# A sleep this close to its end is finished in place rather than by releasing the worker.
+INLINE_SLEEP = 0.05
+
+
+class WorkflowReleased(BaseException):  # noqa: N818 - control flow
+    """The worker is shutting down: stop at this step boundary and give the run back."""
+
+
+class OutcomeKind(enum.Enum):
+    FINISHED = "finished"
+    SUSPENDED = "suspended"
+    RELEASED = "released"
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    kind: OutcomeKind
+    status: RunStatus | None = None
+    wake_at: float | None = None
+    wake: tuple[str, ...] = ()
+
+
+class ExecutionHost(Protocol):
+    """What an execution needs from the worker that runs it."""
+
+    owner: str
+    stopping: bool
+
+    async def enqueue(self, tenant_id: str, run_id: str, priority: int) -> None: ...
+
+
+def encode_input(workflow: Workflow[Any, Any], args: tuple[Any, ...] | list[Any],
+                 kwargs: dict[str, Any]) -> bytes:
+    """Check the arguments against the workflow's signature and encode them as JSON."""
+    workflow.codec.signature.bind(None, *args, **kwargs)  # TypeError on a wrong call
+    return dumps({"args": list(args), "kwargs": kwargs},
+                 what=f"the input of workflow {workflow.name!r}")
+
+
+def error_info(exc: BaseException) -> bytes:
+    return dumps({"type": type(exc).__name__, "message": str(exc)})
+
+
+class Execution:
+    def __init__(self, *, workflow: Workflow[Any, Any], store: RunStore, run: RunRecord,
+                 steps: tuple[StepRecord, ...], host: ExecutionHost) -> None:
+        self.workflow = workflow
+        self.store = store
+        self.run = run
+        self.host = host
+        self.owner = host.owner
+        self.checkpoints = {s.seq: s for s in steps}
+        self.seq = 0
+        self.cancel_requested = run.cancel_requested
+        self.task: asyncio.Task[Outcome] | None = None
+        self._interrupt: str | None = None  # why the task was cancelled from outside
+        self._nondeterminism: NonDeterminismError | None = None
+
+    # -- control from the worker -------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Cancellation was requested: interrupt the run now (a running async step included)."""
+        self.cancel_requested = True
+        self._interrupt_task("cancel")
+
+    def release(self) -> None:
+        """Shutdown grace is over: stop now and give the run back."""
+        self._interrupt_task("release")
+
+    def lease_lost(self) -> None:
+        self._interrupt_task("lease_lost")
+
+    def _interrupt_task(self, why: str) -> None:
+        if self.task is not None and not self.task.done() and self._interrupt is None:
+            self._interrupt = why
+            self.task.cancel()
+
+    # -- the run -----------------------------------------------------------------------------
+
+    async def execute(self) -> Outcome:
+        run = self.run
+        try:
+            try:
+                result = await self._invoke()
+                if self._nondeterminism is not None:
+                    raise self._nondeterminism
+                output = dumps(result, what=f"the result of workflow {run.workflow!r}")
+                return await self._finish(RunStatus.COMPLETED, result=output)
+            except asyncio.CancelledError:
+                why = self._interrupt
+                if why == "cancel":
+                    raise WorkflowCancelled() from None
+                if why == "release":
+                    raise WorkflowReleased() from None
+                if why == "lease_lost":
+                    raise LeaseLost(run.id) from None
+                raise
+        except WorkflowSuspended as suspended:
+            wake_at = suspended.args[0] if suspended.args else None
+            return Outcome(kind=OutcomeKind.SUSPENDED, wake_at=wake_at)
+        except WorkflowCancelled:
+            return await self._finish(RunStatus.CANCELLED,
+                                      error=dumps({"type": "RunCancelledError",
+                                                   "message": "the run was cancelled"}))
+        except WorkflowReleased:
+            await self.store.release_run(run.id, owner=self.owner, now=time.time())
+            return Outcome(kind=OutcomeKind.RELEASED)
+        except LeaseLost:
+            log.warning("lease lost", tenant=run.tenant_id, run=run.id)
+            return Outcome(kind=OutcomeKind.LEASE_LOST)
+        except Exception as exc:
+            if self._nondeterminism is not None:
+                exc = self._nondeterminism
+            log.info("run failed", tenant=run.tenant_id, run=run.id, workflow=run.workflow,
+                     error=type(exc).__name__)
+            return await self._finish(RunStatus.FAILED, error=error_info(exc))
+
+    async def _invoke(self) -> Any:
+        run = self.run
+        raw = loads(run.input)
+        args, kwargs = self.workflow.codec.decode_args(raw["args"], raw["kwargs"])
+        ctx = WorkflowContext(self)
+        token = _workflow.set(ctx)
+        try:
+            coro: Awaitable[Any] = self.workflow.fn(ctx, *args, **kwargs)
+            if run.deadline is None:
+                return await coro
+            loop = asyncio.get_running_loop()
+            scope = asyncio.timeout_at(loop.time() + run.deadline - time.time())
+            try:
+                async with scope:
+                    return await coro
+            except TimeoutError:
+                if scope.expired():
+                    raise WorkflowTimeoutError() from None
+                raise
+        finally:
+            _workflow.reset(token)
+
+    async def _finish(self, status: RunStatus, *, result: bytes | None = None,
+                      error: bytes | None = None) -> Outcome:
+        finished = await self.store.finish_run(self.run.id, status, result=result, error=error,
+                                               owner=self.owner, now=time.time())
+        return Outcome(kind=OutcomeKind.FINISHED, status=status, wake=finished.wake)
+
+    # -- positions ---------------------------------------------------------------------------
+
+    def _next(self, name: str, kind: StepKind) -> tuple[int, StepRecord | None]:
+        """The position of the next durable call, with its checkpoint if it has one."""
+        if self.cancel_requested:
+            raise WorkflowCancelled()
+        if self.host.stopping:
+            raise WorkflowReleased()
+        seq = self.seq
+        self.seq += 1
+        checkpoint = self.checkpoints.get(seq)
+        if checkpoint is not None and (checkpoint.name != name or checkpoint.kind != kind):
+            self._nondeterminism = NonDeterminismError(
+                f"at position {seq} the workflow called {kind.value} {name!r}, but its history "
+                f"recorded {checkpoint.kind.value} {checkpoint.name!r}; workflow code changed "
+                "or is not deterministic"
+            )
+            raise self._nondeterminism
+        return seq, checkpoint
+
+    async def _record(self, step: StepRecord) -> None:
+        if await self.store.record_step(step, owner=self.owner):
+            self.cancel_requested = True
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def run_step(self, step: Step[Any, Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        seq, checkpoint = self._next(step.name, StepKind.STEP)
+        if checkpoint is not None:
+            return self._step_result(checkpoint, step)
+        run = self.run
+        policy = step.options.retry
+        started = time.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            token = _step.set(StepContext(tenant_id=run.tenant_id, run_id=run.id,
+                                          step_name=step.name, seq=seq, attempt=attempt))
+            try:
+                value = await self._attempt(step, args, kwargs)
+                output = dumps(value, what=f"the result of step {step.name!r}")
+                record = StepRecord(run_id=run.id, seq=seq, name=step.name, kind=StepKind.STEP,
+                                    status=StepStatus.COMPLETED, output=output, error=None,
+                                    attempts=attempt, started_at=started,
+                                    finished_at=time.time())
+                break
+            except Exception as exc:
+                if policy.should_retry(exc, attempt):
+                    delay = policy.delay(attempt)
+                    log.info("step retry", tenant=run.tenant_id, run=run.id, step=step.name,
+                             attempt=attempt, error=type(exc).__name__, delay=round(delay, 3))
+                    await asyncio.sleep(delay)
+                    continue
+                record = StepRecord(run_id=run.id, seq=seq, name=step.name, kind=StepKind.STEP,
+                                    status=StepStatus.FAILED, output=None,
+                                    error=error_info(exc), attempts=attempt,
+                                    started_at=started, finished_at=time.time())
+                break
+            finally:
+                _step.reset(token)
+        await self._record(record)
+        self.checkpoints[seq] = record
+        return self._step_result(record, step)
+
+    async def _attempt(self, step: Step[Any, Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> Any:
+        call: Awaitable[Any]
+        if step.is_async:
+            call = step.fn(*args, **kwargs)
+        else:
+            # to_thread copies the context, so current_step() works in the thread too.
+            call = asyncio.to_thread(step.fn, *args, **kwargs)
+        timeout = step.options.timeout
+        if timeout is None:
+            return await call
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await call
+        except TimeoutError:
+            if scope.expired():
+                raise StepTimeoutError(f"step {step.name!r} did not finish within {timeout} s") from None
+            raise
+
+    @staticmethod
+    def _step_result(record: StepRecord, step: Step[Any, Any]) -> Any:
+        if record.status is StepStatus.COMPLETED:
+            return step.codec.decode_return(loads(record.output))
+        info = record.error_info or {}
+        raise StepFailedError(step.name, str(info.get("type")), str(info.get("message")),
+                              record.attempts)
+
+    # -- durable waits -----------------------------------------------------------------------
+
+    async def _suspend(self, wait: Wait) -> None:
+        """Release the worker until ``wait`` is met; returns if it already is."""
+        outcome = await self.store.suspend_run(self.run.id, wait, owner=self.owner,
+                                               now=time.time())
+        if outcome is SuspendOutcome.SUSPENDED:
+            raise WorkflowSuspended(wait.wake_at)
+        if outcome is SuspendOutcome.CANCEL:
+            self.cancel_requested = True
+            raise WorkflowCancelled()
+
+    async def sleep(self, seconds: float) -> None:
+        seq, checkpoint = self._next("sleep", StepKind.SLEEP)
+        if checkpoint is None:
+            now = time.time()
+            wake_at = now + max(0.0, float(seconds))
+            await self._record(StepRecord(
+                run_id=self.run.id, seq=seq, name="sleep", kind=StepKind.SLEEP,
+                status=StepStatus.COMPLETED, output=dumps(wake_at), error=None, attempts=1,
+                started_at=now, finished_at=now))
+        else:
+            wake_at = float(loads(checkpoint.output))
+        remaining = wake_at - time.time()
+        if remaining <= 0:
+            return
+        if remaining <= INLINE_SLEEP:
+            await asyncio.sleep(remaining)
+            return
+        await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=wake_at))
+
+    async def wait_for_event(self, name: str, timeout: float | None) -> Any:
+        seq, checkpoint = self._next(name, StepKind.EVENT)
+        if checkpoint is not None and checkpoint.status is StepStatus.COMPLETED:
+            return loads(checkpoint.output)
+        deadline = time.time() + timeout if timeout is not None else None
+        while True:
+            got = await self.store.wait_event(self.run.id, seq, name, deadline, owner=self.owner,
+                                              now=time.time())
+            if got.received:
+                return loads(got.payload)
+            if got.timed_out:
+                return None
+            await self._suspend(Wait(kind=WaitKind.EVENT, wake_at=got.deadline, event_name=name))
+
+    async def run_child(self, workflow: Workflow[Any, Any], args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        seq, checkpoint = self._next(workflow.name, StepKind.CHILD)
+        child_id = f"{self.run.id}.{seq}"
+        if checkpoint is not None and checkpoint.status is not StepStatus.PENDING:
+            return self._child_result(workflow, child_id, checkpoint.status,
+                                      checkpoint.output, checkpoint.error)
+        child = NewRun(id=child_id, workflow=workflow.name,
+                       input=encode_input(workflow, args, kwargs), parent_id=self.run.id,
+                       priority=self.run.priority, timeout=workflow.workflow_options.timeout,
+                       max_recoveries=workflow.workflow_options.max_recovery_attempts)
+        while True:
+            state = await self.store.start_child(self.run.id, seq, child, owner=self.owner,
+                                                 now=time.time())
+            if state.status in TERMINAL:
+                done = (StepStatus.COMPLETED if state.status is RunStatus.COMPLETED
+                        else StepStatus.FAILED)
+                return self._child_result(workflow, child_id, done, state.result, state.error)
+            if state.status is RunStatus.QUEUED:
+                # Possibly a second message for the child (after a crash): claims drop extras.
+                await self.host.enqueue(self.run.tenant_id, child_id, self.run.priority)
+            await self._suspend(Wait(kind=WaitKind.CHILD, wake_at=None, child_id=child_id))
+
+    @staticmethod
+    def _child_result(workflow: Workflow[Any, Any], child_id: str, status: StepStatus,
+                      output: bytes | None, error: bytes | None) -> Any:
+        if status is StepStatus.COMPLETED:
+            return workflow.codec.decode_return(loads(output))
+        info: dict[str, Any] | None = loads(error)
+        child_status = "cancelled" if info and info.get("type") == "RunCancelledError" else (
+            "failed")
+        raise ChildWorkflowError(child_id, child_status, info)

@@ -1,0 +1,144 @@
+"""The exception tree of tenantflow.
+
+Every error tenantflow raises on purpose derives from :class:`TenantflowError`. The docstring of
+each class is its default message. Signals that user code must not swallow (suspension of a
+workflow, cancellation) derive from :class:`BaseException` instead, so that a bare
+``except Exception`` in a workflow cannot eat them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TenantflowError(Exception):
+    """A tenantflow error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(TenantflowError):
+    """The configuration is invalid."""
+
+
+class NotFoundError(TenantflowError):
+    """The object does not exist."""
+
+
+class TenantNotFoundError(NotFoundError):
+    """No such tenant."""
+
+
+class RunNotFoundError(NotFoundError):
+    """No such run."""
+
+
+class WorkflowNotRegisteredError(NotFoundError):
+    """No workflow is registered under this name."""
+
+
+class InvalidTenantIdError(TenantflowError):
+    """A tenant id is 1 to 63 characters of lowercase letters, digits and '-', not starting
+    with '-'."""
+
+
+class TenantExistsError(TenantflowError):
+    """A tenant with this id already exists."""
+
+
+class TenantSuspendedError(TenantflowError):
+    """The tenant is suspended; it accepts no new runs."""
+
+
+class SerializationError(TenantflowError):
+    """The value cannot be stored as JSON."""
+
+
+class IdempotencyConflictError(TenantflowError):
+    """The idempotency key was already used for a run with a different workflow or input."""
+
+
+class NonDeterminismError(TenantflowError):
+    """The workflow did not replay the same steps in the same order as its first execution."""
+
+
+class RunFailedError(TenantflowError):
+    """The run ended without a result."""
+
+    def __init__(self, message: str | None = None, *, status: str = "failed",
+                 error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+
+
+class RunCancelledError(RunFailedError):
+    """The run was cancelled."""
+
+
+class ResultTimeoutError(TenantflowError, TimeoutError):
+    """The run did not reach a terminal state within the timeout."""
+
+
+class StepFailedError(TenantflowError):
+    """A step failed after its retries.
+
+    Raised in the workflow at the call of the step, on the first execution and on every replay
+    alike, so that a workflow handling it behaves the same when it is resumed.
+    """
+
+    def __init__(self, step_name: str, error_type: str, error_message: str,
+                 attempts: int) -> None:
+        super().__init__(f"step {step_name!r} failed after {attempts} attempt(s): "
+                         f"{error_type}: {error_message}")
+        self.step_name = step_name
+        self.error_type = error_type
+        self.error_message = error_message
+        self.attempts = attempts
+
+
+class StepTimeoutError(TenantflowError, TimeoutError):
+    """The step did not finish within its timeout."""
+
+
+class ChildWorkflowError(TenantflowError):
+    """A child workflow ended without a result."""
+
+    def __init__(self, child_id: str, status: str, error: dict[str, Any] | None) -> None:
+        detail = f"{error.get('type')}: {error.get('message')}" if error else status
+        super().__init__(f"child run {child_id} ended {status}: {detail}")
+        self.child_id = child_id
+        self.status = status
+        self.error = error
+
+
+class WorkflowTimeoutError(TenantflowError, TimeoutError):
+    """The workflow did not finish within its timeout."""
+
+
+class MaxRecoveryAttemptsExceededError(TenantflowError):
+    """The run was recovered after a crash more times than its workflow allows."""
+
+
+class QueueError(TenantflowError):
+    """The queue refused the operation."""
+
+
+# Control flow. These derive from BaseException on purpose (see the module docstring).
+
+
+class WorkflowSuspended(BaseException):  # noqa: N818 - a signal, not an error
+    """The workflow waits (durable sleep, event, child) and releases its worker."""
+
+
+class WorkflowCancelled(BaseException):  # noqa: N818 - a signal, not an error
+    """The run was cancelled; raised at the next step boundary."""
+
+
+class RunFinishedError(TenantflowError):
+    """The run has already ended."""

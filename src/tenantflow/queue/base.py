@@ -1,0 +1,73 @@
+"""The queue interface: delivery of "run this" messages, per tenant, at least once.
+
+The tenant database is the truth and the queue only delivers: a message names a run, and the
+run's lease in the database decides who executes it. Semantics every backend keeps:
+
+- ``enqueue`` makes a message visible after ``delay`` seconds; higher ``priority`` first.
+- ``dequeue`` leases messages for ``visibility_timeout`` seconds. Until the lease ends no one
+  else receives them; ``extend`` renews the lease of a message still being worked on.
+- A message whose lease ends without ``ack`` is delivered again (at least once). Every delivery
+  counts; a message delivered ``max_deliveries`` times and still not acknowledged moves to the
+  dead letters instead of being delivered again.
+- ``ack`` and ``retry_later`` act only on the current delivery (its receipt): a late
+  acknowledgement from a worker whose lease already ended changes nothing.
+- Tenants with ready messages are served round robin within each dequeue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, kw_only=True)
+class Message:
+    id: str
+    tenant_id: str
+    run_id: str
+    priority: int
+    deliveries: int
+    receipt: str  # identifies this delivery; ack and retry_later need it
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter:
+    id: str
+    tenant_id: str
+    run_id: str
+    deliveries: int
+    failed_at: float
+
+
+class Queue(Protocol):
+    max_deliveries: int
+
+    async def enqueue(self, tenant_id: str, run_id: str, *, delay: float = 0.0,
+                      priority: int = 0) -> str: ...
+
+    async def dequeue(self, consumer: str, max_messages: int,
+                      visibility_timeout: float) -> list[Message]: ...
+
+    async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None: ...
+
+    async def ack(self, messages: Sequence[Message]) -> None: ...
+
+    async def retry_later(self, message: Message, delay: float, *,
+                          count_delivery: bool = True) -> None:
+        """Make the message visible again after ``delay``. With ``count_delivery=False`` (a
+        durable sleep, a worker shutting down) the delivery does not count towards dead
+        lettering."""
+        ...
+
+    async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]: ...
+
+    async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None: ...
+
+    async def depth(self, tenant_id: str) -> int: ...
+
+    async def wait(self, timeout: float) -> None:
+        """Return when a message may be ready, or after ``timeout`` seconds."""
+        ...
+
+    async def close(self) -> None: ...

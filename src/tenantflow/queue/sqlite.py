@@ -1,0 +1,197 @@
+"""The embedded queue: a table in one SQLite file, shared by every process on the machine.
+
+A message is *ready* when ``available_at <= now``. A dequeue leases it by moving
+``available_at`` to the end of the visibility timeout (as SQS does), so a lease that ends
+without an ack makes the message ready again with no sweeper needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tenantflow import _sqlite
+from tenantflow.errors import NotFoundError
+from tenantflow.queue.base import DeadLetter, Message
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    available_at REAL NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT,
+    enqueued_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_messages_ready ON messages (tenant_id, priority DESC, available_at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ix_dead_letters_tenant ON dead_letters (tenant_id, id);
+"""
+
+# Tenants with any message, without scanning the messages (a loose index scan).
+SQL_TENANTS = """
+WITH RECURSIVE t(tenant_id) AS (
+    SELECT MIN(tenant_id) FROM messages
+    UNION ALL
+    SELECT (SELECT MIN(tenant_id) FROM messages WHERE tenant_id > t.tenant_id)
+    FROM t WHERE t.tenant_id IS NOT NULL
+)
+SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL
+"""
+SQL_READY_OF_TENANT = (
+    "SELECT id, run_id, priority, deliveries FROM messages "
+    "WHERE tenant_id = ? AND available_at <= ? ORDER BY priority DESC, available_at, id LIMIT ?"
+)
+
+
+class SqliteQueue:
+    """See :mod:`tenantflow.queue.base` for the semantics."""
+
+    def __init__(self, path: Path, *, max_deliveries: int = 10) -> None:
+        self.path = path
+        self.max_deliveries = max_deliveries
+        self._conn = _sqlite.connect(path)
+        self._conn.executescript(SCHEMA)
+        self._rotation = 0
+        self._wakeup = asyncio.Event()
+
+    async def enqueue(self, tenant_id: str, run_id: str, *, delay: float = 0.0,
+                      priority: int = 0) -> str:
+        now = time.time()
+        with _sqlite.transaction(self._conn) as cur:
+            cur.execute(
+                "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, run_id, priority, now + max(0.0, delay), now),
+            )
+            message_id = str(cur.lastrowid)
+        if delay <= 0:
+            self._wakeup.set()
+        return message_id
+
+    async def dequeue(self, consumer: str, max_messages: int,
+                      visibility_timeout: float) -> list[Message]:
+        if max_messages <= 0:
+            return []
+        now = time.time()
+        out: list[Message] = []
+        with _sqlite.transaction(self._conn) as cur:
+            tenants = [r[0] for r in cur.execute(SQL_TENANTS).fetchall()]
+            if not tenants:
+                return []
+            # Round robin: start each dequeue one tenant further, take turns one message at a
+            # time, so a tenant with a flood gets no more than its share of this batch.
+            self._rotation = (self._rotation + 1) % len(tenants)
+            order = tenants[self._rotation :] + tenants[: self._rotation]
+            ready = {t: cur.execute(SQL_READY_OF_TENANT, (t, now, max_messages)).fetchall()
+                     for t in order}
+            picked: list[tuple[str, tuple[int, str, int, int]]] = []
+            depth = 0
+            while len(picked) < max_messages and any(len(r) > depth for r in ready.values()):
+                for tenant in order:
+                    rows = ready[tenant]
+                    if depth < len(rows) and len(picked) < max_messages:
+                        picked.append((tenant, rows[depth]))
+                depth += 1
+            until = now + visibility_timeout
+            for tenant, (mid, run_id, priority, deliveries) in picked:
+                if deliveries >= self.max_deliveries:
+                    cur.execute(
+                        "INSERT INTO dead_letters (id, tenant_id, run_id, priority, deliveries, "
+                        "failed_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (mid, tenant, run_id, priority, deliveries, now),
+                    )
+                    cur.execute("DELETE FROM messages WHERE id = ?", (mid,))
+                    continue
+                receipt = f"{consumer}:{secrets.token_hex(6)}"
+                cur.execute(
+                    "UPDATE messages SET available_at = ?, deliveries = deliveries + 1, "
+                    "receipt = ? WHERE id = ?",
+                    (until, receipt, mid),
+                )
+                out.append(Message(id=str(mid), tenant_id=tenant, run_id=run_id,
+                                   priority=priority, deliveries=deliveries + 1, receipt=receipt))
+        return out
+
+    async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
+        if not messages:
+            return
+        until = time.time() + visibility_timeout
+        with _sqlite.transaction(self._conn) as cur:
+            cur.executemany(
+                "UPDATE messages SET available_at = ? WHERE id = ? AND receipt = ?",
+                [(until, int(m.id), m.receipt) for m in messages],
+            )
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        with _sqlite.transaction(self._conn) as cur:
+            cur.executemany("DELETE FROM messages WHERE id = ? AND receipt = ?",
+                            [(int(m.id), m.receipt) for m in messages])
+
+    async def retry_later(self, message: Message, delay: float, *,
+                          count_delivery: bool = True) -> None:
+        with _sqlite.transaction(self._conn) as cur:
+            cur.execute(
+                "UPDATE messages SET available_at = ?, receipt = NULL, "
+                "deliveries = CASE WHEN ? THEN deliveries ELSE 0 END "
+                "WHERE id = ? AND receipt = ?",
+                (time.time() + max(0.0, delay), count_delivery, int(message.id), message.receipt),
+            )
+        if delay <= 0:
+            self._wakeup.set()
+
+    async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
+        rows = self._conn.execute(
+            "SELECT id, run_id, deliveries, failed_at FROM dead_letters WHERE tenant_id = ? "
+            "ORDER BY id LIMIT ?",
+            (tenant_id, limit),
+        ).fetchall()
+        return [DeadLetter(id=str(r[0]), tenant_id=tenant_id, run_id=r[1], deliveries=r[2],
+                           failed_at=r[3]) for r in rows]
+
+    async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
+        with _sqlite.transaction(self._conn) as cur:
+            row = cur.execute(
+                "DELETE FROM dead_letters WHERE id = ? AND tenant_id = ? "
+                "RETURNING run_id, priority",
+                (int(dead_letter_id), tenant_id),
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
+            now = time.time()
+            cur.execute(
+                "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, row[0], row[1], now, now),
+            )
+        self._wakeup.set()
+
+    async def depth(self, tenant_id: str) -> int:
+        row = self._conn.execute("SELECT COUNT(*) FROM messages WHERE tenant_id = ?",
+                                 (tenant_id,)).fetchone()
+        return int(row[0])
+
+    async def wait(self, timeout: float) -> None:
+        # Other processes cannot set this event: for them the timeout is the poll interval.
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._wakeup.clear()
+
+    async def close(self) -> None:
+        self._conn.close()

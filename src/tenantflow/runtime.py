@@ -1,0 +1,36 @@
+"""The shared resources of a process: settings, tenant registry and router, queue.
+
+Backends are chosen from URL schemes and imported lazily, so an unused driver is never needed.
+"""
+
+from __future__ import annotations
+
+from tenantflow.errors import ConfigError
+from tenantflow.platform.registry import TenantRegistry, TenantRouter
+from tenantflow.queue.base import Queue
+from tenantflow.settings import Settings, sqlite_path
+
+
+def open_queue(settings: Settings) -> Queue:
+    url = settings.resolved_queue_url()
+    if url.startswith("sqlite:///"):
+        from tenantflow.queue.sqlite import SqliteQueue
+
+        return SqliteQueue(sqlite_path(url), max_deliveries=settings.max_deliveries)
+    raise ConfigError(f"unsupported queue URL scheme {url.split(':', 1)[0]!r}; "
+                      "this version has the embedded queue (sqlite:///)")
+
+
+class Runtime:
+    """Opened once per process and shared by its clients and workers."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.registry = TenantRegistry(self.settings)
+        self.router = TenantRouter(self.registry)
+        self.queue = open_queue(self.settings)
+
+    async def close(self) -> None:
+        await self.router.close()
+        await self.queue.close()
+        self.registry.close()

@@ -1,0 +1,168 @@
+"""Starting workflows and following runs: the client side of tenantflow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from types import TracebackType
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from tenantflow.engine.executor import encode_input
+from tenantflow.errors import (
+    RunCancelledError,
+    RunFailedError,
+    RunNotFoundError,
+    ResultTimeoutError,
+    TenantSuspendedError,
+)
+from tenantflow.platform.registry import TenantStatus, check_tenant_id
+from tenantflow.runtime import Runtime
+from tenantflow.sdk.app import App, Workflow
+from tenantflow.sdk.serde import dumps, loads
+from tenantflow.settings import Settings
+from tenantflow.store.base import RunStore
+from tenantflow.store.records import NewRun, RunRecord, RunStatus, StepRecord
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def new_run_id() -> str:
+    """A time-ordered id (48 bits of milliseconds, then 80 random bits), like UUIDv7: newer
+    runs sort after older ones, which the cursor pagination relies on."""
+    millis = time.time_ns() // 1_000_000
+    return f"{millis:012x}{uuid.uuid4().hex[:20]}"
+
+
+class Client:
+    """Entry point for starting and following runs. Scope it to one tenant with ``tenant()``;
+    no method takes two tenants."""
+
+    def __init__(self, app: App, settings: Settings | None = None, *,
+                 runtime: Runtime | None = None) -> None:
+        self.app = app
+        self._own_runtime = runtime is None
+        self.runtime = runtime or Runtime(settings)
+
+    def tenant(self, tenant_id: str) -> TenantClient:
+        return TenantClient(self, check_tenant_id(tenant_id))
+
+    async def close(self) -> None:
+        if self._own_runtime:
+            await self.runtime.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+
+class TenantClient:
+    def __init__(self, client: Client, tenant_id: str) -> None:
+        self.client = client
+        self.tenant_id = tenant_id
+
+    @property
+    def store(self) -> RunStore:
+        return self.client.runtime.router.store(self.tenant_id)
+
+    async def start(self, workflow: Workflow[P, R], *args: P.args,
+                    **kwargs: P.kwargs) -> RunHandle[R]:
+        """Submit a run and return at once. With ``workflow.options(idempotency_key=...)``, a
+        second start with the same key returns the first run (and a different input is an
+        ``IdempotencyConflictError``)."""
+        runtime = self.client.runtime
+        if runtime.registry.get(self.tenant_id).status is not TenantStatus.ACTIVE:
+            raise TenantSuspendedError(f"tenant {self.tenant_id!r} is suspended")
+        payload = encode_input(workflow, args, kwargs)
+        options = workflow.start_options
+        new = NewRun(id=new_run_id(), workflow=workflow.name, input=payload,
+                     idempotency_key=options.idempotency_key, priority=options.priority,
+                     timeout=workflow.workflow_options.timeout,
+                     max_recoveries=workflow.workflow_options.max_recovery_attempts)
+        run, created = await self.store.create_run(new, now=time.time())
+        if created:
+            await runtime.queue.enqueue(self.tenant_id, run.id, priority=run.priority)
+        return RunHandle(self, run.id, workflow)
+
+    def handle(self, run_id: str) -> RunHandle[Any]:
+        return RunHandle(self, run_id, None)
+
+    async def list_runs(self, *, status: RunStatus | None = None, workflow: str | None = None,
+                        limit: int = 50, before: str | None = None) -> list[RunRecord]:
+        return await self.store.list_runs(status=status, workflow=workflow, limit=limit,
+                                          before=before)
+
+
+class RunHandle(Generic[R]):
+    """A run of one tenant: its status, its result, and control over it."""
+
+    def __init__(self, tenant: TenantClient, run_id: str,
+                 workflow: Workflow[Any, R] | None) -> None:
+        self._tenant = tenant
+        self.run_id = run_id
+        self.tenant_id = tenant.tenant_id
+        self._workflow = workflow
+
+    async def describe(self) -> RunRecord:
+        run = await self._tenant.store.get_run(self.run_id)
+        if run is None:
+            raise RunNotFoundError(f"no run {self.run_id} in this tenant")
+        return run
+
+    async def status(self) -> RunStatus:
+        return (await self.describe()).status
+
+    async def steps(self) -> list[StepRecord]:
+        return await self._tenant.store.get_steps(self.run_id)
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the run to end; return its result or raise ``RunFailedError``
+        (``RunCancelledError`` if it was cancelled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            run = await self.describe()
+            if run.status.terminal:
+                return self._outcome(run)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeoutError(
+                    f"run {self.run_id} is still {run.status.value} after {timeout} s")
+            pause = delay if deadline is None else min(delay, deadline - time.monotonic())
+            await asyncio.sleep(max(pause, 0.0))
+            delay = min(delay * 1.5, 0.25)
+
+    def _outcome(self, run: RunRecord) -> R:
+        if run.status is RunStatus.COMPLETED:
+            value = loads(run.result)
+            if self._workflow is not None:
+                value = self._workflow.codec.decode_return(value)
+            result: R = value
+            return result
+        info = run.error_info or {}
+        message = f"run {run.id} {run.status.value}: {info.get('type')}: {info.get('message')}"
+        if run.status is RunStatus.CANCELLED:
+            raise RunCancelledError(message, status=run.status.value,
+                                    error_type=info.get("type"))
+        raise RunFailedError(message, status=run.status.value, error_type=info.get("type"))
+
+    async def cancel(self) -> RunStatus:
+        """Request cancellation. A run that no worker holds is cancelled at once; a running
+        one stops at its next step boundary (a running async step is interrupted)."""
+        run, finished = await self._tenant.store.request_cancel(self.run_id, now=time.time())
+        await _wake(self._tenant, finished.wake)
+        return run.status
+
+    async def send_event(self, name: str, payload: Any = None) -> None:
+        """Deliver an event to the run's ``ctx.wait_for_event(name)``."""
+        data = dumps(payload, what=f"the payload of event {name!r}")
+        if await self._tenant.store.send_event(self.run_id, name, data, now=time.time()):
+            await _wake(self._tenant, (self.run_id,))
+
+
+async def _wake(tenant: TenantClient, run_ids: tuple[str, ...]) -> None:
+    for run_id in run_ids:
+        await tenant.client.runtime.queue.enqueue(tenant.tenant_id, run_id)

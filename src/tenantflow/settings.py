@@ -1,0 +1,46 @@
+"""One settings object, read from ``TENANTFLOW_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tenantflow.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Settings of a tenantflow process.
+
+    With nothing set, everything lives in SQLite files under ``home`` (the embedded default).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TENANTFLOW_", frozen=True, extra="ignore")
+
+    home: Path = Field(default=Path(".tenantflow"), description="Folder of the embedded files.")
+    database_url: str | None = Field(
+        default=None, description="Platform database; unset means SQLite under home."
+    )
+    queue_url: str | None = Field(default=None, description="Queue; unset means SQLite under home.")
+    worker_concurrency: int = Field(default=64, ge=1, le=10_000)
+    lease_seconds: float = Field(default=30.0, gt=0, description="Lease of a claimed run.")
+    max_deliveries: int = Field(default=10, ge=1, description="Deliveries before dead letter.")
+    poll_interval: float = Field(default=0.05, gt=0, description="Idle wait between dequeues.")
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    log_level: str = Field(default="INFO")
+    log_format: str = Field(default="console", pattern="^(console|json)$")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'platform.db'}"
+
+    def resolved_queue_url(self) -> str:
+        return self.queue_url or f"sqlite:///{self.home / 'queue.db'}"
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///path`` URL."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise ConfigError(f"not a SQLite URL: {url.split(':', 1)[0]}://…")
+    return Path(url[len(prefix) :])

@@ -1,0 +1,101 @@
+"""The interface of a tenant's run store. One store serves exactly one tenant's database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from tenantflow.store.records import (
+    ChildState,
+    Claim,
+    EventWait,
+    Finished,
+    NewRun,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    SuspendOutcome,
+    Wait,
+)
+
+
+class LeaseLost(BaseException):  # noqa: N818 - control flow for the executor, not an error
+    """Another worker owns the run now (this one was too slow to renew its lease)."""
+
+
+class RunStore(Protocol):
+    """Runs, step checkpoints and events of one tenant.
+
+    Every method that changes a claimed run takes the ``owner`` of the lease and raises
+    :class:`LeaseLost` when the run is owned by someone else: that fences a worker that
+    was paused past its lease.
+    """
+
+    tenant_id: str
+
+    async def create_run(self, run: NewRun, *, now: float) -> tuple[RunRecord, bool]:
+        """Insert ``run``; with an idempotency key already used, return the existing run.
+
+        Returns the run and whether it was created. Raises ``IdempotencyConflictError`` when
+        the key was used with a different workflow or input.
+        """
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[RunRecord]:
+        """Newest first; ``before`` is a run id to continue after (cursor pagination)."""
+        ...
+
+    async def get_steps(self, run_id: str) -> list[StepRecord]: ...
+
+    async def claim_run(self, run_id: str, *, owner: str, now: float, lease: float) -> Claim:
+        """Take the run for execution under a lease, or say why not (see ``ClaimOutcome``)."""
+        ...
+
+    async def renew_leases(self, run_ids: Sequence[str], *, owner: str,
+                           until: float) -> tuple[set[str], set[str]]:
+        """Extend leases; returns (runs whose cancellation was requested, runs no longer ours)."""
+        ...
+
+    async def record_step(self, step: StepRecord, *, owner: str) -> bool:
+        """Commit a step's checkpoint; returns whether cancellation of the run was requested."""
+        ...
+
+    async def wait_event(self, run_id: str, seq: int, name: str, deadline: float | None, *,
+                         owner: str, now: float) -> EventWait: ...
+
+    async def start_child(self, parent_id: str, seq: int, child: NewRun, *, owner: str,
+                          now: float) -> ChildState: ...
+
+    async def suspend_run(self, run_id: str, wait: Wait, *, owner: str,
+                          now: float) -> SuspendOutcome:
+        """Release the run until ``wait`` is met, unless it already is or a cancel came."""
+        ...
+
+    async def release_run(self, run_id: str, *, owner: str, now: float) -> None:
+        """Give the run back (a worker shutting down): queued again, lease cleared."""
+        ...
+
+    async def finish_run(self, run_id: str, status: RunStatus, *, result: bytes | None,
+                         error: bytes | None, owner: str, now: float) -> Finished: ...
+
+    async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
+        """Ask a run (and its children) to stop; a run no worker holds is cancelled at once."""
+        ...
+
+    async def send_event(self, run_id: str, name: str, payload: bytes, *,
+                         now: float) -> bool:
+        """Store an event for the run; returns whether the run must be enqueued to wake up."""
+        ...
+
+    async def cancel_requested(self, run_ids: Sequence[str]) -> set[str]: ...
+
+    async def close(self) -> None: ...

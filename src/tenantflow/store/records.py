@@ -1,0 +1,166 @@
+"""Rows of a tenant database as frozen, keyword-only records."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from tenantflow.sdk.serde import loads
+
+
+class RunStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class StepKind(enum.StrEnum):
+    STEP = "step"
+    SLEEP = "sleep"
+    EVENT = "event"
+    CHILD = "child"
+
+
+class StepStatus(enum.StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PENDING = "pending"  # a wait (event, child) that has begun but not ended
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    id: str
+    tenant_id: str
+    workflow: str
+    status: RunStatus
+    input: bytes
+    result: bytes | None
+    error: bytes | None
+    idempotency_key: str | None
+    parent_id: str | None
+    priority: int
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    deadline: float | None
+    wake_at: float | None
+    recoveries: int
+    executions: int
+    cancel_requested: bool
+
+    @property
+    def error_info(self) -> dict[str, Any] | None:
+        value: dict[str, Any] | None = loads(self.error)
+        return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    run_id: str
+    seq: int
+    name: str
+    kind: StepKind
+    status: StepStatus
+    output: bytes | None
+    error: bytes | None
+    attempts: int
+    started_at: float
+    finished_at: float | None
+
+    @property
+    def error_info(self) -> dict[str, Any] | None:
+        value: dict[str, Any] | None = loads(self.error)
+        return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewRun:
+    """A run to insert: what a submit (or a parent starting a child) provides."""
+
+    id: str
+    workflow: str
+    input: bytes
+    idempotency_key: str | None = None
+    parent_id: str | None = None
+    priority: int = 0
+    timeout: float | None = None
+    max_recoveries: int = 10
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"
+    DROP = "drop"  # nothing to do for this delivery: a duplicate, or the run is terminal
+    DEFER = "defer"  # too early: the run sleeps until ``not_before``
+    EXHAUSTED = "exhausted"  # the run failed: recovered too often, or past its deadline
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    outcome: ClaimOutcome
+    run: RunRecord | None = None
+    steps: tuple[StepRecord, ...] = ()
+    not_before: float | None = None
+    wake: tuple[str, ...] = ()
+
+
+class SuspendOutcome(enum.Enum):
+    SUSPENDED = "suspended"
+    READY = "ready"  # what the run waits for has already happened: run on
+    CANCEL = "cancel"  # cancellation was requested meanwhile
+
+
+class WaitKind(enum.Enum):
+    SLEEP = "sleep"
+    EVENT = "event"
+    CHILD = "child"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Wait:
+    """What a suspended run waits for; ``wake_at`` is its deadline (a sleep's end, a timeout)."""
+
+    kind: WaitKind
+    wake_at: float | None
+    event_name: str | None = None
+    child_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventWait:
+    """The outcome of looking for an event: received, timed out, or still to wait until
+    ``deadline`` (``None``: no timeout)."""
+
+    received: bool
+    payload: bytes | None = None
+    timed_out: bool = False
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChildState:
+    """A child run as its parent sees it at a step boundary."""
+
+    child_id: str
+    status: RunStatus
+    result: bytes | None
+    error: bytes | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finished:
+    """After a run ends: runs to enqueue now (a parent woken up)."""
+
+    wake: tuple[str, ...] = ()

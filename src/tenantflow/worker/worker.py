@@ -1,0 +1,261 @@
+"""The worker: takes messages from the queue, claims their runs, executes them.
+
+Concurrency is a number of runs in flight on one event loop (sync steps go to threads). A
+keep-alive task renews the leases of runs in flight (queue and database together) and looks for
+cancellation requests. On SIGTERM the worker takes no new work, lets running steps finish within
+the grace period, and gives the rest back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import structlog
+
+from tenantflow.engine.executor import Execution, Outcome, OutcomeKind
+from tenantflow.errors import TenantNotFoundError, WorkflowNotRegisteredError
+from tenantflow.queue.base import Message
+from tenantflow.runtime import Runtime
+from tenantflow.sdk.app import App
+from tenantflow.store.records import ClaimOutcome
+
+log = structlog.get_logger(__name__)
+
+CANCEL_POLL_SECONDS = 0.5
+UNREGISTERED_RETRY_SECONDS = 5.0
+
+
+@dataclass
+class _InFlight:
+    message: Message
+    execution: Execution | None = None
+
+
+@dataclass
+class WorkerStats:
+    claimed: int = 0
+    finished: int = 0
+    suspended: int = 0
+    released: int = 0
+    dropped: int = 0
+    by_status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Worker:
+    def __init__(self, app: App, runtime: Runtime, *, concurrency: int | None = None) -> None:
+        self.app = app
+        self.runtime = runtime
+        settings = runtime.settings
+        self.concurrency = concurrency or settings.worker_concurrency
+        self.lease = settings.lease_seconds
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.stopping = False
+        self.stats = WorkerStats()
+        self._inflight: dict[str, _InFlight] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._slot_free = asyncio.Event()
+
+    # -- ExecutionHost -----------------------------------------------------------------------
+
+    async def enqueue(self, tenant_id: str, run_id: str, priority: int) -> None:
+        await self.runtime.queue.enqueue(tenant_id, run_id, priority=priority)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Take no new work; running executions stop at their next step boundary."""
+        if not self.stopping:
+            log.info("worker stopping", owner=self.owner, in_flight=len(self._inflight))
+        self.stopping = True
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    async def run(self) -> None:
+        """Work until ``stop()``; then drain within the grace period."""
+        queue = self.runtime.queue
+        poll = self.runtime.settings.poll_interval
+        keepalive = asyncio.create_task(self._keepalive())
+        log.info("worker started", owner=self.owner, concurrency=self.concurrency)
+        try:
+            while not self.stopping:
+                free = self.concurrency - len(self._inflight)
+                if free <= 0:
+                    self._slot_free.clear()
+                    await self._wait_any(self._slot_free.wait(), None)
+                    continue
+                messages = await queue.dequeue(self.owner, free, self.lease)
+                for message in messages:
+                    self._spawn(message)
+                if not messages:
+                    await self._wait_any(queue.wait(poll), poll)
+        finally:
+            await self._drain()
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+            log.info("worker stopped", owner=self.owner)
+
+    async def _wait_any(self, waiter: object, timeout: float | None) -> None:
+        stop = asyncio.ensure_future(self._stop.wait())
+        other = asyncio.ensure_future(waiter)  # type: ignore[arg-type]
+        await asyncio.wait({stop, other}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for fut in (stop, other):
+            if not fut.done():
+                fut.cancel()
+
+    async def _drain(self) -> None:
+        self.stopping = True
+        if not self._tasks:
+            return
+        grace = self.runtime.settings.shutdown_grace_seconds
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        for item in list(self._inflight.values()):
+            if item.execution is not None:
+                item.execution.release()
+        if pending:
+            log.warning("grace period over; releasing runs", count=len(pending))
+            await asyncio.wait(pending, timeout=max(grace, 1.0))
+
+    def _spawn(self, message: Message) -> None:
+        self._inflight[message.id] = _InFlight(message)
+        task = asyncio.create_task(self._process(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_free.set()
+
+    # -- one message -------------------------------------------------------------------------
+
+    async def _process(self, message: Message) -> None:
+        queue = self.runtime.queue
+        try:
+            await self._handle(message)
+        except Exception:
+            log.exception("message handling failed", tenant=message.tenant_id,
+                          run=message.run_id)
+            with contextlib.suppress(Exception):
+                await queue.retry_later(message, 1.0)
+        finally:
+            self._inflight.pop(message.id, None)
+
+    async def _handle(self, message: Message) -> None:
+        queue = self.runtime.queue
+        try:
+            store = self.runtime.router.store(message.tenant_id)
+        except TenantNotFoundError:
+            log.error("message for an unknown tenant dropped", tenant=message.tenant_id)
+            await queue.ack([message])
+            return
+        now = time.time()
+        claim = await store.claim_run(message.run_id, owner=self.owner, now=now,
+                                      lease=self.lease)
+        if claim.outcome is ClaimOutcome.DROP:
+            self.stats.dropped += 1
+            await queue.ack([message])
+            return
+        if claim.outcome is ClaimOutcome.DEFER:
+            assert claim.not_before is not None
+            await queue.retry_later(message, claim.not_before - now, count_delivery=False)
+            return
+        if claim.outcome is ClaimOutcome.EXHAUSTED:
+            await self._wake(message.tenant_id, claim.wake)
+            await queue.ack([message])
+            return
+        assert claim.run is not None
+        self.stats.claimed += 1
+        try:
+            workflow = self.app.get_workflow(claim.run.workflow)
+        except WorkflowNotRegisteredError:
+            log.error("workflow not registered in this worker; run given back",
+                      tenant=message.tenant_id, run=message.run_id, workflow=claim.run.workflow)
+            await store.release_run(claim.run.id, owner=self.owner, now=time.time())
+            await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
+            return
+        execution = Execution(workflow=workflow, store=store, run=claim.run, steps=claim.steps,
+                              host=self)
+        self._inflight[message.id].execution = execution
+        execution.task = asyncio.create_task(execution.execute())
+        outcome = await execution.task
+        await self._settle(message, outcome)
+
+    async def _settle(self, message: Message, outcome: Outcome) -> None:
+        queue = self.runtime.queue
+        if outcome.kind is OutcomeKind.FINISHED:
+            self.stats.finished += 1
+            if outcome.status is not None:
+                self.stats.by_status[outcome.status.value] += 1
+            await self._wake(message.tenant_id, outcome.wake)
+            await queue.ack([message])
+        elif outcome.kind is OutcomeKind.SUSPENDED:
+            self.stats.suspended += 1
+            if outcome.wake_at is None:
+                await queue.ack([message])  # woken by an event or a child, which enqueue it
+            else:
+                await queue.retry_later(message, outcome.wake_at - time.time(),
+                                        count_delivery=False)
+        elif outcome.kind is OutcomeKind.RELEASED:
+            self.stats.released += 1
+            await queue.retry_later(message, 0.0, count_delivery=False)
+        else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
+            await queue.ack([message])
+
+    async def _wake(self, tenant_id: str, run_ids: tuple[str, ...]) -> None:
+        for run_id in run_ids:
+            await self.runtime.queue.enqueue(tenant_id, run_id)
+
+    # -- leases and cancellation -------------------------------------------------------------
+
+    async def _keepalive(self) -> None:
+        renew_every = self.lease / 3
+        last_renew = time.monotonic()
+        while True:
+            await asyncio.sleep(min(CANCEL_POLL_SECONDS, renew_every))
+            try:
+                if time.monotonic() - last_renew >= renew_every:
+                    last_renew = time.monotonic()
+                    await self._renew()
+                else:
+                    await self._poll_cancellations()
+            except Exception:
+                log.exception("lease renewal failed")
+
+    def _executions_by_tenant(self) -> dict[str, dict[str, Execution]]:
+        out: dict[str, dict[str, Execution]] = defaultdict(dict)
+        for item in list(self._inflight.values()):
+            if item.execution is not None:
+                out[item.message.tenant_id][item.execution.run.id] = item.execution
+        return out
+
+    async def _renew(self) -> None:
+        messages = [item.message for item in self._inflight.values()]
+        await self.runtime.queue.extend(messages, self.lease)
+        until = time.time() + self.lease
+        for tenant_id, executions in self._executions_by_tenant().items():
+            store = self.runtime.router.store(tenant_id)
+            cancels, lost = await store.renew_leases(list(executions), owner=self.owner,
+                                                     until=until)
+            for run_id in cancels:
+                executions[run_id].cancel()
+            for run_id in lost:
+                executions[run_id].lease_lost()
+
+    async def _poll_cancellations(self) -> None:
+        for tenant_id, executions in self._executions_by_tenant().items():
+            store = self.runtime.router.store(tenant_id)
+            for run_id in await store.cancel_requested(list(executions)):
+                executions[run_id].cancel()
