@@ -70,8 +70,9 @@ class NonDeterminismError(TenantflowError):
 class RunFailedError(TenantflowError):
     """The run ended without a result."""
 
-    def __init__(self, message: str | None = None, *, status: str = "failed",
-                 error_type: str | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, *, status: str = "failed", error_type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
@@ -92,10 +93,10 @@ class StepFailedError(TenantflowError):
     alike, so that a workflow handling it behaves the same when it is resumed.
     """
 
-    def __init__(self, step_name: str, error_type: str, error_message: str,
-                 attempts: int) -> None:
-        super().__init__(f"step {step_name!r} failed after {attempts} attempt(s): "
-                         f"{error_type}: {error_message}")
+    def __init__(self, step_name: str, error_type: str, error_message: str, attempts: int) -> None:
+        super().__init__(
+            f"step {step_name!r} failed after {attempts} attempt(s): {error_type}: {error_message}"
+        )
         self.step_name = step_name
         self.error_type = error_type
         self.error_message = error_message
@@ -132,11 +133,11 @@ class QueueError(TenantflowError):
 # Control flow. These derive from BaseException on purpose (see the module docstring).
 
 
-class WorkflowSuspended(BaseException):  # noqa: N818 - a signal, not an error
+class WorkflowSuspended(BaseException):
     """The workflow waits (durable sleep, event, child) and releases its worker."""
 
 
-class WorkflowCancelled(BaseException):  # noqa: N818 - a signal, not an error
+class WorkflowCancelled(BaseException):
     """The run was cancelled; raised at the next step boundary."""
 
 

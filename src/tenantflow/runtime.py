@@ -17,8 +17,10 @@ def open_queue(settings: Settings) -> Queue:
         from tenantflow.queue.sqlite import SqliteQueue
 
         return SqliteQueue(sqlite_path(url), max_deliveries=settings.max_deliveries)
-    raise ConfigError(f"unsupported queue URL scheme {url.split(':', 1)[0]!r}; "
-                      "this version has the embedded queue (sqlite:///)")
+    raise ConfigError(
+        f"unsupported queue URL scheme {url.split(':', 1)[0]!r}; "
+        "this version has the embedded queue (sqlite:///)"
+    )
 
 
 class Runtime:

@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 INLINE_SLEEP = 0.05
 
 
-class WorkflowReleased(BaseException):  # noqa: N818 - control flow
+class WorkflowReleased(BaseException):
     """The worker is shutting down: stop at this step boundary and give the run back."""
 
 
@@ -74,12 +74,14 @@ class ExecutionHost(Protocol):
     async def enqueue(self, tenant_id: str, run_id: str, priority: int) -> None: ...
 
 
-def encode_input(workflow: Workflow[Any, Any], args: tuple[Any, ...] | list[Any],
-                 kwargs: dict[str, Any]) -> bytes:
+def encode_input(
+    workflow: Workflow[Any, Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+) -> bytes:
     """Check the arguments against the workflow's signature and encode them as JSON."""
     workflow.codec.signature.bind(None, *args, **kwargs)  # TypeError on a wrong call
-    return dumps({"args": list(args), "kwargs": kwargs},
-                 what=f"the input of workflow {workflow.name!r}")
+    return dumps(
+        {"args": list(args), "kwargs": kwargs}, what=f"the input of workflow {workflow.name!r}"
+    )
 
 
 def error_info(exc: BaseException) -> bytes:
@@ -87,8 +89,15 @@ def error_info(exc: BaseException) -> bytes:
 
 
 class Execution:
-    def __init__(self, *, workflow: Workflow[Any, Any], store: RunStore, run: RunRecord,
-                 steps: tuple[StepRecord, ...], host: ExecutionHost) -> None:
+    def __init__(
+        self,
+        *,
+        workflow: Workflow[Any, Any],
+        store: RunStore,
+        run: RunRecord,
+        steps: tuple[StepRecord, ...],
+        host: ExecutionHost,
+    ) -> None:
         self.workflow = workflow
         self.store = store
         self.run = run
@@ -144,21 +153,27 @@ class Execution:
             wake_at = suspended.args[0] if suspended.args else None
             return Outcome(kind=OutcomeKind.SUSPENDED, wake_at=wake_at)
         except WorkflowCancelled:
-            return await self._finish(RunStatus.CANCELLED,
-                                      error=dumps({"type": "RunCancelledError",
-                                                   "message": "the run was cancelled"}))
+            return await self._finish(
+                RunStatus.CANCELLED,
+                error=dumps({"type": "RunCancelledError", "message": "the run was cancelled"}),
+            )
         except WorkflowReleased:
             await self.store.release_run(run.id, owner=self.owner, now=time.time())
             return Outcome(kind=OutcomeKind.RELEASED)
         except LeaseLost:
             log.warning("lease lost", tenant=run.tenant_id, run=run.id)
             return Outcome(kind=OutcomeKind.LEASE_LOST)
-        except Exception as exc:
-            if self._nondeterminism is not None:
-                exc = self._nondeterminism
-            log.info("run failed", tenant=run.tenant_id, run=run.id, workflow=run.workflow,
-                     error=type(exc).__name__)
-            return await self._finish(RunStatus.FAILED, error=error_info(exc))
+        except Exception as raised:
+            # A workflow that swallowed a NonDeterminismError still fails with it.
+            failure: BaseException = self._nondeterminism or raised
+            log.info(
+                "run failed",
+                tenant=run.tenant_id,
+                run=run.id,
+                workflow=run.workflow,
+                error=type(failure).__name__,
+            )
+            return await self._finish(RunStatus.FAILED, error=error_info(failure))
 
     async def _invoke(self) -> Any:
         run = self.run
@@ -182,10 +197,12 @@ class Execution:
         finally:
             _workflow.reset(token)
 
-    async def _finish(self, status: RunStatus, *, result: bytes | None = None,
-                      error: bytes | None = None) -> Outcome:
-        finished = await self.store.finish_run(self.run.id, status, result=result, error=error,
-                                               owner=self.owner, now=time.time())
+    async def _finish(
+        self, status: RunStatus, *, result: bytes | None = None, error: bytes | None = None
+    ) -> Outcome:
+        finished = await self.store.finish_run(
+            self.run.id, status, result=result, error=error, owner=self.owner, now=time.time()
+        )
         return Outcome(kind=OutcomeKind.FINISHED, status=status, wake=finished.wake)
 
     # -- positions ---------------------------------------------------------------------------
@@ -214,8 +231,9 @@ class Execution:
 
     # -- steps -------------------------------------------------------------------------------
 
-    async def run_step(self, step: Step[Any, Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Any:
+    async def run_step(
+        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         seq, checkpoint = self._next(step.name, StepKind.STEP)
         if checkpoint is not None:
             return self._step_result(checkpoint, step)
@@ -225,27 +243,57 @@ class Execution:
         attempt = 0
         while True:
             attempt += 1
-            token = _step.set(StepContext(tenant_id=run.tenant_id, run_id=run.id,
-                                          step_name=step.name, seq=seq, attempt=attempt))
+            token = _step.set(
+                StepContext(
+                    tenant_id=run.tenant_id,
+                    run_id=run.id,
+                    step_name=step.name,
+                    seq=seq,
+                    attempt=attempt,
+                )
+            )
             try:
                 value = await self._attempt(step, args, kwargs)
                 output = dumps(value, what=f"the result of step {step.name!r}")
-                record = StepRecord(run_id=run.id, seq=seq, name=step.name, kind=StepKind.STEP,
-                                    status=StepStatus.COMPLETED, output=output, error=None,
-                                    attempts=attempt, started_at=started,
-                                    finished_at=time.time())
+                record = StepRecord(
+                    run_id=run.id,
+                    seq=seq,
+                    name=step.name,
+                    kind=StepKind.STEP,
+                    status=StepStatus.COMPLETED,
+                    output=output,
+                    error=None,
+                    attempts=attempt,
+                    started_at=started,
+                    finished_at=time.time(),
+                )
                 break
             except Exception as exc:
                 if policy.should_retry(exc, attempt):
                     delay = policy.delay(attempt)
-                    log.info("step retry", tenant=run.tenant_id, run=run.id, step=step.name,
-                             attempt=attempt, error=type(exc).__name__, delay=round(delay, 3))
+                    log.info(
+                        "step retry",
+                        tenant=run.tenant_id,
+                        run=run.id,
+                        step=step.name,
+                        attempt=attempt,
+                        error=type(exc).__name__,
+                        delay=round(delay, 3),
+                    )
                     await asyncio.sleep(delay)
                     continue
-                record = StepRecord(run_id=run.id, seq=seq, name=step.name, kind=StepKind.STEP,
-                                    status=StepStatus.FAILED, output=None,
-                                    error=error_info(exc), attempts=attempt,
-                                    started_at=started, finished_at=time.time())
+                record = StepRecord(
+                    run_id=run.id,
+                    seq=seq,
+                    name=step.name,
+                    kind=StepKind.STEP,
+                    status=StepStatus.FAILED,
+                    output=None,
+                    error=error_info(exc),
+                    attempts=attempt,
+                    started_at=started,
+                    finished_at=time.time(),
+                )
                 break
             finally:
                 _step.reset(token)
@@ -253,8 +301,9 @@ class Execution:
         self.checkpoints[seq] = record
         return self._step_result(record, step)
 
-    async def _attempt(self, step: Step[Any, Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Any:
+    async def _attempt(
+        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         call: Awaitable[Any]
         if step.is_async:
             call = step.fn(*args, **kwargs)
@@ -270,7 +319,9 @@ class Execution:
                 return await call
         except TimeoutError:
             if scope.expired():
-                raise StepTimeoutError(f"step {step.name!r} did not finish within {timeout} s") from None
+                raise StepTimeoutError(
+                    f"step {step.name!r} did not finish within {timeout} s"
+                ) from None
             raise
 
     @staticmethod
@@ -278,15 +329,15 @@ class Execution:
         if record.status is StepStatus.COMPLETED:
             return step.codec.decode_return(loads(record.output))
         info = record.error_info or {}
-        raise StepFailedError(step.name, str(info.get("type")), str(info.get("message")),
-                              record.attempts)
+        raise StepFailedError(
+            step.name, str(info.get("type")), str(info.get("message")), record.attempts
+        )
 
     # -- durable waits -----------------------------------------------------------------------
 
     async def _suspend(self, wait: Wait) -> None:
         """Release the worker until ``wait`` is met; returns if it already is."""
-        outcome = await self.store.suspend_run(self.run.id, wait, owner=self.owner,
-                                               now=time.time())
+        outcome = await self.store.suspend_run(self.run.id, wait, owner=self.owner, now=time.time())
         if outcome is SuspendOutcome.SUSPENDED:
             raise WorkflowSuspended(wait.wake_at)
         if outcome is SuspendOutcome.CANCEL:
@@ -298,10 +349,20 @@ class Execution:
         if checkpoint is None:
             now = time.time()
             wake_at = now + max(0.0, float(seconds))
-            await self._record(StepRecord(
-                run_id=self.run.id, seq=seq, name="sleep", kind=StepKind.SLEEP,
-                status=StepStatus.COMPLETED, output=dumps(wake_at), error=None, attempts=1,
-                started_at=now, finished_at=now))
+            await self._record(
+                StepRecord(
+                    run_id=self.run.id,
+                    seq=seq,
+                    name="sleep",
+                    kind=StepKind.SLEEP,
+                    status=StepStatus.COMPLETED,
+                    output=dumps(wake_at),
+                    error=None,
+                    attempts=1,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
         else:
             wake_at = float(loads(checkpoint.output))
         remaining = wake_at - time.time()
@@ -318,31 +379,43 @@ class Execution:
             return loads(checkpoint.output)
         deadline = time.time() + timeout if timeout is not None else None
         while True:
-            got = await self.store.wait_event(self.run.id, seq, name, deadline, owner=self.owner,
-                                              now=time.time())
+            got = await self.store.wait_event(
+                self.run.id, seq, name, deadline, owner=self.owner, now=time.time()
+            )
             if got.received:
                 return loads(got.payload)
             if got.timed_out:
                 return None
             await self._suspend(Wait(kind=WaitKind.EVENT, wake_at=got.deadline, event_name=name))
 
-    async def run_child(self, workflow: Workflow[Any, Any], args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> Any:
+    async def run_child(
+        self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         seq, checkpoint = self._next(workflow.name, StepKind.CHILD)
         child_id = f"{self.run.id}.{seq}"
         if checkpoint is not None and checkpoint.status is not StepStatus.PENDING:
-            return self._child_result(workflow, child_id, checkpoint.status,
-                                      checkpoint.output, checkpoint.error)
-        child = NewRun(id=child_id, workflow=workflow.name,
-                       input=encode_input(workflow, args, kwargs), parent_id=self.run.id,
-                       priority=self.run.priority, timeout=workflow.workflow_options.timeout,
-                       max_recoveries=workflow.workflow_options.max_recovery_attempts)
+            return self._child_result(
+                workflow, child_id, checkpoint.status, checkpoint.output, checkpoint.error
+            )
+        child = NewRun(
+            id=child_id,
+            workflow=workflow.name,
+            input=encode_input(workflow, args, kwargs),
+            parent_id=self.run.id,
+            priority=self.run.priority,
+            timeout=workflow.workflow_options.timeout,
+            max_recoveries=workflow.workflow_options.max_recovery_attempts,
+        )
         while True:
-            state = await self.store.start_child(self.run.id, seq, child, owner=self.owner,
-                                                 now=time.time())
+            state = await self.store.start_child(
+                self.run.id, seq, child, owner=self.owner, now=time.time()
+            )
             if state.status in TERMINAL:
-                done = (StepStatus.COMPLETED if state.status is RunStatus.COMPLETED
-                        else StepStatus.FAILED)
+                done = (
+                    StepStatus.COMPLETED
+                    if state.status is RunStatus.COMPLETED
+                    else StepStatus.FAILED
+                )
                 return self._child_result(workflow, child_id, done, state.result, state.error)
             if state.status is RunStatus.QUEUED:
                 # Possibly a second message for the child (after a crash): claims drop extras.
@@ -350,11 +423,17 @@ class Execution:
             await self._suspend(Wait(kind=WaitKind.CHILD, wake_at=None, child_id=child_id))
 
     @staticmethod
-    def _child_result(workflow: Workflow[Any, Any], child_id: str, status: StepStatus,
-                      output: bytes | None, error: bytes | None) -> Any:
+    def _child_result(
+        workflow: Workflow[Any, Any],
+        child_id: str,
+        status: StepStatus,
+        output: bytes | None,
+        error: bytes | None,
+    ) -> Any:
         if status is StepStatus.COMPLETED:
             return workflow.codec.decode_return(loads(output))
         info: dict[str, Any] | None = loads(error)
-        child_status = "cancelled" if info and info.get("type") == "RunCancelledError" else (
-            "failed")
+        child_status = (
+            "cancelled" if info and info.get("type") == "RunCancelledError" else ("failed")
+        )
         raise ChildWorkflowError(child_id, child_status, info)

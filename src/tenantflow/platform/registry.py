@@ -59,8 +59,9 @@ class TenantRegistry:
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
         if not url.startswith("sqlite:///"):
-            raise ConfigError("only the embedded (sqlite:///) platform database is available "
-                              "in this version")
+            raise ConfigError(
+                "only the embedded (sqlite:///) platform database is available in this version"
+            )
         self.home = settings.home
         self._conn = _sqlite.connect(sqlite_path(url))
         self._conn.executescript(SCHEMA)
@@ -76,10 +77,13 @@ class TenantRegistry:
         with _sqlite.transaction(self._conn) as cur:
             if cur.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone():
                 raise TenantExistsError(f"tenant {tenant_id!r} already exists")
-            cur.execute("INSERT INTO tenants (id, name, status, created_at) VALUES (?, ?, ?, ?)",
-                        (tenant_id, name or tenant_id, TenantStatus.ACTIVE.value, now))
-        return Tenant(id=tenant_id, name=name or tenant_id, status=TenantStatus.ACTIVE,
-                      created_at=now)
+            cur.execute(
+                "INSERT INTO tenants (id, name, status, created_at) VALUES (?, ?, ?, ?)",
+                (tenant_id, name or tenant_id, TenantStatus.ACTIVE.value, now),
+            )
+        return Tenant(
+            id=tenant_id, name=name or tenant_id, status=TenantStatus.ACTIVE, created_at=now
+        )
 
     def ensure(self, tenant_id: str, *, name: str | None = None) -> Tenant:
         try:
@@ -102,13 +106,19 @@ class TenantRegistry:
         rows = self._conn.execute(
             "SELECT id, name, status, created_at FROM tenants ORDER BY id"
         ).fetchall()
-        return [Tenant(id=r[0], name=r[1], status=TenantStatus(r[2]), created_at=r[3])
-                for r in rows]
+        return [
+            Tenant(id=r[0], name=r[1], status=TenantStatus(r[2]), created_at=r[3]) for r in rows
+        ]
 
     def set_status(self, tenant_id: str, status: TenantStatus) -> Tenant:
         with _sqlite.transaction(self._conn) as cur:
-            if cur.execute("UPDATE tenants SET status = ? WHERE id = ? RETURNING id",
-                           (status.value, tenant_id)).fetchone() is None:
+            if (
+                cur.execute(
+                    "UPDATE tenants SET status = ? WHERE id = ? RETURNING id",
+                    (status.value, tenant_id),
+                ).fetchone()
+                is None
+            ):
                 raise TenantNotFoundError(f"no tenant {tenant_id!r}")
         return self.get(tenant_id)
 

@@ -43,18 +43,21 @@ class DeadLetter:
 class Queue(Protocol):
     max_deliveries: int
 
-    async def enqueue(self, tenant_id: str, run_id: str, *, delay: float = 0.0,
-                      priority: int = 0) -> str: ...
+    async def enqueue(
+        self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
+    ) -> str: ...
 
-    async def dequeue(self, consumer: str, max_messages: int,
-                      visibility_timeout: float) -> list[Message]: ...
+    async def dequeue(
+        self, consumer: str, max_messages: int, visibility_timeout: float
+    ) -> list[Message]: ...
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None: ...
 
     async def ack(self, messages: Sequence[Message]) -> None: ...
 
-    async def retry_later(self, message: Message, delay: float, *,
-                          count_delivery: bool = True) -> None:
+    async def retry_later(
+        self, message: Message, delay: float, *, count_delivery: bool = True
+    ) -> None:
         """Make the message visible again after ``delay``. With ``count_delivery=False`` (a
         durable sleep, a worker shutting down) the delivery does not count towards dead
         lettering."""

@@ -67,8 +67,9 @@ class SqliteQueue:
         self._rotation = 0
         self._wakeup = asyncio.Event()
 
-    async def enqueue(self, tenant_id: str, run_id: str, *, delay: float = 0.0,
-                      priority: int = 0) -> str:
+    async def enqueue(
+        self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
+    ) -> str:
         now = time.time()
         with _sqlite.transaction(self._conn) as cur:
             cur.execute(
@@ -81,8 +82,9 @@ class SqliteQueue:
             self._wakeup.set()
         return message_id
 
-    async def dequeue(self, consumer: str, max_messages: int,
-                      visibility_timeout: float) -> list[Message]:
+    async def dequeue(
+        self, consumer: str, max_messages: int, visibility_timeout: float
+    ) -> list[Message]:
         if max_messages <= 0:
             return []
         now = time.time()
@@ -95,8 +97,10 @@ class SqliteQueue:
             # time, so a tenant with a flood gets no more than its share of this batch.
             self._rotation = (self._rotation + 1) % len(tenants)
             order = tenants[self._rotation :] + tenants[: self._rotation]
-            ready = {t: cur.execute(SQL_READY_OF_TENANT, (t, now, max_messages)).fetchall()
-                     for t in order}
+            ready = {
+                t: cur.execute(SQL_READY_OF_TENANT, (t, now, max_messages)).fetchall()
+                for t in order
+            }
             picked: list[tuple[str, tuple[int, str, int, int]]] = []
             depth = 0
             while len(picked) < max_messages and any(len(r) > depth for r in ready.values()):
@@ -121,8 +125,16 @@ class SqliteQueue:
                     "receipt = ? WHERE id = ?",
                     (until, receipt, mid),
                 )
-                out.append(Message(id=str(mid), tenant_id=tenant, run_id=run_id,
-                                   priority=priority, deliveries=deliveries + 1, receipt=receipt))
+                out.append(
+                    Message(
+                        id=str(mid),
+                        tenant_id=tenant,
+                        run_id=run_id,
+                        priority=priority,
+                        deliveries=deliveries + 1,
+                        receipt=receipt,
+                    )
+                )
         return out
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
@@ -139,11 +151,14 @@ class SqliteQueue:
         if not messages:
             return
         with _sqlite.transaction(self._conn) as cur:
-            cur.executemany("DELETE FROM messages WHERE id = ? AND receipt = ?",
-                            [(int(m.id), m.receipt) for m in messages])
+            cur.executemany(
+                "DELETE FROM messages WHERE id = ? AND receipt = ?",
+                [(int(m.id), m.receipt) for m in messages],
+            )
 
-    async def retry_later(self, message: Message, delay: float, *,
-                          count_delivery: bool = True) -> None:
+    async def retry_later(
+        self, message: Message, delay: float, *, count_delivery: bool = True
+    ) -> None:
         with _sqlite.transaction(self._conn) as cur:
             cur.execute(
                 "UPDATE messages SET available_at = ?, receipt = NULL, "
@@ -160,8 +175,12 @@ class SqliteQueue:
             "ORDER BY id LIMIT ?",
             (tenant_id, limit),
         ).fetchall()
-        return [DeadLetter(id=str(r[0]), tenant_id=tenant_id, run_id=r[1], deliveries=r[2],
-                           failed_at=r[3]) for r in rows]
+        return [
+            DeadLetter(
+                id=str(r[0]), tenant_id=tenant_id, run_id=r[1], deliveries=r[2], failed_at=r[3]
+            )
+            for r in rows
+        ]
 
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
         with _sqlite.transaction(self._conn) as cur:
@@ -181,8 +200,9 @@ class SqliteQueue:
         self._wakeup.set()
 
     async def depth(self, tenant_id: str) -> int:
-        row = self._conn.execute("SELECT COUNT(*) FROM messages WHERE tenant_id = ?",
-                                 (tenant_id,)).fetchone()
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM messages WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
         return int(row[0])
 
     async def wait(self, timeout: float) -> None:

@@ -67,7 +67,7 @@ class Step(Generic[P, R]):
                 result: R = await self.fn(*args, **kwargs)
                 return result
             return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
-        return await ctx._run_step(self, args, kwargs)  # noqa: SLF001
+        return await ctx._run_step(self, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<Step {self.name}>"
@@ -105,17 +105,16 @@ class App:
 
     def workflow(
         self,
-        fn: WorkflowFn[P, R] | None = None,
-        /,
+        fn: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         timeout: float | None = None,
         max_recovery_attempts: int = 10,
-    ) -> Workflow[P, R] | Callable[[WorkflowFn[P, R]], Workflow[P, R]]:
+    ) -> Workflow[Any, Any] | Callable[[WorkflowFn[Any, Any]], Workflow[Any, Any]]:
         """Register an async workflow function (bare, or with options)."""
         options = WorkflowOptions(timeout=timeout, max_recovery_attempts=max_recovery_attempts)
 
-        def register(f: WorkflowFn[P, R]) -> Workflow[P, R]:
+        def register(f: WorkflowFn[Any, Any]) -> Workflow[Any, Any]:
             if not inspect.iscoroutinefunction(f):
                 raise ConfigError(
                     f"workflow {f.__qualname__} must be an async function "
@@ -146,13 +145,12 @@ class App:
 
     def step(
         self,
-        fn: Callable[P, Any] | None = None,
-        /,
+        fn: Callable[..., Any] | None = None,
         *,
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
-    ) -> Step[P, Any] | _StepDecorator:
+    ) -> Step[Any, Any] | _StepDecorator:
         """Register a step: an async function, or a plain one (which runs in a thread)."""
         options = StepOptions(retry=retry or RetryPolicy(), timeout=timeout)
         decorator = _StepDecorator(self, name, options)
@@ -189,5 +187,5 @@ class _StepDecorator:
 
     def __call__(self, fn: Callable[P, Any], /) -> Step[P, Any]:
         step: Step[P, Any] = Step(fn, name=self.name or fn.__qualname__, options=self.options)
-        self.app._add(self.app.steps, step.name, step)  # noqa: SLF001
+        self.app._add(self.app.steps, step.name, step)
         return step

@@ -70,8 +70,9 @@ class WorkflowContext:
         result: R = await self._execution.run_child(workflow, args, kwargs)
         return result
 
-    async def _run_step(self, step: Step[Any, R], args: tuple[Any, ...],
-                        kwargs: dict[str, Any]) -> R:
+    async def _run_step(
+        self, step: Step[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
         result: R = await self._execution.run_step(step, args, kwargs)
         return result
 

@@ -46,8 +46,9 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.initial_interval * self.backoff_coefficient ** (attempt - 1),
-                   self.max_interval)
+        base = min(
+            self.initial_interval * self.backoff_coefficient ** (attempt - 1), self.max_interval
+        )
         spread = base * self.jitter
         return max(0.0, base + random.uniform(-spread, spread))
 

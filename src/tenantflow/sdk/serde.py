@@ -67,7 +67,9 @@ class TypedCodec:
     def decode_return(self, value: Any) -> Any:
         return _validate(self.returns, value)
 
-    def decode_args(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def decode_args(
+        self, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
         out_args: list[Any] = []
         names = self.param_names
         for i, value in enumerate(args):

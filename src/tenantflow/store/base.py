@@ -19,7 +19,7 @@ from tenantflow.store.records import (
 )
 
 
-class LeaseLost(BaseException):  # noqa: N818 - control flow for the executor, not an error
+class LeaseLost(BaseException):
     """Another worker owns the run now (this one was too slow to renew its lease)."""
 
 
@@ -60,8 +60,9 @@ class RunStore(Protocol):
         """Take the run for execution under a lease, or say why not (see ``ClaimOutcome``)."""
         ...
 
-    async def renew_leases(self, run_ids: Sequence[str], *, owner: str,
-                           until: float) -> tuple[set[str], set[str]]:
+    async def renew_leases(
+        self, run_ids: Sequence[str], *, owner: str, until: float
+    ) -> tuple[set[str], set[str]]:
         """Extend leases; returns (runs whose cancellation was requested, runs no longer ours)."""
         ...
 
@@ -69,14 +70,17 @@ class RunStore(Protocol):
         """Commit a step's checkpoint; returns whether cancellation of the run was requested."""
         ...
 
-    async def wait_event(self, run_id: str, seq: int, name: str, deadline: float | None, *,
-                         owner: str, now: float) -> EventWait: ...
+    async def wait_event(
+        self, run_id: str, seq: int, name: str, deadline: float | None, *, owner: str, now: float
+    ) -> EventWait: ...
 
-    async def start_child(self, parent_id: str, seq: int, child: NewRun, *, owner: str,
-                          now: float) -> ChildState: ...
+    async def start_child(
+        self, parent_id: str, seq: int, child: NewRun, *, owner: str, now: float
+    ) -> ChildState: ...
 
-    async def suspend_run(self, run_id: str, wait: Wait, *, owner: str,
-                          now: float) -> SuspendOutcome:
+    async def suspend_run(
+        self, run_id: str, wait: Wait, *, owner: str, now: float
+    ) -> SuspendOutcome:
         """Release the run until ``wait`` is met, unless it already is or a cancel came."""
         ...
 
@@ -84,15 +88,22 @@ class RunStore(Protocol):
         """Give the run back (a worker shutting down): queued again, lease cleared."""
         ...
 
-    async def finish_run(self, run_id: str, status: RunStatus, *, result: bytes | None,
-                         error: bytes | None, owner: str, now: float) -> Finished: ...
+    async def finish_run(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        result: bytes | None,
+        error: bytes | None,
+        owner: str,
+        now: float,
+    ) -> Finished: ...
 
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
         """Ask a run (and its children) to stop; a run no worker holds is cancelled at once."""
         ...
 
-    async def send_event(self, run_id: str, name: str, payload: bytes, *,
-                         now: float) -> bool:
+    async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> bool:
         """Store an event for the run; returns whether the run must be enqueued to wake up."""
         ...
 

@@ -84,25 +84,56 @@ CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was ca
 
 def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
     return RunRecord(
-        id=row[0], tenant_id=tenant_id, workflow=row[1], status=RunStatus(row[2]), input=row[3],
-        result=row[4], error=row[5], idempotency_key=row[6], parent_id=row[7], priority=row[8],
-        created_at=row[9], updated_at=row[10], started_at=row[11], finished_at=row[12],
-        deadline=row[13], wake_at=row[14], recoveries=row[15], executions=row[16],
+        id=row[0],
+        tenant_id=tenant_id,
+        workflow=row[1],
+        status=RunStatus(row[2]),
+        input=row[3],
+        result=row[4],
+        error=row[5],
+        idempotency_key=row[6],
+        parent_id=row[7],
+        priority=row[8],
+        created_at=row[9],
+        updated_at=row[10],
+        started_at=row[11],
+        finished_at=row[12],
+        deadline=row[13],
+        wake_at=row[14],
+        recoveries=row[15],
+        executions=row[16],
         cancel_requested=bool(row[17]),
     )
 
 
 def _step(row: Sequence[Any]) -> StepRecord:
     return StepRecord(
-        run_id=row[0], seq=row[1], name=row[2], kind=StepKind(row[3]),
-        status=StepStatus(row[4]), output=row[5], error=row[6], attempts=row[7],
-        started_at=row[8], finished_at=row[9],
+        run_id=row[0],
+        seq=row[1],
+        name=row[2],
+        kind=StepKind(row[3]),
+        status=StepStatus(row[4]),
+        output=row[5],
+        error=row[6],
+        attempts=row[7],
+        started_at=row[8],
+        finished_at=row[9],
     )
 
 
 def _step_params(s: StepRecord) -> tuple[Any, ...]:
-    return (s.run_id, s.seq, s.name, s.kind.value, s.status.value, s.output, s.error,
-            s.attempts, s.started_at, s.finished_at)
+    return (
+        s.run_id,
+        s.seq,
+        s.name,
+        s.kind.value,
+        s.status.value,
+        s.output,
+        s.error,
+        s.attempts,
+        s.started_at,
+        s.finished_at,
+    )
 
 
 class SqliteRunStore:
@@ -122,8 +153,15 @@ class SqliteRunStore:
             raise LeaseLost(run_id)
         return bool(row[0])
 
-    def _finish(self, cur: sqlite3.Cursor, run_id: str, status: RunStatus,
-                result: bytes | None, error: bytes | None, now: float) -> list[str]:
+    def _finish(
+        self,
+        cur: sqlite3.Cursor,
+        run_id: str,
+        status: RunStatus,
+        result: bytes | None,
+        error: bytes | None,
+        now: float,
+    ) -> list[str]:
         row = cur.execute(SQL_FINISH, (status.value, result, error, now, now, run_id)).fetchone()
         wake: list[str] = []
         if status is RunStatus.CANCELLED:
@@ -167,9 +205,21 @@ class SqliteRunStore:
                             f"{existing.id} with a different workflow or input"
                         )
                     return existing, False
-            cur.execute(SQL_INSERT_RUN, (run.id, run.workflow, run.input, run.idempotency_key,
-                                         run.parent_id, run.priority, run.timeout,
-                                         run.max_recoveries, now, now))
+            cur.execute(
+                SQL_INSERT_RUN,
+                (
+                    run.id,
+                    run.workflow,
+                    run.input,
+                    run.idempotency_key,
+                    run.parent_id,
+                    run.priority,
+                    run.timeout,
+                    run.max_recoveries,
+                    now,
+                    now,
+                ),
+            )
             created = self._get(cur, run.id)
         assert created is not None
         return created, True
@@ -177,8 +227,14 @@ class SqliteRunStore:
     async def get_run(self, run_id: str) -> RunRecord | None:
         return self._get(self._conn, run_id)
 
-    async def list_runs(self, *, status: RunStatus | None = None, workflow: str | None = None,
-                        limit: int = 50, before: str | None = None) -> list[RunRecord]:
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[RunRecord]:
         where, params = [], []
         if status is not None:
             where.append("status = ?")
@@ -222,23 +278,29 @@ class SqliteRunStore:
                 deadline = now + timeout
             failure: dict[str, str] | None = None
             if recoveries > max_recoveries:
-                failure = {"type": "MaxRecoveryAttemptsExceededError",
-                           "message": f"the run was recovered {recoveries - 1} times after "
-                                      f"crashes; its workflow allows {max_recoveries}"}
+                failure = {
+                    "type": "MaxRecoveryAttemptsExceededError",
+                    "message": f"the run was recovered {recoveries - 1} times after "
+                    f"crashes; its workflow allows {max_recoveries}",
+                }
             elif deadline is not None and deadline <= now:
-                failure = {"type": "WorkflowTimeoutError",
-                           "message": "the workflow did not finish within its timeout"}
+                failure = {
+                    "type": "WorkflowTimeoutError",
+                    "message": "the workflow did not finish within its timeout",
+                }
             if failure is not None:
                 wake = self._finish(cur, run_id, RunStatus.FAILED, None, dumps(failure), now)
-                return Claim(outcome=ClaimOutcome.EXHAUSTED, run=self._get(cur, run_id),
-                             wake=tuple(wake))
+                return Claim(
+                    outcome=ClaimOutcome.EXHAUSTED, run=self._get(cur, run_id), wake=tuple(wake)
+                )
             cur.execute(SQL_CLAIM, (owner, now + lease, recoveries, now, deadline, now, run_id))
             claimed = self._get(cur, run_id)
             steps = tuple(_step(r) for r in cur.execute(SQL_STEPS_OF_RUN, (run_id,)).fetchall())
         return Claim(outcome=ClaimOutcome.CLAIMED, run=claimed, steps=steps)
 
-    async def renew_leases(self, run_ids: Sequence[str], *, owner: str,
-                           until: float) -> tuple[set[str], set[str]]:
+    async def renew_leases(
+        self, run_ids: Sequence[str], *, owner: str, until: float
+    ) -> tuple[set[str], set[str]]:
         if not run_ids:
             return set(), set()
         marks = ",".join("?" * len(run_ids))
@@ -257,69 +319,117 @@ class SqliteRunStore:
             cur.execute(SQL_UPSERT_STEP, _step_params(step))
         return cancel
 
-    async def wait_event(self, run_id: str, seq: int, name: str, deadline: float | None, *,
-                         owner: str, now: float) -> EventWait:
+    async def wait_event(
+        self, run_id: str, seq: int, name: str, deadline: float | None, *, owner: str, now: float
+    ) -> EventWait:
         with _sqlite.transaction(self._conn) as cur:
             self._owned(cur, run_id, owner, now)
-            row = cur.execute("SELECT output FROM steps WHERE run_id = ? AND seq = ?",
-                              (run_id, seq)).fetchone()
+            row = cur.execute(
+                "SELECT output FROM steps WHERE run_id = ? AND seq = ?", (run_id, seq)
+            ).fetchone()
             if row is None:
-                pending = StepRecord(run_id=run_id, seq=seq, name=name, kind=StepKind.EVENT,
-                                     status=StepStatus.PENDING, output=dumps(deadline),
-                                     error=None, attempts=1, started_at=now, finished_at=None)
+                pending = StepRecord(
+                    run_id=run_id,
+                    seq=seq,
+                    name=name,
+                    kind=StepKind.EVENT,
+                    status=StepStatus.PENDING,
+                    output=dumps(deadline),
+                    error=None,
+                    attempts=1,
+                    started_at=now,
+                    finished_at=None,
+                )
                 cur.execute(SQL_UPSERT_STEP, _step_params(pending))
             else:
                 deadline = loads(row[0])
             event = cur.execute(SQL_NEXT_EVENT, (run_id, name)).fetchone()
             if event is not None:
                 cur.execute("UPDATE events SET consumed_seq = ? WHERE id = ?", (seq, event[0]))
-                cur.execute("UPDATE steps SET status = 'completed', output = ?, finished_at = ? "
-                            "WHERE run_id = ? AND seq = ?", (event[1], now, run_id, seq))
+                cur.execute(
+                    "UPDATE steps SET status = 'completed', output = ?, finished_at = ? "
+                    "WHERE run_id = ? AND seq = ?",
+                    (event[1], now, run_id, seq),
+                )
                 return EventWait(received=True, payload=event[1])
             if deadline is not None and deadline <= now:
-                cur.execute("UPDATE steps SET status = 'completed', output = NULL, "
-                            "finished_at = ? WHERE run_id = ? AND seq = ?", (now, run_id, seq))
+                cur.execute(
+                    "UPDATE steps SET status = 'completed', output = NULL, "
+                    "finished_at = ? WHERE run_id = ? AND seq = ?",
+                    (now, run_id, seq),
+                )
                 return EventWait(received=False, timed_out=True)
             return EventWait(received=False, deadline=deadline)
 
-    async def start_child(self, parent_id: str, seq: int, child: NewRun, *, owner: str,
-                          now: float) -> ChildState:
+    async def start_child(
+        self, parent_id: str, seq: int, child: NewRun, *, owner: str, now: float
+    ) -> ChildState:
         with _sqlite.transaction(self._conn) as cur:
             self._owned(cur, parent_id, owner, now)
-            pending = StepRecord(run_id=parent_id, seq=seq, name=child.workflow,
-                                 kind=StepKind.CHILD, status=StepStatus.PENDING,
-                                 output=dumps(child.id), error=None, attempts=1, started_at=now,
-                                 finished_at=None)
-            cur.execute(SQL_UPSERT_STEP.split(" ON CONFLICT")[0] + " ON CONFLICT DO NOTHING",
-                        _step_params(pending))
-            cur.execute(SQL_INSERT_RUN + " ON CONFLICT (id) DO NOTHING",
-                        (child.id, child.workflow, child.input, None, parent_id,
-                         child.priority, child.timeout, child.max_recoveries, now, now))
+            pending = StepRecord(
+                run_id=parent_id,
+                seq=seq,
+                name=child.workflow,
+                kind=StepKind.CHILD,
+                status=StepStatus.PENDING,
+                output=dumps(child.id),
+                error=None,
+                attempts=1,
+                started_at=now,
+                finished_at=None,
+            )
+            cur.execute(
+                SQL_UPSERT_STEP.split(" ON CONFLICT")[0] + " ON CONFLICT DO NOTHING",
+                _step_params(pending),
+            )
+            cur.execute(
+                SQL_INSERT_RUN + " ON CONFLICT (id) DO NOTHING",
+                (
+                    child.id,
+                    child.workflow,
+                    child.input,
+                    None,
+                    parent_id,
+                    child.priority,
+                    child.timeout,
+                    child.max_recoveries,
+                    now,
+                    now,
+                ),
+            )
             state = self._child_state(cur, child.id)
             if state.status in TERMINAL:
                 failed = state.status is not RunStatus.COMPLETED
                 cur.execute(
                     "UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ? "
                     "WHERE run_id = ? AND seq = ?",
-                    ("failed" if failed else "completed", state.result,
-                     state.error or (CANCELLED_ERROR if failed else None), now, parent_id, seq),
+                    (
+                        "failed" if failed else "completed",
+                        state.result,
+                        state.error or (CANCELLED_ERROR if failed else None),
+                        now,
+                        parent_id,
+                        seq,
+                    ),
                 )
         return state
 
     def _child_state(self, cur: sqlite3.Cursor, child_id: str) -> ChildState:
-        row = cur.execute("SELECT status, result, error FROM runs WHERE id = ?",
-                          (child_id,)).fetchone()
-        return ChildState(child_id=child_id, status=RunStatus(row[0]), result=row[1],
-                          error=row[2])
+        row = cur.execute(
+            "SELECT status, result, error FROM runs WHERE id = ?", (child_id,)
+        ).fetchone()
+        return ChildState(child_id=child_id, status=RunStatus(row[0]), result=row[1], error=row[2])
 
-    async def suspend_run(self, run_id: str, wait: Wait, *, owner: str,
-                          now: float) -> SuspendOutcome:
+    async def suspend_run(
+        self, run_id: str, wait: Wait, *, owner: str, now: float
+    ) -> SuspendOutcome:
         with _sqlite.transaction(self._conn) as cur:
             if self._owned(cur, run_id, owner, now):
                 return SuspendOutcome.CANCEL
-            if wait.kind is WaitKind.EVENT and cur.execute(
-                SQL_NEXT_EVENT, (run_id, wait.event_name)
-            ).fetchone():
+            if (
+                wait.kind is WaitKind.EVENT
+                and cur.execute(SQL_NEXT_EVENT, (run_id, wait.event_name)).fetchone()
+            ):
                 return SuspendOutcome.READY
             if wait.kind is WaitKind.CHILD and wait.child_id is not None:
                 if self._child_state(cur, wait.child_id).status in TERMINAL:
@@ -340,8 +450,16 @@ class SqliteRunStore:
                 (now, run_id, owner),
             )
 
-    async def finish_run(self, run_id: str, status: RunStatus, *, result: bytes | None,
-                         error: bytes | None, owner: str, now: float) -> Finished:
+    async def finish_run(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        result: bytes | None,
+        error: bytes | None,
+        owner: str,
+        now: float,
+    ) -> Finished:
         with _sqlite.transaction(self._conn) as cur:
             self._owned(cur, run_id, owner, now)
             wake = self._finish(cur, run_id, status, result, error, now)
@@ -356,11 +474,14 @@ class SqliteRunStore:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
             wake: list[str] = []
             if run.status not in TERMINAL:
-                cur.execute("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
-                            (now, run_id))
+                cur.execute(
+                    "UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                    (now, run_id),
+                )
                 if run.status is not RunStatus.RUNNING:
-                    wake = self._finish(cur, run_id, RunStatus.CANCELLED, None,
-                                        CANCELLED_ERROR, now)
+                    wake = self._finish(
+                        cur, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
+                    )
                 run = self._get(cur, run_id)
         assert run is not None
         return run, Finished(wake=tuple(wake))
@@ -378,7 +499,8 @@ class SqliteRunStore:
             )
             woken = cur.execute(
                 "UPDATE runs SET status = 'queued', wake_at = NULL, updated_at = ? "
-                "WHERE id = ? AND status = 'waiting' RETURNING id", (now, run_id),
+                "WHERE id = ? AND status = 'waiting' RETURNING id",
+                (now, run_id),
             ).fetchone()
         return woken is not None
 

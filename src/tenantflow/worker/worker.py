@@ -16,7 +16,9 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -108,9 +110,9 @@ class Worker:
                 await keepalive
             log.info("worker stopped", owner=self.owner)
 
-    async def _wait_any(self, waiter: object, timeout: float | None) -> None:
+    async def _wait_any(self, waiter: Awaitable[Any], timeout: float | None) -> None:
         stop = asyncio.ensure_future(self._stop.wait())
-        other = asyncio.ensure_future(waiter)  # type: ignore[arg-type]
+        other = asyncio.ensure_future(waiter)
         await asyncio.wait({stop, other}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         for fut in (stop, other):
             if not fut.done():
@@ -146,8 +148,7 @@ class Worker:
         try:
             await self._handle(message)
         except Exception:
-            log.exception("message handling failed", tenant=message.tenant_id,
-                          run=message.run_id)
+            log.exception("message handling failed", tenant=message.tenant_id, run=message.run_id)
             with contextlib.suppress(Exception):
                 await queue.retry_later(message, 1.0)
         finally:
@@ -162,8 +163,7 @@ class Worker:
             await queue.ack([message])
             return
         now = time.time()
-        claim = await store.claim_run(message.run_id, owner=self.owner, now=now,
-                                      lease=self.lease)
+        claim = await store.claim_run(message.run_id, owner=self.owner, now=now, lease=self.lease)
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
             await queue.ack([message])
@@ -181,13 +181,18 @@ class Worker:
         try:
             workflow = self.app.get_workflow(claim.run.workflow)
         except WorkflowNotRegisteredError:
-            log.error("workflow not registered in this worker; run given back",
-                      tenant=message.tenant_id, run=message.run_id, workflow=claim.run.workflow)
+            log.error(
+                "workflow not registered in this worker; run given back",
+                tenant=message.tenant_id,
+                run=message.run_id,
+                workflow=claim.run.workflow,
+            )
             await store.release_run(claim.run.id, owner=self.owner, now=time.time())
             await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
             return
-        execution = Execution(workflow=workflow, store=store, run=claim.run, steps=claim.steps,
-                              host=self)
+        execution = Execution(
+            workflow=workflow, store=store, run=claim.run, steps=claim.steps, host=self
+        )
         self._inflight[message.id].execution = execution
         execution.task = asyncio.create_task(execution.execute())
         outcome = await execution.task
@@ -206,8 +211,9 @@ class Worker:
             if outcome.wake_at is None:
                 await queue.ack([message])  # woken by an event or a child, which enqueue it
             else:
-                await queue.retry_later(message, outcome.wake_at - time.time(),
-                                        count_delivery=False)
+                await queue.retry_later(
+                    message, outcome.wake_at - time.time(), count_delivery=False
+                )
         elif outcome.kind is OutcomeKind.RELEASED:
             self.stats.released += 1
             await queue.retry_later(message, 0.0, count_delivery=False)
@@ -247,8 +253,9 @@ class Worker:
         until = time.time() + self.lease
         for tenant_id, executions in self._executions_by_tenant().items():
             store = self.runtime.router.store(tenant_id)
-            cancels, lost = await store.renew_leases(list(executions), owner=self.owner,
-                                                     until=until)
+            cancels, lost = await store.renew_leases(
+                list(executions), owner=self.owner, until=until
+            )
             for run_id in cancels:
                 executions[run_id].cancel()
             for run_id in lost:

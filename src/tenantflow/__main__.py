@@ -1,0 +1,3 @@
+from tenantflow.cli import main
+
+main()

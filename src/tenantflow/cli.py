@@ -1,0 +1,217 @@
+"""The ``tenantflow`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import importlib
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tenantflow.errors import TenantflowError
+from tenantflow.runtime import Runtime
+from tenantflow.sdk.app import App
+from tenantflow.sdk.serde import loads
+from tenantflow.settings import Settings
+from tenantflow.store.records import RunStatus
+from tenantflow.telemetry.logging import configure_logging
+
+cli = typer.Typer(
+    help="tenantflow: multi-tenant durable workflows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+runs_cli = typer.Typer(help="Inspect runs of a tenant.", no_args_is_help=True)
+tenants_cli = typer.Typer(help="Manage tenants.", no_args_is_help=True)
+cli.add_typer(runs_cli, name="runs")
+cli.add_typer(tenants_cli, name="tenants")
+console = Console()
+
+TenantOpt = Annotated[str, typer.Option("--tenant", "-t", help="Tenant id.")]
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute`` and return the App it names."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise typer.BadParameter("expected module:attribute, e.g. myproject.workflows:app")
+    sys.path.insert(0, ".")
+    app = getattr(importlib.import_module(module_name), attr, None)
+    if not isinstance(app, App):
+        raise typer.BadParameter(f"{spec} is not a tenantflow App")
+    return app
+
+
+def _time(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+@cli.command()
+def demo(orders: Annotated[int, typer.Option(min=1, max=10_000)] = 25) -> None:
+    """Provision two tenants and fulfil orders for both at once (embedded default)."""
+    from tenantflow.demo import run_demo
+
+    settings = _settings()
+    if settings.log_level.upper() == "INFO":  # the progress bar tells the story
+        configure_logging("WARNING", settings.log_format)
+    summaries = asyncio.run(run_demo(settings, orders=orders, console=console))
+    if any(s.failed for s in summaries):
+        raise typer.Exit(1)
+
+
+@cli.command()
+def worker(
+    app: Annotated[str, typer.Option(help="The App to serve, as module:attribute.")] = (
+        "tenantflow.examples.orders:app"
+    ),
+    concurrency: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Run a worker until SIGTERM or Ctrl-C."""
+    from tenantflow.worker.worker import Worker
+
+    settings = _settings()
+    the_app = load_app(app)
+
+    async def main() -> None:
+        runtime = Runtime(settings)
+        w = Worker(the_app, runtime, concurrency=concurrency)
+        w.install_signal_handlers()
+        try:
+            await w.run()
+        finally:
+            await runtime.close()
+
+    asyncio.run(main())
+
+
+@runs_cli.command("list")
+def runs_list(
+    tenant: TenantOpt,
+    status: Annotated[RunStatus | None, typer.Option(help="Only runs in this status.")] = None,
+    workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    before: Annotated[str | None, typer.Option(help="Continue after this run id.")] = None,
+) -> None:
+    """List a tenant's runs, newest first."""
+
+    async def main() -> None:
+        runtime = Runtime(_settings())
+        try:
+            store = runtime.router.store(tenant)
+            runs = await store.list_runs(
+                status=status, workflow=workflow, limit=limit, before=before
+            )
+        finally:
+            await runtime.close()
+        table = Table(title=f"runs of {tenant}")
+        table.add_column("id", no_wrap=True)
+        for column in ("workflow", "status", "created", "finished"):
+            table.add_column(column)
+        for run in runs:
+            table.add_row(
+                run.id,
+                run.workflow,
+                run.status.value,
+                _time(run.created_at),
+                _time(run.finished_at),
+            )
+        console.print(table)
+        if len(runs) == limit:
+            console.print(f"more: --before {runs[-1].id}")
+
+    _run(main())
+
+
+@runs_cli.command("show")
+def runs_show(run_id: str, tenant: TenantOpt) -> None:
+    """Show one run: status, steps, result or error."""
+
+    async def main() -> None:
+        runtime = Runtime(_settings())
+        try:
+            store = runtime.router.store(tenant)
+            run = await store.get_run(run_id)
+            steps = await store.get_steps(run_id) if run else []
+        finally:
+            await runtime.close()
+        if run is None:
+            raise TenantflowError(f"no run {run_id} in tenant {tenant}")
+        console.print(f"[bold]{run.id}[/bold]  {run.workflow}  [bold]{run.status.value}[/bold]")
+        console.print(
+            f"created {_time(run.created_at)}  started {_time(run.started_at)}  "
+            f"finished {_time(run.finished_at)}  recoveries {run.recoveries}"
+        )
+        table = Table(title="steps")
+        for column in ("seq", "kind", "name", "status", "attempts", "ms"):
+            table.add_column(column)
+        for s in steps:
+            ms = "-" if s.finished_at is None else f"{(s.finished_at - s.started_at) * 1000:.1f}"
+            table.add_row(str(s.seq), s.kind.value, s.name, s.status.value, str(s.attempts), ms)
+        console.print(table)
+        if run.result is not None:
+            console.print("result:", loads(run.result))
+        if run.error is not None:
+            console.print("error:", run.error_info)
+
+    _run(main())
+
+
+@tenants_cli.command("create")
+def tenants_create(tenant_id: str, name: Annotated[str | None, typer.Option()] = None) -> None:
+    """Create a tenant and its database."""
+    runtime = Runtime(_settings())
+    try:
+        tenant = runtime.registry.create(tenant_id, name=name)
+    except TenantflowError as exc:
+        _fail(exc)
+    finally:
+        asyncio.run(runtime.close())
+    console.print(f"created tenant {tenant.id}")
+
+
+@tenants_cli.command("list")
+def tenants_list() -> None:
+    """List tenants."""
+    runtime = Runtime(_settings())
+    try:
+        tenants = runtime.registry.list()
+    finally:
+        asyncio.run(runtime.close())
+    table = Table(title="tenants")
+    for column in ("id", "name", "status", "created"):
+        table.add_column(column)
+    for t in tenants:
+        table.add_row(t.id, t.name, t.status.value, _time(t.created_at))
+    console.print(table)
+
+
+def _run(coro: object) -> None:
+    try:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    except TenantflowError as exc:
+        _fail(exc)
+
+
+def _fail(exc: TenantflowError) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
