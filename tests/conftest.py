@@ -12,8 +12,9 @@ from tenantflow import App, Runtime, Settings, Worker
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", lease_seconds=2.0, poll_interval=0.02,
-                    shutdown_grace_seconds=2.0)
+    return Settings(
+        home=tmp_path / "home", lease_seconds=2.0, poll_interval=0.02, shutdown_grace_seconds=2.0
+    )
 
 
 @pytest.fixture
@@ -26,8 +27,9 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(app: App, runtime: Runtime, *,
-                         concurrency: int | None = None) -> AsyncIterator[Worker]:
+async def running_worker(
+    app: App, runtime: Runtime, *, concurrency: int | None = None
+) -> AsyncIterator[Worker]:
     """A worker on the test's event loop, stopped (gracefully) at the end of the block."""
     worker = Worker(app, runtime, concurrency=concurrency)
     task = asyncio.create_task(worker.run())

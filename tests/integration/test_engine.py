@@ -17,8 +17,8 @@ from tenantflow import (
     RetryPolicy,
     RunCancelledError,
     RunFailedError,
-    Runtime,
     RunStatus,
+    Runtime,
     SerializationError,
     StepFailedError,
     TenantSuspendedError,
@@ -88,8 +88,11 @@ class Fatal(Exception):
     pass
 
 
-@app.step(retry=RetryPolicy(max_attempts=5, initial_interval=0.01, max_interval=0.02,
-                            non_retryable=(Fatal,)))
+@app.step(
+    retry=RetryPolicy(
+        max_attempts=5, initial_interval=0.01, max_interval=0.02, non_retryable=(Fatal,)
+    )
+)
 async def flaky(kind: str) -> str:
     bump(f"flaky-{kind}")
     if kind == "fatal":
@@ -255,7 +258,9 @@ async def test_steps_run_once_and_typed_values_round_trip(runtime: Runtime) -> N
     assert seen_keys == [f"{handle.run_id}:0", f"{handle.run_id}:1"]
     steps = await handle.steps()
     assert [(s.seq, s.name, s.status.value, s.attempts) for s in steps] == [
-        (0, "pack", "completed", 1), (1, "weigh", "completed", 1)]
+        (0, "pack", "completed", 1),
+        (1, "weigh", "completed", 1),
+    ]
 
 
 async def test_retries_with_backoff_then_succeeds(runtime: Runtime) -> None:
@@ -341,8 +346,11 @@ async def test_child_workflows_have_derived_ids_and_return_results(runtime: Runt
         failing = await client.tenant("acme").start(parent_of_failure)
         assert await failing.result(timeout=10) == "failed"
     children = await client.tenant("acme").list_runs(workflow="kid")
-    assert {c.id for c in children} == {f"{handle.run_id}.0", f"{handle.run_id}.1",
-                                        f"{failing.run_id}.0"}
+    assert {c.id for c in children} == {
+        f"{handle.run_id}.0",
+        f"{handle.run_id}.1",
+        f"{failing.run_id}.0",
+    }
     assert all(c.parent_id in (handle.run_id, failing.run_id) for c in children)
 
 
@@ -473,3 +481,23 @@ async def _wait_for(condition: Any, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_a_duplicate_delivery_executes_once(runtime: Runtime) -> None:
+    client = Client(app, runtime=runtime)
+    handle = await client.tenant("acme").start(ship, Item(sku="d", qty=1))
+    for _ in range(3):  # the same run delivered four times, before and during execution
+        await runtime.queue.enqueue("acme", handle.run_id)
+    async with running_worker(app, runtime):
+        await handle.result(timeout=10)
+        await runtime.queue.enqueue("acme", handle.run_id)  # and once after it ended
+
+        async def drained() -> bool:
+            return await runtime.queue.depth("acme") == 0
+
+        deadline = time.monotonic() + 10
+        while not await drained():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    assert calls == {"pack": 1, "weigh": 1}
+    assert (await handle.describe()).executions == 1

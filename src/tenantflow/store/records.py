@@ -103,7 +103,7 @@ class NewRun:
 class ClaimOutcome(enum.Enum):
     CLAIMED = "claimed"
     DROP = "drop"  # nothing to do for this delivery: a duplicate, or the run is terminal
-    DEFER = "defer"  # too early: the run sleeps until ``not_before``
+    DEFER = "defer"  # too early: the run sleeps, or a live worker holds it, until ``not_before``
     EXHAUSTED = "exhausted"  # the run failed: recovered too often, or past its deadline
 
 

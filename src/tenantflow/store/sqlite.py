@@ -265,8 +265,13 @@ class SqliteRunStore:
             run = _run(self.tenant_id, row)
             lease_until, timeout, max_recoveries = row[18], row[19], row[20]
             status = run.status
-            if status in TERMINAL or (status is RunStatus.RUNNING and lease_until > now):
+            if status in TERMINAL:
                 return Claim(outcome=ClaimOutcome.DROP, run=run)
+            if status is RunStatus.RUNNING and lease_until > now:
+                # Held by a live worker. This delivery may be the very message of that run
+                # (its visibility ended a moment before the lease): keep it until the lease
+                # ends, so that if the holder dies this message recovers the run.
+                return Claim(outcome=ClaimOutcome.DEFER, run=run, not_before=lease_until)
             if status in (RunStatus.SLEEPING, RunStatus.WAITING):
                 if run.wake_at is None:
                     return Claim(outcome=ClaimOutcome.DROP, run=run)

@@ -1,0 +1,131 @@
+"""Pieces without a database: serialization, retry policy, registration, migrations."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from tenantflow import App, ConfigError, RetryPolicy, SerializationError, WorkflowContext
+from tenantflow.sdk.client import new_run_id
+from tenantflow.sdk.serde import TypedCodec, dumps, loads
+from tenantflow.store.migrate import migrate_sqlite, script_head
+from tenantflow.store.schema import HEAD_REVISION, metadata
+
+
+class Model(BaseModel):
+    name: str
+    when: dt.datetime
+
+
+@dataclasses.dataclass
+class Data:
+    id: uuid.UUID
+    models: list[Model]
+
+
+def typed(data: Data, n: int, *rest: Model) -> Data:
+    return data
+
+
+def test_models_and_dataclasses_round_trip_through_type_hints() -> None:
+    value = Data(
+        id=uuid.uuid4(), models=[Model(name="a", when=dt.datetime(2026, 1, 2, tzinfo=dt.UTC))]
+    )
+    codec = TypedCodec(typed)
+    assert codec.decode_return(loads(dumps(value))) == value
+    args, kwargs = codec.decode_args(loads(dumps([value, 3, value.models[0]])), {"n": 1})
+    assert args == [value, 3, value.models[0]] and kwargs == {"n": 1}
+
+
+@pytest.mark.parametrize("bad", [{1, 2}, b"bytes", object(), {"nested": [frozenset()]}])
+def test_values_without_a_json_form_are_refused(bad: object) -> None:
+    with pytest.raises(SerializationError, match="the input"):
+        dumps(bad, what="the input")
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_json_values_round_trip(value: object) -> None:
+    assert loads(dumps(value)) == value
+
+
+def test_retry_policy_backoff_is_exponential_capped_and_jittered() -> None:
+    policy = RetryPolicy(
+        max_attempts=10, initial_interval=1, backoff_coefficient=2, max_interval=5, jitter=0.2
+    )
+    for attempt, base in [(1, 1), (2, 2), (3, 4), (4, 5), (8, 5)]:
+        delays = [policy.delay(attempt) for _ in range(200)]
+        assert all(base * 0.8 <= d <= base * 1.2 for d in delays)
+        assert max(delays) - min(delays) > 0  # jitter spreads them
+    assert policy.should_retry(ValueError(), 9)
+    assert not policy.should_retry(ValueError(), 10)
+    narrow = RetryPolicy(retry_on=(ConnectionError,), non_retryable=(ConnectionResetError,))
+    assert narrow.should_retry(ConnectionError(), 1)
+    assert not narrow.should_retry(ConnectionResetError(), 1)
+    assert not narrow.should_retry(ValueError(), 1)
+    assert not narrow.should_retry(SerializationError(), 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_attempts": 0}, {"jitter": 2}, {"backoff_coefficient": 0.5}, {"initial_interval": -1}],
+)
+def test_bad_retry_policies_are_config_errors(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_registration_rules() -> None:
+    app = App("t")
+
+    @app.workflow(name="w")
+    async def w(ctx: WorkflowContext) -> None: ...
+
+    with pytest.raises(ConfigError, match="registered twice"):
+        app.workflow(name="w")(w.fn)
+    with pytest.raises(ConfigError, match="must be an async function"):
+        app.workflow(lambda ctx: None)  # type: ignore[arg-type, return-value]
+    with pytest.raises(ConfigError):
+        app.step(timeout=-1)
+
+
+def test_run_ids_are_time_ordered_and_unique() -> None:
+    ids = [new_run_id() for _ in range(5000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_schema_head_matches_the_migrations() -> None:
+    assert script_head() == HEAD_REVISION
+
+
+def test_a_migrated_database_matches_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "tenant.db"
+    assert migrate_sqlite(path) is True
+    assert migrate_sqlite(path) is False  # already at head: nothing to do
+    engine = sa.create_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    finally:
+        engine.dispose()
+    assert diff == []
