@@ -16,7 +16,7 @@ from pathlib import Path
 BUSY_TIMEOUT_MS = 10_000
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, *, synchronous: str = "NORMAL") -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Autocommit mode (isolation_level=None): transactions are explicit, see ``transaction``.
     conn = sqlite3.connect(
@@ -26,7 +26,9 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     # In WAL mode NORMAL is safe against a crash of the process (kill -9) — the case the worker
     # must survive; a power loss may lose the last transactions. FULL adds an fsync per commit.
-    conn.execute("PRAGMA synchronous = NORMAL")
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
 
 

@@ -16,7 +16,11 @@ def open_queue(settings: Settings) -> Queue:
     if url.startswith("sqlite:///"):
         from tenantflow.queue.sqlite import SqliteQueue
 
-        return SqliteQueue(sqlite_path(url), max_deliveries=settings.max_deliveries)
+        return SqliteQueue(
+            sqlite_path(url),
+            max_deliveries=settings.max_deliveries,
+            synchronous=settings.sqlite_synchronous,
+        )
     raise ConfigError(
         f"unsupported queue URL scheme {url.split(':', 1)[0]!r}; "
         "this version has the embedded queue (sqlite:///)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,10 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(default=10, ge=1, description="Deliveries before dead letter.")
     poll_interval: float = Field(default=0.05, gt=0, description="Idle wait between dequeues.")
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        default="NORMAL",
+        description="NORMAL survives a process crash; FULL also a power loss (fsync per commit).",
+    )
     log_level: str = Field(default="INFO")
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

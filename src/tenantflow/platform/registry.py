@@ -63,7 +63,8 @@ class TenantRegistry:
                 "only the embedded (sqlite:///) platform database is available in this version"
             )
         self.home = settings.home
-        self._conn = _sqlite.connect(sqlite_path(url))
+        self.synchronous = settings.sqlite_synchronous
+        self._conn = _sqlite.connect(sqlite_path(url), synchronous=self.synchronous)
         self._conn.executescript(SCHEMA)
 
     def tenant_db_path(self, tenant_id: str) -> Path:
@@ -139,7 +140,11 @@ class TenantRouter:
             self.registry.get(tenant_id)  # raises TenantNotFoundError
             from tenantflow.store.sqlite import SqliteRunStore
 
-            store = SqliteRunStore(tenant_id, self.registry.tenant_db_path(tenant_id))
+            store = SqliteRunStore(
+                tenant_id,
+                self.registry.tenant_db_path(tenant_id),
+                synchronous=self.registry.synchronous,
+            )
             self._stores[tenant_id] = store
         return store
 

@@ -59,10 +59,12 @@ SQL_READY_OF_TENANT = (
 class SqliteQueue:
     """See :mod:`tenantflow.queue.base` for the semantics."""
 
-    def __init__(self, path: Path, *, max_deliveries: int = 10) -> None:
+    def __init__(
+        self, path: Path, *, max_deliveries: int = 10, synchronous: str = "NORMAL"
+    ) -> None:
         self.path = path
         self.max_deliveries = max_deliveries
-        self._conn = _sqlite.connect(path)
+        self._conn = _sqlite.connect(path, synchronous=synchronous)
         self._conn.executescript(SCHEMA)
         self._rotation = 0
         self._wakeup = asyncio.Event()

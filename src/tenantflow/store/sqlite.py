@@ -139,10 +139,10 @@ def _step_params(s: StepRecord) -> tuple[Any, ...]:
 class SqliteRunStore:
     """A tenant's runs in one SQLite file. See :class:`tenantflow.store.base.RunStore`."""
 
-    def __init__(self, tenant_id: str, path: Path) -> None:
+    def __init__(self, tenant_id: str, path: Path, *, synchronous: str = "NORMAL") -> None:
         self.tenant_id = tenant_id
         self.path = path
-        self._conn = _sqlite.connect(path)
+        self._conn = _sqlite.connect(path, synchronous=synchronous)
 
     # -- helpers -----------------------------------------------------------------------------
 
