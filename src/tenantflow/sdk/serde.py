@@ -7,7 +7,6 @@ enums encode natively; on the way back, the type hints of the workflow or step d
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable
 from functools import lru_cache
@@ -100,9 +99,7 @@ def _adapter(hint: Any) -> TypeAdapter[Any] | None:
     if hint in _PASSTHROUGH or hint in (int, str, float, bool, dict, list):
         # JSON already gives these; skipping validation keeps the hot path lean.
         return None
-    if isinstance(hint, type) and (issubclass(hint, BaseModel) or dataclasses.is_dataclass(hint)):
-        return _adapter_cached(hint)
     try:
         return _adapter_cached(hint)
-    except TypeError:  # unhashable hint
+    except TypeError:  # an unhashable hint cannot be cached
         return TypeAdapter(hint)

@@ -96,7 +96,7 @@ class Worker:
                 free = self.concurrency - len(self._inflight)
                 if free <= 0:
                     self._slot_free.clear()
-                    await self._wait_any(self._slot_free.wait(), None)
+                    await self._wait_any(self._slot_free.wait(), poll)
                     continue
                 messages = await queue.dequeue(self.owner, free, self.lease)
                 for message in messages:
