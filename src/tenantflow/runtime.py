@@ -5,10 +5,13 @@ Backends are chosen from URL schemes and imported lazily, so an unused driver is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Queue
 from tenantflow.settings import Settings, sqlite_path
+from tenantflow.store.records import OutboxEntry
 
 
 def open_queue(settings: Settings) -> Queue:
@@ -35,6 +38,16 @@ class Runtime:
         self.registry = TenantRegistry(self.settings)
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
+
+    async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
+        """Publish outbox records to the queue, then forget them. A crash in between leaves
+        them for the relay, which publishes them again (a duplicate is harmless: claims
+        decide)."""
+        if not entries:
+            return
+        for entry in entries:
+            await self.queue.enqueue(tenant_id, entry.run_id, priority=entry.priority)
+        await self.router.store(tenant_id).delete_outbox([e.id for e in entries])
 
     async def close(self) -> None:
         await self.router.close()

@@ -24,6 +24,13 @@ class Settings(BaseSettings):
         default=None, description="Platform database; unset means SQLite under home."
     )
     queue_url: str | None = Field(default=None, description="Queue; unset means SQLite under home.")
+    tenant_db_prefix: str = Field(
+        default="tf_",
+        pattern="^[a-z][a-z0-9_]{0,20}$",
+        description="PostgreSQL: tenant databases are named {prefix}tenant_{id}.",
+    )
+    max_open_tenant_dbs: int = Field(default=32, ge=1, description="Tenant stores kept open.")
+    tenant_pool_size: int = Field(default=2, ge=1, description="Connections per tenant pool.")
     worker_concurrency: int = Field(default=64, ge=1, le=10_000)
     lease_seconds: float = Field(default=30.0, gt=0, description="Lease of a claimed run.")
     max_deliveries: int = Field(default=10, ge=1, description="Deliveries before dead letter.")

@@ -452,7 +452,7 @@ async def test_each_tenant_sees_only_its_own_runs(runtime: Runtime) -> None:
 
     with pytest.raises(RunNotFoundError):
         await globex.handle(mine.run_id).status()
-    assert runtime.registry.tenant_db_path("acme") != runtime.registry.tenant_db_path("globex")
+    assert runtime.registry.get("acme").database_url != runtime.registry.get("globex").database_url
 
 
 async def test_a_suspended_tenant_takes_no_new_runs(runtime: Runtime) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +27,7 @@ from tenantflow.store.base import LeaseLost, RunStore
 from tenantflow.store.records import (
     TERMINAL,
     NewRun,
+    OutboxEntry,
     RunRecord,
     RunStatus,
     StepKind,
@@ -62,7 +63,7 @@ class Outcome:
     kind: OutcomeKind
     status: RunStatus | None = None
     wake_at: float | None = None
-    wake: tuple[str, ...] = ()
+    wake: tuple[OutboxEntry, ...] = ()
 
 
 class ExecutionHost(Protocol):
@@ -71,7 +72,7 @@ class ExecutionHost(Protocol):
     owner: str
     stopping: bool
 
-    async def enqueue(self, tenant_id: str, run_id: str, priority: int) -> None: ...
+    async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None: ...
 
 
 def encode_input(
@@ -417,9 +418,7 @@ class Execution:
                     else StepStatus.FAILED
                 )
                 return self._child_result(workflow, child_id, done, state.result, state.error)
-            if state.status is RunStatus.QUEUED:
-                # Possibly a second message for the child (after a crash): claims drop extras.
-                await self.host.enqueue(self.run.tenant_id, child_id, self.run.priority)
+            await self.host.publish(self.run.tenant_id, state.wake)
             await self._suspend(Wait(kind=WaitKind.CHILD, wake_at=None, child_id=child_id))
 
     @staticmethod

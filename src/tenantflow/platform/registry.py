@@ -1,39 +1,50 @@
-"""The local tenant registry, and the tenant router: the only way to reach a tenant's store.
+"""The tenant registry, and the tenant router: the only way to reach a tenant's store.
 
-The registry is a table in the platform database (SQLite under the home folder by default).
-It stands in for the platform plane's tenant service; its interface is what the engine needs:
-look a tenant up, create one (which provisions its database), list them.
+The registry is a table in the platform database (SQLite under the home folder by default,
+PostgreSQL at ``TENANTFLOW_DATABASE_URL``). It stands in for the platform plane's tenant
+service: it creates tenants (provisioning their databases), looks them up, lists them, and
+records which database holds each one (the routing table).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-from tenantflow import _sqlite
-from tenantflow.errors import (
-    ConfigError,
-    InvalidTenantIdError,
-    TenantExistsError,
-    TenantNotFoundError,
+import sqlalchemy as sa
+
+from tenantflow.errors import InvalidTenantIdError, TenantExistsError, TenantNotFoundError
+from tenantflow.platform.provision import (
+    PostgresProvisioner,
+    Provisioner,
+    SqliteProvisioner,
+    sqlalchemy_url,
 )
-from tenantflow.settings import Settings, sqlite_path
+from tenantflow.settings import Settings
 from tenantflow.store.base import RunStore
-from tenantflow.store.migrate import migrate_sqlite
+from tenantflow.store.schema import HEAD_REVISION
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TENANT_CACHE_SECONDS = 2.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
+platform_metadata = sa.MetaData()
+tenants_table = sa.Table(
+    "tenants",
+    platform_metadata,
+    sa.Column("id", sa.String(63), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("database_url", sa.Text, nullable=False),
+    sa.Column("revision", sa.String(32)),
+)
 
 
 class TenantStatus(enum.StrEnum):
@@ -47,6 +58,15 @@ class Tenant:
     name: str
     status: TenantStatus
     created_at: float
+    database_url: str
+    revision: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationReport:
+    migrated: list[str]
+    at_head: list[str]
+    failed: dict[str, str]
 
 
 def check_tenant_id(tenant_id: str) -> str:
@@ -55,36 +75,94 @@ def check_tenant_id(tenant_id: str) -> str:
     return tenant_id
 
 
+def _tenant(row: Any) -> Tenant:
+    return Tenant(
+        id=row.id,
+        name=row.name,
+        status=TenantStatus(row.status),
+        created_at=row.created_at,
+        database_url=row.database_url,
+        revision=row.revision,
+    )
+
+
+def _platform_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA busy_timeout = 30000")
+
+        return engine
+    _create_database_if_missing(url)
+    return sa.create_engine(sqlalchemy_url(url), pool_size=2, max_overflow=4, pool_pre_ping=True)
+
+
+def _create_database_if_missing(url: str) -> None:
+    import psycopg
+    from psycopg import errors, sql
+
+    from tenantflow.platform.provision import database_name, with_database
+
+    name = database_name(url)
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as admin:
+        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            try:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except errors.DuplicateDatabase:
+                pass  # created meanwhile by another process
+
+
 class TenantRegistry:
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
-        if not url.startswith("sqlite:///"):
-            raise ConfigError(
-                "only the embedded (sqlite:///) platform database is available in this version"
-            )
-        self.home = settings.home
-        self.synchronous = settings.sqlite_synchronous
-        self._conn = _sqlite.connect(sqlite_path(url), synchronous=self.synchronous)
-        self._conn.executescript(SCHEMA)
-
-    def tenant_db_path(self, tenant_id: str) -> Path:
-        return self.home / "tenants" / f"{check_tenant_id(tenant_id)}.db"
+        self.settings = settings
+        self.engine = _platform_engine(url)
+        self.provisioner: Provisioner
+        if url.startswith("sqlite:///"):
+            self.provisioner = SqliteProvisioner(settings.home)
+        else:
+            self.provisioner = PostgresProvisioner(url, settings.tenant_db_prefix)
+        with self.engine.begin() as conn:
+            platform_metadata.create_all(conn)
 
     def create(self, tenant_id: str, *, name: str | None = None) -> Tenant:
-        """Register a tenant and provision its database (migrated to the head revision)."""
+        """Register a tenant and provision its database at the head revision."""
         check_tenant_id(tenant_id)
-        migrate_sqlite(self.tenant_db_path(tenant_id))
-        now = time.time()
-        with _sqlite.transaction(self._conn) as cur:
-            if cur.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone():
+        with self.engine.connect() as conn:
+            if conn.execute(
+                sa.select(tenants_table.c.id).where(tenants_table.c.id == tenant_id)
+            ).first():
                 raise TenantExistsError(f"tenant {tenant_id!r} already exists")
-            cur.execute(
-                "INSERT INTO tenants (id, name, status, created_at) VALUES (?, ?, ?, ?)",
-                (tenant_id, name or tenant_id, TenantStatus.ACTIVE.value, now),
-            )
-        return Tenant(
-            id=tenant_id, name=name or tenant_id, status=TenantStatus.ACTIVE, created_at=now
+        url = self.provisioner.create_database(tenant_id)
+        tenant = Tenant(
+            id=tenant_id,
+            name=name or tenant_id,
+            status=TenantStatus.ACTIVE,
+            created_at=time.time(),
+            database_url=url,
+            revision=HEAD_REVISION,
         )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    tenants_table.insert().values(
+                        id=tenant.id,
+                        name=tenant.name,
+                        status=tenant.status.value,
+                        created_at=tenant.created_at,
+                        database_url=url,
+                        revision=HEAD_REVISION,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            raise TenantExistsError(f"tenant {tenant_id!r} already exists") from None
+        return tenant
 
     def ensure(self, tenant_id: str, *, name: str | None = None) -> Tenant:
         try:
@@ -96,59 +174,164 @@ class TenantRegistry:
                 return self.get(tenant_id)
 
     def get(self, tenant_id: str) -> Tenant:
-        row = self._conn.execute(
-            "SELECT id, name, status, created_at FROM tenants WHERE id = ?", (tenant_id,)
-        ).fetchone()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(tenants_table).where(tenants_table.c.id == tenant_id)
+            ).first()
         if row is None:
             raise TenantNotFoundError(f"no tenant {tenant_id!r}")
-        return Tenant(id=row[0], name=row[1], status=TenantStatus(row[2]), created_at=row[3])
+        return _tenant(row)
 
     def list(self) -> list[Tenant]:
-        rows = self._conn.execute(
-            "SELECT id, name, status, created_at FROM tenants ORDER BY id"
-        ).fetchall()
-        return [
-            Tenant(id=r[0], name=r[1], status=TenantStatus(r[2]), created_at=r[3]) for r in rows
-        ]
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tenants_table).order_by(tenants_table.c.id)).all()
+        return [_tenant(r) for r in rows]
 
     def set_status(self, tenant_id: str, status: TenantStatus) -> Tenant:
-        with _sqlite.transaction(self._conn) as cur:
-            if (
-                cur.execute(
-                    "UPDATE tenants SET status = ? WHERE id = ? RETURNING id",
-                    (status.value, tenant_id),
-                ).fetchone()
-                is None
-            ):
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                tenants_table.update()
+                .where(tenants_table.c.id == tenant_id)
+                .values(status=status.value)
+            )
+            if done.rowcount == 0:
                 raise TenantNotFoundError(f"no tenant {tenant_id!r}")
         return self.get(tenant_id)
 
+    def migrate_all(
+        self, *, parallel: int = 8, progress: Callable[[str], None] | None = None
+    ) -> MigrationReport:
+        """Bring every tenant database to the head revision, ``parallel`` at a time.
+
+        A database already at head costs one connection and one read. A failure is reported
+        and does not stop the others. Each tenant's revision is recorded in the registry.
+        """
+        migrated: list[str] = []
+        at_head: list[str] = []
+        failed: dict[str, str] = {}
+
+        def one(tenant: Tenant) -> None:
+            try:
+                before = self.provisioner.revision(tenant.database_url)
+                if before != HEAD_REVISION:
+                    self.provisioner.migrate(tenant.database_url)
+                    migrated.append(tenant.id)
+                else:
+                    at_head.append(tenant.id)
+                if tenant.revision != HEAD_REVISION:
+                    with self.engine.begin() as conn:
+                        conn.execute(
+                            tenants_table.update()
+                            .where(tenants_table.c.id == tenant.id)
+                            .values(revision=HEAD_REVISION)
+                        )
+            except Exception as exc:
+                failed[tenant.id] = f"{type(exc).__name__}: {exc}"
+            finally:
+                if progress is not None:
+                    progress(tenant.id)
+
+        if isinstance(self.provisioner, PostgresProvisioner):
+            self.provisioner.ensure_template()
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            list(pool.map(one, self.list()))
+        return MigrationReport(migrated=sorted(migrated), at_head=sorted(at_head), failed=failed)
+
+    def drop(self, tenant_id: str) -> None:
+        """Drop the tenant's database and forget it (no archive: see the platform plane)."""
+        self.get(tenant_id)
+        self.provisioner.drop_database(tenant_id)
+        with self.engine.begin() as conn:
+            conn.execute(tenants_table.delete().where(tenants_table.c.id == tenant_id))
+
     def close(self) -> None:
-        self._conn.close()
+        self.engine.dispose()
 
 
 class TenantRouter:
-    """Resolves a tenant id to its run store. Stores are opened once and kept."""
+    """Resolves a tenant id to its run store.
+
+    Stores are kept in an LRU of at most ``max_open_tenant_dbs``, each with a small pool, so a
+    thousand tenants never mean a thousand open pools. An evicted store is closed a little
+    later, when operations that already hold it have finished.
+    """
+
+    CLOSE_DELAY = 30.0
 
     def __init__(self, registry: TenantRegistry) -> None:
         self.registry = registry
-        self._stores: dict[str, RunStore] = {}
+        self.settings = registry.settings
+        self._stores: OrderedDict[str, RunStore] = OrderedDict()
+        self._tenants: dict[str, tuple[float, Tenant]] = {}
+        self._closing: dict[asyncio.Task[None], RunStore] = {}
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        """The registry's record, cached for a couple of seconds."""
+        cached = self._tenants.get(tenant_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < TENANT_CACHE_SECONDS:
+            return cached[1]
+        tenant = self.registry.get(tenant_id)
+        self._tenants[tenant_id] = (now, tenant)
+        return tenant
 
     def store(self, tenant_id: str) -> RunStore:
         store = self._stores.get(tenant_id)
-        if store is None:
-            self.registry.get(tenant_id)  # raises TenantNotFoundError
-            from tenantflow.store.sqlite import SqliteRunStore
-
-            store = SqliteRunStore(
-                tenant_id,
-                self.registry.tenant_db_path(tenant_id),
-                synchronous=self.registry.synchronous,
-            )
-            self._stores[tenant_id] = store
+        if store is not None:
+            self._stores.move_to_end(tenant_id)
+            return store
+        store = self._open(self.tenant(tenant_id))
+        self._stores[tenant_id] = store
+        while len(self._stores) > self.settings.max_open_tenant_dbs:
+            _, evicted = self._stores.popitem(last=False)
+            self._close_later(evicted)
         return store
 
+    def _open(self, tenant: Tenant) -> RunStore:
+        from tenantflow.store.sql import SqlRunStore
+
+        url = tenant.database_url
+        if url.startswith("sqlite:///"):
+            from pathlib import Path
+
+            from tenantflow.store.db import SqliteDatabase
+
+            return SqlRunStore(
+                tenant.id,
+                SqliteDatabase(
+                    Path(url.removeprefix("sqlite:///")),
+                    synchronous=self.settings.sqlite_synchronous,
+                ),
+            )
+        from tenantflow.store.db import PostgresDatabase
+
+        return SqlRunStore(
+            tenant.id, PostgresDatabase(url, max_size=self.settings.tenant_pool_size)
+        )
+
+    def _close_later(self, store: RunStore) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: nothing async was opened
+
+        async def close() -> None:
+            await asyncio.sleep(self.CLOSE_DELAY)
+            await store.close()
+
+        task = loop.create_task(close())
+        self._closing[task] = store
+        task.add_done_callback(lambda t: self._closing.pop(t, None))
+
+    def open_tenants(self) -> Iterable[str]:
+        return list(self._stores)
+
     async def close(self) -> None:
+        evicted = list(self._closing.items())
+        self._closing.clear()
+        for task, store in evicted:
+            task.cancel()
+            await store.close()
         for store in self._stores.values():
             await store.close()
         self._stores.clear()

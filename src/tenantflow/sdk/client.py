@@ -93,7 +93,7 @@ class TenantClient:
         second start with the same key returns the first run (and a different input is an
         ``IdempotencyConflictError``)."""
         runtime = self.client.runtime
-        if runtime.registry.get(self.tenant_id).status is not TenantStatus.ACTIVE:
+        if runtime.router.tenant(self.tenant_id).status is not TenantStatus.ACTIVE:
             raise TenantSuspendedError(f"tenant {self.tenant_id!r} is suspended")
         payload = encode_input(workflow, args, kwargs)
         options = workflow.start_options
@@ -106,9 +106,8 @@ class TenantClient:
             timeout=workflow.workflow_options.timeout,
             max_recoveries=workflow.workflow_options.max_recovery_attempts,
         )
-        run, created = await self.store.create_run(new, now=time.time())
-        if created:
-            await runtime.queue.enqueue(self.tenant_id, run.id, priority=run.priority)
+        run, _, outbox = await self.store.create_run(new, now=time.time())
+        await runtime.publish(self.tenant_id, outbox)
         return RunHandle(self, run.id, workflow)
 
     def handle(self, run_id: str) -> RunHandle[Any]:
@@ -184,16 +183,11 @@ class RunHandle(Generic[R]):
         """Request cancellation. A run that no worker holds is cancelled at once; a running
         one stops at its next step boundary (a running async step is interrupted)."""
         run, finished = await self._tenant.store.request_cancel(self.run_id, now=time.time())
-        await _wake(self._tenant, finished.wake)
+        await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)
         return run.status
 
     async def send_event(self, name: str, payload: Any = None) -> None:
         """Deliver an event to the run's ``ctx.wait_for_event(name)``."""
         data = dumps(payload, what=f"the payload of event {name!r}")
-        if await self._tenant.store.send_event(self.run_id, name, data, now=time.time()):
-            await _wake(self._tenant, (self.run_id,))
-
-
-async def _wake(tenant: TenantClient, run_ids: tuple[str, ...]) -> None:
-    for run_id in run_ids:
-        await tenant.client.runtime.queue.enqueue(tenant.tenant_id, run_id)
+        finished = await self._tenant.store.send_event(self.run_id, name, data, now=time.time())
+        await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)

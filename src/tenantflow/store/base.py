@@ -11,6 +11,7 @@ from tenantflow.store.records import (
     EventWait,
     Finished,
     NewRun,
+    OutboxEntry,
     RunRecord,
     RunStatus,
     StepRecord,
@@ -33,11 +34,14 @@ class RunStore(Protocol):
 
     tenant_id: str
 
-    async def create_run(self, run: NewRun, *, now: float) -> tuple[RunRecord, bool]:
-        """Insert ``run``; with an idempotency key already used, return the existing run.
+    async def create_run(
+        self, run: NewRun, *, now: float
+    ) -> tuple[RunRecord, bool, tuple[OutboxEntry, ...]]:
+        """Insert ``run`` with its outbox record; with an idempotency key already used, return
+        the existing run.
 
-        Returns the run and whether it was created. Raises ``IdempotencyConflictError`` when
-        the key was used with a different workflow or input.
+        Returns the run, whether it was created, and what to publish. Raises
+        ``IdempotencyConflictError`` when the key was used with a different workflow or input.
         """
         ...
 
@@ -103,10 +107,24 @@ class RunStore(Protocol):
         """Ask a run (and its children) to stop; a run no worker holds is cancelled at once."""
         ...
 
-    async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> bool:
-        """Store an event for the run; returns whether the run must be enqueued to wake up."""
+    async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> Finished:
+        """Store an event for the run (and wake it up if it waits)."""
         ...
 
     async def cancel_requested(self, run_ids: Sequence[str]) -> set[str]: ...
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Forget outbox records whose messages were published."""
+        ...
+
+    async def pending_outbox(self, *, older_than: float, limit: int = 500) -> list[OutboxEntry]:
+        """Outbox records written before ``older_than`` and still not published."""
+        ...
+
+    async def stalled_runs(
+        self, *, now: float, grace: float, limit: int = 1000
+    ) -> list[tuple[str, int]]:
+        """Runs that should have a message by now; (run id, priority)."""
+        ...
 
     async def close(self) -> None: ...

@@ -113,7 +113,7 @@ class Claim:
     run: RunRecord | None = None
     steps: tuple[StepRecord, ...] = ()
     not_before: float | None = None
-    wake: tuple[str, ...] = ()
+    wake: tuple[OutboxEntry, ...] = ()
 
 
 class SuspendOutcome(enum.Enum):
@@ -157,10 +157,20 @@ class ChildState:
     status: RunStatus
     result: bytes | None
     error: bytes | None
+    wake: tuple[OutboxEntry, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutboxEntry:
+    """A message to publish, written in the same transaction as the change that needs it."""
+
+    id: int
+    run_id: str
+    priority: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
 class Finished:
-    """After a run ends: runs to enqueue now (a parent woken up)."""
+    """After a change: messages to publish now (a parent woken up, a child started...)."""
 
-    wake: tuple[str, ...] = ()
+    wake: tuple[OutboxEntry, ...] = ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 metadata = sa.MetaData()
 
@@ -63,4 +63,14 @@ events = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("consumed_seq", sa.Integer),
     sa.Index("ix_events_run_name", "run_id", "name", "consumed_seq"),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(255), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_outbox_created", "created_at"),
 )

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from tenantflow.errors import TenantNotFoundError, WorkflowNotRegisteredError
 from tenantflow.queue.base import Message
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
-from tenantflow.store.records import ClaimOutcome
+from tenantflow.store.records import ClaimOutcome, OutboxEntry
 
 log = structlog.get_logger(__name__)
 
@@ -68,8 +68,8 @@ class Worker:
 
     # -- ExecutionHost -----------------------------------------------------------------------
 
-    async def enqueue(self, tenant_id: str, run_id: str, priority: int) -> None:
-        await self.runtime.queue.enqueue(tenant_id, run_id, priority=priority)
+    async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
+        await self.runtime.publish(tenant_id, entries)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class Worker:
             await queue.retry_later(message, claim.not_before - now, count_delivery=False)
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
-            await self._wake(message.tenant_id, claim.wake)
+            await self.runtime.publish(message.tenant_id, claim.wake)
             await queue.ack([message])
             return
         assert claim.run is not None
@@ -204,7 +204,7 @@ class Worker:
             self.stats.finished += 1
             if outcome.status is not None:
                 self.stats.by_status[outcome.status.value] += 1
-            await self._wake(message.tenant_id, outcome.wake)
+            await self.runtime.publish(message.tenant_id, outcome.wake)
             await queue.ack([message])
         elif outcome.kind is OutcomeKind.SUSPENDED:
             self.stats.suspended += 1
@@ -219,10 +219,6 @@ class Worker:
             await queue.retry_later(message, 0.0, count_delivery=False)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             await queue.ack([message])
-
-    async def _wake(self, tenant_id: str, run_ids: tuple[str, ...]) -> None:
-        for run_id in run_ids:
-            await self.runtime.queue.enqueue(tenant_id, run_id)
 
     # -- leases and cancellation -------------------------------------------------------------
 

@@ -1,16 +1,14 @@
-"""The run store on SQLite: one file per tenant (the embedded default)."""
+"""The run store in SQL, written once for SQLite and PostgreSQL (see ``store.db``)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from tenantflow import _sqlite
 from tenantflow.errors import IdempotencyConflictError, RunFinishedError, RunNotFoundError
 from tenantflow.sdk.serde import dumps, loads
 from tenantflow.store.base import LeaseLost
+from tenantflow.store.db import Database, Row, Tx
 from tenantflow.store.records import (
     TERMINAL,
     ChildState,
@@ -19,6 +17,7 @@ from tenantflow.store.records import (
     EventWait,
     Finished,
     NewRun,
+    OutboxEntry,
     RunRecord,
     RunStatus,
     StepKind,
@@ -42,9 +41,9 @@ SQL_TOUCH_OWNED = (
     "UPDATE runs SET updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running' "
     "RETURNING cancel_requested"
 )
+SQL_INSERT_STEP = f"INSERT INTO steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 SQL_UPSERT_STEP = (
-    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, "
+    f"{SQL_INSERT_STEP} ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, "
     "output = excluded.output, error = excluded.error, attempts = excluded.attempts, "
     "finished_at = excluded.finished_at"
 )
@@ -53,22 +52,27 @@ SQL_INSERT_RUN = (
     "timeout, max_recoveries, created_at, updated_at) "
     "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+SQL_INSERT_OUTBOX = (
+    "INSERT INTO outbox (run_id, priority, created_at) VALUES (?, ?, ?) RETURNING id"
+)
+SQL_GET_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
 SQL_CLAIM_READ = (
-    f"SELECT {RUN_COLUMNS}, lease_until, timeout, max_recoveries FROM runs WHERE id = ?"
+    f"SELECT {RUN_COLUMNS}, lease_until, timeout, max_recoveries FROM runs WHERE id = ? "
+    "{for_update}"
 )
 SQL_CLAIM = (
     "UPDATE runs SET status = 'running', lease_owner = ?, lease_until = ?, recoveries = ?, "
     "executions = executions + 1, started_at = COALESCE(started_at, ?), deadline = ?, "
-    "wake_at = NULL, updated_at = ? WHERE id = ?"
+    f"wake_at = NULL, updated_at = ? WHERE id = ? RETURNING {RUN_COLUMNS}"
 )
 SQL_STEPS_OF_RUN = f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY seq"
 SQL_FINISH = (
     "UPDATE runs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, "
     "lease_owner = NULL, lease_until = NULL, wake_at = NULL WHERE id = ? RETURNING parent_id"
 )
-SQL_WAKE_PARENT = (
+SQL_WAKE = (
     "UPDATE runs SET status = 'queued', wake_at = NULL, updated_at = ? "
-    "WHERE id = ? AND status = 'waiting' RETURNING id"
+    "WHERE id = ? AND status = 'waiting' RETURNING id, priority"
 )
 SQL_OPEN_CHILDREN = (
     "SELECT id, status FROM runs WHERE parent_id = ? "
@@ -78,6 +82,7 @@ SQL_NEXT_EVENT = (
     "SELECT id, payload FROM events WHERE run_id = ? AND name = ? AND consumed_seq IS NULL "
     "ORDER BY id LIMIT 1"
 )
+SQL_CHILD_STATE = "SELECT status, result, error FROM runs WHERE id = ?"
 
 CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was cancelled"})
 
@@ -88,9 +93,9 @@ def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
         tenant_id=tenant_id,
         workflow=row[1],
         status=RunStatus(row[2]),
-        input=row[3],
-        result=row[4],
-        error=row[5],
+        input=bytes(row[3]),
+        result=_bytes(row[4]),
+        error=_bytes(row[5]),
         idempotency_key=row[6],
         parent_id=row[7],
         priority=row[8],
@@ -106,6 +111,10 @@ def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
     )
 
 
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
 def _step(row: Sequence[Any]) -> StepRecord:
     return StepRecord(
         run_id=row[0],
@@ -113,8 +122,8 @@ def _step(row: Sequence[Any]) -> StepRecord:
         name=row[2],
         kind=StepKind(row[3]),
         status=StepStatus(row[4]),
-        output=row[5],
-        error=row[6],
+        output=_bytes(row[5]),
+        error=_bytes(row[6]),
         attempts=row[7],
         started_at=row[8],
         finished_at=row[9],
@@ -136,96 +145,109 @@ def _step_params(s: StepRecord) -> tuple[Any, ...]:
     )
 
 
-class SqliteRunStore:
-    """A tenant's runs in one SQLite file. See :class:`tenantflow.store.base.RunStore`."""
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
-    def __init__(self, tenant_id: str, path: Path, *, synchronous: str = "NORMAL") -> None:
+
+class SqlRunStore:
+    """A tenant's runs in its own database. See :class:`tenantflow.store.base.RunStore`."""
+
+    def __init__(self, tenant_id: str, db: Database) -> None:
         self.tenant_id = tenant_id
-        self.path = path
-        self._conn = _sqlite.connect(path, synchronous=synchronous)
+        self.db = db
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _owned(self, cur: sqlite3.Cursor, run_id: str, owner: str, now: float) -> bool:
+    @staticmethod
+    async def _owned(tx: Tx, run_id: str, owner: str, now: float) -> bool:
         """Fence: the run is still ours. Returns whether its cancellation was requested."""
-        row = cur.execute(SQL_TOUCH_OWNED, (now, run_id, owner)).fetchone()
+        row = await tx.one(SQL_TOUCH_OWNED, (now, run_id, owner))
         if row is None:
             raise LeaseLost(run_id)
         return bool(row[0])
 
-    def _finish(
+    @staticmethod
+    async def _outbox(tx: Tx, run_id: str, priority: int, now: float) -> OutboxEntry:
+        row = await tx.one(SQL_INSERT_OUTBOX, (run_id, priority, now))
+        assert row is not None
+        return OutboxEntry(id=int(row[0]), run_id=run_id, priority=priority)
+
+    async def _wake(self, tx: Tx, run_id: str, now: float) -> list[OutboxEntry]:
+        """A waiting run becomes queued again, with a message to publish."""
+        row = await tx.one(SQL_WAKE, (now, run_id))
+        return [await self._outbox(tx, run_id, row[1], now)] if row else []
+
+    async def _finish(
         self,
-        cur: sqlite3.Cursor,
+        tx: Tx,
         run_id: str,
         status: RunStatus,
         result: bytes | None,
         error: bytes | None,
         now: float,
-    ) -> list[str]:
-        row = cur.execute(SQL_FINISH, (status.value, result, error, now, now, run_id)).fetchone()
-        wake: list[str] = []
+    ) -> list[OutboxEntry]:
+        row = await tx.one(SQL_FINISH, (status.value, result, error, now, now, run_id))
+        wake: list[OutboxEntry] = []
         if status is RunStatus.CANCELLED:
-            wake.extend(self._cancel_children(cur, run_id, now))
+            await self._cancel_children(tx, run_id, now)
         parent_id = row[0] if row else None
-        if parent_id and cur.execute(SQL_WAKE_PARENT, (now, parent_id)).fetchone():
-            wake.append(parent_id)
+        if parent_id:
+            wake.extend(await self._wake(tx, parent_id, now))
         return wake
 
-    def _cancel_children(self, cur: sqlite3.Cursor, run_id: str, now: float) -> list[str]:
-        wake: list[str] = []
-        for child_id, status in cur.execute(SQL_OPEN_CHILDREN, (run_id,)).fetchall():
-            cur.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (child_id,))
+    async def _cancel_children(self, tx: Tx, run_id: str, now: float) -> None:
+        for child_id, status in await tx.all(SQL_OPEN_CHILDREN, (run_id,)):
+            await tx.run("UPDATE runs SET cancel_requested = TRUE WHERE id = ?", (child_id,))
             if status != RunStatus.RUNNING:
                 # Nobody runs it: cancel it here. Its parent is the run being cancelled, so
                 # there is no one to wake; its own children follow recursively.
-                cur.execute(SQL_FINISH, ("cancelled", None, CANCELLED_ERROR, now, now, child_id))
-                wake.extend(self._cancel_children(cur, child_id, now))
-        return wake
+                await tx.run(SQL_FINISH, ("cancelled", None, CANCELLED_ERROR, now, now, child_id))
+                await self._cancel_children(tx, child_id, now)
 
-    def _get(self, cur: sqlite3.Cursor | sqlite3.Connection, run_id: str) -> RunRecord | None:
-        row = cur.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+    async def _get(self, tx: Tx, run_id: str) -> RunRecord | None:
+        row = await tx.one(SQL_GET_RUN, (run_id,))
         return _run(self.tenant_id, row) if row else None
 
     # -- runs --------------------------------------------------------------------------------
 
-    async def create_run(self, run: NewRun, *, now: float) -> tuple[RunRecord, bool]:
-        with _sqlite.transaction(self._conn) as cur:
-            if run.idempotency_key is not None:
-                row = cur.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
-                    (run.idempotency_key,),
-                ).fetchone()
-                if row is not None:
-                    existing = _run(self.tenant_id, row)
-                    if existing.workflow != run.workflow or loads(existing.input) != loads(
-                        run.input
-                    ):
-                        raise IdempotencyConflictError(
-                            f"idempotency key {run.idempotency_key!r} was used for run "
-                            f"{existing.id} with a different workflow or input"
-                        )
-                    return existing, False
-            cur.execute(
-                SQL_INSERT_RUN,
-                (
-                    run.id,
-                    run.workflow,
-                    run.input,
-                    run.idempotency_key,
-                    run.parent_id,
-                    run.priority,
-                    run.timeout,
-                    run.max_recoveries,
-                    now,
-                    now,
-                ),
+    async def create_run(
+        self, run: NewRun, *, now: float
+    ) -> tuple[RunRecord, bool, tuple[OutboxEntry, ...]]:
+        params = (
+            run.id,
+            run.workflow,
+            run.input,
+            run.idempotency_key,
+            run.parent_id,
+            run.priority,
+            run.timeout,
+            run.max_recoveries,
+            now,
+            now,
+        )
+        async with self.db.transaction() as tx:
+            inserted = await tx.one(
+                f"{SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING {RUN_COLUMNS}", params
             )
-            created = self._get(cur, run.id)
-        assert created is not None
-        return created, True
+            if inserted is not None:
+                entry = await self._outbox(tx, run.id, run.priority, now)
+                return _run(self.tenant_id, inserted), True, (entry,)
+            row = await tx.one(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?", (run.idempotency_key,)
+            )
+        if row is None:
+            raise IdempotencyConflictError(f"run id {run.id} is already taken")
+        existing = _run(self.tenant_id, row)
+        if existing.workflow != run.workflow or loads(existing.input) != loads(run.input):
+            raise IdempotencyConflictError(
+                f"idempotency key {run.idempotency_key!r} was used for run {existing.id} with "
+                "a different workflow or input"
+            )
+        return existing, False, ()
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        return self._get(self._conn, run_id)
+        async with self.db.reader() as tx:
+            return await self._get(tx, run_id)
 
     async def list_runs(
         self,
@@ -235,31 +257,33 @@ class SqliteRunStore:
         limit: int = 50,
         before: str | None = None,
     ) -> list[RunRecord]:
-        where, params = [], []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status.value)
-        if workflow is not None:
-            where.append("workflow = ?")
-            params.append(workflow)
-        if before is not None:
-            where.append("id < ?")
-            params.append(before)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._conn.execute(
-            f"SELECT {RUN_COLUMNS} FROM runs {clause} ORDER BY id DESC LIMIT ?",
-            (*params, max(1, min(limit, 1000))),
-        ).fetchall()
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("status = ?", status.value if status else None),
+            ("workflow = ?", workflow),
+            ("id < ?", before),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self.db.reader() as tx:
+            rows = await tx.all(
+                f"SELECT {RUN_COLUMNS} FROM runs {condition} ORDER BY id DESC LIMIT ?",
+                (*params, max(1, min(limit, 1000))),
+            )
         return [_run(self.tenant_id, r) for r in rows]
 
     async def get_steps(self, run_id: str) -> list[StepRecord]:
-        return [_step(r) for r in self._conn.execute(SQL_STEPS_OF_RUN, (run_id,)).fetchall()]
+        async with self.db.reader() as tx:
+            return [_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,))]
 
     # -- execution ---------------------------------------------------------------------------
 
     async def claim_run(self, run_id: str, *, owner: str, now: float, lease: float) -> Claim:
-        with _sqlite.transaction(self._conn) as cur:
-            row = cur.execute(SQL_CLAIM_READ, (run_id,)).fetchone()
+        async with self.db.transaction() as tx:
+            row = await tx.one(SQL_CLAIM_READ, (run_id,))
             if row is None:
                 return Claim(outcome=ClaimOutcome.DROP)
             run = _run(self.tenant_id, row)
@@ -294,44 +318,47 @@ class SqliteRunStore:
                     "message": "the workflow did not finish within its timeout",
                 }
             if failure is not None:
-                wake = self._finish(cur, run_id, RunStatus.FAILED, None, dumps(failure), now)
+                wake = await self._finish(tx, run_id, RunStatus.FAILED, None, dumps(failure), now)
                 return Claim(
-                    outcome=ClaimOutcome.EXHAUSTED, run=self._get(cur, run_id), wake=tuple(wake)
+                    outcome=ClaimOutcome.EXHAUSTED,
+                    run=await self._get(tx, run_id),
+                    wake=tuple(wake),
                 )
-            cur.execute(SQL_CLAIM, (owner, now + lease, recoveries, now, deadline, now, run_id))
-            claimed = self._get(cur, run_id)
-            steps = tuple(_step(r) for r in cur.execute(SQL_STEPS_OF_RUN, (run_id,)).fetchall())
-        return Claim(outcome=ClaimOutcome.CLAIMED, run=claimed, steps=steps)
+            claimed = await tx.one(
+                SQL_CLAIM, (owner, now + lease, recoveries, now, deadline, now, run_id)
+            )
+            assert claimed is not None
+            steps = tuple(_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,)))
+        return Claim(outcome=ClaimOutcome.CLAIMED, run=_run(self.tenant_id, claimed), steps=steps)
 
     async def renew_leases(
         self, run_ids: Sequence[str], *, owner: str, until: float
     ) -> tuple[set[str], set[str]]:
         if not run_ids:
             return set(), set()
-        marks = ",".join("?" * len(run_ids))
-        with _sqlite.transaction(self._conn) as cur:
-            rows = cur.execute(
-                f"UPDATE runs SET lease_until = ? WHERE lease_owner = ? AND status = 'running' "
-                f"AND id IN ({marks}) RETURNING id, cancel_requested",
+        async with self.db.transaction() as tx:
+            rows = await tx.all(
+                "UPDATE runs SET lease_until = ? WHERE lease_owner = ? AND status = 'running' "
+                f"AND id IN ({_marks(len(run_ids))}) RETURNING id, cancel_requested",
                 (until, owner, *run_ids),
-            ).fetchall()
+            )
         ours = {r[0] for r in rows}
         return {r[0] for r in rows if r[1]}, set(run_ids) - ours
 
     async def record_step(self, step: StepRecord, *, owner: str) -> bool:
-        with _sqlite.transaction(self._conn) as cur:
-            cancel = self._owned(cur, step.run_id, owner, step.finished_at or step.started_at)
-            cur.execute(SQL_UPSERT_STEP, _step_params(step))
+        async with self.db.transaction() as tx:
+            cancel = await self._owned(tx, step.run_id, owner, step.finished_at or step.started_at)
+            await tx.run(SQL_UPSERT_STEP, _step_params(step))
         return cancel
 
     async def wait_event(
         self, run_id: str, seq: int, name: str, deadline: float | None, *, owner: str, now: float
     ) -> EventWait:
-        with _sqlite.transaction(self._conn) as cur:
-            self._owned(cur, run_id, owner, now)
-            row = cur.execute(
+        async with self.db.transaction() as tx:
+            await self._owned(tx, run_id, owner, now)
+            row = await tx.one(
                 "SELECT output FROM steps WHERE run_id = ? AND seq = ?", (run_id, seq)
-            ).fetchone()
+            )
             if row is None:
                 pending = StepRecord(
                     run_id=run_id,
@@ -345,20 +372,21 @@ class SqliteRunStore:
                     started_at=now,
                     finished_at=None,
                 )
-                cur.execute(SQL_UPSERT_STEP, _step_params(pending))
+                await tx.run(SQL_UPSERT_STEP, _step_params(pending))
             else:
                 deadline = loads(row[0])
-            event = cur.execute(SQL_NEXT_EVENT, (run_id, name)).fetchone()
+            event = await tx.one(SQL_NEXT_EVENT, (run_id, name))
             if event is not None:
-                cur.execute("UPDATE events SET consumed_seq = ? WHERE id = ?", (seq, event[0]))
-                cur.execute(
-                    "UPDATE steps SET status = 'completed', output = ?, finished_at = ? "
-                    "WHERE run_id = ? AND seq = ?",
-                    (event[1], now, run_id, seq),
+                payload = bytes(event[1])
+                await tx.run("UPDATE events SET consumed_seq = ? WHERE id = ?", (seq, event[0]))
+                await tx.run(
+                    "UPDATE steps SET status = 'completed', output = ?, "
+                    "finished_at = ? WHERE run_id = ? AND seq = ?",
+                    (payload, now, run_id, seq),
                 )
-                return EventWait(received=True, payload=event[1])
+                return EventWait(received=True, payload=payload)
             if deadline is not None and deadline <= now:
-                cur.execute(
+                await tx.run(
                     "UPDATE steps SET status = 'completed', output = NULL, "
                     "finished_at = ? WHERE run_id = ? AND seq = ?",
                     (now, run_id, seq),
@@ -369,8 +397,8 @@ class SqliteRunStore:
     async def start_child(
         self, parent_id: str, seq: int, child: NewRun, *, owner: str, now: float
     ) -> ChildState:
-        with _sqlite.transaction(self._conn) as cur:
-            self._owned(cur, parent_id, owner, now)
+        async with self.db.transaction() as tx:
+            await self._owned(tx, parent_id, owner, now)
             pending = StepRecord(
                 run_id=parent_id,
                 seq=seq,
@@ -383,12 +411,9 @@ class SqliteRunStore:
                 started_at=now,
                 finished_at=None,
             )
-            cur.execute(
-                SQL_UPSERT_STEP.split(" ON CONFLICT")[0] + " ON CONFLICT DO NOTHING",
-                _step_params(pending),
-            )
-            cur.execute(
-                SQL_INSERT_RUN + " ON CONFLICT (id) DO NOTHING",
+            await tx.run(f"{SQL_INSERT_STEP} ON CONFLICT DO NOTHING", _step_params(pending))
+            created = await tx.one(
+                f"{SQL_INSERT_RUN} ON CONFLICT (id) DO NOTHING RETURNING id",
                 (
                     child.id,
                     child.workflow,
@@ -402,10 +427,11 @@ class SqliteRunStore:
                     now,
                 ),
             )
-            state = self._child_state(cur, child.id)
+            wake = [await self._outbox(tx, child.id, child.priority, now)] if created else []
+            state = await self._child_state(tx, child.id)
             if state.status in TERMINAL:
                 failed = state.status is not RunStatus.COMPLETED
-                cur.execute(
+                await tx.run(
                     "UPDATE steps SET status = ?, output = ?, error = ?, finished_at = ? "
                     "WHERE run_id = ? AND seq = ?",
                     (
@@ -417,30 +443,37 @@ class SqliteRunStore:
                         seq,
                     ),
                 )
-        return state
+        return ChildState(
+            child_id=state.child_id,
+            status=state.status,
+            result=state.result,
+            error=state.error,
+            wake=tuple(wake),
+        )
 
-    def _child_state(self, cur: sqlite3.Cursor, child_id: str) -> ChildState:
-        row = cur.execute(
-            "SELECT status, result, error FROM runs WHERE id = ?", (child_id,)
-        ).fetchone()
-        return ChildState(child_id=child_id, status=RunStatus(row[0]), result=row[1], error=row[2])
+    @staticmethod
+    async def _child_state(tx: Tx, child_id: str) -> ChildState:
+        row = await tx.one(SQL_CHILD_STATE, (child_id,))
+        assert row is not None
+        return ChildState(
+            child_id=child_id, status=RunStatus(row[0]), result=_bytes(row[1]), error=_bytes(row[2])
+        )
 
     async def suspend_run(
         self, run_id: str, wait: Wait, *, owner: str, now: float
     ) -> SuspendOutcome:
-        with _sqlite.transaction(self._conn) as cur:
-            if self._owned(cur, run_id, owner, now):
+        async with self.db.transaction() as tx:
+            if await self._owned(tx, run_id, owner, now):
                 return SuspendOutcome.CANCEL
-            if (
-                wait.kind is WaitKind.EVENT
-                and cur.execute(SQL_NEXT_EVENT, (run_id, wait.event_name)).fetchone()
+            if wait.kind is WaitKind.EVENT and await tx.one(
+                SQL_NEXT_EVENT, (run_id, wait.event_name)
             ):
                 return SuspendOutcome.READY
             if wait.kind is WaitKind.CHILD and wait.child_id is not None:
-                if self._child_state(cur, wait.child_id).status in TERMINAL:
+                if (await self._child_state(tx, wait.child_id)).status in TERMINAL:
                     return SuspendOutcome.READY
             status = RunStatus.SLEEPING if wait.kind is WaitKind.SLEEP else RunStatus.WAITING
-            cur.execute(
+            await tx.run(
                 "UPDATE runs SET status = ?, wake_at = ?, lease_owner = NULL, "
                 "lease_until = NULL, updated_at = ? WHERE id = ?",
                 (status.value, wait.wake_at, now, run_id),
@@ -448,8 +481,8 @@ class SqliteRunStore:
         return SuspendOutcome.SUSPENDED
 
     async def release_run(self, run_id: str, *, owner: str, now: float) -> None:
-        with _sqlite.transaction(self._conn) as cur:
-            cur.execute(
+        async with self.db.transaction() as tx:
+            await tx.run(
                 "UPDATE runs SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
                 "updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running'",
                 (now, run_id, owner),
@@ -465,58 +498,89 @@ class SqliteRunStore:
         owner: str,
         now: float,
     ) -> Finished:
-        with _sqlite.transaction(self._conn) as cur:
-            self._owned(cur, run_id, owner, now)
-            wake = self._finish(cur, run_id, status, result, error, now)
+        async with self.db.transaction() as tx:
+            await self._owned(tx, run_id, owner, now)
+            wake = await self._finish(tx, run_id, status, result, error, now)
         return Finished(wake=tuple(wake))
 
     # -- control from clients ----------------------------------------------------------------
 
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
-        with _sqlite.transaction(self._conn) as cur:
-            run = self._get(cur, run_id)
-            if run is None:
+        async with self.db.transaction() as tx:
+            row = await tx.one(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ? {{for_update}}", (run_id,)
+            )
+            if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
-            wake: list[str] = []
+            run = _run(self.tenant_id, row)
+            wake: list[OutboxEntry] = []
             if run.status not in TERMINAL:
-                cur.execute(
-                    "UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                await tx.run(
+                    "UPDATE runs SET cancel_requested = TRUE, updated_at = ? WHERE id = ?",
                     (now, run_id),
                 )
                 if run.status is not RunStatus.RUNNING:
-                    wake = self._finish(
-                        cur, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
+                    wake = await self._finish(
+                        tx, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
                     )
-                run = self._get(cur, run_id)
-        assert run is not None
+                run = await self._get(tx, run_id) or run
         return run, Finished(wake=tuple(wake))
 
-    async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> bool:
-        with _sqlite.transaction(self._conn) as cur:
-            row = cur.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+    async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> Finished:
+        async with self.db.transaction() as tx:
+            row = await tx.one("SELECT status FROM runs WHERE id = ? {for_update}", (run_id,))
             if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
             if RunStatus(row[0]) in TERMINAL:
                 raise RunFinishedError(f"run {run_id} has ended ({row[0]}); it takes no events")
-            cur.execute(
+            await tx.run(
                 "INSERT INTO events (run_id, name, payload, created_at) VALUES (?, ?, ?, ?)",
                 (run_id, name, payload, now),
             )
-            woken = cur.execute(
-                "UPDATE runs SET status = 'queued', wake_at = NULL, updated_at = ? "
-                "WHERE id = ? AND status = 'waiting' RETURNING id",
-                (now, run_id),
-            ).fetchone()
-        return woken is not None
+            wake = await self._wake(tx, run_id, now)
+        return Finished(wake=tuple(wake))
 
     async def cancel_requested(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()
-        marks = ",".join("?" * len(run_ids))
-        rows = self._conn.execute(
-            f"SELECT id FROM runs WHERE cancel_requested = 1 AND id IN ({marks})", tuple(run_ids)
-        ).fetchall()
+        async with self.db.reader() as tx:
+            rows = await tx.all(
+                f"SELECT id FROM runs WHERE cancel_requested AND id IN ({_marks(len(run_ids))})",
+                tuple(run_ids),
+            )
         return {r[0] for r in rows}
 
+    # -- outbox and reconciliation -----------------------------------------------------------
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        if ids:
+            async with self.db.transaction() as tx:
+                await tx.run(f"DELETE FROM outbox WHERE id IN ({_marks(len(ids))})", tuple(ids))
+
+    async def pending_outbox(self, *, older_than: float, limit: int = 500) -> list[OutboxEntry]:
+        async with self.db.reader() as tx:
+            rows = await tx.all(
+                "SELECT id, run_id, priority FROM outbox WHERE created_at < ? ORDER BY id LIMIT ?",
+                (older_than, limit),
+            )
+        return [OutboxEntry(id=r[0], run_id=r[1], priority=r[2]) for r in rows]
+
+    async def stalled_runs(
+        self, *, now: float, grace: float, limit: int = 1000
+    ) -> list[tuple[str, int]]:
+        """Runs that should have a message by now: queued, running with a lapsed lease, or
+        sleeping/waiting past their wake-up time, for longer than ``grace`` seconds."""
+        cutoff = now - grace
+        async with self.db.reader() as tx:
+            rows: list[Row] = await tx.all(
+                "SELECT id, priority FROM runs WHERE "
+                "(status = 'queued' AND updated_at < ?) "
+                "OR (status = 'running' AND lease_until < ?) "
+                "OR (status IN ('sleeping', 'waiting') AND wake_at < ?) "
+                "ORDER BY id LIMIT ?",
+                (cutoff, cutoff, cutoff, limit),
+            )
+        return [(r[0], r[1]) for r in rows]
+
     async def close(self) -> None:
-        self._conn.close()
+        await self.db.close()
