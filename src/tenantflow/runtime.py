@@ -23,10 +23,20 @@ def open_queue(settings: Settings) -> Queue:
             sqlite_path(url),
             max_deliveries=settings.max_deliveries,
             synchronous=settings.sqlite_synchronous,
+            tenant_max_inflight=settings.tenant_max_inflight,
+        )
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from tenantflow.queue.redis_streams import RedisStreamsQueue
+
+        return RedisStreamsQueue(
+            url,
+            prefix=settings.queue_prefix,
+            max_deliveries=settings.max_deliveries,
+            tenant_max_inflight=settings.tenant_max_inflight,
         )
     raise ConfigError(
-        f"unsupported queue URL scheme {url.split(':', 1)[0]!r}; "
-        "this version has the embedded queue (sqlite:///)"
+        f"unsupported queue URL scheme {url.split(':', 1)[0]!r}: "
+        "use sqlite:///path or redis://host:port/db"
     )
 
 

@@ -29,8 +29,17 @@ class Settings(BaseSettings):
         pattern="^[a-z][a-z0-9_]{0,20}$",
         description="PostgreSQL: tenant databases are named {prefix}tenant_{id}.",
     )
+    tenant_template: str | None = Field(
+        default=None, description="PostgreSQL template database; default {prefix}template."
+    )
     max_open_tenant_dbs: int = Field(default=32, ge=1, description="Tenant stores kept open.")
     tenant_pool_size: int = Field(default=2, ge=1, description="Connections per tenant pool.")
+    queue_prefix: str = Field(
+        default="tf", pattern="^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."
+    )
+    tenant_max_inflight: int = Field(
+        default=0, ge=0, description="Messages of one tenant in flight; 0: no cap."
+    )
     worker_concurrency: int = Field(default=64, ge=1, le=10_000)
     lease_seconds: float = Field(default=30.0, gt=0, description="Lease of a claimed run.")
     max_deliveries: int = Field(default=10, ge=1, description="Deliveries before dead letter.")

@@ -17,15 +17,21 @@ import pytest
 from tenantflow import Client, RunStatus, Runtime, Settings
 from tenantflow.store.records import StepStatus
 from tests.apps import durable, effects
+from tests.conftest import cleanup_production, production_settings, settings_env
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def settings(backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     monkeypatch.setenv(effects.ENV, str(tmp_path / "effects.db"))
-    return Settings(home=tmp_path / "home", lease_seconds=1.5, poll_interval=0.02)
+    if backend == "embedded":
+        yield Settings(home=tmp_path / "home", lease_seconds=1.5, poll_interval=0.02)
+        return
+    settings = production_settings(tmp_path, lease_seconds=1.5, poll_interval=0.02)
+    yield settings
+    cleanup_production(settings)
 
 
 class Workers:
@@ -39,10 +45,8 @@ class Workers:
     ) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
+            **settings_env(self.settings),
             "PYTHONPATH": str(ROOT),
-            "TENANTFLOW_HOME": str(self.settings.home),
-            "TENANTFLOW_LEASE_SECONDS": str(self.settings.lease_seconds),
-            "TENANTFLOW_POLL_INTERVAL": "0.02",
             "TENANTFLOW_SHUTDOWN_GRACE_SECONDS": str(grace),
             "TENANTFLOW_TEST_STEP_SECONDS": str(step_seconds),
             "TENANTFLOW_LOG_FORMAT": "json",

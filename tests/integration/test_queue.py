@@ -1,46 +1,89 @@
-"""Semantics of the embedded queue (see tenantflow.queue.base)."""
+"""Semantics of the queue (see tenantflow.queue.base), against the embedded queue and Redis
+Streams alike."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from tenantflow.errors import NotFoundError
+from tenantflow.queue.base import Queue
+from tenantflow.queue.redis_streams import RedisStreamsQueue
 from tenantflow.queue.sqlite import SqliteQueue
+from tests.conftest import REDIS_URL
+
+QueueFactory = Callable[..., Queue]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueFactory]:
+    prefix = f"tftest{uuid.uuid4().hex[:10]}"
+    made: list[Queue] = []
+
+    def make(**kwargs: int) -> Queue:
+        queue: Queue
+        if request.param == "sqlite":
+            queue = SqliteQueue(tmp_path / "queue.db", **kwargs)
+        else:
+            queue = RedisStreamsQueue(REDIS_URL, prefix=prefix, **kwargs)
+        made.append(queue)
+        return queue
+
+    yield make
+    if request.param == "redis":
+        client = RedisStreamsQueue(REDIS_URL, prefix=prefix).redis
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    for queue in made:
+        await queue.close()
 
 
 @pytest.fixture
-async def queue(tmp_path: Path) -> SqliteQueue:
-    return SqliteQueue(tmp_path / "queue.db", max_deliveries=3)
+def queue(make_queue: QueueFactory) -> Queue:
+    return make_queue(max_deliveries=3)
 
 
-async def test_delay_and_priority(queue: SqliteQueue) -> None:
-    await queue.enqueue("t", "low")
-    await queue.enqueue("t", "high", priority=5)
+async def test_delay_and_priority(queue: Queue) -> None:
+    await queue.enqueue("t", "first")
+    await queue.enqueue("t", "second")
     await queue.enqueue("t", "later", delay=0.3)
     got = await queue.dequeue("c", 10, 30)
-    assert [m.run_id for m in got] == ["high", "low"]
+    assert [m.run_id for m in got] == ["first", "second"]
     await asyncio.sleep(0.35)
     assert [m.run_id for m in await queue.dequeue("c", 10, 30)] == ["later"]
 
 
-async def test_lease_hides_a_message_until_it_expires(queue: SqliteQueue) -> None:
+async def test_priority_on_the_embedded_queue(tmp_path: Path) -> None:
+    queue = SqliteQueue(tmp_path / "q.db")
+    await queue.enqueue("t", "low")
+    await queue.enqueue("t", "high", priority=5)
+    assert [m.run_id for m in await queue.dequeue("c", 10, 30)] == ["high", "low"]
+    await queue.close()
+
+
+async def test_lease_hides_a_message_until_it_expires(queue: Queue) -> None:
     await queue.enqueue("t", "r1")
     (first,) = await queue.dequeue("a", 10, 0.2)
     assert await queue.dequeue("b", 10, 0.2) == []
     await asyncio.sleep(0.25)
-    (again,) = await queue.dequeue("b", 10, 30)  # reclaimed after the lease expired
+    (again,) = await queue.dequeue("b", 10, 0.2)  # reclaimed after the lease expired
     assert again.id == first.id and again.deliveries == 2
     await queue.ack([first])  # a late ack from the first consumer changes nothing
     assert await queue.depth("t") == 1
+    assert await queue.live("t", ["r1", "other"]) == {"r1"}
     await queue.ack([again])
     assert await queue.depth("t") == 0
+    assert await queue.live("t", ["r1"]) == set()
 
 
-async def test_extend_keeps_the_lease(queue: SqliteQueue) -> None:
+async def test_extend_keeps_the_lease(queue: Queue) -> None:
     await queue.enqueue("t", "r1")
     (msg,) = await queue.dequeue("a", 10, 0.2)
     for _ in range(3):
@@ -49,7 +92,7 @@ async def test_extend_keeps_the_lease(queue: SqliteQueue) -> None:
     assert await queue.dequeue("b", 10, 0.2) == []
 
 
-async def test_retry_later_and_dead_letter_after_max_deliveries(queue: SqliteQueue) -> None:
+async def test_retry_later_and_dead_letter_after_max_deliveries(queue: Queue) -> None:
     await queue.enqueue("t", "poison")
     for delivery in range(1, 4):
         (msg,) = await queue.dequeue("c", 10, 30)
@@ -66,7 +109,16 @@ async def test_retry_later_and_dead_letter_after_max_deliveries(queue: SqliteQue
     assert replayed.run_id == "poison" and replayed.deliveries == 1
 
 
-async def test_retry_later_without_counting_the_delivery(queue: SqliteQueue) -> None:
+async def test_a_message_redelivered_too_often_is_dead_lettered(queue: Queue) -> None:
+    await queue.enqueue("t", "crashes-its-worker")
+    for _ in range(3):  # each consumer dies holding it: its lease just runs out
+        assert len(await queue.dequeue("c", 10, 0.05)) == 1
+        await asyncio.sleep(0.08)
+    assert await queue.dequeue("c", 10, 0.05) == []
+    assert [d.run_id for d in await queue.dead_letters("t")] == ["crashes-its-worker"]
+
+
+async def test_retry_later_without_counting_the_delivery(queue: Queue) -> None:
     await queue.enqueue("t", "sleeper")
     for _ in range(5):
         (msg,) = await queue.dequeue("c", 10, 30)
@@ -75,7 +127,7 @@ async def test_retry_later_without_counting_the_delivery(queue: SqliteQueue) -> 
     assert msg.deliveries == 1
 
 
-async def test_tenants_are_served_round_robin(queue: SqliteQueue) -> None:
+async def test_tenants_are_served_round_robin(queue: Queue) -> None:
     for i in range(50):
         await queue.enqueue("flood", f"f{i}")
     for i in range(5):
@@ -84,23 +136,43 @@ async def test_tenants_are_served_round_robin(queue: SqliteQueue) -> None:
     assert Counter(m.tenant_id for m in batch) == {"flood": 5, "small": 5}
 
 
-async def test_concurrent_consumers_never_share_a_message(tmp_path: Path) -> None:
-    path = tmp_path / "queue.db"
-    producer = SqliteQueue(path)
+async def test_in_flight_cap_per_tenant_holds_across_consumers(
+    make_queue: QueueFactory,
+) -> None:
+    queue = make_queue(tenant_max_inflight=3)
+    for i in range(10):
+        await queue.enqueue("t", f"r{i}")
+    first = await queue.dequeue("a", 10, 30)
+    second = await queue.dequeue("b", 10, 30)  # another worker: the cap is shared
+    assert len(first) == 3 and second == []
+    await queue.ack(first[:2])
+    assert len(await queue.dequeue("b", 10, 30)) == 2
+
+
+async def test_locks_are_exclusive_until_they_lapse(queue: Queue) -> None:
+    assert await queue.try_lock("reconciler", "a", 0.2)
+    assert not await queue.try_lock("reconciler", "b", 0.2)
+    assert await queue.try_lock("reconciler", "a", 0.2)  # the holder keeps it
+    await asyncio.sleep(0.25)
+    assert await queue.try_lock("reconciler", "b", 0.2)
+
+
+async def test_concurrent_consumers_never_share_a_message(make_queue: QueueFactory) -> None:
+    producer = make_queue()
     for i in range(200):
         await producer.enqueue(f"t{i % 3}", f"r{i}")
 
     async def drain(name: str) -> list[str]:
-        q = SqliteQueue(path)  # its own connection, in its own thread: real concurrency
+        q = make_queue()
         got: list[str] = []
-        while batch := await q.dequeue(name, 7, 30):
+        for _ in range(100):
+            batch = await q.dequeue(name, 7, 30)
+            if not batch:
+                break
             got.extend(m.run_id for m in batch)
             await q.ack(batch)
-        await q.close()
         return got
 
-    results = await asyncio.gather(
-        *(asyncio.to_thread(asyncio.run, drain(f"c{i}")) for i in range(4))
-    )
+    results = await asyncio.gather(*(drain(f"c{i}") for i in range(4)))
     everything = [r for got in results for r in got]
     assert sorted(everything) == sorted(f"r{i}" for i in range(200))

@@ -27,7 +27,7 @@ async def noop(ctx: WorkflowContext, n: int) -> int:
     return n
 
 
-def test_same_key_under_20_concurrent_submits_makes_one_run(runtime: Runtime) -> None:
+async def test_same_key_under_20_concurrent_submits_makes_one_run(runtime: Runtime) -> None:
     settings = runtime.settings
     barrier = threading.Barrier(20)
     results: list[str | BaseException] = []
@@ -53,17 +53,20 @@ def test_same_key_under_20_concurrent_submits_makes_one_run(runtime: Runtime) ->
         with lock:
             results.append(outcome)
 
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    def submit_all() -> None:
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+    await asyncio.to_thread(submit_all)
     assert len(results) == 20
     assert all(isinstance(r, str) for r in results), results
     assert len(set(results)) == 1
-    runs = asyncio.run(runtime.router.store("acme").list_runs())
+    runs = await runtime.router.store("acme").list_runs()
     assert [r.idempotency_key for r in runs] == ["order-42"]
-    assert asyncio.run(runtime.queue.depth("acme")) == 1  # enqueued once
+    assert await runtime.queue.depth("acme") == 1  # enqueued once
 
 
 async def test_same_key_with_another_input_is_a_conflict(runtime: Runtime) -> None:

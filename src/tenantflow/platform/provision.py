@@ -73,10 +73,10 @@ class PostgresProvisioner:
     takes milliseconds where running the migrations would take a second.
     """
 
-    def __init__(self, server_url: str, prefix: str) -> None:
+    def __init__(self, server_url: str, prefix: str, template: str | None = None) -> None:
         self.server_url = server_url
         self.prefix = prefix
-        self.template = f"{prefix}template"
+        self.template = template or f"{prefix}template"
         self._template_ready = False
         self._lock = threading.Lock()
 
@@ -164,7 +164,7 @@ class PostgresProvisioner:
             migrate_url(sqlalchemy_url(url))
 
     def drop_all(self) -> None:
-        """Drop the template and every tenant database of this prefix (tests, teardown)."""
+        """Drop every database of this prefix (tests, teardown)."""
         import psycopg
         from psycopg import sql
 

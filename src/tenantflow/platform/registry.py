@@ -127,7 +127,9 @@ class TenantRegistry:
         if url.startswith("sqlite:///"):
             self.provisioner = SqliteProvisioner(settings.home)
         else:
-            self.provisioner = PostgresProvisioner(url, settings.tenant_db_prefix)
+            self.provisioner = PostgresProvisioner(
+                url, settings.tenant_db_prefix, settings.tenant_template
+            )
         with self.engine.begin() as conn:
             platform_metadata.create_all(conn)
 

@@ -5,13 +5,16 @@ run's lease in the database decides who executes it. Semantics every backend kee
 
 - ``enqueue`` makes a message visible after ``delay`` seconds; higher ``priority`` first.
 - ``dequeue`` leases messages for ``visibility_timeout`` seconds. Until the lease ends no one
-  else receives them; ``extend`` renews the lease of a message still being worked on.
+  else receives them; ``extend`` renews the lease of a message still being worked on. Every
+  consumer of a queue uses the same visibility timeout (``TENANTFLOW_LEASE_SECONDS``): on
+  Redis Streams a message is reclaimed once idle for the *reclaiming* consumer's timeout.
 - A message whose lease ends without ``ack`` is delivered again (at least once). Every delivery
   counts; a message delivered ``max_deliveries`` times and still not acknowledged moves to the
   dead letters instead of being delivered again.
 - ``ack`` and ``retry_later`` act only on the current delivery (its receipt): a late
   acknowledgement from a worker whose lease already ended changes nothing.
-- Tenants with ready messages are served round robin within each dequeue.
+- Tenants with ready messages are served round robin within each dequeue, and a tenant never
+  has more than ``tenant_max_inflight`` messages in flight (0: no cap), across all consumers.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ class Queue(Protocol):
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None: ...
 
     async def depth(self, tenant_id: str) -> int: ...
+
+    async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
+        """Which of these runs have a message (ready, in flight or delayed)."""
+        ...
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take, or keep if ``owner`` holds it, a lock that lapses after ``ttl`` seconds."""
+        ...
 
     async def wait(self, timeout: float) -> None:
         """Return when a message may be ready, or after ``timeout`` seconds."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tenantflow import _sqlite
@@ -29,6 +30,12 @@ CREATE TABLE IF NOT EXISTS messages (
     enqueued_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ix_messages_ready ON messages (tenant_id, priority DESC, available_at);
+CREATE INDEX IF NOT EXISTS ix_messages_run ON messages (tenant_id, run_id);
+CREATE TABLE IF NOT EXISTS locks (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     tenant_id TEXT NOT NULL,
@@ -60,10 +67,16 @@ class SqliteQueue:
     """See :mod:`tenantflow.queue.base` for the semantics."""
 
     def __init__(
-        self, path: Path, *, max_deliveries: int = 10, synchronous: str = "NORMAL"
+        self,
+        path: Path,
+        *,
+        max_deliveries: int = 10,
+        synchronous: str = "NORMAL",
+        tenant_max_inflight: int = 0,
     ) -> None:
         self.path = path
         self.max_deliveries = max_deliveries
+        self.tenant_max_inflight = tenant_max_inflight
         self._conn = _sqlite.connect(path, synchronous=synchronous)
         self._conn.executescript(SCHEMA)
         self._rotation = 0
@@ -85,7 +98,12 @@ class SqliteQueue:
         return message_id
 
     async def dequeue(
-        self, consumer: str, max_messages: int, visibility_timeout: float
+        self,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        *,
+        weights: Mapping[str, int] | None = None,
     ) -> list[Message]:
         if max_messages <= 0:
             return []
@@ -100,16 +118,24 @@ class SqliteQueue:
             self._rotation = (self._rotation + 1) % len(tenants)
             order = tenants[self._rotation :] + tenants[: self._rotation]
             ready = {
-                t: cur.execute(SQL_READY_OF_TENANT, (t, now, max_messages)).fetchall()
+                t: cur.execute(
+                    SQL_READY_OF_TENANT, (t, now, self._room(cur, t, now, max_messages))
+                ).fetchall()
                 for t in order
             }
             picked: list[tuple[str, tuple[int, str, int, int]]] = []
             depth = 0
-            while len(picked) < max_messages and any(len(r) > depth for r in ready.values()):
+            while len(picked) < max_messages and any(
+                len(r) > depth * _w(weights, t) for t, r in ready.items()
+            ):
                 for tenant in order:
                     rows = ready[tenant]
-                    if depth < len(rows) and len(picked) < max_messages:
-                        picked.append((tenant, rows[depth]))
+                    # A tenant of weight w takes w messages a turn.
+                    for row in rows[
+                        depth * _w(weights, tenant) : (depth + 1) * _w(weights, tenant)
+                    ]:
+                        if len(picked) < max_messages:
+                            picked.append((tenant, row))
                 depth += 1
             until = now + visibility_timeout
             for tenant, (mid, run_id, priority, deliveries) in picked:
@@ -201,6 +227,39 @@ class SqliteQueue:
             )
         self._wakeup.set()
 
+    def _room(self, cur: sqlite3.Cursor, tenant_id: str, now: float, wanted: int) -> int:
+        """How many messages the tenant may still take under its cap of messages in flight."""
+        if self.tenant_max_inflight <= 0:
+            return wanted
+        leased: tuple[int] = cur.execute(
+            "SELECT COUNT(*) FROM messages WHERE tenant_id = ? AND receipt IS NOT NULL "
+            "AND available_at > ?",
+            (tenant_id, now),
+        ).fetchone()
+        return max(0, min(wanted, self.tenant_max_inflight - int(leased[0])))
+
+    async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        marks = ",".join("?" * len(run_ids))
+        rows = self._conn.execute(
+            f"SELECT DISTINCT run_id FROM messages WHERE tenant_id = ? AND run_id IN ({marks})",
+            (tenant_id, *run_ids),
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        now = time.time()
+        with _sqlite.transaction(self._conn) as cur:
+            row = cur.execute(
+                "INSERT INTO locks (name, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at "
+                "WHERE locks.owner = excluded.owner OR locks.expires_at < ? RETURNING owner",
+                (name, owner, now + ttl, now),
+            ).fetchone()
+        return row is not None
+
     async def depth(self, tenant_id: str) -> int:
         row = self._conn.execute(
             "SELECT COUNT(*) FROM messages WHERE tenant_id = ?", (tenant_id,)
@@ -217,3 +276,7 @@ class SqliteQueue:
 
     async def close(self) -> None:
         self._conn.close()
+
+
+def _w(weights: Mapping[str, int] | None, tenant: str) -> int:
+    return max(1, (weights or {}).get(tenant, 1))

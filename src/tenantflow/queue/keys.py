@@ -1,0 +1,52 @@
+"""Every Redis key and channel tenantflow uses, in one place.
+
+Each tenant's keys share the hash tag ``{t:<tenant>}``, so they live in one slot and the Lua
+scripts that change several of them at once also work on Redis Cluster. Only ``active`` and
+``wake`` span tenants, and no script touches them together with a tenant's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"  # the consumer group on every tenant stream
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    stream: str  # messages ready to be read or in flight (the group's pending list)
+    delayed: str  # sorted set: messages not visible before their score (ms, Redis clock)
+    live: str  # hash: run id -> number of live messages (ready, in flight or delayed)
+    dead: str  # stream of dead letters (capped)
+    seq: str  # counter making delayed members unique
+
+    def all(self) -> list[str]:
+        return [self.stream, self.delayed, self.live, self.dead, self.seq]
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "tf"
+
+    def tenant(self, tenant_id: str) -> TenantKeys:
+        tag = f"{self.prefix}:{{t:{tenant_id}}}"
+        return TenantKeys(
+            stream=f"{tag}:stream",
+            delayed=f"{tag}:delayed",
+            live=f"{tag}:live",
+            dead=f"{tag}:dead",
+            seq=f"{tag}:seq",
+        )
+
+    @property
+    def active(self) -> str:
+        """Sorted set: tenant -> the latest time (ms) it had, or will have, a ready message."""
+        return f"{self.prefix}:active"
+
+    @property
+    def wake(self) -> str:
+        """Pub/sub channel: a tenant id, published when one of its messages became ready."""
+        return f"{self.prefix}:wake"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"

@@ -1,0 +1,279 @@
+"""The production queue: Redis Streams, one stream per tenant, a consumer group per stream.
+
+See ``keys`` for the layout and ``lua`` for the scripts. A worker reads tenants with ready
+messages in a rotating order, each tenant up to its share of the free slots (deficit round
+robin, weighted), so one tenant's flood cannot starve another; the per-tenant cap on messages
+in flight counts the group's pending entries, so it holds across all workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from tenantflow.errors import NotFoundError
+from tenantflow.queue import lua
+from tenantflow.queue.base import DeadLetter, Message
+from tenantflow.queue.keys import GROUP, Keys
+
+log = structlog.get_logger(__name__)
+
+ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last ready message
+ACTIVE_REFRESH_SECONDS = 1.0
+DEAD_LETTERS_MAX = 100_000
+
+
+class RedisStreamsQueue:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tf",
+        max_deliveries: int = 10,
+        tenant_max_inflight: int = 0,
+    ) -> None:
+        import redis.asyncio as redis
+
+        self.redis: Any = redis.Redis.from_url(url, decode_responses=True)
+        self.keys = Keys(prefix)
+        self.max_deliveries = max_deliveries
+        self.tenant_max_inflight = tenant_max_inflight
+        self._scripts = {
+            name: self.redis.register_script(getattr(lua, name))
+            for name in ("ENQUEUE", "DEQUEUE", "ACK", "RETRY_LATER", "EXTEND", "REPLAY")
+        }
+        self._active: list[str] = []
+        self._active_at = 0.0
+        self._rotation = 0
+        self._wakeup = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- producing ---------------------------------------------------------------------------
+
+    async def enqueue(
+        self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
+    ) -> str:
+        keys = self.keys.tenant(tenant_id).all()
+        ready_at = await self._scripts["ENQUEUE"](
+            keys=keys, args=[run_id, priority, max(0, int(delay * 1000))]
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.active, {tenant_id: int(ready_at)}, gt=True)
+            if delay <= 0:
+                pipe.publish(self.keys.wake, tenant_id)
+            await pipe.execute()
+        return f"{tenant_id}:{run_id}:{ready_at}"
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def _active_tenants(self) -> list[str]:
+        if time.monotonic() - self._active_at > ACTIVE_REFRESH_SECONDS:
+            now_ms = int(time.time() * 1000)
+            self._active = list(
+                await self.redis.zrangebyscore(self.keys.active, now_ms - ACTIVE_WINDOW_MS, "+inf")
+            )
+            self._active_at = time.monotonic()
+        return self._active
+
+    async def dequeue(
+        self,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        *,
+        weights: Mapping[str, int] | None = None,
+    ) -> list[Message]:
+        if max_messages <= 0:
+            return []
+        tenants = await self._active_tenants()
+        if not tenants:
+            return []
+        # Deficit round robin: start one tenant further each call; each tenant may take its
+        # weighted share of the free slots, at least one.
+        self._rotation = (self._rotation + 1) % len(tenants)
+        order = tenants[self._rotation :] + tenants[: self._rotation]
+        total_weight = sum((weights or {}).get(t, 1) for t in order)
+        plan: list[tuple[str, int]] = []
+        budget = max_messages
+        for tenant in order:
+            if budget <= 0:
+                break
+            weight = (weights or {}).get(tenant, 1)
+            share = max(1, math.floor(max_messages * weight / total_weight))
+            share = min(share, budget)
+            plan.append((tenant, share))
+            budget -= share
+        min_idle = max(1, int(visibility_timeout * 1000))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant, share in plan:
+                await self._scripts["DEQUEUE"](
+                    keys=self.keys.tenant(tenant).all(),
+                    args=[
+                        GROUP,
+                        consumer,
+                        share,
+                        min_idle,
+                        self.max_deliveries,
+                        self.tenant_max_inflight,
+                        DEAD_LETTERS_MAX,
+                    ],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        out: list[Message] = []
+        for (tenant, _), flat in zip(plan, replies, strict=True):
+            for i in range(0, len(flat), 5):
+                entry_id, run_id, priority, deliveries, count = flat[i : i + 5]
+                out.append(
+                    Message(
+                        id=entry_id,
+                        tenant_id=tenant,
+                        run_id=run_id,
+                        priority=int(priority),
+                        deliveries=int(deliveries),
+                        receipt=f"{consumer}|{count}",
+                    )
+                )
+        return out
+
+    @staticmethod
+    def _receipt(message: Message) -> tuple[str, str]:
+        consumer, _, count = message.receipt.rpartition("|")
+        return consumer, count
+
+    async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
+        for tenant, group in _by_tenant(messages).items():
+            consumer = self._receipt(group[0])[0]
+            args: list[Any] = [GROUP, consumer]
+            for m in group:
+                args.extend((m.id, self._receipt(m)[1]))
+            await self._scripts["EXTEND"](keys=self.keys.tenant(tenant).all(), args=args)
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        for tenant, group in _by_tenant(messages).items():
+            consumer = self._receipt(group[0])[0]
+            args: list[Any] = [GROUP, consumer]
+            for m in group:
+                args.extend((m.id, self._receipt(m)[1]))
+            await self._scripts["ACK"](keys=self.keys.tenant(tenant).all(), args=args)
+
+    async def retry_later(
+        self, message: Message, delay: float, *, count_delivery: bool = True
+    ) -> None:
+        consumer, count = self._receipt(message)
+        ready_at = await self._scripts["RETRY_LATER"](
+            keys=self.keys.tenant(message.tenant_id).all(),
+            args=[
+                GROUP,
+                consumer,
+                message.id,
+                count,
+                max(0, int(delay * 1000)),
+                "1" if count_delivery else "0",
+            ],
+        )
+        if ready_at:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.active, {message.tenant_id: int(ready_at)}, gt=True)
+                if delay <= 0:
+                    pipe.publish(self.keys.wake, message.tenant_id)
+                await pipe.execute()
+
+    # -- dead letters, inspection ------------------------------------------------------------
+
+    async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
+        entries = await self.redis.xrange(self.keys.tenant(tenant_id).dead, count=limit)
+        return [
+            DeadLetter(
+                id=entry_id,
+                tenant_id=tenant_id,
+                run_id=fields["run"],
+                deliveries=int(fields["deliveries"]),
+                failed_at=int(fields["at"]) / 1000,
+            )
+            for entry_id, fields in entries
+        ]
+
+    async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
+        try:
+            done = await self._scripts["REPLAY"](
+                keys=self.keys.tenant(tenant_id).all(), args=[dead_letter_id]
+            )
+        except Exception as exc:  # a malformed id is a missing one
+            if "Invalid stream ID" in str(exc):
+                done = 0
+            else:
+                raise
+        if not done:
+            raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
+        await self.redis.publish(self.keys.wake, tenant_id)
+
+    async def depth(self, tenant_id: str) -> int:
+        keys = self.keys.tenant(tenant_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.stream)
+            pipe.zcard(keys.delayed)
+            stream, delayed = await pipe.execute()
+        return int(stream) + int(delayed)
+
+    async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        counts = await self.redis.hmget(self.keys.tenant(tenant_id).live, list(run_ids))
+        return {run for run, n in zip(run_ids, counts, strict=True) if n and int(n) > 0}
+
+    # -- coordination ------------------------------------------------------------------------
+
+    async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
+        """Take (or keep, if ``owner`` holds it) a lock that expires after ``ttl`` seconds."""
+        key = self.keys.lock(name)
+        if await self.redis.set(key, owner, nx=True, px=int(ttl * 1000)):
+            return True
+        if await self.redis.get(key) == owner:
+            await self.redis.pexpire(key, int(ttl * 1000))
+            return True
+        return False
+
+    async def wait(self, timeout: float) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        self._wakeup.clear()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.wake)
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            tenant = message["data"]
+                            if tenant not in self._active:
+                                self._active = [*self._active, tenant]
+                            self._wakeup.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("queue wake-up channel lost; retrying", error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._listener
+        await self.redis.aclose()
+
+
+def _by_tenant(messages: Sequence[Message]) -> dict[str, list[Message]]:
+    out: dict[str, list[Message]] = {}
+    for m in messages:
+        out.setdefault(m.tenant_id, []).append(m)
+    return out
