@@ -25,12 +25,21 @@ async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     prefix = f"tftest{uuid.uuid4().hex[:10]}"
     made: list[Queue] = []
 
-    def make(**kwargs: int) -> Queue:
+    def make(*, max_deliveries: int = 10, tenant_max_inflight: int = 0) -> Queue:
         queue: Queue
         if request.param == "sqlite":
-            queue = SqliteQueue(tmp_path / "queue.db", **kwargs)
+            queue = SqliteQueue(
+                tmp_path / "queue.db",
+                max_deliveries=max_deliveries,
+                tenant_max_inflight=tenant_max_inflight,
+            )
         else:
-            queue = RedisStreamsQueue(REDIS_URL, prefix=prefix, **kwargs)
+            queue = RedisStreamsQueue(
+                REDIS_URL,
+                prefix=prefix,
+                max_deliveries=max_deliveries,
+                tenant_max_inflight=tenant_max_inflight,
+            )
         made.append(queue)
         return queue
 
