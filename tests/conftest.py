@@ -76,7 +76,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(backend: str, tmp_path: Path) -> Iterator[Settings]:
-    common = {"lease_seconds": 2.0, "poll_interval": 0.02, "shutdown_grace_seconds": 2.0}
+    common = {
+        "lease_seconds": 2.0,
+        "poll_interval": 0.02,
+        "shutdown_grace_seconds": 2.0,
+        "reconcile_interval": 0.5,
+    }
     if backend == "embedded":
         yield Settings(home=tmp_path / "home", **common)  # type: ignore[arg-type]
         return

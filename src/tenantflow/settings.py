@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0, description="Lease of a claimed run.")
     max_deliveries: int = Field(default=10, ge=1, description="Deliveries before dead letter.")
     poll_interval: float = Field(default=0.05, gt=0, description="Idle wait between dequeues.")
+    reconcile_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between outbox relay and reconciler sweeps."
+    )
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         default="NORMAL",

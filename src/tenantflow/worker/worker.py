@@ -28,6 +28,7 @@ from tenantflow.queue.base import Message
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.store.records import ClaimOutcome, OutboxEntry
+from tenantflow.worker.maintenance import Maintenance
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +49,8 @@ class WorkerStats:
     suspended: int = 0
     released: int = 0
     dropped: int = 0
+    relayed: int = 0
+    reenqueued: int = 0
     by_status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -90,6 +93,7 @@ class Worker:
         queue = self.runtime.queue
         poll = self.runtime.settings.poll_interval
         keepalive = asyncio.create_task(self._keepalive())
+        maintenance = asyncio.create_task(self._maintenance())
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
         try:
             while not self.stopping:
@@ -105,9 +109,10 @@ class Worker:
                     await self._wait_any(queue.wait(poll), poll)
         finally:
             await self._drain()
-            keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keepalive
+            for task in (keepalive, maintenance):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             log.info("worker stopped", owner=self.owner)
 
     async def _wait_any(self, waiter: Awaitable[Any], timeout: float | None) -> None:
@@ -219,6 +224,19 @@ class Worker:
             await queue.retry_later(message, 0.0, count_delivery=False)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             await queue.ack([message])
+
+    # -- relay and reconciler ----------------------------------------------------------------
+
+    async def _maintenance(self) -> None:
+        maintenance = Maintenance(self.runtime, self.owner)
+        while True:
+            await asyncio.sleep(maintenance.interval)
+            try:
+                report = await maintenance.run_once()
+                self.stats.relayed += report.relayed
+                self.stats.reenqueued += report.reenqueued
+            except Exception:
+                log.exception("maintenance failed")
 
     # -- leases and cancellation -------------------------------------------------------------
 

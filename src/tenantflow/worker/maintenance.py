@@ -1,0 +1,70 @@
+"""The outbox relay and the reconciler: one process at a time across the cluster (a lock in the
+queue backend with a TTL) sweeps every tenant.
+
+- Relay: outbox records older than a few seconds were never published (the process died
+  between commit and publish): publish them now.
+- Reconciler: runs that should have a message and have none — queued, running with a lapsed
+  lease, sleeping or waiting past their wake-up — get one again. That covers a queue that lost
+  its data (Redis restarted empty, ``FLUSHALL``). A duplicate is harmless: claims decide.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from tenantflow.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+OUTBOX_GRACE_SECONDS = 2.0
+LOCK_NAME = "maintenance"
+
+
+@dataclass
+class MaintenanceReport:
+    relayed: int = 0
+    reenqueued: int = 0
+    tenants: int = 0
+    ran: bool = False
+
+
+class Maintenance:
+    def __init__(self, runtime: Runtime, owner: str) -> None:
+        self.runtime = runtime
+        self.owner = owner
+        settings = runtime.settings
+        self.interval = settings.reconcile_interval
+        self.grace = max(2 * settings.lease_seconds, 1.0)
+
+    async def run_once(self) -> MaintenanceReport:
+        report = MaintenanceReport()
+        queue = self.runtime.queue
+        if not await queue.try_lock(LOCK_NAME, self.owner, 3 * self.interval):
+            return report
+        report.ran = True
+        now = time.time()
+        for tenant in self.runtime.registry.list():
+            report.tenants += 1
+            store = self.runtime.router.store(tenant.id)
+            pending = await store.pending_outbox(older_than=now - OUTBOX_GRACE_SECONDS)
+            if pending:
+                await self.runtime.publish(tenant.id, pending)
+                report.relayed += len(pending)
+            stalled = await store.stalled_runs(now=now, grace=self.grace)
+            if stalled:
+                live = await queue.live(tenant.id, [run_id for run_id, _ in stalled])
+                for run_id, priority in stalled:
+                    if run_id not in live:
+                        await queue.enqueue(tenant.id, run_id, priority=priority)
+                        report.reenqueued += 1
+        if report.relayed or report.reenqueued:
+            log.info(
+                "maintenance",
+                relayed=report.relayed,
+                reenqueued=report.reenqueued,
+                tenants=report.tenants,
+            )
+        return report

@@ -1,0 +1,84 @@
+"""Transactional outbox, relay and reconciler: a run accepted is never lost, whatever the queue
+loses."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tenantflow import App, Client, RunStatus, Runtime, WorkflowContext
+from tenantflow.engine.executor import encode_input
+from tenantflow.sdk.client import new_run_id
+from tenantflow.store.records import NewRun
+from tenantflow.store.sql import SqlRunStore
+from tests.conftest import running_worker
+
+app = App("outbox-tests")
+
+
+@app.step
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+@app.workflow
+async def adder(ctx: WorkflowContext, a: int) -> int:
+    return await add(a, 1)
+
+
+async def test_a_crash_between_commit_and_publish_loses_nothing(runtime: Runtime) -> None:
+    store = runtime.router.store("acme")
+    # Commit the run and its outbox record, then "crash": never publish.
+    run, created, outbox = await store.create_run(
+        NewRun(id=new_run_id(), workflow="adder", input=encode_input(adder, (41,), {})),
+        now=time.time(),
+    )
+    assert created and len(outbox) == 1
+    assert await runtime.queue.depth("acme") == 0
+    async with running_worker(app, runtime):
+        handle = Client(app, runtime=runtime).tenant("acme").handle(run.id)
+        assert await handle.result(timeout=30) == 42
+    assert await store.pending_outbox(older_than=time.time() + 60) == []
+
+
+async def test_a_rolled_back_submit_publishes_nothing(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_outbox(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(SqlRunStore, "_outbox", staticmethod(broken_outbox))
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    with pytest.raises(RuntimeError, match="disk full"):
+        await tenant.start(adder, 1)
+    assert await tenant.list_runs() == []
+    assert await runtime.queue.depth("acme") == 0
+
+
+async def test_runs_survive_the_queue_losing_everything(runtime: Runtime) -> None:
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    handles = [await tenant.start(adder, i) for i in range(20)]
+    assert await runtime.queue.depth("acme") == 20
+    await wipe_queue(runtime)
+    assert await runtime.queue.depth("acme") == 0
+    async with running_worker(app, runtime) as worker:
+        results = [await h.result(timeout=60) for h in handles]
+    assert results == [i + 1 for i in range(20)]
+    assert worker.stats.reenqueued >= 20
+    assert await tenant.list_runs(status=RunStatus.COMPLETED, limit=100) != []
+
+
+async def wipe_queue(runtime: Runtime) -> None:
+    """What ``FLUSHALL`` does to this test's queue (its own keys only)."""
+    from tenantflow.queue.redis_streams import RedisStreamsQueue
+    from tenantflow.queue.sqlite import SqliteQueue
+
+    queue = runtime.queue
+    if isinstance(queue, RedisStreamsQueue):
+        keys = [k async for k in queue.redis.scan_iter(match=f"{queue.keys.prefix}:*")]
+        if keys:
+            await queue.redis.delete(*keys)
+    else:
+        assert isinstance(queue, SqliteQueue)
+        queue._conn.execute("DELETE FROM messages")
