@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from tenantflow.errors import ConfigError
+from tenantflow.errors import ConfigError, NotFoundError
 from tenantflow.store.migrate import migrate_sqlite, migrate_url, sqlite_revision
 from tenantflow.store.schema import HEAD_REVISION
 
@@ -51,9 +51,8 @@ class SqliteProvisioner:
         return self.home / "tenants" / f"{tenant_id}.db"
 
     def create_database(self, tenant_id: str) -> str:
-        url = f"sqlite:///{self.path(tenant_id)}"
-        self.migrate(url)
-        return url
+        migrate_sqlite(self.path(tenant_id))
+        return f"sqlite:///{self.path(tenant_id)}"
 
     def drop_database(self, tenant_id: str) -> None:
         for suffix in ("", "-wal", "-shm"):
@@ -63,7 +62,10 @@ class SqliteProvisioner:
         return sqlite_revision(Path(url.removeprefix("sqlite:///")))
 
     def migrate(self, url: str) -> None:
-        migrate_sqlite(Path(url.removeprefix("sqlite:///")))
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            raise NotFoundError(f"the tenant database {path.name} is missing")
+        migrate_sqlite(path)
 
 
 class PostgresProvisioner:

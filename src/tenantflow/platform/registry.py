@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import multiprocessing
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,16 @@ def _create_database_if_missing(url: str) -> None:
                 pass  # created meanwhile by another process
 
 
+def _migrate_one(url: str) -> None:
+    """Runs in a child process (see ``migrate_all``)."""
+    if url.startswith("sqlite:///"):
+        from pathlib import Path
+
+        SqliteProvisioner(Path()).migrate(url)
+    else:
+        PostgresProvisioner(url, "").migrate(url)
+
+
 class TenantRegistry:
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
@@ -211,33 +222,56 @@ class TenantRegistry:
         migrated: list[str] = []
         at_head: list[str] = []
         failed: dict[str, str] = {}
+        behind: list[Tenant] = []
 
-        def one(tenant: Tenant) -> None:
+        def check(tenant: Tenant) -> None:
             try:
-                before = self.provisioner.revision(tenant.database_url)
-                if before != HEAD_REVISION:
-                    self.provisioner.migrate(tenant.database_url)
-                    migrated.append(tenant.id)
-                else:
+                if self.provisioner.revision(tenant.database_url) == HEAD_REVISION:
                     at_head.append(tenant.id)
-                if tenant.revision != HEAD_REVISION:
-                    with self.engine.begin() as conn:
-                        conn.execute(
-                            tenants_table.update()
-                            .where(tenants_table.c.id == tenant.id)
-                            .values(revision=HEAD_REVISION)
-                        )
+                    if tenant.revision != HEAD_REVISION:
+                        self._record_revision(tenant.id)
+                    if progress is not None:
+                        progress(tenant.id)
+                else:
+                    behind.append(tenant)
             except Exception as exc:
                 failed[tenant.id] = f"{type(exc).__name__}: {exc}"
-            finally:
                 if progress is not None:
                     progress(tenant.id)
 
         if isinstance(self.provisioner, PostgresProvisioner):
             self.provisioner.ensure_template()
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-            list(pool.map(one, self.list()))
-        return MigrationReport(migrated=sorted(migrated), at_head=sorted(at_head), failed=failed)
+        # Checking is a connection and a read: threads. Migrating runs Alembic, whose context
+        # is global to a process: one process per migration running at once.
+        with ThreadPoolExecutor(max_workers=parallel) as threads:
+            list(threads.map(check, self.list()))
+        if behind:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                max_workers=min(parallel, len(behind)), mp_context=context
+            ) as processes:
+                futures = {processes.submit(_migrate_one, t.database_url): t for t in behind}
+                for future in as_completed(futures):
+                    tenant = futures[future]
+                    try:
+                        future.result()
+                        self._record_revision(tenant.id)
+                        migrated.append(tenant.id)
+                    except Exception as exc:
+                        failed[tenant.id] = f"{type(exc).__name__}: {exc}"
+                    if progress is not None:
+                        progress(tenant.id)
+        return MigrationReport(
+            migrated=sorted(migrated), at_head=sorted(at_head), failed=dict(sorted(failed.items()))
+        )
+
+    def _record_revision(self, tenant_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                tenants_table.update()
+                .where(tenants_table.c.id == tenant_id)
+                .values(revision=HEAD_REVISION)
+            )
 
     def drop(self, tenant_id: str) -> None:
         """Drop the tenant's database and forget it (no archive: see the platform plane)."""

@@ -1,0 +1,75 @@
+"""Provisioning and migrating tenant databases, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from tenantflow import Runtime, Settings
+from tenantflow.platform.provision import PostgresProvisioner, sqlalchemy_url
+from tenantflow.store.migrate import alembic_config
+from tenantflow.store.schema import HEAD_REVISION
+from tests.conftest import settings_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def downgrade(url: str, revision: str) -> None:
+    import sqlalchemy as sa
+    from alembic import command
+
+    engine = sa.create_engine(sqlalchemy_url(url))
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+async def test_migrate_all_reports_each_tenant_and_survives_failures(
+    runtime: Runtime, settings: Settings
+) -> None:
+    registry = runtime.registry
+    for i in range(4):
+        registry.create(f"t{i}")
+    all_ids = ["acme", "globex", "t0", "t1", "t2", "t3"]
+    assert {t.id for t in registry.list()} == set(all_ids)
+    assert all(t.revision == HEAD_REVISION for t in registry.list())
+
+    report = registry.migrate_all(parallel=3)
+    assert report.migrated == [] and report.failed == {}
+    assert report.at_head == all_ids
+
+    downgrade(registry.get("t1").database_url, "0001")  # one tenant is behind
+    assert registry.provisioner.revision(registry.get("t1").database_url) == "0001"
+    registry.provisioner.drop_database("t2")  # one tenant's database is gone
+    report = registry.migrate_all(parallel=3)
+    assert report.migrated == ["t1"], report
+    assert list(report.failed) == ["t2"]
+    assert report.at_head == ["acme", "globex", "t0", "t3"]
+    assert registry.provisioner.revision(registry.get("t1").database_url) == HEAD_REVISION
+
+
+async def test_migrate_command_prints_a_report(runtime: Runtime, settings: Settings) -> None:
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tenantflow", "tenants", "migrate"],
+        cwd=ROOT,
+        env={**settings_env(settings), "PATH": "/usr/bin:/bin", "COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "0 migrated, 2 already at head, 0 failed" in out.stdout
+
+
+async def test_tenant_databases_are_separate(runtime: Runtime, settings: Settings) -> None:
+    acme, globex = runtime.registry.get("acme"), runtime.registry.get("globex")
+    assert acme.database_url != globex.database_url
+    if isinstance(runtime.registry.provisioner, PostgresProvisioner):
+        assert acme.database_url.endswith(f"/{settings.tenant_db_prefix}tenant_acme")
