@@ -50,3 +50,20 @@ async def mixed(ctx: WorkflowContext) -> int:
     a = await blocking_step(1)
     b = await slow_step(2)
     return a + b
+
+
+@app.step
+async def transfer(i: int) -> int:
+    await asyncio.sleep(STEP_SECONDS)
+    key = current_step().idempotency_key
+    effects.record(key, f"transfer {i}")  # every execution, duplicates included
+    effects.apply_once(key)  # the effect, once per key
+    return i
+
+
+@app.workflow
+async def ledger(ctx: WorkflowContext, n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += await transfer(i)
+    return total

@@ -32,3 +32,23 @@ def counts() -> dict[str, int]:
     finally:
         conn.close()
     return {str(k): int(n) for k, n in rows}
+
+
+def apply_once(key: str) -> None:
+    """An external system that honours idempotency keys (a payment API, say): the first call
+    with a key takes effect, later ones with the same key do nothing."""
+    conn = _connect()
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS applied (key TEXT PRIMARY KEY)")
+        conn.execute("INSERT OR IGNORE INTO applied (key) VALUES (?)", (key,))
+    finally:
+        conn.close()
+
+
+def applied() -> list[str]:
+    conn = _connect()
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS applied (key TEXT PRIMARY KEY)")
+        return [str(r[0]) for r in conn.execute("SELECT key FROM applied").fetchall()]
+    finally:
+        conn.close()

@@ -29,7 +29,9 @@ local function forget(run)
   if redis.call('HINCRBY', KEYS[3], run, -1) <= 0 then redis.call('HDEL', KEYS[3], run) end
 end
 local function owned(group, id, consumer, count)
-  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+  -- pcall: after the stream or its group vanished (Redis emptied), nothing is owned.
+  local p = redis.pcall('XPENDING', KEYS[1], group, id, id, 1)
+  if type(p) ~= 'table' or p.err then return false end
   return #p == 1 and p[1][2] == consumer and tonumber(p[1][4]) == tonumber(count)
 end
 local function put(run, p, d, delay)

@@ -263,7 +263,11 @@ class Worker:
 
     async def _renew(self) -> None:
         messages = [item.message for item in self._inflight.values()]
-        await self.runtime.queue.extend(messages, self.lease)
+        try:
+            await self.runtime.queue.extend(messages, self.lease)
+        except Exception:
+            # The queue may be down or emptied; the database leases still matter most.
+            log.exception("queue lease renewal failed")
         until = time.time() + self.lease
         for tenant_id, executions in self._executions_by_tenant().items():
             store = self.runtime.router.store(tenant_id)
