@@ -275,6 +275,14 @@ class SqlRunStore:
             )
         return [_run(self.tenant_id, r) for r in rows]
 
+    async def count_runs(self, *, status: RunStatus | None = None) -> int:
+        async with self.db.reader() as tx:
+            if status is None:
+                row = await tx.one("SELECT COUNT(*) FROM runs")
+            else:
+                row = await tx.one("SELECT COUNT(*) FROM runs WHERE status = ?", (status.value,))
+        return int(row[0]) if row else 0
+
     async def get_steps(self, run_id: str) -> list[StepRecord]:
         async with self.db.reader() as tx:
             return [_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,))]
