@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tenantflow.examples.orders import Order, Receipt, app, fulfil_order
+from tenantflow.platform.provision import database_name
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.client import Client, RunHandle
 from tenantflow.settings import Settings
@@ -18,6 +19,13 @@ from tenantflow.store.records import RunStatus, StepKind
 from tenantflow.worker.worker import Worker
 
 TENANTS = ("acme", "globex")
+
+
+def where(database_url: str) -> str:
+    """A database's place, for people: a file, or a database name (never credentials)."""
+    if database_url.startswith("sqlite:///"):
+        return database_url.removeprefix("sqlite:///")
+    return f"PostgreSQL database {database_name(database_url)}"
 
 
 @dataclass
@@ -85,6 +93,7 @@ async def run_demo(
                         summary.steps += 1
                         summary.retries += step.attempts - 1
             summaries.append(summary)
+        places = [f"{t} in {where(runtime.registry.get(t).database_url)}" for t in TENANTS]
     finally:
         worker.stop()
         await worker_task
@@ -103,8 +112,6 @@ async def run_demo(
             f"{s.seconds:.2f}",
         )
     console.print(table)
-    console.print(
-        f"Each tenant's runs live in its own database under {settings.home}/tenants/. "
-        "Try: tenantflow runs list --tenant acme"
-    )
+    console.print(f"Each tenant's runs live in its own database: {', '.join(places)}.")
+    console.print("Try: tenantflow runs list --tenant acme")
     return summaries

@@ -49,3 +49,24 @@ def test_demo_then_inspect_runs(tmp_path: Path) -> None:
 
     missing = tenantflow("runs", "list", "--tenant", "nobody", cwd=tmp_path)
     assert missing.returncode == 2 and "no tenant" in missing.stdout
+
+
+def test_demo_runs_unchanged_on_postgresql_and_redis(tmp_path: Path) -> None:
+    from tests.conftest import cleanup_production, production_settings, settings_env
+
+    settings = production_settings(tmp_path)
+    try:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")},
+               **settings_env(settings), "COLUMNS": "200"}
+        demo = subprocess.run([sys.executable, "-m", "tenantflow", "demo", "--orders", "5"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert demo.returncode == 0, demo.stderr
+        listing = subprocess.run(
+            [sys.executable, "-m", "tenantflow", "runs", "list", "--tenant", "globex",
+             "--status", "completed"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert listing.stdout.count("fulfil_order") == 5, listing.stdout
+        assert not (tmp_path / ".tenantflow" / "tenants").exists()  # nothing went to SQLite
+    finally:
+        cleanup_production(settings)
