@@ -56,16 +56,38 @@ def test_demo_runs_unchanged_on_postgresql_and_redis(tmp_path: Path) -> None:
 
     settings = production_settings(tmp_path)
     try:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")},
-               **settings_env(settings), "COLUMNS": "200"}
-        demo = subprocess.run([sys.executable, "-m", "tenantflow", "demo", "--orders", "5"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")},
+            **settings_env(settings),
+            "COLUMNS": "200",
+        }
+        demo = subprocess.run(
+            [sys.executable, "-m", "tenantflow", "demo", "--orders", "5"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert demo.returncode == 0, demo.stderr
         listing = subprocess.run(
-            [sys.executable, "-m", "tenantflow", "runs", "list", "--tenant", "globex",
-             "--status", "completed"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "tenantflow",
+                "runs",
+                "list",
+                "--tenant",
+                "globex",
+                "--status",
+                "completed",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listing.stdout.count("fulfil_order") == 5, listing.stdout
         assert not (tmp_path / ".tenantflow" / "tenants").exists()  # nothing went to SQLite
     finally:

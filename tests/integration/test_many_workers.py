@@ -117,6 +117,6 @@ async def lease_owner(runtime: Runtime, tenant: str, run_id: str) -> str | None:
 
     store = runtime.router.store(tenant)
     assert isinstance(store, SqlRunStore)
-    async with store.db.reader() as tx:
+    async with store.db.autocommit() as tx:
         row = await tx.one("SELECT lease_owner FROM runs WHERE id = ?", (run_id,))
     return None if row is None else row[0]

@@ -42,17 +42,28 @@ async def test_a_crash_between_commit_and_publish_loses_nothing(runtime: Runtime
     assert await store.pending_outbox(older_than=time.time() + 60) == []
 
 
-async def test_a_rolled_back_submit_publishes_nothing(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def broken_outbox(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(SqlRunStore, "_outbox", staticmethod(broken_outbox))
+async def test_a_rolled_back_submit_publishes_nothing(runtime: Runtime) -> None:
+    store = runtime.router.store("acme")
+    assert isinstance(store, SqlRunStore)
+    # The outbox insert fails inside the submit's transaction (a trigger raises).
+    async with store.db.transaction() as tx:
+        if store.db.dialect == "sqlite":
+            await tx.run(
+                "CREATE TRIGGER fail BEFORE INSERT ON outbox "
+                "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        else:
+            await tx.run(
+                "CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
+            )
+            await tx.run(
+                "CREATE TRIGGER fail BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION fail()"
+            )
     tenant = Client(app, runtime=runtime).tenant("acme")
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(Exception, match="disk full"):
         await tenant.start(adder, 1)
-    assert await tenant.list_runs() == []
+    assert await tenant.list_runs() == []  # the run was rolled back with its outbox record
     assert await runtime.queue.depth("acme") == 0
 
 

@@ -60,14 +60,16 @@ class RedisStreamsQueue:
         self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
     ) -> str:
         keys = self.keys.tenant(tenant_id).all()
-        ready_at = await self._scripts["ENQUEUE"](
-            keys=keys, args=[run_id, priority, max(0, int(delay * 1000))]
-        )
+        delay_ms = max(0, int(delay * 1000))
+        # One round trip: the script, the tenant's activity mark, the wake-up.
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.active, {tenant_id: int(ready_at)}, gt=True)
-            if delay <= 0:
+            await self._scripts["ENQUEUE"](
+                keys=keys, args=[run_id, priority, delay_ms], client=pipe
+            )
+            pipe.zadd(self.keys.active, {tenant_id: int(time.time() * 1000) + delay_ms}, gt=True)
+            if delay_ms == 0:
                 pipe.publish(self.keys.wake, tenant_id)
-            await pipe.execute()
+            ready_at = (await pipe.execute())[0]
         return f"{tenant_id}:{run_id}:{ready_at}"
 
     # -- consuming ---------------------------------------------------------------------------

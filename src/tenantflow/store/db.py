@@ -25,7 +25,7 @@ Row = tuple[Any, ...]
 
 
 class Tx(Protocol):
-    """One transaction (or, from ``reader()``, one read-only session)."""
+    """One transaction, or (from ``autocommit()``) a session where each statement is its own."""
 
     async def one(self, sql: str, params: Sequence[Any] = ()) -> Row | None: ...
 
@@ -41,7 +41,7 @@ class Database(Protocol):
 
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Tx]: ...
 
-    def reader(self) -> contextlib.AbstractAsyncContextManager[Tx]: ...
+    def autocommit(self) -> contextlib.AbstractAsyncContextManager[Tx]: ...
 
     async def close(self) -> None: ...
 
@@ -87,7 +87,7 @@ class SqliteDatabase:
             yield _SqliteTx(cur)
 
     @contextlib.asynccontextmanager
-    async def reader(self) -> AsyncIterator[Tx]:
+    async def autocommit(self) -> AsyncIterator[Tx]:
         yield _SqliteTx(self.conn)
 
     async def close(self) -> None:
@@ -154,7 +154,7 @@ class PostgresDatabase:
             yield _PgTx(conn)
 
     @contextlib.asynccontextmanager
-    async def reader(self) -> AsyncIterator[Tx]:
+    async def autocommit(self) -> AsyncIterator[Tx]:
         await self._open()
         async with self.pool.connection() as conn:
             yield _PgTx(conn)

@@ -84,6 +84,37 @@ SQL_NEXT_EVENT = (
 )
 SQL_CHILD_STATE = "SELECT status, result, error FROM runs WHERE id = ?"
 
+# Fast paths: one statement (one round trip, one implicit transaction) for the common case;
+# the general transaction handles everything else.
+SQL_CREATE_PG = (
+    f"WITH ins AS ({SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING {RUN_COLUMNS}), "
+    "ob AS (INSERT INTO outbox (run_id, priority, created_at) "
+    "SELECT id, priority, ? FROM ins RETURNING id) "
+    "SELECT ins.*, ob.id FROM ins, ob"
+)
+SQL_CLAIM_QUEUED = (
+    "UPDATE runs SET status = 'running', lease_owner = ?, lease_until = ?, "
+    "executions = executions + 1, started_at = COALESCE(started_at, ?), "
+    "deadline = COALESCE(deadline, ? + timeout), wake_at = NULL, updated_at = ? "
+    "WHERE id = ? AND status = 'queued' AND (deadline IS NULL OR deadline > ?) "
+    f"RETURNING {RUN_COLUMNS}"
+)
+SQL_RECORD_STEP_PG = (
+    "WITH owned AS (UPDATE runs SET updated_at = ? WHERE id = ? AND lease_owner = ? "
+    "AND status = 'running' RETURNING cancel_requested), "
+    f"ins AS (INSERT INTO steps ({STEP_COLUMNS}) SELECT ?::text, ?::int, ?::text, ?::text, "
+    "?::text, ?::bytea, ?::bytea, ?::int, ?::float8, ?::float8 FROM owned "
+    "ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, "
+    "output = excluded.output, error = excluded.error, attempts = excluded.attempts, "
+    "finished_at = excluded.finished_at RETURNING 1) "
+    "SELECT cancel_requested FROM owned"
+)
+SQL_FINISH_OWNED = (
+    "UPDATE runs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, "
+    "lease_owner = NULL, lease_until = NULL, wake_at = NULL "
+    "WHERE id = ? AND lease_owner = ? AND status = 'running' AND parent_id IS NULL RETURNING id"
+)
+
 CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was cancelled"})
 
 
@@ -225,16 +256,28 @@ class SqlRunStore:
             now,
             now,
         )
-        async with self.db.transaction() as tx:
-            inserted = await tx.one(
-                f"{SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING {RUN_COLUMNS}", params
-            )
-            if inserted is not None:
-                entry = await self._outbox(tx, run.id, run.priority, now)
-                return _run(self.tenant_id, inserted), True, (entry,)
-            row = await tx.one(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?", (run.idempotency_key,)
-            )
+        if self.db.dialect == "postgresql":
+            async with self.db.autocommit() as tx:
+                inserted = await tx.one(SQL_CREATE_PG, (*params, now))
+                if inserted is not None:
+                    entry = OutboxEntry(id=int(inserted[-1]), run_id=run.id, priority=run.priority)
+                    return _run(self.tenant_id, inserted), True, (entry,)
+                row = await tx.one(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
+                    (run.idempotency_key,),
+                )
+        else:
+            async with self.db.transaction() as tx:
+                inserted = await tx.one(
+                    f"{SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING {RUN_COLUMNS}", params
+                )
+                if inserted is not None:
+                    entry = await self._outbox(tx, run.id, run.priority, now)
+                    return _run(self.tenant_id, inserted), True, (entry,)
+                row = await tx.one(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
+                    (run.idempotency_key,),
+                )
         if row is None:
             raise IdempotencyConflictError(f"run id {run.id} is already taken")
         existing = _run(self.tenant_id, row)
@@ -246,7 +289,7 @@ class SqlRunStore:
         return existing, False, ()
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             return await self._get(tx, run_id)
 
     async def list_runs(
@@ -268,7 +311,7 @@ class SqlRunStore:
                 where.append(clause)
                 params.append(value)
         condition = f"WHERE {' AND '.join(where)}" if where else ""
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             rows = await tx.all(
                 f"SELECT {RUN_COLUMNS} FROM runs {condition} ORDER BY id DESC LIMIT ?",
                 (*params, max(1, min(limit, 1000))),
@@ -276,7 +319,7 @@ class SqlRunStore:
         return [_run(self.tenant_id, r) for r in rows]
 
     async def count_runs(self, *, status: RunStatus | None = None) -> int:
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             if status is None:
                 row = await tx.one("SELECT COUNT(*) FROM runs")
             else:
@@ -284,12 +327,20 @@ class SqlRunStore:
         return int(row[0]) if row else 0
 
     async def get_steps(self, run_id: str) -> list[StepRecord]:
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             return [_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,))]
 
     # -- execution ---------------------------------------------------------------------------
 
     async def claim_run(self, run_id: str, *, owner: str, now: float, lease: float) -> Claim:
+        async with self.db.autocommit() as tx:
+            row = await tx.one(SQL_CLAIM_QUEUED, (owner, now + lease, now, now, now, run_id, now))
+            if row is not None:  # the common case: a queued run
+                claimed = _run(self.tenant_id, row)
+                steps: tuple[StepRecord, ...] = ()
+                if claimed.executions > 1:  # it ran before (released, woken up): replay
+                    steps = tuple(_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,)))
+                return Claim(outcome=ClaimOutcome.CLAIMED, run=claimed, steps=steps)
         async with self.db.transaction() as tx:
             row = await tx.one(SQL_CLAIM_READ, (run_id,))
             if row is None:
@@ -332,12 +383,12 @@ class SqlRunStore:
                     run=await self._get(tx, run_id),
                     wake=tuple(wake),
                 )
-            claimed = await tx.one(
+            taken = await tx.one(
                 SQL_CLAIM, (owner, now + lease, recoveries, now, deadline, now, run_id)
             )
-            assert claimed is not None
+            assert taken is not None
             steps = tuple(_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,)))
-        return Claim(outcome=ClaimOutcome.CLAIMED, run=_run(self.tenant_id, claimed), steps=steps)
+        return Claim(outcome=ClaimOutcome.CLAIMED, run=_run(self.tenant_id, taken), steps=steps)
 
     async def renew_leases(
         self, run_ids: Sequence[str], *, owner: str, until: float
@@ -354,6 +405,15 @@ class SqlRunStore:
         return {r[0] for r in rows if r[1]}, set(run_ids) - ours
 
     async def record_step(self, step: StepRecord, *, owner: str) -> bool:
+        now = step.finished_at or step.started_at
+        if self.db.dialect == "postgresql":
+            async with self.db.autocommit() as tx:
+                row = await tx.one(
+                    SQL_RECORD_STEP_PG, (now, step.run_id, owner, *_step_params(step))
+                )
+            if row is None:
+                raise LeaseLost(step.run_id)
+            return bool(row[0])
         async with self.db.transaction() as tx:
             cancel = await self._owned(tx, step.run_id, owner, step.finished_at or step.started_at)
             await tx.run(SQL_UPSERT_STEP, _step_params(step))
@@ -506,6 +566,11 @@ class SqlRunStore:
         owner: str,
         now: float,
     ) -> Finished:
+        if status is not RunStatus.CANCELLED:  # no children to cancel
+            async with self.db.autocommit() as tx:
+                params = (status.value, result, error, now, now, run_id, owner)
+                if await tx.one(SQL_FINISH_OWNED, params) is not None:
+                    return Finished()  # no parent to wake either
         async with self.db.transaction() as tx:
             await self._owned(tx, run_id, owner, now)
             wake = await self._finish(tx, run_id, status, result, error, now)
@@ -551,7 +616,7 @@ class SqlRunStore:
     async def cancel_requested(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             rows = await tx.all(
                 f"SELECT id FROM runs WHERE cancel_requested AND id IN ({_marks(len(run_ids))})",
                 tuple(run_ids),
@@ -562,11 +627,11 @@ class SqlRunStore:
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         if ids:
-            async with self.db.transaction() as tx:
+            async with self.db.autocommit() as tx:
                 await tx.run(f"DELETE FROM outbox WHERE id IN ({_marks(len(ids))})", tuple(ids))
 
     async def pending_outbox(self, *, older_than: float, limit: int = 500) -> list[OutboxEntry]:
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             rows = await tx.all(
                 "SELECT id, run_id, priority FROM outbox WHERE created_at < ? ORDER BY id LIMIT ?",
                 (older_than, limit),
@@ -579,7 +644,7 @@ class SqlRunStore:
         """Runs that should have a message by now: queued, running with a lapsed lease, or
         sleeping/waiting past their wake-up time, for longer than ``grace`` seconds."""
         cutoff = now - grace
-        async with self.db.reader() as tx:
+        async with self.db.autocommit() as tx:
             rows: list[Row] = await tx.all(
                 "SELECT id, priority FROM runs WHERE "
                 "(status = 'queued' AND updated_at < ?) "

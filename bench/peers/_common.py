@@ -1,0 +1,186 @@
+"""Shared by the peer benchmarks: one measurement protocol for every system.
+
+Every system runs the same no-op task, which records into Redis (db 15, keys under a run
+uid) the moment it started and the moment it was enqueued (passed as an argument):
+
+- throughput: P worker processes are started and left to go idle; then the harness enqueues N
+  tasks from one process as fast as the library's client allows, and the clock runs from the
+  first enqueue to the N-th completion recorded (end to end);
+- latency: the same idle workers; the harness enqueues one task every 20 ms, 200 times;
+  enqueue-to-start latency is (start time - enqueue time) of each, p50 and p99.
+
+A module runs as ``python -m bench.peers.<system> --mode throughput|latency --n N
+--processes P`` and prints one JSON line: {"system", "mode", "n", "processes", "rate",
+"p50_ms", "p99_ms"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+REDIS_URL = os.environ.get("TENANTFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get(
+    "TENANTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+METRICS_DB = 15  # the recorder's Redis database, apart from the brokers' keys
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def metrics_client() -> redis.Redis:
+    base = REDIS_URL.rsplit("/", 1)[0]
+    return redis.Redis.from_url(f"{base}/{METRICS_DB}")
+
+
+def record(run_uid: str, enqueued_at: float) -> None:
+    """Call at the start of the task body: stores the enqueue-to-start latency."""
+    started = time.time()
+    client = _recorder()
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(f"peerbench:{run_uid}:lat", started - enqueued_at)
+    pipe.incr(f"peerbench:{run_uid}:done")
+    pipe.execute()
+
+
+_client: redis.Redis | None = None
+
+
+def _recorder() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = metrics_client()
+    return _client
+
+
+@dataclass
+class Result:
+    system: str
+    mode: str
+    n: int
+    processes: int
+    rate: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+
+    def print(self) -> None:
+        print(json.dumps(self.__dict__))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["throughput", "latency"], default="throughput")
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=1)
+    return parser.parse_args()
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def wait_done(run_uid: str, n: int, timeout: float = 300) -> float:
+    """Block until ``n`` completions were recorded; returns the time of the last check."""
+    client = metrics_client()
+    deadline = time.monotonic() + timeout
+    key = f"peerbench:{run_uid}:done"
+    while int(client.get(key) or 0) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{int(client.get(key) or 0)}/{n} done after {timeout} s")
+        time.sleep(0.002)
+    return time.perf_counter()
+
+
+def latencies_ms(run_uid: str) -> tuple[float, float]:
+    client = metrics_client()
+    values = sorted(1000 * float(v) for v in client.lrange(f"peerbench:{run_uid}:lat", 0, -1))
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return round(q[49], 2), round(q[98], 2)
+
+
+def cleanup(run_uid: str) -> None:
+    client = metrics_client()
+    client.delete(f"peerbench:{run_uid}:lat", f"peerbench:{run_uid}:done")
+
+
+def start_workers(
+    argv: Sequence[str],
+    processes: int,
+    env: dict[str, str] | None = None,
+    count: int = 1,
+    cwd: Path | None = None,
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` copies of a worker command (stdout/stderr discarded)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return [
+        subprocess.Popen(
+            list(argv),
+            env=full_env,
+            cwd=cwd or ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+
+
+def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def measure(
+    system: str,
+    args: argparse.Namespace,
+    enqueue: Callable[[str, float], Any],
+    warm: Callable[[], None] | None = None,
+) -> Result:
+    """Run the protocol with workers already started: ``enqueue(run_uid, now)`` sends one
+    task that calls ``record(run_uid, now)``."""
+    if warm is not None:
+        warm()
+    uid = new_uid()
+    try:
+        if args.mode == "throughput":
+            started = time.perf_counter()
+            for _ in range(args.n):
+                enqueue(uid, time.time())
+            done = wait_done(uid, args.n)
+            rate = args.n / (done - started)
+            p50, p99 = latencies_ms(uid)
+            return Result(system, args.mode, args.n, args.processes, round(rate, 1), p50, p99)
+        for _ in range(200):
+            enqueue(uid, time.time())
+            time.sleep(0.02)
+        wait_done(uid, 200)
+        p50, p99 = latencies_ms(uid)
+        return Result(system, args.mode, 200, args.processes, None, p50, p99)
+    finally:
+        cleanup(uid)
+
+
+def wait_idle(seconds: float = 3.0) -> None:
+    """Let freshly started workers finish booting."""
+    time.sleep(seconds)
+
+
+def python() -> str:
+    return sys.executable

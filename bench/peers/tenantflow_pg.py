@@ -1,0 +1,63 @@
+"""tenantflow on PostgreSQL + Redis, in the peer protocol (see ``_common``): a durable
+single-step workflow whose step records its start."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+from bench.peers import _common
+from tenantflow import App, Client, Runtime, WorkflowContext
+
+app = App("peer-bench")
+
+
+@app.step
+def mark(run_uid: str, enqueued_at: float) -> None:
+    _common.record(run_uid, enqueued_at)
+
+
+@app.workflow
+async def task(ctx: WorkflowContext, run_uid: str, enqueued_at: float) -> None:
+    await mark(run_uid, enqueued_at)
+
+
+def main() -> None:
+    from tests.conftest import cleanup_production, production_settings, settings_env
+
+    args = _common.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        settings = production_settings(Path(folder), log_level="WARNING")
+        loop = asyncio.new_event_loop()
+        runtime = Runtime(settings)
+        runtime.registry.create("bench")
+        procs = _common.start_workers(
+            [
+                _common.python(),
+                "-m",
+                "tenantflow",
+                "worker",
+                "--app",
+                "bench.peers.tenantflow_pg:app",
+            ],
+            args.processes,
+            env=settings_env(settings),
+            count=args.processes,
+        )
+        try:
+            _common.wait_idle()
+            tenant = Client(app, runtime=runtime).tenant("bench")
+
+            def enqueue(run_uid: str, now: float) -> None:
+                loop.run_until_complete(tenant.start(task, run_uid, now))
+
+            _common.measure("tenantflow", args, enqueue).print()
+        finally:
+            _common.stop_workers(procs)
+            loop.run_until_complete(runtime.close())
+            cleanup_production(settings)
+
+
+if __name__ == "__main__":
+    main()
