@@ -71,7 +71,7 @@ async def test_three_workers_kill_stop_and_flush(runtime: Runtime, workers: Work
     while not await taken_over():  # the others reclaim its messages and claim its runs
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    assert await progress() < RUNS * STEPS // 2
+    assert await progress() < RUNS * STEPS * 4 // 5  # mid-load: most work still ahead
     await wipe_queue(runtime)  # Redis loses everything mid-load
     frozen.send_signal(signal.SIGCONT)  # back, with stale leases and receipts
     workers.start(step_seconds=0.2)  # a replacement for the killed one

@@ -110,6 +110,7 @@ class Execution:
         self.task: asyncio.Task[Outcome] | None = None
         self._interrupt: str | None = None  # why the task was cancelled from outside
         self._nondeterminism: NonDeterminismError | None = None
+        self._pending: StepRecord | None = None
 
     # -- control from the worker -------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class Execution:
                 error=dumps({"type": "RunCancelledError", "message": "the run was cancelled"}),
             )
         except WorkflowReleased:
+            await self._flush()
             await self.store.release_run(run.id, owner=self.owner, now=time.time())
             return Outcome(kind=OutcomeKind.RELEASED)
         except LeaseLost:
@@ -201,8 +203,16 @@ class Execution:
     async def _finish(
         self, status: RunStatus, *, result: bytes | None = None, error: bytes | None = None
     ) -> Outcome:
+        # The last step's checkpoint, if still pending, commits with the run's end.
+        step, self._pending = self._pending, None
         finished = await self.store.finish_run(
-            self.run.id, status, result=result, error=error, owner=self.owner, now=time.time()
+            self.run.id,
+            status,
+            result=result,
+            error=error,
+            owner=self.owner,
+            now=time.time(),
+            step=step,
         )
         return Outcome(kind=OutcomeKind.FINISHED, status=status, wake=finished.wake)
 
@@ -230,11 +240,18 @@ class Execution:
         if await self.store.record_step(step, owner=self.owner):
             self.cancel_requested = True
 
+    async def _flush(self) -> None:
+        """Commit the pending checkpoint (the result of the step that just ran)."""
+        if self._pending is not None:
+            step, self._pending = self._pending, None
+            await self._record(step)
+
     # -- steps -------------------------------------------------------------------------------
 
     async def run_step(
         self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        await self._flush()
         seq, checkpoint = self._next(step.name, StepKind.STEP)
         if checkpoint is not None:
             return self._step_result(checkpoint, step)
@@ -298,7 +315,9 @@ class Execution:
                 break
             finally:
                 _step.reset(token)
-        await self._record(record)
+        # Committed before the next durable call runs, or with the run's end: workflow code in
+        # between has no side effects, so nothing can act on an uncommitted result.
+        self._pending = record
         self.checkpoints[seq] = record
         return self._step_result(record, step)
 
@@ -346,6 +365,7 @@ class Execution:
             raise WorkflowCancelled()
 
     async def sleep(self, seconds: float) -> None:
+        await self._flush()
         seq, checkpoint = self._next("sleep", StepKind.SLEEP)
         if checkpoint is None:
             now = time.time()
@@ -375,6 +395,7 @@ class Execution:
         await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=wake_at))
 
     async def wait_for_event(self, name: str, timeout: float | None) -> Any:
+        await self._flush()
         seq, checkpoint = self._next(name, StepKind.EVENT)
         if checkpoint is not None and checkpoint.status is StepStatus.COMPLETED:
             return loads(checkpoint.output)
@@ -392,6 +413,7 @@ class Execution:
     async def run_child(
         self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
+        await self._flush()
         seq, checkpoint = self._next(workflow.name, StepKind.CHILD)
         child_id = f"{self.run.id}.{seq}"
         if checkpoint is not None and checkpoint.status is not StepStatus.PENDING:

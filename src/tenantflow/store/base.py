@@ -103,7 +103,10 @@ class RunStore(Protocol):
         error: bytes | None,
         owner: str,
         now: float,
-    ) -> Finished: ...
+        step: StepRecord | None = None,
+    ) -> Finished:
+        """End the run (and commit ``step``, its last checkpoint, in the same transaction)."""
+        ...
 
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
         """Ask a run (and its children) to stop; a run no worker holds is cancelled at once."""

@@ -99,20 +99,32 @@ SQL_CLAIM_QUEUED = (
     "WHERE id = ? AND status = 'queued' AND (deadline IS NULL OR deadline > ?) "
     f"RETURNING {RUN_COLUMNS}"
 )
+
+
+def _insert_step_from(source: str) -> str:
+    """PostgreSQL: insert a step checkpoint only if ``source`` (a CTE) returned a row."""
+    return (
+        f"INSERT INTO steps ({STEP_COLUMNS}) SELECT ?::text, ?::int, ?::text, ?::text, "
+        f"?::text, ?::bytea, ?::bytea, ?::int, ?::float8, ?::float8 FROM {source} "
+        "ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, "
+        "output = excluded.output, error = excluded.error, attempts = excluded.attempts, "
+        "finished_at = excluded.finished_at RETURNING 1"
+    )
+
+
 SQL_RECORD_STEP_PG = (
     "WITH owned AS (UPDATE runs SET updated_at = ? WHERE id = ? AND lease_owner = ? "
     "AND status = 'running' RETURNING cancel_requested), "
-    f"ins AS (INSERT INTO steps ({STEP_COLUMNS}) SELECT ?::text, ?::int, ?::text, ?::text, "
-    "?::text, ?::bytea, ?::bytea, ?::int, ?::float8, ?::float8 FROM owned "
-    "ON CONFLICT (run_id, seq) DO UPDATE SET status = excluded.status, "
-    "output = excluded.output, error = excluded.error, attempts = excluded.attempts, "
-    "finished_at = excluded.finished_at RETURNING 1) "
-    "SELECT cancel_requested FROM owned"
+    f"ins AS ({_insert_step_from('owned')}) SELECT cancel_requested FROM owned"
 )
 SQL_FINISH_OWNED = (
     "UPDATE runs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, "
     "lease_owner = NULL, lease_until = NULL, wake_at = NULL "
     "WHERE id = ? AND lease_owner = ? AND status = 'running' AND parent_id IS NULL RETURNING id"
+)
+
+SQL_FINISH_WITH_STEP_PG = (
+    f"WITH fin AS ({SQL_FINISH_OWNED}), ins AS ({_insert_step_from('fin')}) SELECT id FROM fin"
 )
 
 CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was cancelled"})
@@ -565,14 +577,28 @@ class SqlRunStore:
         error: bytes | None,
         owner: str,
         now: float,
+        step: StepRecord | None = None,
     ) -> Finished:
+        finish = (status.value, result, error, now, now, run_id, owner)
         if status is not RunStatus.CANCELLED:  # no children to cancel
-            async with self.db.autocommit() as tx:
-                params = (status.value, result, error, now, now, run_id, owner)
-                if await tx.one(SQL_FINISH_OWNED, params) is not None:
+            if self.db.dialect == "postgresql":
+                async with self.db.autocommit() as tx:
+                    if step is None:
+                        done = await tx.one(SQL_FINISH_OWNED, finish)
+                    else:
+                        done = await tx.one(SQL_FINISH_WITH_STEP_PG, (*finish, *_step_params(step)))
+                if done is not None:
                     return Finished()  # no parent to wake either
+            else:
+                async with self.db.transaction() as tx:
+                    if await tx.one(SQL_FINISH_OWNED, finish) is not None:
+                        if step is not None:
+                            await tx.run(SQL_UPSERT_STEP, _step_params(step))
+                        return Finished()
         async with self.db.transaction() as tx:
             await self._owned(tx, run_id, owner, now)
+            if step is not None:
+                await tx.run(SQL_UPSERT_STEP, _step_params(step))
             wake = await self._finish(tx, run_id, status, result, error, now)
         return Finished(wake=tuple(wake))
 

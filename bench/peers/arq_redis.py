@@ -1,0 +1,93 @@
+"""arq on Redis, in the peer protocol (see ``_common``): a no-op job that records its start.
+
+Configuration: arq's defaults except ``max_jobs=100`` (default 10) and ``keep_result=0``: no
+job result is stored, as Celery runs with ``ignore_result`` and Dramatiq without a result
+backend (arq's default keeps each result for an hour, one more Redis write per job). The queue
+lives in Redis database 3, flushed when the run ends. arq runs one asyncio worker per process:
+P processes are P copies of ``arq bench.peers.arq_redis.WorkerSettings``.
+
+Jobs are enqueued with ``await pool.enqueue_job(...)`` from one persistent event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import redis
+
+# arq (both imports) is not installed in CI, which has the test extras only; where it is, it
+# is typed (py.typed) and the ignores are unused.
+from arq import create_pool  # type: ignore[import-not-found, unused-ignore]
+from arq.connections import RedisSettings  # type: ignore[import-not-found, unused-ignore]
+
+from bench.peers import _common
+
+BROKER_DB = 3
+BROKER_URL = f"{_common.REDIS_URL.rsplit('/', 1)[0]}/{BROKER_DB}"
+REDIS_SETTINGS = RedisSettings.from_dsn(BROKER_URL)
+
+
+async def noop(ctx: dict[Any, Any], run_uid: str, enqueued_at: float) -> None:
+    _common.record(run_uid, enqueued_at)
+
+
+class WorkerSettings:
+    """Read by the ``arq`` worker command."""
+
+    functions: ClassVar[list[Callable[..., Any]]] = [noop]
+    redis_settings = REDIS_SETTINGS
+    max_jobs = 100
+    keep_result = 0
+
+
+def flush_broker() -> None:
+    """Delete every key of the queue's database (3), and only that one."""
+    assert BROKER_DB not in (0, _common.METRICS_DB)
+    client = redis.Redis.from_url(BROKER_URL)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def main() -> None:
+    args = _common.parse_args()
+    flush_broker()  # leftovers of an interrupted run would be consumed during this one
+    arq_bin = str(Path(sys.executable).parent / "arq")
+    procs = _common.start_workers(
+        [arq_bin, "bench.peers.arq_redis.WorkerSettings"], args.processes, count=args.processes
+    )
+    loop = asyncio.new_event_loop()
+    try:
+        pool = loop.run_until_complete(create_pool(REDIS_SETTINGS))
+        try:
+            _common.wait_idle()
+
+            def enqueue(run_uid: str, now: float) -> None:
+                loop.run_until_complete(pool.enqueue_job("noop", run_uid, now))
+
+            def warm() -> None:
+                # Proves the workers consume before the clock starts.
+                uid = "warm-" + _common.new_uid()
+                count = 4 * args.processes
+                for _ in range(count):
+                    enqueue(uid, time.time())
+                _common.wait_done(uid, count, timeout=60)
+                _common.cleanup(uid)
+
+            _common.measure("arq", args, enqueue, warm=warm).print()
+        finally:
+            loop.run_until_complete(pool.aclose())
+    finally:
+        _common.stop_workers(procs)
+        loop.close()
+        flush_broker()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""DBOS on PostgreSQL, in the peer protocol (see ``_common``): a durable workflow of one step,
+whose body records its start, run from a DBOS queue by separate worker processes.
+
+The run gets a system database of its own, ``peer_dbos_<uid>``, dropped at the end. The harness
+creates DBOS's schema (``DBOS.migrate``) and registers the queue with a ``DBOSClient``, then
+starts P processes of ``python -m bench.peers.dbos_pg --serve``: each one ``DBOS.launch()``es
+and dequeues from the queue. The harness enqueues with ``DBOSClient.enqueue`` (one INSERT of an
+ENQUEUED workflow row each); it runs no workflow itself.
+
+DBOS workers find queued work by polling (no LISTEN/NOTIFY on queues): every
+``polling_interval_sec`` of the queue, 1 s by default. ``PEERBENCH_DBOS_POLL_S`` sets it (the
+default here is DBOS's own, 1.0). Each poll claims every ENQUEUED row (no worker concurrency
+limit is set) and hands them to the process's thread pool.
+
+dbos is an optional install, absent when mypy runs in CI (pyproject ignores its missing
+imports): it is imported inside functions and its decorators are typed loosely.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from bench.peers import _common
+
+URL_ENV = "PEERBENCH_DBOS_URL"
+POLL_ENV = "PEERBENCH_DBOS_POLL_S"
+APP_NAME = "peerbench"
+QUEUE_NAME = "peerbench"
+WORKFLOW_NAME = "peerbench_workflow"
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def poll_interval() -> float:
+    return float(os.environ.get(POLL_ENV, "1.0"))
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+def create_database(name: str) -> str:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(_common.POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(_common.POSTGRES_URL, name)
+
+
+def drop_database(name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(_common.POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def serve() -> None:
+    """A worker process: launch DBOS with the workflow registered, dequeue until SIGTERM."""
+    from dbos import DBOS
+
+    config: Any = {
+        "name": APP_NAME,
+        "system_database_url": os.environ[URL_ENV],
+        "run_admin_server": False,
+    }
+    DBOS(config=config)
+
+    step = cast(Decorator, DBOS.step(name="peerbench_mark"))
+    workflow = cast(Decorator, DBOS.workflow(name=WORKFLOW_NAME))
+
+    @step
+    def mark(run_uid: str, enqueued_at: float) -> None:
+        _common.record(run_uid, enqueued_at)
+
+    @workflow
+    def task(run_uid: str, enqueued_at: float) -> None:
+        mark(run_uid, enqueued_at)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    DBOS.listen_queues([QUEUE_NAME])
+    DBOS.launch()
+    try:
+        stop.wait()
+    finally:
+        DBOS.destroy(workflow_completion_timeout_sec=5)
+
+
+def main() -> None:
+    from dbos import DBOS, DBOSClient
+
+    args = _common.parse_args()
+    database = f"peer_dbos_{_common.new_uid()}"
+    url = create_database(database)
+    procs = []
+    client: Any = None
+    try:
+        DBOS.migrate(url)
+        client = DBOSClient(system_database_url=url, application_name=APP_NAME)
+        client.register_queue(QUEUE_NAME, polling_interval_sec=poll_interval())
+        procs = _common.start_workers(
+            [_common.python(), "-m", "bench.peers.dbos_pg", "--serve"],
+            args.processes,
+            env={URL_ENV: url, POLL_ENV: str(poll_interval())},
+            count=args.processes,
+        )
+        _common.wait_idle()
+        options: Any = {"queue_name": QUEUE_NAME, "workflow_name": WORKFLOW_NAME}
+
+        def enqueue(run_uid: str, now: float) -> None:
+            client.enqueue(options, run_uid, now)
+
+        _common.measure("dbos", args, enqueue).print()
+    finally:
+        _common.stop_workers(procs)
+        if client is not None:
+            client.destroy()
+        drop_database(database)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main()
