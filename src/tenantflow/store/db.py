@@ -1,13 +1,14 @@
 """A narrow async database interface, and its SQLite and PostgreSQL implementations.
 
 Statements are written once, with ``?`` placeholders; the PostgreSQL side rewrites them to
-``%s`` (psycopg). ``{for_update}`` in a statement becomes ``FOR UPDATE`` on PostgreSQL (which
-needs the row lock under READ COMMITTED) and nothing on SQLite (whose ``BEGIN IMMEDIATE``
+``%s`` (psycopg). ``{for_update}`` and ``{for_share}`` in a statement become row locks on PostgreSQL
+(which needs them under READ COMMITTED) and nothing on SQLite (whose ``BEGIN IMMEDIATE``
 already serializes writers).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -43,6 +44,11 @@ class Database(Protocol):
 
     def autocommit(self) -> contextlib.AbstractAsyncContextManager[Tx]: ...
 
+    async def batched(self, sql: str, params: Sequence[Any]) -> Row | None:
+        """Run one self-contained statement, possibly in one transaction with other callers'
+        statements (group commit); returns its first row once that transaction committed."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -51,7 +57,7 @@ class Database(Protocol):
 
 @lru_cache(maxsize=512)
 def _sqlite_sql(sql: str) -> str:
-    return sql.replace("{for_update}", "")
+    return sql.replace("{for_update}", "").replace("{for_share}", "")
 
 
 class _SqliteTx:
@@ -90,6 +96,11 @@ class SqliteDatabase:
     async def autocommit(self) -> AsyncIterator[Tx]:
         yield _SqliteTx(self.conn)
 
+    async def batched(self, sql: str, params: Sequence[Any]) -> Row | None:
+        # A local commit costs microseconds here: nothing to gain from grouping.
+        row: Row | None = self.conn.execute(_sqlite_sql(sql), params).fetchone()
+        return row
+
     async def close(self) -> None:
         self.conn.close()
 
@@ -99,7 +110,11 @@ class SqliteDatabase:
 
 @lru_cache(maxsize=512)
 def _pg_sql(sql: str) -> str:
-    return sql.replace("{for_update}", " FOR UPDATE").replace("?", "%s")
+    return (
+        sql.replace("{for_update}", " FOR UPDATE")
+        .replace("{for_share}", " FOR SHARE")
+        .replace("?", "%s")
+    )
 
 
 class _PgTx:
@@ -139,8 +154,11 @@ class PostgresDatabase:
             open=False,
             timeout=30,
             kwargs={"autocommit": True},
+            num_workers=1,
         )
         self._opened = False
+        self._batch: list[tuple[str, Sequence[Any], asyncio.Future[Row | None]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def _open(self) -> None:
         if not self._opened:
@@ -159,6 +177,79 @@ class PostgresDatabase:
         async with self.pool.connection() as conn:
             yield _PgTx(conn)
 
+    async def batched(self, sql: str, params: Sequence[Any]) -> Row | None:
+        """Group commit: statements submitted in the same turn of the event loop share one
+        transaction, sent in one pipeline, so a commit (and its WAL flush) serves many runs."""
+        future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
+        self._batch.append((sql, params, future))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        return await future
+
+    def _start_flush(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(
+        self, batch: list[tuple[str, Sequence[Any], asyncio.Future[Row | None]]]
+    ) -> None:
+        try:
+            await self._open()
+            async with self.pool.connection() as conn:
+                try:
+                    rows = await self._run_batch(conn, batch)
+                except Exception:
+                    if len(batch) == 1:
+                        raise
+                    # One statement failed the shared transaction (a deadlock between two
+                    # batches, say): run each on its own so only the guilty one fails.
+                    for sql, params, future in batch:
+                        try:
+                            cur = await conn.execute(_pg_sql(sql), params)
+                            _settle(future, result=await cur.fetchone())
+                        except Exception as exc:
+                            _settle(future, error=exc)
+                    return
+            for (_, _, future), row in zip(batch, rows, strict=True):
+                _settle(future, result=row)
+        except BaseException as exc:
+            for _, _, future in batch:
+                _settle(future, error=exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    @staticmethod
+    async def _run_batch(
+        conn: AsyncConnection[Any],
+        batch: list[tuple[str, Sequence[Any], asyncio.Future[Row | None]]],
+    ) -> list[Row | None]:
+        if len(batch) == 1:  # autocommit: the statement is its own transaction
+            sql, params, _ = batch[0]
+            cur = await conn.execute(_pg_sql(sql), params)
+            return [await cur.fetchone()]
+        # Pipeline outside the transaction: BEGIN, the statements and COMMIT go out together.
+        async with conn.pipeline(), conn.transaction():
+            cursors = [await conn.execute(_pg_sql(sql), params) for sql, params, _ in batch]
+        return [await cur.fetchone() for cur in cursors]
+
     async def close(self) -> None:
+        for task in list(self._flushing):
+            await task
         if self._opened:
             await self.pool.close()
+
+
+def _settle(
+    future: asyncio.Future[Row | None],
+    *,
+    result: Row | None = None,
+    error: BaseException | None = None,
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -269,11 +269,11 @@ class SqlRunStore:
             now,
         )
         if self.db.dialect == "postgresql":
+            inserted = await self.db.batched(SQL_CREATE_PG, (*params, now))
+            if inserted is not None:
+                entry = OutboxEntry(id=int(inserted[-1]), run_id=run.id, priority=run.priority)
+                return _run(self.tenant_id, inserted), True, (entry,)
             async with self.db.autocommit() as tx:
-                inserted = await tx.one(SQL_CREATE_PG, (*params, now))
-                if inserted is not None:
-                    entry = OutboxEntry(id=int(inserted[-1]), run_id=run.id, priority=run.priority)
-                    return _run(self.tenant_id, inserted), True, (entry,)
                 row = await tx.one(
                     f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
                     (run.idempotency_key,),
@@ -345,14 +345,15 @@ class SqlRunStore:
     # -- execution ---------------------------------------------------------------------------
 
     async def claim_run(self, run_id: str, *, owner: str, now: float, lease: float) -> Claim:
-        async with self.db.autocommit() as tx:
-            row = await tx.one(SQL_CLAIM_QUEUED, (owner, now + lease, now, now, now, run_id, now))
-            if row is not None:  # the common case: a queued run
-                claimed = _run(self.tenant_id, row)
-                steps: tuple[StepRecord, ...] = ()
-                if claimed.executions > 1:  # it ran before (released, woken up): replay
-                    steps = tuple(_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,)))
-                return Claim(outcome=ClaimOutcome.CLAIMED, run=claimed, steps=steps)
+        row = await self.db.batched(
+            SQL_CLAIM_QUEUED, (owner, now + lease, now, now, now, run_id, now)
+        )
+        if row is not None:  # the common case: a queued run
+            claimed = _run(self.tenant_id, row)
+            steps: tuple[StepRecord, ...] = ()
+            if claimed.executions > 1:  # it ran before (released, woken up): replay
+                steps = tuple(await self.get_steps(run_id))
+            return Claim(outcome=ClaimOutcome.CLAIMED, run=claimed, steps=steps)
         async with self.db.transaction() as tx:
             row = await tx.one(SQL_CLAIM_READ, (run_id,))
             if row is None:
@@ -419,10 +420,9 @@ class SqlRunStore:
     async def record_step(self, step: StepRecord, *, owner: str) -> bool:
         now = step.finished_at or step.started_at
         if self.db.dialect == "postgresql":
-            async with self.db.autocommit() as tx:
-                row = await tx.one(
-                    SQL_RECORD_STEP_PG, (now, step.run_id, owner, *_step_params(step))
-                )
+            row = await self.db.batched(
+                SQL_RECORD_STEP_PG, (now, step.run_id, owner, *_step_params(step))
+            )
             if row is None:
                 raise LeaseLost(step.run_id)
             return bool(row[0])
@@ -543,15 +543,25 @@ class SqlRunStore:
         self, run_id: str, wait: Wait, *, owner: str, now: float
     ) -> SuspendOutcome:
         async with self.db.transaction() as tx:
+            child_done = False
+            if wait.kind is WaitKind.CHILD and wait.child_id is not None:
+                # Lock the child's row before the parent's, the order in which the child's end
+                # takes them: a child ending right now is seen ended here, or sees its parent
+                # waiting and wakes it. Either way no wake-up is lost, and no deadlock.
+                row = await tx.one(
+                    "SELECT status FROM runs WHERE id = ? {for_share}", (wait.child_id,)
+                )
+                child_done = row is not None and RunStatus(row[0]) in TERMINAL
+            # The run's own row is locked next: an event sent meanwhile waits for this
+            # transaction, then finds the run waiting and wakes it.
             if await self._owned(tx, run_id, owner, now):
                 return SuspendOutcome.CANCEL
+            if child_done:
+                return SuspendOutcome.READY
             if wait.kind is WaitKind.EVENT and await tx.one(
                 SQL_NEXT_EVENT, (run_id, wait.event_name)
             ):
                 return SuspendOutcome.READY
-            if wait.kind is WaitKind.CHILD and wait.child_id is not None:
-                if (await self._child_state(tx, wait.child_id)).status in TERMINAL:
-                    return SuspendOutcome.READY
             status = RunStatus.SLEEPING if wait.kind is WaitKind.SLEEP else RunStatus.WAITING
             await tx.run(
                 "UPDATE runs SET status = ?, wake_at = ?, lease_owner = NULL, "
@@ -582,11 +592,12 @@ class SqlRunStore:
         finish = (status.value, result, error, now, now, run_id, owner)
         if status is not RunStatus.CANCELLED:  # no children to cancel
             if self.db.dialect == "postgresql":
-                async with self.db.autocommit() as tx:
-                    if step is None:
-                        done = await tx.one(SQL_FINISH_OWNED, finish)
-                    else:
-                        done = await tx.one(SQL_FINISH_WITH_STEP_PG, (*finish, *_step_params(step)))
+                if step is None:
+                    done = await self.db.batched(SQL_FINISH_OWNED, finish)
+                else:
+                    done = await self.db.batched(
+                        SQL_FINISH_WITH_STEP_PG, (*finish, *_step_params(step))
+                    )
                 if done is not None:
                     return Finished()  # no parent to wake either
             else:
