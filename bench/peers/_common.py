@@ -9,6 +9,9 @@ uid) the moment it started and the moment it was enqueued (passed as an argument
 - latency: the same idle workers; the harness enqueues one task every 20 ms, 200 times;
   enqueue-to-start latency is (start time - enqueue time) of each, p50 and p99.
 
+With ``--steps K`` (durable-workflow systems: tenantflow, DBOS) each workflow runs K steps
+and records at its first; ``rate`` then counts steps per second (N workflows x K / time).
+
 A module runs as ``python -m bench.peers.<system> --mode throughput|latency --n N
 --processes P`` and prints one JSON line: {"system", "mode", "n", "processes", "rate",
 "p50_ms", "p99_ms"}.
@@ -44,14 +47,20 @@ def metrics_client() -> redis.Redis:
     return redis.Redis.from_url(f"{base}/{METRICS_DB}")
 
 
-def record(run_uid: str, enqueued_at: float) -> None:
-    """Call at the start of the task body: stores the enqueue-to-start latency."""
+def record(run_uid: str, enqueued_at: float, *, done: bool = True) -> None:
+    """Call at the start of the task body: stores the enqueue-to-start latency (and counts the
+    task done, unless ``done=False``: then call ``mark_done`` at its end)."""
     started = time.time()
     client = _recorder()
     pipe = client.pipeline(transaction=False)
     pipe.rpush(f"peerbench:{run_uid}:lat", started - enqueued_at)
-    pipe.incr(f"peerbench:{run_uid}:done")
+    if done:
+        pipe.incr(f"peerbench:{run_uid}:done")
     pipe.execute()
+
+
+def mark_done(run_uid: str) -> None:
+    _recorder().incr(f"peerbench:{run_uid}:done")
 
 
 _client: redis.Redis | None = None
@@ -83,6 +92,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mode", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument(
+        "--steps", type=int, default=1, help="steps per workflow (durable-workflow systems only)"
+    )
     return parser.parse_args()
 
 
@@ -164,7 +176,7 @@ def measure(
             for _ in range(args.n):
                 enqueue(uid, time.time())
             done = wait_done(uid, args.n)
-            rate = args.n / (done - started)
+            rate = args.n * getattr(args, "steps", 1) / (done - started)
             p50, p99 = latencies_ms(uid)
             return Result(system, args.mode, args.n, args.processes, round(rate, 1), p50, p99)
         for _ in range(200):

@@ -14,13 +14,21 @@ app = App("peer-bench")
 
 
 @app.step
-def mark(run_uid: str, enqueued_at: float) -> None:
-    _common.record(run_uid, enqueued_at)
+def mark(run_uid: str, enqueued_at: float, done: bool) -> None:
+    _common.record(run_uid, enqueued_at, done=done)
+
+
+@app.step
+def nothing(run_uid: str, last: bool) -> None:
+    if last:
+        _common.mark_done(run_uid)
 
 
 @app.workflow
-async def task(ctx: WorkflowContext, run_uid: str, enqueued_at: float) -> None:
-    await mark(run_uid, enqueued_at)
+async def task(ctx: WorkflowContext, run_uid: str, enqueued_at: float, steps: int = 1) -> None:
+    await mark(run_uid, enqueued_at, steps == 1)
+    for i in range(1, steps):
+        await nothing(run_uid, i == steps - 1)
 
 
 def main() -> None:
@@ -50,9 +58,10 @@ def main() -> None:
             tenant = Client(app, runtime=runtime).tenant("bench")
 
             def enqueue(run_uid: str, now: float) -> None:
-                loop.run_until_complete(tenant.start(task, run_uid, now))
+                loop.run_until_complete(tenant.start(task, run_uid, now, args.steps))
 
-            _common.measure("tenantflow", args, enqueue).print()
+            name = "tenantflow" if args.steps == 1 else f"tenantflow-{args.steps}-step"
+            _common.measure(name, args, enqueue).print()
         finally:
             _common.stop_workers(procs)
             loop.run_until_complete(runtime.close())
