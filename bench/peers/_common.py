@@ -12,6 +12,8 @@ uid) the moment it started and the moment it was enqueued (passed as an argument
 With ``--steps K`` (durable-workflow systems: tenantflow, DBOS) each workflow runs K steps
 and records at its first; ``rate`` then counts steps per second (N workflows x K / time).
 
+Each measurement is preceded by a warm-up of 50 tasks, not timed.
+
 A module runs as ``python -m bench.peers.<system> --mode throughput|latency --n N
 --processes P`` and prints one JSON line: {"system", "mode", "n", "processes", "rate",
 "p50_ms", "p99_ms"}.
@@ -38,7 +40,8 @@ REDIS_URL = os.environ.get("TENANTFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/
 POSTGRES_URL = os.environ.get(
     "TENANTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-METRICS_DB = 15  # the recorder's Redis database, apart from the brokers' keys
+METRICS_DB = 15
+WARMUP_TASKS = 50  # the recorder's Redis database, apart from the brokers' keys
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -169,6 +172,14 @@ def measure(
     task that calls ``record(run_uid, now)``."""
     if warm is not None:
         warm()
+    # Warm-up, the same for every system: connections opened, code paths and caches hot.
+    warm_uid = new_uid()
+    try:
+        for _ in range(WARMUP_TASKS):
+            enqueue(warm_uid, time.time())
+        wait_done(warm_uid, WARMUP_TASKS, timeout=120)
+    finally:
+        cleanup(warm_uid)
     uid = new_uid()
     try:
         if args.mode == "throughput":

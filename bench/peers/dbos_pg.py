@@ -79,13 +79,22 @@ def serve() -> None:
     step = cast(Decorator, DBOS.step(name="peerbench_mark"))
     workflow = cast(Decorator, DBOS.workflow(name=WORKFLOW_NAME))
 
+    nothing_step = cast(Decorator, DBOS.step(name="peerbench_nothing"))
+
     @step
-    def mark(run_uid: str, enqueued_at: float) -> None:
-        _common.record(run_uid, enqueued_at)
+    def mark(run_uid: str, enqueued_at: float, done: bool) -> None:
+        _common.record(run_uid, enqueued_at, done=done)
+
+    @nothing_step
+    def nothing(run_uid: str, last: bool) -> None:
+        if last:
+            _common.mark_done(run_uid)
 
     @workflow
-    def task(run_uid: str, enqueued_at: float) -> None:
-        mark(run_uid, enqueued_at)
+    def task(run_uid: str, enqueued_at: float, steps: int = 1) -> None:
+        mark(run_uid, enqueued_at, steps == 1)
+        for i in range(1, steps):
+            nothing(run_uid, i == steps - 1)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -119,9 +128,10 @@ def main() -> None:
         options: Any = {"queue_name": QUEUE_NAME, "workflow_name": WORKFLOW_NAME}
 
         def enqueue(run_uid: str, now: float) -> None:
-            client.enqueue(options, run_uid, now)
+            client.enqueue(options, run_uid, now, args.steps)
 
-        _common.measure("dbos", args, enqueue).print()
+        name = "dbos" if args.steps == 1 else f"dbos-{args.steps}-step"
+        _common.measure(name, args, enqueue).print()
     finally:
         _common.stop_workers(procs)
         if client is not None:

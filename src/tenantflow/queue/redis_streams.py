@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
+from redis.exceptions import NoScriptError
 
 from tenantflow.errors import NotFoundError
 from tenantflow.queue import lua
@@ -44,9 +46,12 @@ class RedisStreamsQueue:
         self.keys = Keys(prefix)
         self.max_deliveries = max_deliveries
         self.tenant_max_inflight = tenant_max_inflight
-        self._scripts = {
-            name: self.redis.register_script(getattr(lua, name))
+        self._sources = {
+            name: getattr(lua, name)
             for name in ("ENQUEUE", "DEQUEUE", "ACK", "RETRY_LATER", "EXTEND", "REPLAY")
+        }
+        self._sha = {
+            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()
         }
         self._active: list[str] = []
         self._active_at = 0.0
@@ -61,16 +66,37 @@ class RedisStreamsQueue:
     ) -> str:
         keys = self.keys.tenant(tenant_id).all()
         delay_ms = max(0, int(delay * 1000))
+
         # One round trip: the script, the tenant's activity mark, the wake-up.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._scripts["ENQUEUE"](
-                keys=keys, args=[run_id, priority, delay_ms], client=pipe
-            )
+        def build(pipe: Any) -> None:
+            self._eval(pipe, "ENQUEUE", keys, [run_id, priority, delay_ms])
             pipe.zadd(self.keys.active, {tenant_id: int(time.time() * 1000) + delay_ms}, gt=True)
             if delay_ms == 0:
                 pipe.publish(self.keys.wake, tenant_id)
-            ready_at = (await pipe.execute())[0]
+
+        ready_at = (await self._execute(build))[0]
         return f"{tenant_id}:{run_id}:{ready_at}"
+
+    # -- scripts -----------------------------------------------------------------------------
+
+    def _eval(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        pipe.evalsha(self._sha[name], len(keys), *keys, *args)
+
+    async def _execute(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run a pipeline built by ``build`` (one round trip). Scripts are called by SHA; if
+        the server lost them (a restart), they are loaded and the pipeline sent again."""
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    result: list[Any] = await pipe.execute()
+                    return result
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+            for source in self._sources.values():
+                await self.redis.script_load(source)
+        raise AssertionError("unreachable")
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -112,11 +138,14 @@ class RedisStreamsQueue:
             plan.append((tenant, share))
             budget -= share
         min_idle = max(1, int(visibility_timeout * 1000))
-        async with self.redis.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for tenant, share in plan:
-                await self._scripts["DEQUEUE"](
-                    keys=self.keys.tenant(tenant).all(),
-                    args=[
+                self._eval(
+                    pipe,
+                    "DEQUEUE",
+                    self.keys.tenant(tenant).all(),
+                    [
                         GROUP,
                         consumer,
                         share,
@@ -125,9 +154,9 @@ class RedisStreamsQueue:
                         self.tenant_max_inflight,
                         DEAD_LETTERS_MAX,
                     ],
-                    client=pipe,
                 )
-            replies = await pipe.execute()
+
+        replies = await self._execute(build)
         out: list[Message] = []
         for (tenant, _), flat in zip(plan, replies, strict=True):
             for i in range(0, len(flat), 5):
@@ -150,42 +179,47 @@ class RedisStreamsQueue:
         return consumer, count
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
-        for tenant, group in _by_tenant(messages).items():
-            consumer = self._receipt(group[0])[0]
-            args: list[Any] = [GROUP, consumer]
-            for m in group:
-                args.extend((m.id, self._receipt(m)[1]))
-            await self._scripts["EXTEND"](keys=self.keys.tenant(tenant).all(), args=args)
+        await self._per_tenant("EXTEND", messages)
 
     async def ack(self, messages: Sequence[Message]) -> None:
-        for tenant, group in _by_tenant(messages).items():
-            consumer = self._receipt(group[0])[0]
-            args: list[Any] = [GROUP, consumer]
-            for m in group:
-                args.extend((m.id, self._receipt(m)[1]))
-            await self._scripts["ACK"](keys=self.keys.tenant(tenant).all(), args=args)
+        await self._per_tenant("ACK", messages)
+
+    async def _per_tenant(self, script: str, messages: Sequence[Message]) -> None:
+        """One script call per tenant for a batch of deliveries, all in one round trip."""
+        if not messages:
+            return
+
+        def build(pipe: Any) -> None:
+            for tenant, group in _by_tenant(messages).items():
+                args: list[Any] = [GROUP, self._receipt(group[0])[0]]
+                for m in group:
+                    args.extend((m.id, self._receipt(m)[1]))
+                self._eval(pipe, script, self.keys.tenant(tenant).all(), args)
+
+        await self._execute(build)
 
     async def retry_later(
         self, message: Message, delay: float, *, count_delivery: bool = True
     ) -> None:
         consumer, count = self._receipt(message)
-        ready_at = await self._scripts["RETRY_LATER"](
-            keys=self.keys.tenant(message.tenant_id).all(),
-            args=[
-                GROUP,
-                consumer,
-                message.id,
-                count,
-                max(0, int(delay * 1000)),
-                "1" if count_delivery else "0",
-            ],
-        )
-        if ready_at:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.active, {message.tenant_id: int(ready_at)}, gt=True)
-                if delay <= 0:
-                    pipe.publish(self.keys.wake, message.tenant_id)
-                await pipe.execute()
+        delay_ms = max(0, int(delay * 1000))
+
+        def build(pipe: Any) -> None:
+            self._eval(
+                pipe,
+                "RETRY_LATER",
+                self.keys.tenant(message.tenant_id).all(),
+                [GROUP, consumer, message.id, count, delay_ms, "1" if count_delivery else "0"],
+            )
+            # Marking the tenant active is harmless even if the script found the delivery
+            # no longer ours.
+            pipe.zadd(
+                self.keys.active, {message.tenant_id: int(time.time() * 1000) + delay_ms}, gt=True
+            )
+            if delay_ms == 0:
+                pipe.publish(self.keys.wake, message.tenant_id)
+
+        await self._execute(build)
 
     # -- dead letters, inspection ------------------------------------------------------------
 
@@ -204,8 +238,10 @@ class RedisStreamsQueue:
 
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
         try:
-            done = await self._scripts["REPLAY"](
-                keys=self.keys.tenant(tenant_id).all(), args=[dead_letter_id]
+            (done,) = await self._execute(
+                lambda pipe: self._eval(
+                    pipe, "REPLAY", self.keys.tenant(tenant_id).all(), [dead_letter_id]
+                )
             )
         except Exception as exc:  # a malformed id is a missing one
             if "Invalid stream ID" in str(exc):

@@ -66,6 +66,7 @@ class Worker:
         self.stats = WorkerStats()
         self._inflight: dict[str, _InFlight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acks: list[Message] = []
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
 
@@ -109,6 +110,7 @@ class Worker:
                     await self._wait_any(queue.wait(poll), poll)
         finally:
             await self._drain()
+            await self._flush_acks()
             for task in (keepalive, maintenance):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -165,13 +167,13 @@ class Worker:
             store = self.runtime.router.store(message.tenant_id)
         except TenantNotFoundError:
             log.error("message for an unknown tenant dropped", tenant=message.tenant_id)
-            await queue.ack([message])
+            self._ack(message)
             return
         now = time.time()
         claim = await store.claim_run(message.run_id, owner=self.owner, now=now, lease=self.lease)
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
-            await queue.ack([message])
+            self._ack(message)
             return
         if claim.outcome is ClaimOutcome.DEFER:
             assert claim.not_before is not None
@@ -179,7 +181,7 @@ class Worker:
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             await self.runtime.publish(message.tenant_id, claim.wake)
-            await queue.ack([message])
+            self._ack(message)
             return
         assert claim.run is not None
         self.stats.claimed += 1
@@ -203,6 +205,26 @@ class Worker:
         outcome = await execution.task
         await self._settle(message, outcome)
 
+    def _ack(self, message: Message) -> None:
+        """Acknowledge soon: acknowledgements of one turn of the loop go in one round trip.
+        (Lost with the process, the delivery comes back and finds its run ended: dropped.)"""
+        self._acks.append(message)
+        if len(self._acks) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_acks_soon)
+
+    def _flush_acks_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush_acks())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        if acks:
+            try:
+                await self.runtime.queue.ack(acks)
+            except Exception:
+                log.exception("acknowledgement failed; the deliveries will come back")
+
     async def _settle(self, message: Message, outcome: Outcome) -> None:
         queue = self.runtime.queue
         if outcome.kind is OutcomeKind.FINISHED:
@@ -210,11 +232,11 @@ class Worker:
             if outcome.status is not None:
                 self.stats.by_status[outcome.status.value] += 1
             await self.runtime.publish(message.tenant_id, outcome.wake)
-            await queue.ack([message])
+            self._ack(message)
         elif outcome.kind is OutcomeKind.SUSPENDED:
             self.stats.suspended += 1
             if outcome.wake_at is None:
-                await queue.ack([message])  # woken by an event or a child, which enqueue it
+                self._ack(message)  # woken by an event or a child, which enqueue it
             else:
                 await queue.retry_later(
                     message, outcome.wake_at - time.time(), count_delivery=False
@@ -223,7 +245,7 @@ class Worker:
             self.stats.released += 1
             await queue.retry_later(message, 0.0, count_delivery=False)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
-            await queue.ack([message])
+            self._ack(message)
 
     # -- relay and reconciler ----------------------------------------------------------------
 
