@@ -22,6 +22,7 @@ A module runs as ``python -m bench.peers.<system> --mode throughput|latency --n 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ POSTGRES_URL = os.environ.get(
     "TENANTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 METRICS_DB = 15
-WARMUP_TASKS = 50  # the recorder's Redis database, apart from the brokers' keys
+WARMUP_TASKS = 50
+LATENCY_TASKS = 200
+LATENCY_PAUSE = 0.02  # the recorder's Redis database, apart from the brokers' keys
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -162,6 +165,9 @@ def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             p.wait(5)
 
 
+Send = Callable[[str, int, float], None]  # (run uid, how many, pause between) -> sent
+
+
 def measure(
     system: str,
     args: argparse.Namespace,
@@ -170,13 +176,44 @@ def measure(
 ) -> Result:
     """Run the protocol with workers already started: ``enqueue(run_uid, now)`` sends one
     task that calls ``record(run_uid, now)``."""
+
+    def send(uid: str, count: int, pause: float) -> None:
+        for _ in range(count):
+            enqueue(uid, time.time())
+            if pause:
+                time.sleep(pause)
+
     if warm is not None:
         warm()
+    return _protocol(system, args, send)
+
+
+def measure_async(
+    system: str,
+    args: argparse.Namespace,
+    enqueue: Callable[[str, float], Awaitable[Any]],
+    loop: asyncio.AbstractEventLoop,
+) -> Result:
+    """``measure`` for a library whose client is async: each phase's enqueue loop runs as one
+    coroutine on ``loop``, as an asyncio application would drive the client."""
+
+    async def sender(uid: str, count: int, pause: float) -> None:
+        for _ in range(count):
+            await enqueue(uid, time.time())
+            if pause:
+                await asyncio.sleep(pause)
+
+    def send(uid: str, count: int, pause: float) -> None:
+        loop.run_until_complete(sender(uid, count, pause))
+
+    return _protocol(system, args, send)
+
+
+def _protocol(system: str, args: argparse.Namespace, send: Send) -> Result:
     # Warm-up, the same for every system: connections opened, code paths and caches hot.
     warm_uid = new_uid()
     try:
-        for _ in range(WARMUP_TASKS):
-            enqueue(warm_uid, time.time())
+        send(warm_uid, WARMUP_TASKS, 0.0)
         wait_done(warm_uid, WARMUP_TASKS, timeout=120)
     finally:
         cleanup(warm_uid)
@@ -184,18 +221,15 @@ def measure(
     try:
         if args.mode == "throughput":
             started = time.perf_counter()
-            for _ in range(args.n):
-                enqueue(uid, time.time())
+            send(uid, args.n, 0.0)
             done = wait_done(uid, args.n)
             rate = args.n * getattr(args, "steps", 1) / (done - started)
             p50, p99 = latencies_ms(uid)
             return Result(system, args.mode, args.n, args.processes, round(rate, 1), p50, p99)
-        for _ in range(200):
-            enqueue(uid, time.time())
-            time.sleep(0.02)
-        wait_done(uid, 200)
+        send(uid, LATENCY_TASKS, LATENCY_PAUSE)
+        wait_done(uid, LATENCY_TASKS)
         p50, p99 = latencies_ms(uid)
-        return Result(system, args.mode, 200, args.processes, None, p50, p99)
+        return Result(system, args.mode, LATENCY_TASKS, args.processes, None, p50, p99)
     finally:
         cleanup(uid)
 

@@ -57,11 +57,11 @@ def main() -> None:
             _common.wait_idle()
             tenant = Client(app, runtime=runtime).tenant("bench")
 
-            def enqueue(run_uid: str, now: float) -> None:
-                loop.run_until_complete(tenant.start(task, run_uid, now, args.steps))
+            async def enqueue(run_uid: str, now: float) -> None:
+                await tenant.start(task, run_uid, now, args.steps)
 
             name = "tenantflow" if args.steps == 1 else f"tenantflow-{args.steps}-step"
-            _common.measure(name, args, enqueue).print()
+            _common.measure_async(name, args, enqueue, loop).print()
         finally:
             _common.stop_workers(procs)
             loop.run_until_complete(runtime.close())

@@ -87,10 +87,10 @@ SQL_CHILD_STATE = "SELECT status, result, error FROM runs WHERE id = ?"
 # Fast paths: one statement (one round trip, one implicit transaction) for the common case;
 # the general transaction handles everything else.
 SQL_CREATE_PG = (
-    f"WITH ins AS ({SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING {RUN_COLUMNS}), "
+    f"WITH ins AS ({SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING id, priority), "
     "ob AS (INSERT INTO outbox (run_id, priority, created_at) "
     "SELECT id, priority, ? FROM ins RETURNING id) "
-    "SELECT ins.*, ob.id FROM ins, ob"
+    "SELECT ob.id FROM ob"
 )
 SQL_CLAIM_QUEUED = (
     "UPDATE runs SET status = 'running', lease_owner = ?, lease_until = ?, "
@@ -151,6 +151,30 @@ def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
         recoveries=row[15],
         executions=row[16],
         cancel_requested=bool(row[17]),
+    )
+
+
+def _new_record(tenant_id: str, run: NewRun, now: float) -> RunRecord:
+    return RunRecord(
+        id=run.id,
+        tenant_id=tenant_id,
+        workflow=run.workflow,
+        status=RunStatus.QUEUED,
+        input=run.input,
+        result=None,
+        error=None,
+        idempotency_key=run.idempotency_key,
+        parent_id=run.parent_id,
+        priority=run.priority,
+        created_at=now,
+        updated_at=now,
+        started_at=None,
+        finished_at=None,
+        deadline=None,
+        wake_at=None,
+        recoveries=0,
+        executions=0,
+        cancel_requested=False,
     )
 
 
@@ -270,9 +294,9 @@ class SqlRunStore:
         )
         if self.db.dialect == "postgresql":
             inserted = await self.db.batched(SQL_CREATE_PG, (*params, now))
-            if inserted is not None:
-                entry = OutboxEntry(id=int(inserted[-1]), run_id=run.id, priority=run.priority)
-                return _run(self.tenant_id, inserted), True, (entry,)
+            if inserted is not None:  # the new run is exactly what was inserted
+                entry = OutboxEntry(id=int(inserted[0]), run_id=run.id, priority=run.priority)
+                return _new_record(self.tenant_id, run, now), True, (entry,)
             async with self.db.autocommit() as tx:
                 row = await tx.one(
                     f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
