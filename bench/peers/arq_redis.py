@@ -3,8 +3,12 @@
 Configuration: arq's defaults except ``max_jobs=100`` (default 10) and ``keep_result=0``: no
 job result is stored, as Celery runs with ``ignore_result`` and Dramatiq without a result
 backend (arq's default keeps each result for an hour, one more Redis write per job). The queue
-lives in Redis database 3, flushed when the run ends. arq runs one asyncio worker per process:
+lives in Redis database 3, flushed before and after a run. arq runs one asyncio worker per process:
 P processes are P copies of ``arq bench.peers.arq_redis.WorkerSettings``.
+
+arq's workers poll the queue (a sorted set) every ``poll_delay``, 0.5 s by default, which sets
+its enqueue-to-start latency (uniform over 0 to 0.5 s when idle). The default is kept;
+``PEERBENCH_ARQ_POLL_DELAY=<seconds>`` overrides it, for a sensitivity run only.
 
 Jobs are enqueued with ``await pool.enqueue_job(...)`` from one persistent event loop.
 """
@@ -12,6 +16,7 @@ Jobs are enqueued with ``await pool.enqueue_job(...)`` from one persistent event
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +48,7 @@ class WorkerSettings:
     redis_settings = REDIS_SETTINGS
     max_jobs = 100
     keep_result = 0
+    poll_delay = float(os.environ.get("PEERBENCH_ARQ_POLL_DELAY", "0.5"))  # arq's default: 0.5
 
 
 def flush_broker() -> None:

@@ -3,7 +3,7 @@ records its start.
 
 Configuration: Celery's defaults except ``task_acks_late=True`` (the message is acknowledged
 after the task ran, the nearest to a durable run) and no result backend (``ignore_result``).
-The broker is Redis database 1, flushed when the run ends. Workers:
+The broker is Redis database 1, flushed before and after a run. Workers:
 ``celery -A bench.peers.celery_redis worker --pool prefork --concurrency P --loglevel WARNING``.
 
 Celery ships no type hints, and CI does not install it: it is imported through ``importlib``

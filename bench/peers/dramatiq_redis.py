@@ -2,7 +2,7 @@
 records its start.
 
 Configuration: Dramatiq's defaults (default middleware, no result backend; a message is
-acknowledged after the actor ran). The broker is Redis database 2, flushed when the run ends.
+acknowledged after the actor ran). The broker is Redis database 2, flushed before and after a run.
 Workers: ``dramatiq bench.peers.dramatiq_redis --processes P --threads 8``.
 
 CI does not install Dramatiq: its imports carry an ignore for the missing module, so the module

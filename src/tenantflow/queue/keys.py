@@ -1,8 +1,9 @@
 """Every Redis key and channel tenantflow uses, in one place.
 
 Each tenant's keys share the hash tag ``{t:<tenant>}``, so they live in one slot and the Lua
-scripts that change several of them at once also work on Redis Cluster. Only ``active`` and
-``wake`` span tenants, and no script touches them together with a tenant's keys.
+scripts that change several of them at once also work on Redis Cluster. Only ``active``,
+``wake`` and the locks span tenants, and no script touches them together with a tenant's
+keys.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class Keys:
 
     @property
     def wake(self) -> str:
-        """Pub/sub channel: a tenant id, published when one of its messages became ready."""
+        """List of wake-up tokens (tenant ids), one pushed per message made ready; an idle
+        worker blocks on it (BLPOP), so each token wakes one worker. Capped."""
         return f"{self.prefix}:wake"
 
     def lock(self, name: str) -> str:

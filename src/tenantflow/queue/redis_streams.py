@@ -9,7 +9,6 @@ in flight counts the group's pending entries, so it holds across all workers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
 import time
@@ -29,6 +28,7 @@ log = structlog.get_logger(__name__)
 ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last ready message
 ACTIVE_REFRESH_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
+WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
 
 
 class RedisStreamsQueue:
@@ -56,8 +56,8 @@ class RedisStreamsQueue:
         self._active: list[str] = []
         self._active_at = 0.0
         self._rotation = 0
-        self._wakeup = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+        # Blocking waits get a client (and connections) of their own.
+        self._blocking: Any = redis.Redis.from_url(url, decode_responses=True)
 
     # -- producing ---------------------------------------------------------------------------
 
@@ -72,10 +72,14 @@ class RedisStreamsQueue:
             self._eval(pipe, "ENQUEUE", keys, [run_id, priority, delay_ms])
             pipe.zadd(self.keys.active, {tenant_id: int(time.time() * 1000) + delay_ms}, gt=True)
             if delay_ms == 0:
-                pipe.publish(self.keys.wake, tenant_id)
+                self._wake(pipe, tenant_id)
 
         ready_at = (await self._execute(build))[0]
         return f"{tenant_id}:{run_id}:{ready_at}"
+
+    def _wake(self, pipe: Any, tenant_id: str) -> None:
+        pipe.lpush(self.keys.wake, tenant_id)
+        pipe.ltrim(self.keys.wake, 0, WAKE_TOKENS_MAX - 1)
 
     # -- scripts -----------------------------------------------------------------------------
 
@@ -217,7 +221,7 @@ class RedisStreamsQueue:
                 self.keys.active, {message.tenant_id: int(time.time() * 1000) + delay_ms}, gt=True
             )
             if delay_ms == 0:
-                pipe.publish(self.keys.wake, message.tenant_id)
+                self._wake(pipe, message.tenant_id)
 
         await self._execute(build)
 
@@ -250,7 +254,7 @@ class RedisStreamsQueue:
                 raise
         if not done:
             raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
-        await self.redis.publish(self.keys.wake, tenant_id)
+        await self._execute(lambda pipe: self._wake(pipe, tenant_id))
 
     async def depth(self, tenant_id: str) -> int:
         keys = self.keys.tenant(tenant_id)
@@ -279,34 +283,19 @@ class RedisStreamsQueue:
         return False
 
     async def wait(self, timeout: float) -> None:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.create_task(self._listen())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        self._wakeup.clear()
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.keys.wake)
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            tenant = message["data"]
-                            if tenant not in self._active:
-                                self._active = [*self._active, tenant]
-                            self._wakeup.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("queue wake-up channel lost; retrying", error=type(exc).__name__)
-                await asyncio.sleep(1.0)
+        """Block until a wake-up token arrives (or ``timeout``). Each enqueue pushes one token
+        and each token wakes one idle worker, not all of them."""
+        try:
+            token = await self._blocking.blpop([self.keys.wake], timeout=max(timeout, 0.001))
+        except Exception as exc:  # Redis away: behave as a poll
+            log.warning("queue wake-up wait failed", error=type(exc).__name__)
+            await asyncio.sleep(timeout)
+            return
+        if token is not None and token[1] not in self._active:
+            self._active = [*self._active, token[1]]
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
+        await self._blocking.aclose()
         await self.redis.aclose()
 
 
