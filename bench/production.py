@@ -60,13 +60,29 @@ def run_peer(module: str, *extra: str) -> dict[str, Any] | None:
 
 
 def redis_benchmark() -> float | None:
+    key = "tfbench:xadd"
     out = subprocess.run(
-        ["redis-benchmark", "-h", "127.0.0.1", "-p", "6379", "-n", "200000", "-t", "xadd", "-q"],
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6379",
+            "-n",
+            "200000",
+            "-q",
+            "XADD",
+            key,
+            "*",
+            "f",
+            "v",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    match = re.search(r"XADD: ([\d.]+) requests per second", out.stdout)
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "del", key], capture_output=True)
+    match = re.search(r"XADD[^:]*: ([\d.]+) requests per second", out.stdout.replace("\r", "\n"))
     return float(match.group(1)) if match else None
 
 

@@ -234,6 +234,39 @@ def _protocol(system: str, args: argparse.Namespace, send: Send) -> Result:
         cleanup(uid)
 
 
+def flush_redis_db(db: int) -> None:
+    """Delete every key of one broker database, never the tenantflow (0) or metrics one."""
+    assert db not in (0, METRICS_DB)
+    base = REDIS_URL.rsplit("/", 1)[0]
+    client = redis.Redis.from_url(f"{base}/{db}")
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+def create_database(name: str) -> str:
+    """A fresh PostgreSQL database of this benchmark's own; returns its URL."""
+    import psycopg
+    from psycopg import sql
+
+    from tenantflow.platform.provision import with_database
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(POSTGRES_URL, name)
+
+
+def drop_database(name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
 def wait_idle(seconds: float = 3.0) -> None:
     """Let freshly started workers finish booting."""
     time.sleep(seconds)

@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
-
-import redis
 
 # arq (both imports) is not installed in CI, which has the test extras only; where it is, it
 # is typed (py.typed) and the ignores are unused.
@@ -52,13 +49,7 @@ class WorkerSettings:
 
 
 def flush_broker() -> None:
-    """Delete every key of the queue's database (3), and only that one."""
-    assert BROKER_DB not in (0, _common.METRICS_DB)
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    _common.flush_redis_db(BROKER_DB)
 
 
 def main() -> None:
@@ -77,16 +68,7 @@ def main() -> None:
             def enqueue(run_uid: str, now: float) -> None:
                 loop.run_until_complete(pool.enqueue_job("noop", run_uid, now))
 
-            def warm() -> None:
-                # Proves the workers consume before the clock starts.
-                uid = "warm-" + _common.new_uid()
-                count = 4 * args.processes
-                for _ in range(count):
-                    enqueue(uid, time.time())
-                _common.wait_done(uid, count, timeout=60)
-                _common.cleanup(uid)
-
-            _common.measure("arq", args, enqueue, warm=warm).print()
+            _common.measure("arq", args, enqueue).print()
         finally:
             loop.run_until_complete(pool.aclose())
     finally:

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-import redis
 
 from bench.peers import _common
 
@@ -46,13 +43,7 @@ task: Any = app.task(name=TASK_NAME, ignore_result=True, acks_late=True)(noop)
 
 
 def flush_broker() -> None:
-    """Delete every key of the broker's database (1), and only that one."""
-    assert BROKER_DB not in (0, _common.METRICS_DB)
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    _common.flush_redis_db(BROKER_DB)
 
 
 def main() -> None:
@@ -80,16 +71,7 @@ def main() -> None:
         def enqueue(run_uid: str, now: float) -> None:
             task.delay(run_uid, now)
 
-        def warm() -> None:
-            # Connects the producer and proves the workers consume before the clock starts.
-            uid = "warm-" + _common.new_uid()
-            count = 4 * args.processes
-            for _ in range(count):
-                enqueue(uid, time.time())
-            _common.wait_done(uid, count, timeout=60)
-            _common.cleanup(uid)
-
-        _common.measure("celery", args, enqueue, warm=warm).print()
+        _common.measure("celery", args, enqueue).print()
     finally:
         _common.stop_workers(procs)
         app.close()

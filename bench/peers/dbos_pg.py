@@ -24,7 +24,6 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
 
 from bench.peers import _common
 
@@ -39,30 +38,6 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def poll_interval() -> float:
     return float(os.environ.get(POLL_ENV, "1.0"))
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
-
-
-def create_database(name: str) -> str:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(_common.POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return with_database(_common.POSTGRES_URL, name)
-
-
-def drop_database(name: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(_common.POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def serve() -> None:
@@ -111,7 +86,7 @@ def main() -> None:
 
     args = _common.parse_args()
     database = f"peer_dbos_{_common.new_uid()}"
-    url = create_database(database)
+    url = _common.create_database(database)
     procs = []
     client: Any = None
     try:
@@ -136,7 +111,7 @@ def main() -> None:
         _common.stop_workers(procs)
         if client is not None:
             client.destroy()
-        drop_database(database)
+        _common.drop_database(database)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ type-checks without it (its objects are then ``Any``) and against its hints wher
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -20,7 +19,6 @@ from typing import cast
 # dramatiq (both imports) is not installed in CI, which has the test extras only; where it is,
 # it is typed (py.typed) and the ignores are unused.
 import dramatiq  # type: ignore[import-not-found, unused-ignore]
-import redis
 from dramatiq.brokers.redis import RedisBroker  # type: ignore[import-not-found, unused-ignore]
 
 from bench.peers import _common
@@ -42,13 +40,7 @@ actor = dramatiq.actor(actor_name="peerbench_noop", queue_name="peerbench")(noop
 
 
 def flush_broker() -> None:
-    """Delete every key of the broker's database (2), and only that one."""
-    assert BROKER_DB not in (0, _common.METRICS_DB)
-    client = redis.Redis.from_url(BROKER_URL)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+    _common.flush_redis_db(BROKER_DB)
 
 
 def main() -> None:
@@ -66,16 +58,7 @@ def main() -> None:
         def enqueue(run_uid: str, now: float) -> None:
             actor.send(run_uid, now)
 
-        def warm() -> None:
-            # Connects the producer and proves the workers consume before the clock starts.
-            uid = "warm-" + _common.new_uid()
-            count = 4 * args.processes
-            for _ in range(count):
-                enqueue(uid, time.time())
-            _common.wait_done(uid, count, timeout=60)
-            _common.cleanup(uid)
-
-        _common.measure("dramatiq", args, enqueue, warm=warm).print()
+        _common.measure("dramatiq", args, enqueue).print()
     finally:
         _common.stop_workers(procs)
         broker.close()

@@ -17,7 +17,6 @@ import functools
 import importlib
 import os
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from bench.peers import _common
 
@@ -46,34 +45,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
-
-
-def create_database(name: str) -> str:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(_common.POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return with_database(_common.POSTGRES_URL, name)
-
-
-def drop_database(name: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(_common.POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
 def main() -> None:
     args = _common.parse_args()
     database = f"peer_procrastinate_{_common.new_uid()}"
-    dsn = create_database(database)
+    dsn = _common.create_database(database)
     procs = []
     app: Any = None
     try:
@@ -108,7 +83,7 @@ def main() -> None:
         _common.stop_workers(procs)
         if app is not None:
             app.close()
-        drop_database(database)
+        _common.drop_database(database)
 
 
 if __name__ == "__main__":
