@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tenantflow import App, Client, RunStatus, Runtime, Settings, Worker, WorkflowContext
+from tests.conftest import running_worker
+
+from tenantflow import App, Client, RunStatus, Runtime, Settings, WorkflowContext
 from tenantflow.engine.executor import encode_input
 from tenantflow.sdk.client import new_run_id
 from tenantflow.store.records import RunRecord
@@ -91,7 +91,7 @@ async def run_noisy(
     client = Client(app, runtime=runtime)
     try:
         # B alone, on an idle system: the baseline.
-        async with _worker(runtime, concurrency):
+        async with running_worker(app, runtime, concurrency=concurrency):
             idle = client.tenant("tenant-b-idle")
             for i in range(b_runs):
                 await idle.start(job, i)
@@ -100,7 +100,7 @@ async def run_noisy(
 
         # A's backlog is queued; then the worker starts and B submits the same burst.
         await flood(runtime, "tenant-a", a_runs)
-        async with _worker(runtime, concurrency):
+        async with running_worker(app, runtime, concurrency=concurrency):
             b = client.tenant("tenant-b")
             started = time.monotonic()
             for i in range(b_runs):
@@ -123,17 +123,6 @@ async def run_noisy(
         loaded_p50_ms=loaded_p50,
         loaded_p99_ms=loaded_p99,
     )
-
-
-@contextlib.asynccontextmanager
-async def _worker(runtime: Runtime, concurrency: int) -> AsyncIterator[Worker]:
-    worker = Worker(app, runtime, concurrency=concurrency)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await task
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def run_peer(module: str, *extra: str) -> dict[str, Any] | None:
 
 
 def redis_benchmark() -> float | None:
-    key = "tfbench:xadd"
+    key = "tfbench_xadd"  # no colon: the output is "XADD <key> * f v: N requests per second"
     out = subprocess.run(
         [
             "redis-benchmark",

@@ -273,17 +273,10 @@ class Execution:
             try:
                 value = await self._attempt(step, args, kwargs)
                 output = dumps(value, what=f"the result of step {step.name!r}")
-                record = StepRecord(
-                    run_id=run.id,
-                    seq=seq,
-                    name=step.name,
-                    kind=StepKind.STEP,
-                    status=StepStatus.COMPLETED,
-                    output=output,
-                    error=None,
-                    attempts=attempt,
-                    started_at=started,
-                    finished_at=time.time(),
+                outcome: tuple[StepStatus, bytes | None, bytes | None] = (
+                    StepStatus.COMPLETED,
+                    output,
+                    None,
                 )
                 break
             except Exception as exc:
@@ -300,21 +293,23 @@ class Execution:
                     )
                     await asyncio.sleep(delay)
                     continue
-                record = StepRecord(
-                    run_id=run.id,
-                    seq=seq,
-                    name=step.name,
-                    kind=StepKind.STEP,
-                    status=StepStatus.FAILED,
-                    output=None,
-                    error=error_info(exc),
-                    attempts=attempt,
-                    started_at=started,
-                    finished_at=time.time(),
-                )
+                outcome = (StepStatus.FAILED, None, error_info(exc))
                 break
             finally:
                 _step.reset(token)
+        status, saved, error = outcome
+        record = StepRecord(
+            run_id=run.id,
+            seq=seq,
+            name=step.name,
+            kind=StepKind.STEP,
+            status=status,
+            output=saved,
+            error=error,
+            attempts=attempt,
+            started_at=started,
+            finished_at=time.time(),
+        )
         # Committed before the next durable call runs, or with the run's end: workflow code in
         # between has no side effects, so nothing can act on an uncommitted result.
         self._pending = record
