@@ -67,9 +67,23 @@ class Runtime:
         """
         if not entries:
             return
-        for entry in entries:
-            await self.queue.enqueue(tenant_id, entry.run_id, priority=entry.priority)
-        self._published.setdefault(tenant_id, []).extend(e.id for e in entries)
+        published: list[int] = []
+        try:
+            for entry in entries:
+                await self.queue.enqueue(tenant_id, entry.run_id, priority=entry.priority)
+                published.append(entry.id)
+        except Exception as exc:
+            # The change is committed; its message waits in the outbox for the relay. The
+            # caller's request succeeded: the queue being away must not undo it.
+            log.warning(
+                "queue unavailable; the relay will publish",
+                tenant=tenant_id,
+                pending=len(entries) - len(published),
+                error=type(exc).__name__,
+            )
+        if not published:
+            return
+        self._published.setdefault(tenant_id, []).extend(published)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 

@@ -33,6 +33,7 @@ from tenantflow.worker.maintenance import Maintenance
 log = structlog.get_logger(__name__)
 
 CANCEL_POLL_SECONDS = 0.5
+QUEUE_RETRY_MAX_SECONDS = 2.0
 UNREGISTERED_RETRY_SECONDS = 5.0
 
 
@@ -96,6 +97,7 @@ class Worker:
         keepalive = asyncio.create_task(self._keepalive())
         maintenance = asyncio.create_task(self._maintenance())
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
+        backoff = 0.0
         try:
             while not self.stopping:
                 free = self.concurrency - len(self._inflight)
@@ -103,7 +105,20 @@ class Worker:
                     self._slot_free.clear()
                     await self._wait_any(self._slot_free.wait(), poll)
                     continue
-                messages = await queue.dequeue(self.owner, free, self.lease)
+                try:
+                    messages = await queue.dequeue(self.owner, free, self.lease)
+                except Exception as exc:
+                    # The queue is away (restarting, unreachable): keep the runs in flight
+                    # going and try again, backing off, rather than die.
+                    backoff = min(max(backoff * 2, poll), QUEUE_RETRY_MAX_SECONDS)
+                    log.warning(
+                        "dequeue failed; retrying",
+                        error=type(exc).__name__,
+                        retry_in=round(backoff, 2),
+                    )
+                    await self._wait_any(asyncio.sleep(backoff), None)
+                    continue
+                backoff = 0.0
                 for message in messages:
                     self._spawn(message)
                 if not messages:
