@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tenantflow import App, Client, Runtime, RunStatus, Settings, WorkflowContext
+from tenantflow import App, Client, RunStatus, Runtime, Settings, WorkflowContext
 from tests.conftest import cleanup_production, production_settings, running_worker
 
 pytestmark = pytest.mark.slow
