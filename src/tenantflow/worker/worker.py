@@ -65,7 +65,8 @@ class Worker:
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stopping = False
         self.stats = WorkerStats()
-        self._inflight: dict[str, _InFlight] = {}
+        # Keyed by (tenant, message id): ids are unique within a tenant's queue only.
+        self._inflight: dict[tuple[str, str], _InFlight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: list[Message] = []
         self._stop = asyncio.Event()
@@ -154,7 +155,7 @@ class Worker:
             await asyncio.wait(pending, timeout=max(grace, 1.0))
 
     def _spawn(self, message: Message) -> None:
-        self._inflight[message.id] = _InFlight(message)
+        self._inflight[message.tenant_id, message.id] = _InFlight(message)
         task = asyncio.create_task(self._process(message))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -174,7 +175,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await queue.retry_later(message, 1.0)
         finally:
-            self._inflight.pop(message.id, None)
+            self._inflight.pop((message.tenant_id, message.id), None)
 
     async def _handle(self, message: Message) -> None:
         queue = self.runtime.queue
@@ -215,7 +216,7 @@ class Worker:
         execution = Execution(
             workflow=workflow, store=store, run=claim.run, steps=claim.steps, host=self
         )
-        self._inflight[message.id].execution = execution
+        self._inflight[message.tenant_id, message.id].execution = execution
         execution.task = asyncio.create_task(execution.execute())
         outcome = await execution.task
         await self._settle(message, outcome)
