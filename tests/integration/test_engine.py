@@ -501,3 +501,26 @@ async def test_a_duplicate_delivery_executes_once(runtime: Runtime) -> None:
             await asyncio.sleep(0.02)
     assert calls == {"pack": 1, "weigh": 1}
     assert (await handle.describe()).executions == 1
+
+
+async def test_a_store_failure_is_retried_not_taken_for_the_workflows_failure(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tenantflow.store.sql import SqlRunStore
+
+    real_finish = SqlRunStore.finish_run
+    failures = [ConnectionError("database went away")]
+
+    async def flaky_finish(self: SqlRunStore, *args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlRunStore, "finish_run", flaky_finish)
+    client = Client(app, runtime=runtime)
+    async with running_worker(app, runtime):
+        handle = await client.tenant("acme").start(ship, Item(sku="s", qty=1))
+        box = await handle.result(timeout=20)
+    assert box.label == "box-s:1.5"
+    assert failures == []  # the failure happened, and the run still completed
+    assert (await handle.describe()).status is RunStatus.COMPLETED

@@ -73,3 +73,24 @@ async def test_tenant_databases_are_separate(runtime: Runtime, settings: Setting
     assert acme.database_url != globex.database_url
     if isinstance(runtime.registry.provisioner, PostgresProvisioner):
         assert acme.database_url.endswith(f"/{settings.tenant_db_prefix}tenant_acme")
+
+
+def test_long_tenant_ids_get_distinct_databases() -> None:
+    provisioner = PostgresProvisioner("postgresql://localhost/x", "tf_")
+    base = "a" * 60
+    names = {provisioner.database(base + suffix) for suffix in ("", "-b", "-c")}
+    assert len(names) == 3
+    assert all(len(name.encode()) <= 63 for name in names)
+    assert provisioner.database("acme") == "tf_tenant_acme"
+
+
+def test_tenant_ids_are_checked_whole() -> None:
+    import pytest
+
+    from tenantflow import InvalidTenantIdError
+    from tenantflow.platform.registry import check_tenant_id
+
+    for bad in ("acme\n", "Acme", "-acme", "a_b", "", "a" * 64):
+        with pytest.raises(InvalidTenantIdError):
+            check_tenant_id(bad)
+    assert check_tenant_id("a" * 63) == "a" * 63

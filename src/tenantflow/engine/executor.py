@@ -4,11 +4,12 @@ steps, and commits each step's result before the workflow moves on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
@@ -42,9 +43,14 @@ if TYPE_CHECKING:
     from tenantflow.sdk.app import Step, Workflow
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # A sleep this close to its end is finished in place rather than by releasing the worker.
 INLINE_SLEEP = 0.05
+
+
+class StoreUnavailable(BaseException):
+    """A store call failed (its cause says how): give the run back and retry later."""
 
 
 class WorkflowReleased(BaseException):
@@ -55,6 +61,7 @@ class OutcomeKind(enum.Enum):
     FINISHED = "finished"
     SUSPENDED = "suspended"
     RELEASED = "released"
+    RETRY = "retry"  # the store failed: the run was given back, try the message again later
     LEASE_LOST = "lease_lost"
 
 
@@ -134,6 +141,27 @@ class Execution:
     # -- the run -----------------------------------------------------------------------------
 
     async def execute(self) -> Outcome:
+        """Run the workflow to an outcome. The store failing (a database away, a deadlock
+        victim) is never taken for the workflow's own failure: the run is given back and its
+        message retried."""
+        run = self.run
+        try:
+            return await self._execute()
+        except LeaseLost:
+            log.warning("lease lost", tenant=run.tenant_id, run=run.id)
+            return Outcome(kind=OutcomeKind.LEASE_LOST)
+        except StoreUnavailable as exc:
+            log.warning(
+                "store unavailable; run given back",
+                tenant=run.tenant_id,
+                run=run.id,
+                error=type(exc.__cause__).__name__,
+            )
+            with contextlib.suppress(Exception):
+                await self.store.release_run(run.id, owner=self.owner, now=time.time())
+            return Outcome(kind=OutcomeKind.RETRY)
+
+    async def _execute(self) -> Outcome:
         run = self.run
         try:
             try:
@@ -161,11 +189,8 @@ class Execution:
             )
         except WorkflowReleased:
             await self._flush()
-            await self.store.release_run(run.id, owner=self.owner, now=time.time())
+            await self._io(self.store.release_run(run.id, owner=self.owner, now=time.time()))
             return Outcome(kind=OutcomeKind.RELEASED)
-        except LeaseLost:
-            log.warning("lease lost", tenant=run.tenant_id, run=run.id)
-            return Outcome(kind=OutcomeKind.LEASE_LOST)
         except Exception as raised:
             # A workflow that swallowed a NonDeterminismError still fails with it.
             failure: BaseException = self._nondeterminism or raised
@@ -177,6 +202,15 @@ class Execution:
                 error=type(failure).__name__,
             )
             return await self._finish(RunStatus.FAILED, error=error_info(failure))
+
+    @staticmethod
+    async def _io(call: Awaitable[T]) -> T:
+        """A store call: its failures become ``StoreUnavailable``, which workflow code cannot
+        catch (a ``BaseException``), so they never pass for the workflow's own errors."""
+        try:
+            return await call
+        except Exception as exc:
+            raise StoreUnavailable() from exc
 
     async def _invoke(self) -> Any:
         run = self.run
@@ -205,14 +239,16 @@ class Execution:
     ) -> Outcome:
         # The last step's checkpoint, if still pending, commits with the run's end.
         step, self._pending = self._pending, None
-        finished = await self.store.finish_run(
-            self.run.id,
-            status,
-            result=result,
-            error=error,
-            owner=self.owner,
-            now=time.time(),
-            step=step,
+        finished = await self._io(
+            self.store.finish_run(
+                self.run.id,
+                status,
+                result=result,
+                error=error,
+                owner=self.owner,
+                now=time.time(),
+                step=step,
+            )
         )
         return Outcome(kind=OutcomeKind.FINISHED, status=status, wake=finished.wake)
 
@@ -237,14 +273,14 @@ class Execution:
         return seq, checkpoint
 
     async def _record(self, step: StepRecord) -> None:
-        if await self.store.record_step(step, owner=self.owner):
+        if await self._io(self.store.record_step(step, owner=self.owner)):
             self.cancel_requested = True
 
     async def _flush(self) -> None:
         """Commit the pending checkpoint (the result of the step that just ran)."""
         if self._pending is not None:
-            step, self._pending = self._pending, None
-            await self._record(step)
+            await self._record(self._pending)
+            self._pending = None  # only once committed: a failed write keeps it pending
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -352,7 +388,9 @@ class Execution:
 
     async def _suspend(self, wait: Wait) -> None:
         """Release the worker until ``wait`` is met; returns if it already is."""
-        outcome = await self.store.suspend_run(self.run.id, wait, owner=self.owner, now=time.time())
+        outcome = await self._io(
+            self.store.suspend_run(self.run.id, wait, owner=self.owner, now=time.time())
+        )
         if outcome is SuspendOutcome.SUSPENDED:
             raise WorkflowSuspended(wait.wake_at)
         if outcome is SuspendOutcome.CANCEL:
@@ -396,8 +434,10 @@ class Execution:
             return loads(checkpoint.output)
         deadline = time.time() + timeout if timeout is not None else None
         while True:
-            got = await self.store.wait_event(
-                self.run.id, seq, name, deadline, owner=self.owner, now=time.time()
+            got = await self._io(
+                self.store.wait_event(
+                    self.run.id, seq, name, deadline, owner=self.owner, now=time.time()
+                )
             )
             if got.received:
                 return loads(got.payload)
@@ -425,8 +465,8 @@ class Execution:
             max_recoveries=workflow.workflow_options.max_recovery_attempts,
         )
         while True:
-            state = await self.store.start_child(
-                self.run.id, seq, child, owner=self.owner, now=time.time()
+            state = await self._io(
+                self.store.start_child(self.run.id, seq, child, owner=self.owner, now=time.time())
             )
             if state.status in TERMINAL:
                 done = (

@@ -3,6 +3,7 @@ PostgreSQL database per tenant, created from a template that already holds the s
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 from tenantflow.errors import ConfigError, NotFoundError
 from tenantflow.store.migrate import migrate_sqlite, migrate_url, sqlite_revision
 from tenantflow.store.schema import HEAD_REVISION
+
+MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 
 
 class Provisioner(Protocol):
@@ -83,7 +86,12 @@ class PostgresProvisioner:
         self._lock = threading.Lock()
 
     def database(self, tenant_id: str) -> str:
-        return f"{self.prefix}tenant_{tenant_id.replace('-', '_')}"
+        """The tenant's database name: one per tenant id, never two alike. PostgreSQL cuts
+        names at 63 bytes, so a name that would be longer is made of a hash of the id."""
+        name = f"{self.prefix}tenant_{tenant_id.replace('-', '_')}"
+        if len(name.encode()) <= MAX_IDENTIFIER:
+            return name
+        return f"{self.prefix}t{hashlib.sha256(tenant_id.encode()).hexdigest()[:32]}"
 
     def ensure_template(self) -> None:
         """Create the template database, or bring it to the head revision (once a process)."""
@@ -133,7 +141,10 @@ class PostgresProvisioner:
                 # Another CREATE DATABASE is copying the template right now.
                 time.sleep(0.05 * (attempt + 1))
             except errors.DuplicateDatabase:
-                break  # left over by an earlier attempt that died before registering
+                # Left over by an earlier attempt for this same id that died before
+                # registering (names are unique per id; the registry also refuses a database
+                # URL that another tenant has).
+                break
         else:
             raise ConfigError(f"the template database {self.template} stayed busy")
         url = with_database(self.server_url, name)

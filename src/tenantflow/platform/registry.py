@@ -9,12 +9,13 @@ records which database holds each one (the routing table).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import multiprocessing
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from tenantflow.settings import Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.schema import HEAD_REVISION
 
-TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TENANT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 TENANT_CACHE_SECONDS = 2.0
 
 platform_metadata = sa.MetaData()
@@ -43,7 +44,7 @@ tenants_table = sa.Table(
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("database_url", sa.Text, nullable=False),
+    sa.Column("database_url", sa.Text, nullable=False, unique=True),
     sa.Column("revision", sa.String(32)),
 )
 
@@ -71,7 +72,7 @@ class MigrationReport:
 
 
 def check_tenant_id(tenant_id: str) -> str:
-    if not isinstance(tenant_id, str) or not TENANT_ID.match(tenant_id):
+    if not isinstance(tenant_id, str) or not TENANT_ID.fullmatch(tenant_id):
         raise InvalidTenantIdError()
     return tenant_id
 
@@ -299,6 +300,7 @@ class TenantRouter:
         self.settings = registry.settings
         self._stores: OrderedDict[str, RunStore] = OrderedDict()
         self._tenants: dict[str, tuple[float, Tenant]] = {}
+        self._pins: dict[str, int] = {}
         self._closing: dict[asyncio.Task[None], RunStore] = {}
 
     def tenant(self, tenant_id: str) -> Tenant:
@@ -318,10 +320,46 @@ class TenantRouter:
             return store
         store = self._open(self.tenant(tenant_id))
         self._stores[tenant_id] = store
-        while len(self._stores) > self.settings.max_open_tenant_dbs:
-            _, evicted = self._stores.popitem(last=False)
-            self._close_later(evicted)
+        self._evict()
         return store
+
+    def _evict(self) -> None:
+        """Close the least recently used stores beyond the cap, never one pinned by a run in
+        flight (the cap may be exceeded meanwhile)."""
+        excess = len(self._stores) - self.settings.max_open_tenant_dbs
+        for tenant_id in list(self._stores):
+            if excess <= 0:
+                break
+            if self._pins.get(tenant_id):
+                continue
+            self._close_later(self._stores.pop(tenant_id))
+            excess -= 1
+
+    @contextlib.contextmanager
+    def pinned(self, tenant_id: str) -> Iterator[RunStore]:
+        """The tenant's store, kept open for as long as the block runs."""
+        store = self.store(tenant_id)
+        self._pins[tenant_id] = self._pins.get(tenant_id, 0) + 1
+        try:
+            yield store
+        finally:
+            self._pins[tenant_id] -= 1
+            if not self._pins[tenant_id]:
+                del self._pins[tenant_id]
+
+    @contextlib.asynccontextmanager
+    async def borrowed(self, tenant_id: str) -> AsyncIterator[RunStore]:
+        """The tenant's store for a sweep: the open one if there is, else a store opened for
+        the block and closed after it, so that sweeping every tenant does not flush the LRU."""
+        if tenant_id in self._stores:
+            with self.pinned(tenant_id) as store:
+                yield store
+            return
+        store = self._open(self.tenant(tenant_id))
+        try:
+            yield store
+        finally:
+            await store.close()
 
     def _open(self, tenant: Tenant) -> RunStore:
         from tenantflow.store.sql import SqlRunStore

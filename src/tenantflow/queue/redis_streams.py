@@ -183,12 +183,16 @@ class RedisStreamsQueue:
         return consumer, count
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
-        await self._per_tenant("EXTEND", messages)
+        # Also keeps the tenants marked active: a run longer than the activity window whose
+        # worker then dies must still be reclaimed.
+        await self._per_tenant("EXTEND", messages, mark_active=True)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         await self._per_tenant("ACK", messages)
 
-    async def _per_tenant(self, script: str, messages: Sequence[Message]) -> None:
+    async def _per_tenant(
+        self, script: str, messages: Sequence[Message], *, mark_active: bool = False
+    ) -> None:
         """One script call per tenant for a batch of deliveries, all in one round trip."""
         if not messages:
             return
@@ -199,6 +203,8 @@ class RedisStreamsQueue:
                 for m in group:
                     args.extend((m.id, self._receipt(m)[1]))
                 self._eval(pipe, script, self.keys.tenant(tenant).all(), args)
+                if mark_active:
+                    pipe.zadd(self.keys.active, {tenant: int(time.time() * 1000)}, gt=True)
 
         await self._execute(build)
 
@@ -254,7 +260,12 @@ class RedisStreamsQueue:
                 raise
         if not done:
             raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
-        await self._execute(lambda pipe: self._wake(pipe, tenant_id))
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(self.keys.active, {tenant_id: int(time.time() * 1000)}, gt=True)
+            self._wake(pipe, tenant_id)
+
+        await self._execute(build)
 
     async def depth(self, tenant_id: str) -> int:
         keys = self.keys.tenant(tenant_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from tenantflow.runtime import Runtime
+from tenantflow.store.base import RunStore
 
 log = structlog.get_logger(__name__)
 
@@ -48,18 +49,12 @@ class Maintenance:
         now = time.time()
         for tenant in self.runtime.registry.list():
             report.tenants += 1
-            store = self.runtime.router.store(tenant.id)
-            pending = await store.pending_outbox(older_than=now - OUTBOX_GRACE_SECONDS)
-            if pending:
-                await self.runtime.publish(tenant.id, pending)
-                report.relayed += len(pending)
-            stalled = await store.stalled_runs(now=now, grace=self.grace)
-            if stalled:
-                live = await queue.live(tenant.id, [run_id for run_id, _ in stalled])
-                for run_id, priority in stalled:
-                    if run_id not in live:
-                        await queue.enqueue(tenant.id, run_id, priority=priority)
-                        report.reenqueued += 1
+            try:
+                async with self.runtime.router.borrowed(tenant.id) as store:
+                    await self._sweep(tenant.id, store, now, report)
+            except Exception:
+                # One tenant's trouble (its database away, say) must not stop the others.
+                log.exception("maintenance of a tenant failed", tenant=tenant.id)
         if report.relayed or report.reenqueued:
             log.info(
                 "maintenance",
@@ -68,3 +63,19 @@ class Maintenance:
                 tenants=report.tenants,
             )
         return report
+
+    async def _sweep(
+        self, tenant_id: str, store: RunStore, now: float, report: MaintenanceReport
+    ) -> None:
+        queue = self.runtime.queue
+        pending = await store.pending_outbox(older_than=now - OUTBOX_GRACE_SECONDS)
+        if pending:
+            await self.runtime.publish(tenant_id, pending)
+            report.relayed += len(pending)
+        stalled = await store.stalled_runs(now=now, grace=self.grace)
+        if stalled:
+            live = await queue.live(tenant_id, [run_id for run_id, _ in stalled])
+            for run_id, priority in stalled:
+                if run_id not in live:
+                    await queue.enqueue(tenant_id, run_id, priority=priority)
+                    report.reenqueued += 1

@@ -27,6 +27,7 @@ from tenantflow.errors import TenantNotFoundError, WorkflowNotRegisteredError
 from tenantflow.queue.base import Message
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
+from tenantflow.store.base import RunStore
 from tenantflow.store.records import ClaimOutcome, OutboxEntry
 from tenantflow.worker.maintenance import Maintenance
 
@@ -34,6 +35,7 @@ log = structlog.get_logger(__name__)
 
 CANCEL_POLL_SECONDS = 0.5
 QUEUE_RETRY_MAX_SECONDS = 2.0
+STORE_RETRY_SECONDS = 1.0
 UNREGISTERED_RETRY_SECONDS = 5.0
 
 
@@ -69,6 +71,7 @@ class Worker:
         self._inflight: dict[tuple[str, str], _InFlight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: list[Message] = []
+        self._running: set[tuple[str, str]] = set()  # (tenant, run) executing here
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
 
@@ -179,12 +182,22 @@ class Worker:
 
     async def _handle(self, message: Message) -> None:
         queue = self.runtime.queue
+        key = (message.tenant_id, message.run_id)
+        if key in self._running:
+            # Our own lapsed delivery came back while we still execute its run: it must not
+            # start a second execution under the same owner.
+            await queue.retry_later(message, self.lease / 2, count_delivery=False)
+            return
         try:
-            store = self.runtime.router.store(message.tenant_id)
+            # Pinned: the tenant's store stays open while its run executes here.
+            with self.runtime.router.pinned(message.tenant_id) as store:
+                await self._claim_and_execute(message, store)
         except TenantNotFoundError:
             log.error("message for an unknown tenant dropped", tenant=message.tenant_id)
             self._ack(message)
-            return
+
+    async def _claim_and_execute(self, message: Message, store: RunStore) -> None:
+        queue = self.runtime.queue
         now = time.time()
         claim = await store.claim_run(message.run_id, owner=self.owner, now=now, lease=self.lease)
         if claim.outcome is ClaimOutcome.DROP:
@@ -201,9 +214,12 @@ class Worker:
             return
         assert claim.run is not None
         self.stats.claimed += 1
+        key = (message.tenant_id, message.run_id)
+        self._running.add(key)
         try:
             workflow = self.app.get_workflow(claim.run.workflow)
         except WorkflowNotRegisteredError:
+            self._running.discard(key)
             log.error(
                 "workflow not registered in this worker; run given back",
                 tenant=message.tenant_id,
@@ -213,12 +229,21 @@ class Worker:
             await store.release_run(claim.run.id, owner=self.owner, now=time.time())
             await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
             return
-        execution = Execution(
-            workflow=workflow, store=store, run=claim.run, steps=claim.steps, host=self
-        )
-        self._inflight[message.tenant_id, message.id].execution = execution
-        execution.task = asyncio.create_task(execution.execute())
-        outcome = await execution.task
+        try:
+            execution = Execution(
+                workflow=workflow, store=store, run=claim.run, steps=claim.steps, host=self
+            )
+            self._inflight[message.tenant_id, message.id].execution = execution
+            execution.task = asyncio.create_task(execution.execute())
+            outcome = await execution.task
+        except Exception:
+            # Something failed between the claim and an outcome: give the run back now rather
+            # than leave it leased to nobody until the lease ends.
+            with contextlib.suppress(Exception):
+                await store.release_run(message.run_id, owner=self.owner, now=time.time())
+            raise
+        finally:
+            self._running.discard(key)
         await self._settle(message, outcome)
 
     def _ack(self, message: Message) -> None:
@@ -260,6 +285,8 @@ class Worker:
         elif outcome.kind is OutcomeKind.RELEASED:
             self.stats.released += 1
             await queue.retry_later(message, 0.0, count_delivery=False)
+        elif outcome.kind is OutcomeKind.RETRY:
+            await queue.retry_later(message, STORE_RETRY_SECONDS)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             self._ack(message)
 
@@ -307,15 +334,32 @@ class Worker:
             # The queue may be down or emptied; the database leases still matter most.
             log.exception("queue lease renewal failed")
         until = time.time() + self.lease
-        for tenant_id, executions in self._executions_by_tenant().items():
-            store = self.runtime.router.store(tenant_id)
-            cancels, lost = await store.renew_leases(
-                list(executions), owner=self.owner, until=until
+        # Concurrently, each bounded: one slow tenant database must not let the others'
+        # leases lapse.
+        await asyncio.gather(
+            *(
+                self._renew_tenant(tenant_id, executions, until)
+                for tenant_id, executions in self._executions_by_tenant().items()
             )
-            for run_id in cancels:
-                executions[run_id].cancel()
-            for run_id in lost:
-                executions[run_id].lease_lost()
+        )
+
+    async def _renew_tenant(
+        self, tenant_id: str, executions: dict[str, Execution], until: float
+    ) -> None:
+        try:
+            store = self.runtime.router.store(tenant_id)
+            cancels, lost = await asyncio.wait_for(
+                store.renew_leases(list(executions), owner=self.owner, until=until), self.lease / 3
+            )
+        except Exception as exc:
+            log.warning(
+                "lease renewal of a tenant failed", tenant=tenant_id, error=type(exc).__name__
+            )
+            return
+        for run_id in cancels:
+            executions[run_id].cancel()
+        for run_id in lost:
+            executions[run_id].lease_lost()
 
     async def _poll_cancellations(self) -> None:
         for tenant_id, executions in self._executions_by_tenant().items():
