@@ -6,6 +6,7 @@ Backends are chosen from URL schemes and imported lazily, so an unused driver is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import structlog
@@ -102,6 +103,8 @@ class Runtime:
     async def close(self) -> None:
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
         await self.flush_outbox()
         await self.router.close()
         await self.queue.close()
