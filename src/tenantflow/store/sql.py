@@ -78,6 +78,12 @@ SQL_OPEN_CHILDREN = (
     "SELECT id, status FROM runs WHERE parent_id = ? "
     "AND status NOT IN ('completed', 'failed', 'cancelled')"
 )
+# Child ids extend their parent's ("{parent}.{seq}"), so descending id order is deepest first.
+SQL_LOCK_DESCENDANTS = (
+    "WITH RECURSIVE tree(id) AS (SELECT id FROM runs WHERE parent_id = ? "
+    "UNION SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+    "SELECT id FROM runs WHERE id IN (SELECT id FROM tree) ORDER BY id DESC {for_update}"
+)
 SQL_NEXT_EVENT = (
     "SELECT id, payload FROM events WHERE run_id = ? AND name = ? AND consumed_seq IS NULL "
     "ORDER BY id LIMIT 1"
@@ -270,6 +276,13 @@ class SqlRunStore:
                 # there is no one to wake; its own children follow recursively.
                 await tx.run(SQL_FINISH, ("cancelled", None, CANCELLED_ERROR, now, now, child_id))
                 await self._cancel_children(tx, child_id, now)
+
+    @staticmethod
+    async def _lock_descendants(tx: Tx, run_id: str) -> None:
+        """Before cancelling a run: lock its descendants, deepest first, then (the caller) the
+        run. A child's end locks the child, then its parent; taking the same order here means
+        a cancel and a child ending never deadlock."""
+        await tx.all(SQL_LOCK_DESCENDANTS, (run_id,))
 
     async def _get(self, tx: Tx, run_id: str) -> RunRecord | None:
         row = await tx.one(SQL_GET_RUN, (run_id,))
@@ -631,6 +644,8 @@ class SqlRunStore:
                             await tx.run(SQL_UPSERT_STEP, _step_params(step))
                         return Finished()
         async with self.db.transaction() as tx:
+            if status is RunStatus.CANCELLED:
+                await self._lock_descendants(tx, run_id)
             await self._owned(tx, run_id, owner, now)
             if step is not None:
                 await tx.run(SQL_UPSERT_STEP, _step_params(step))
@@ -641,6 +656,7 @@ class SqlRunStore:
 
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
         async with self.db.transaction() as tx:
+            await self._lock_descendants(tx, run_id)
             row = await tx.one(
                 f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ? {{for_update}}", (run_id,)
             )
