@@ -15,7 +15,7 @@ import multiprocessing
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
@@ -396,9 +396,6 @@ class TenantRouter:
         task = loop.create_task(close())
         self._closing[task] = store
         task.add_done_callback(lambda t: self._closing.pop(t, None))
-
-    def open_tenants(self) -> Iterable[str]:
-        return list(self._stores)
 
     async def close(self) -> None:
         evicted = list(self._closing.items())
