@@ -58,33 +58,70 @@ class Runtime:
         self.queue = open_queue(self.settings)
         self._published: dict[str, list[int]] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._pending: dict[str, list[OutboxEntry]] = {}
+        self._pending_done: asyncio.Future[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+
+    def publish_soon(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> asyncio.Future[None]:
+        """Publish outbox records to the queue in the background, then forget them; the
+        returned future is done when they were sent (or left to the relay).
+
+        The change they announce is committed already, so nothing waits for this: records
+        given while a batch is on its way go together in the next one (one round trip for
+        all). Forgetting is batched too (every ``OUTBOX_FLUSH_SECONDS``, one delete per
+        tenant). A crash before either leaves the records to the relay, which publishes them
+        again: a duplicate message is harmless, claims decide.
+        """
+        loop = asyncio.get_running_loop()
+        if not entries:
+            done = loop.create_future()
+            done.set_result(None)
+            return done
+        self._pending.setdefault(tenant_id, []).extend(entries)
+        if self._pending_done is None:
+            self._pending_done = loop.create_future()
+        done = self._pending_done
+        if self._publisher is None or self._publisher.done():
+            self._publisher = loop.create_task(self._publish_pending())
+        return done
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
-        """Publish outbox records to the queue, then forget them.
+        """``publish_soon``, waiting until the records were sent."""
+        await asyncio.shield(self.publish_soon(tenant_id, entries))
 
-        Forgetting is batched (every ``OUTBOX_FLUSH_SECONDS``, one delete per tenant) to keep
-        a round trip off every submit. A crash before it leaves the records to the relay,
-        which publishes them again: a duplicate message is harmless, claims decide.
-        """
-        if not entries:
-            return
-        published: list[int] = []
+    async def published(self) -> None:
+        """Wait until every record given to ``publish_soon`` so far was sent."""
+        if self._pending_done is not None:
+            await asyncio.shield(self._pending_done)
+        if self._publisher is not None and not self._publisher.done():
+            await asyncio.shield(self._publisher)
+
+    async def _publish_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            done, self._pending_done = self._pending_done, None
+            try:
+                await self._send(batch)
+            finally:
+                if done is not None and not done.done():
+                    done.set_result(None)
+
+    async def _send(self, batch: dict[str, list[OutboxEntry]]) -> None:
         try:
-            for entry in entries:
-                await self.queue.enqueue(tenant_id, entry.run_id, priority=entry.priority)
-                published.append(entry.id)
+            await self.queue.enqueue_many(
+                {t: [(e.run_id, e.priority) for e in entries] for t, entries in batch.items()}
+            )
         except Exception as exc:
-            # The change is committed; its message waits in the outbox for the relay. The
-            # caller's request succeeded: the queue being away must not undo it.
+            # The changes are committed; their messages wait in the outbox for the relay. The
+            # callers' requests succeeded: the queue being away must not undo them.
             log.warning(
                 "queue unavailable; the relay will publish",
-                tenant=tenant_id,
-                pending=len(entries) - len(published),
+                pending=sum(len(entries) for entries in batch.values()),
                 error=type(exc).__name__,
             )
-        if not published:
             return
-        self._published.setdefault(tenant_id, []).extend(published)
+        for tenant_id, entries in batch.items():
+            self._published.setdefault(tenant_id, []).extend(e.id for e in entries)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
@@ -101,6 +138,7 @@ class Runtime:
                 log.exception("outbox cleanup failed; the relay will republish", tenant=tenant_id)
 
     async def close(self) -> None:
+        await self.published()
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -75,6 +75,7 @@ async def test_a_rolled_back_submit_publishes_nothing(runtime: Runtime) -> None:
 async def test_runs_survive_the_queue_losing_everything(runtime: Runtime) -> None:
     tenant = Client(app, runtime=runtime).tenant("acme")
     handles = [await tenant.start(adder, i) for i in range(20)]
+    await runtime.published()  # messages follow the commits in the background
     assert await runtime.queue.depth("acme") == 20
     await wipe_queue(runtime)
     assert await runtime.queue.depth("acme") == 0

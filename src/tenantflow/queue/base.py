@@ -19,7 +19,7 @@ run's lease in the database decides who executes it. Semantics every backend kee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +49,10 @@ class Queue(Protocol):
     async def enqueue(
         self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
     ) -> str: ...
+
+    async def enqueue_many(self, batch: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+        """Make messages ready now, ``{tenant: [(run id, priority), ...]}``, in one go."""
+        ...
 
     async def dequeue(
         self, consumer: str, max_messages: int, visibility_timeout: float

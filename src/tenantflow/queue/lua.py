@@ -46,12 +46,17 @@ local function put(run, p, d, delay)
 end
 """
 
-# ARGV: run, priority, delay_ms. Returns the time (ms) the message becomes ready.
+# ARGV: delay_ms, then run, priority for each message. Returns the time (ms) the messages
+# become ready.
 ENQUEUE = (
     COMMON
     + """
-redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-return put(ARGV[1], ARGV[2], 0, tonumber(ARGV[3]))
+local delay, at = tonumber(ARGV[1]), 0
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], 1)
+  at = put(ARGV[i], ARGV[i + 1], 0, delay)
+end
+return at
 """
 )
 

@@ -69,13 +69,34 @@ class RedisStreamsQueue:
 
         # One round trip: the script, the tenant's activity mark, the wake-up.
         def build(pipe: Any) -> None:
-            self._eval(pipe, "ENQUEUE", keys, [run_id, priority, delay_ms])
+            self._eval(pipe, "ENQUEUE", keys, [delay_ms, run_id, priority])
             pipe.zadd(self.keys.active, {tenant_id: int(time.time() * 1000) + delay_ms}, gt=True)
             if delay_ms == 0:
                 self._wake(pipe, tenant_id)
 
         ready_at = (await self._execute(build))[0]
         return f"{tenant_id}:{run_id}:{ready_at}"
+
+    async def enqueue_many(self, batch: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+        batch = {tenant: runs for tenant, runs in batch.items() if runs}
+        if not batch:
+            return
+
+        # One round trip for the whole batch: per tenant one script call, and one wake-up
+        # token per message (up to the cap), so as many idle workers wake as there is work.
+        def build(pipe: Any) -> None:
+            now_ms = int(time.time() * 1000)
+            for tenant, runs in batch.items():
+                args: list[Any] = [0]
+                for run_id, priority in runs:
+                    args.extend((run_id, priority))
+                self._eval(pipe, "ENQUEUE", self.keys.tenant(tenant).all(), args)
+            pipe.zadd(self.keys.active, dict.fromkeys(batch, now_ms), gt=True)
+            tokens = [t for tenant, runs in batch.items() for t in [tenant] * len(runs)]
+            pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
+            pipe.ltrim(self.keys.wake, 0, WAKE_TOKENS_MAX - 1)
+
+        await self._execute(build)
 
     def _wake(self, pipe: Any, tenant_id: str) -> None:
         pipe.lpush(self.keys.wake, tenant_id)

@@ -97,6 +97,23 @@ class SqliteQueue:
             self._wakeup.set()
         return message_id
 
+    async def enqueue_many(self, batch: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+        now = time.time()
+        rows = [
+            (tenant_id, run_id, priority, now, now)
+            for tenant_id, runs in batch.items()
+            for run_id, priority in runs
+        ]
+        if not rows:
+            return
+        with _sqlite.transaction(self._conn) as cur:
+            cur.executemany(
+                "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+        self._wakeup.set()
+
     async def dequeue(
         self,
         consumer: str,

@@ -107,7 +107,7 @@ class TenantClient:
             max_recoveries=workflow.workflow_options.max_recovery_attempts,
         )
         run, _, outbox = await self.store.create_run(new, now=time.time())
-        await runtime.publish(self.tenant_id, outbox)
+        runtime.publish_soon(self.tenant_id, outbox)  # committed: the message may follow
         return RunHandle(self, run.id, workflow)
 
     def handle(self, run_id: str) -> RunHandle[Any]:

@@ -382,8 +382,10 @@ class SqlRunStore:
     # -- execution ---------------------------------------------------------------------------
 
     async def claim_run(self, run_id: str, *, owner: str, now: float, lease: float) -> Claim:
+        # Not durable: a claim lost in a database crash leaves the run queued, its message
+        # redelivered, and this worker's next write fenced (it no longer holds the lease).
         row = await self.db.batched(
-            SQL_CLAIM_QUEUED, (owner, now + lease, now, now, now, run_id, now)
+            SQL_CLAIM_QUEUED, (owner, now + lease, now, now, now, run_id, now), durable=False
         )
         if row is not None:  # the common case: a queued run
             claimed = _run(self.tenant_id, row)

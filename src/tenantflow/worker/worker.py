@@ -37,6 +37,7 @@ CANCEL_POLL_SECONDS = 0.5
 QUEUE_RETRY_MAX_SECONDS = 2.0
 STORE_RETRY_SECONDS = 1.0
 UNREGISTERED_RETRY_SECONDS = 5.0
+ACK_FLUSH_SECONDS = 5.0
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Worker:
     # -- ExecutionHost -----------------------------------------------------------------------
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
-        await self.runtime.publish(tenant_id, entries)
+        self.runtime.publish_soon(tenant_id, entries)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -130,6 +131,8 @@ class Worker:
         finally:
             await self._drain()
             await self._flush_acks()
+            if self._tasks:  # acknowledgements still on their way
+                await asyncio.wait(set(self._tasks), timeout=ACK_FLUSH_SECONDS)
             for task in (keepalive, maintenance):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -209,7 +212,7 @@ class Worker:
             await queue.retry_later(message, claim.not_before - now, count_delivery=False)
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
-            await self.runtime.publish(message.tenant_id, claim.wake)
+            self.runtime.publish_soon(message.tenant_id, claim.wake)
             self._ack(message)
             return
         assert claim.run is not None
@@ -272,7 +275,7 @@ class Worker:
             self.stats.finished += 1
             if outcome.status is not None:
                 self.stats.by_status[outcome.status.value] += 1
-            await self.runtime.publish(message.tenant_id, outcome.wake)
+            self.runtime.publish_soon(message.tenant_id, outcome.wake)
             self._ack(message)
         elif outcome.kind is OutcomeKind.SUSPENDED:
             self.stats.suspended += 1
