@@ -1,54 +1,73 @@
-"""Side effects counted in a table: what tests use to prove a step ran exactly once."""
+"""Side effects counted in a table: what tests use to prove a step ran exactly once.
+
+The table lives where ``TENANTFLOW_TEST_EFFECTS`` says: a SQLite file, or a PostgreSQL database
+(``postgresql://...``). Tests that freeze a worker process (SIGSTOP) use PostgreSQL: a process
+frozen inside a SQLite write would hold the file's write lock, and every other process's
+effects (hence its steps) would wait on it.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ENV = "TENANTFLOW_TEST_EFFECTS"
 
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, name TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS applied (key TEXT PRIMARY KEY)",
+)
 
-def _connect() -> sqlite3.Connection:
-    conn = sqlite3.connect(Path(os.environ[ENV]), timeout=30, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, name TEXT NOT NULL)")
-    return conn
+
+@contextmanager
+def _connect() -> Iterator[Any]:
+    """A connection in autocommit mode, with the tables created."""
+    target = os.environ[ENV]
+    if target.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(target, autocommit=True) as pg:
+            for statement in SCHEMA:
+                pg.execute(statement)
+            yield pg
+        return
+    conn = sqlite3.connect(Path(target), timeout=30, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in SCHEMA:
+            conn.execute(statement)
+        yield conn
+    finally:
+        conn.close()
+
+
+def _run(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    with _connect() as conn:
+        if not isinstance(conn, sqlite3.Connection):
+            sql = sql.replace("?", "%s")
+        cur = conn.execute(sql, params)
+        return list(cur.fetchall()) if cur.description else []
 
 
 def record(key: str, name: str) -> None:
-    conn = _connect()
-    try:
-        conn.execute("INSERT INTO effects (key, name) VALUES (?, ?)", (key, name))
-    finally:
-        conn.close()
+    _run("INSERT INTO effects (key, name) VALUES (?, ?)", (key, name))
 
 
 def counts() -> dict[str, int]:
     """How many times each idempotency key's effect happened."""
-    conn = _connect()
-    try:
-        rows = conn.execute("SELECT key, COUNT(*) FROM effects GROUP BY key").fetchall()
-    finally:
-        conn.close()
+    rows = _run("SELECT key, COUNT(*) FROM effects GROUP BY key")
     return {str(k): int(n) for k, n in rows}
 
 
 def apply_once(key: str) -> None:
     """An external system that honours idempotency keys (a payment API, say): the first call
     with a key takes effect, later ones with the same key do nothing."""
-    conn = _connect()
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS applied (key TEXT PRIMARY KEY)")
-        conn.execute("INSERT OR IGNORE INTO applied (key) VALUES (?)", (key,))
-    finally:
-        conn.close()
+    _run("INSERT INTO applied (key) VALUES (?) ON CONFLICT DO NOTHING", (key,))
 
 
 def applied() -> list[str]:
-    conn = _connect()
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS applied (key TEXT PRIMARY KEY)")
-        return [str(r[0]) for r in conn.execute("SELECT key FROM applied").fetchall()]
-    finally:
-        conn.close()
+    return [str(r[0]) for r in _run("SELECT key FROM applied")]

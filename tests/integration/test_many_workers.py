@@ -23,14 +23,18 @@ from tests.integration.test_outbox import wipe_queue
 pytestmark = pytest.mark.slow
 
 RUNS, STEPS = 60, 6
+CONCURRENCY = 4  # per worker: the load lasts long enough to be disturbed midway
 
 
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    monkeypatch.setenv(effects.ENV, str(tmp_path / "effects.db"))
     settings = production_settings(
         tmp_path, lease_seconds=1.5, poll_interval=0.02, reconcile_interval=0.5
     )
+    # Effects in PostgreSQL (the platform database of this test): a worker frozen inside a
+    # SQLite write would hold the file's lock and stall the others' steps.
+    assert settings.database_url is not None
+    monkeypatch.setenv(effects.ENV, settings.database_url)
     yield settings
     cleanup_production(settings)
 
@@ -43,10 +47,11 @@ def workers(settings: Settings, tmp_path: Path) -> Iterator[Workers]:
 
 
 async def test_three_workers_kill_stop_and_flush(runtime: Runtime, workers: Workers) -> None:
+    assert effects.applied() == []  # creates the tables before the workers race to
     acme = Client(durable.app, runtime=runtime).tenant("acme")
     globex = Client(durable.app, runtime=runtime).tenant("globex")
     handles = [await (acme if i % 2 else globex).start(durable.ledger, STEPS) for i in range(RUNS)]
-    procs = [workers.start(step_seconds=0.2) for _ in range(3)]
+    procs = [workers.start(step_seconds=0.2, concurrency=CONCURRENCY) for _ in range(3)]
 
     async def progress() -> int:
         return len(effects.applied())
@@ -75,7 +80,7 @@ async def test_three_workers_kill_stop_and_flush(runtime: Runtime, workers: Work
     assert done_before_wipe < RUNS * STEPS * 4 // 5, done_before_wipe  # mid-load
     await wipe_queue(runtime)  # Redis loses everything mid-load
     frozen.send_signal(signal.SIGCONT)  # back, with stale leases and receipts
-    workers.start(step_seconds=0.2)  # a replacement for the killed one
+    workers.start(step_seconds=0.2, concurrency=CONCURRENCY)  # a replacement for the killed one
 
     results = [await h.result(timeout=120) for h in handles]
     assert results == [sum(range(STEPS))] * RUNS
