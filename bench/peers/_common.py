@@ -193,15 +193,21 @@ def measure_async(
     args: argparse.Namespace,
     enqueue: Callable[[str, float], Awaitable[Any]],
     loop: asyncio.AbstractEventLoop,
+    *,
+    settle: Callable[[], Awaitable[Any]] | None = None,
 ) -> Result:
     """``measure`` for a library whose client is async: each phase's enqueue loop runs as one
-    coroutine on ``loop``, as an asyncio application would drive the client."""
+    coroutine on ``loop``, as an asyncio application would drive the client. The loop stops
+    between phases, which a running application's never does: ``settle`` lets a client
+    finish the work it does in the background (inside the timed phase)."""
 
     async def sender(uid: str, count: int, pause: float) -> None:
         for _ in range(count):
             await enqueue(uid, time.time())
             if pause:
                 await asyncio.sleep(pause)
+        if settle is not None:
+            await settle()
 
     def send(uid: str, count: int, pause: float) -> None:
         loop.run_until_complete(sender(uid, count, pause))

@@ -27,6 +27,7 @@ log = structlog.get_logger(__name__)
 
 ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last ready message
 ACTIVE_REFRESH_SECONDS = 1.0
+ACTIVE_MARK_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
 
@@ -56,6 +57,8 @@ class RedisStreamsQueue:
         self._active: list[str] = []
         self._active_at = 0.0
         self._rotation = 0
+        self._marked: dict[str, float] = {}  # tenant -> when this process last marked it
+        self._trimmed = -math.inf
         # Blocking waits get a client (and connections) of their own.
         self._blocking: Any = redis.Redis.from_url(url, decode_responses=True)
 
@@ -82,21 +85,34 @@ class RedisStreamsQueue:
         if not batch:
             return
 
+        now = time.monotonic()
+        # Marking a tenant active once a second is enough (workers refresh their list of
+        # active tenants as often, and a wake-up token names its tenant meanwhile).
+        unmarked = [t for t in batch if now - self._marked.get(t, -math.inf) > ACTIVE_MARK_SECONDS]
+        trim = now - self._trimmed > ACTIVE_MARK_SECONDS
+
         # One round trip for the whole batch: per tenant one script call, and one wake-up
         # token per message (up to the cap), so as many idle workers wake as there is work.
         def build(pipe: Any) -> None:
-            now_ms = int(time.time() * 1000)
             for tenant, runs in batch.items():
                 args: list[Any] = [0]
                 for run_id, priority in runs:
                     args.extend((run_id, priority))
                 self._eval(pipe, "ENQUEUE", self.keys.tenant(tenant).all(), args)
-            pipe.zadd(self.keys.active, dict.fromkeys(batch, now_ms), gt=True)
+            if unmarked:
+                pipe.zadd(
+                    self.keys.active, dict.fromkeys(unmarked, int(time.time() * 1000)), gt=True
+                )
             tokens = [t for tenant, runs in batch.items() for t in [tenant] * len(runs)]
             pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
-            pipe.ltrim(self.keys.wake, 0, WAKE_TOKENS_MAX - 1)
+            if trim:  # tokens nobody took (every worker busy) are capped
+                pipe.ltrim(self.keys.wake, 0, WAKE_TOKENS_MAX - 1)
 
         await self._execute(build)
+        for tenant in unmarked:
+            self._marked[tenant] = now
+        if trim:
+            self._trimmed = now
 
     def _wake(self, pipe: Any, tenant_id: str) -> None:
         pipe.lpush(self.keys.wake, tenant_id)
