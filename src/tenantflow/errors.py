@@ -143,3 +143,46 @@ class WorkflowCancelled(BaseException):
 
 class RunFinishedError(TenantflowError):
     """The run has already ended."""
+
+
+# -- platform plane: identity, licensing, limits --------------------------------------------
+
+
+class ConflictError(TenantflowError):
+    """The request conflicts with the current state."""
+
+
+class AuthenticationError(TenantflowError):
+    """The credentials are not valid."""
+
+
+class InvalidSignatureError(AuthenticationError):
+    """The signed document is not valid."""
+
+
+class PermissionDeniedError(TenantflowError):
+    """The caller's role does not allow this."""
+
+
+class LicenseError(TenantflowError):
+    """The tenant has no valid license."""
+
+
+class NotEntitledError(LicenseError):
+    """The tenant's plan does not include this."""
+
+
+class QuotaExceededError(TenantflowError):
+    """The tenant's quota is used up."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SeatLimitError(QuotaExceededError):
+    """The tenant's plan has no seat left."""
+
+
+class RateLimitedError(QuotaExceededError):
+    """Too many requests: slow down."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -16,6 +17,11 @@ from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Queue
 from tenantflow.settings import Settings, sqlite_path
 from tenantflow.store.records import OutboxEntry
+
+if TYPE_CHECKING:
+    from tenantflow.platform.artifacts import PlatformArtifacts
+    from tenantflow.platform.licensing import LicenseClaims
+    from tenantflow.platform.service import Platform
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +67,40 @@ class Runtime:
         self._pending: dict[str, list[OutboxEntry]] = {}
         self._pending_done: asyncio.Future[None] | None = None
         self._publisher: asyncio.Task[None] | None = None
+        self._platform: Platform | None = None
+        self._artifacts: PlatformArtifacts | None = None
+
+    # -- the platform plane, as this process sees it -----------------------------------------
+
+    @property
+    def platform(self) -> Platform:
+        """The platform plane's operations (on the platform database)."""
+        if self._platform is None:
+            from tenantflow.platform.service import Platform
+
+            self._platform = Platform(self.registry)
+        return self._platform
+
+    @property
+    def artifacts(self) -> PlatformArtifacts:
+        """Keys and licenses as the tenant plane holds them: verified, cached."""
+        if self._artifacts is None:
+            from tenantflow.platform.artifacts import PlatformArtifacts
+
+            self._artifacts = PlatformArtifacts(
+                self.platform,
+                self.settings.home / "cache",
+                refresh_seconds=self.settings.license_refresh_seconds,
+            )
+        return self._artifacts
+
+    async def license(self, tenant_id: str) -> LicenseClaims | None:
+        """The tenant's license (None: on no plan, not limited); fetched in a thread when
+        due, from memory otherwise."""
+        artifacts = self.artifacts
+        if artifacts.needs_refresh(tenant_id):
+            return await asyncio.to_thread(artifacts.license, tenant_id)
+        return artifacts.license(tenant_id)
 
     def publish_soon(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> asyncio.Future[None]:
         """Publish outbox records to the queue in the background, then forget them; the

@@ -52,6 +52,20 @@ class Settings(BaseSettings):
         default="NORMAL",
         description="NORMAL survives a process crash; FULL also a power loss (fsync per commit).",
     )
+    # -- platform plane and HTTP API --
+    token_ttl_seconds: float = Field(default=900, gt=0, description="Access token lifetime.")
+    license_ttl_seconds: float = Field(
+        default=7 * 86400, gt=0, description="License lifetime: how long a platform outage lasts."
+    )
+    license_refresh_seconds: float = Field(
+        default=60, gt=0, description="How often the tenant plane fetches licenses and keys."
+    )
+    api_host: str = Field(default="127.0.0.1")
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    max_request_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body.")
+    rate_limit_per_second: float | None = Field(
+        default=None, gt=0, description="Requests per second per tenant, when its plan says none."
+    )
     log_level: str = Field(default="INFO")
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

@@ -17,36 +17,37 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 
-from tenantflow.errors import InvalidTenantIdError, TenantExistsError, TenantNotFoundError
+from tenantflow.errors import (
+    ConfigError,
+    InvalidTenantIdError,
+    NotFoundError,
+    TenantExistsError,
+    TenantNotFoundError,
+)
 from tenantflow.platform.provision import (
     PostgresProvisioner,
     Provisioner,
     SqliteProvisioner,
     sqlalchemy_url,
 )
+from tenantflow.platform.schema import PLATFORM_HEAD, database_servers
+from tenantflow.platform.schema import tenants as tenants_table
 from tenantflow.settings import Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.schema import HEAD_REVISION
 
+log = structlog.get_logger(__name__)
+
+PLATFORM_MIGRATIONS = Path(__file__).with_name("migrations")
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 TENANT_CACHE_SECONDS = 2.0
-
-platform_metadata = sa.MetaData()
-tenants_table = sa.Table(
-    "tenants",
-    platform_metadata,
-    sa.Column("id", sa.String(63), primary_key=True),
-    sa.Column("name", sa.String(255), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("database_url", sa.Text, nullable=False, unique=True),
-    sa.Column("revision", sa.String(32)),
-)
 
 
 class TenantStatus(enum.StrEnum):
@@ -55,13 +56,23 @@ class TenantStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DatabaseServer:
+    id: str
+    url: str = field(repr=False)  # a secret: never logged, never served
+    accepting: bool
+    tenants: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Tenant:
     id: str
     name: str
     status: TenantStatus
     created_at: float
-    database_url: str
+    database_url: str = field(repr=False)  # a secret: never logged, never served
     revision: str | None
+    plan_id: str | None = None
+    server_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,13 +96,13 @@ def _tenant(row: Any) -> Tenant:
         created_at=row.created_at,
         database_url=row.database_url,
         revision=row.revision,
+        plan_id=row.plan_id,
+        server_id=row.server_id,
     )
 
 
 def _platform_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite:///"):
-        from pathlib import Path
-
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
 
@@ -123,37 +134,141 @@ def _create_database_if_missing(url: str) -> None:
 def _migrate_one(url: str) -> None:
     """Runs in a child process (see ``migrate_all``)."""
     if url.startswith("sqlite:///"):
-        from pathlib import Path
-
         SqliteProvisioner(Path()).migrate(url)
     else:
         PostgresProvisioner(url, "").migrate(url)
 
 
+def migrate_platform(engine: sa.Engine) -> None:
+    """Bring the platform database to its head revision. At head already, this is one read;
+    on PostgreSQL, processes starting together take turns (an advisory lock)."""
+    from tenantflow.store.migrate import upgrade_connection
+
+    if _platform_revision(engine) == PLATFORM_HEAD:
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('tenantflow-platform'))"))
+        upgrade_connection(conn, PLATFORM_MIGRATIONS)
+
+
+def _platform_revision(engine: sa.Engine) -> str | None:
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("alembic_version"):
+            return None
+        row = conn.execute(sa.text("SELECT version_num FROM alembic_version")).first()
+    return None if row is None else str(row[0])
+
+
 class TenantRegistry:
+    """Tenants and the routing table: which database server holds each tenant's database."""
+
+    DEFAULT_SERVER = "default"
+
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
         self.settings = settings
         self.engine = _platform_engine(url)
-        self.provisioner: Provisioner
-        if url.startswith("sqlite:///"):
-            self.provisioner = SqliteProvisioner(settings.home)
-        else:
-            self.provisioner = PostgresProvisioner(
-                url, settings.tenant_db_prefix, settings.tenant_template
-            )
+        self._provisioners: dict[str, Provisioner] = {}
+        migrate_platform(self.engine)
+        # The platform's own server holds tenants too, unless routing says otherwise.
+        default = f"sqlite:///{settings.home}" if url.startswith("sqlite:///") else url
         with self.engine.begin() as conn:
-            platform_metadata.create_all(conn)
+            if not conn.execute(
+                sa.select(database_servers.c.id).where(database_servers.c.id == self.DEFAULT_SERVER)
+            ).first():
+                conn.execute(
+                    database_servers.insert().values(
+                        id=self.DEFAULT_SERVER, url=default, accepting=True, created_at=time.time()
+                    )
+                )
 
-    def create(self, tenant_id: str, *, name: str | None = None) -> Tenant:
-        """Register a tenant and provision its database at the head revision."""
+    # -- routing -----------------------------------------------------------------------------
+
+    def add_server(self, server_id: str, url: str) -> DatabaseServer:
+        """Register a database server that new tenants may be placed on."""
+        check_tenant_id(server_id)  # the same shape of name
+        if url.startswith("sqlite:///") != self.engine.dialect.name.startswith("sqlite"):
+            raise ConfigError("a database server must use the platform database's backend")
+        with self.engine.begin() as conn:
+            conn.execute(
+                database_servers.insert().values(
+                    id=server_id, url=url, accepting=True, created_at=time.time()
+                )
+            )
+        return self.server(server_id)
+
+    def set_accepting(self, server_id: str, accepting: bool) -> DatabaseServer:
+        with self.engine.begin() as conn:
+            conn.execute(
+                database_servers.update()
+                .where(database_servers.c.id == server_id)
+                .values(accepting=accepting)
+            )
+        return self.server(server_id)
+
+    def servers(self) -> list[DatabaseServer]:
+        count = (
+            sa.select(sa.func.count())
+            .where(tenants_table.c.server_id == database_servers.c.id)
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(database_servers, count.label("tenants")).order_by(database_servers.c.id)
+            ).all()
+        return [
+            DatabaseServer(id=r.id, url=r.url, accepting=r.accepting, tenants=r.tenants)
+            for r in rows
+        ]
+
+    def server(self, server_id: str) -> DatabaseServer:
+        for server in self.servers():
+            if server.id == server_id:
+                return server
+        raise NotFoundError(f"no database server {server_id!r}")
+
+    def place(self) -> DatabaseServer:
+        """The routing policy: the accepting server with the fewest tenants."""
+        candidates = [s for s in self.servers() if s.accepting]
+        if not candidates:
+            raise ConfigError("no database server accepts new tenants")
+        return min(candidates, key=lambda s: (s.tenants, s.id))
+
+    def provisioner_for(self, server_id: str | None) -> Provisioner:
+        server_id = server_id or self.DEFAULT_SERVER
+        provisioner = self._provisioners.get(server_id)
+        if provisioner is None:
+            url = self.server(server_id).url
+            if url.startswith("sqlite:///"):
+                provisioner = SqliteProvisioner(Path(url.removeprefix("sqlite:///")))
+            else:
+                provisioner = PostgresProvisioner(
+                    url, self.settings.tenant_db_prefix, self.settings.tenant_template
+                )
+            self._provisioners[server_id] = provisioner
+        return provisioner
+
+    @property
+    def provisioner(self) -> Provisioner:
+        """The default server's provisioner."""
+        return self.provisioner_for(self.DEFAULT_SERVER)
+
+    # -- tenants -----------------------------------------------------------------------------
+
+    def create(
+        self, tenant_id: str, *, name: str | None = None, plan_id: str | None = None
+    ) -> Tenant:
+        """Register a tenant and provision its database, at the head revision, on the server
+        the routing policy picks."""
         check_tenant_id(tenant_id)
         with self.engine.connect() as conn:
             if conn.execute(
                 sa.select(tenants_table.c.id).where(tenants_table.c.id == tenant_id)
             ).first():
                 raise TenantExistsError(f"tenant {tenant_id!r} already exists")
-        url = self.provisioner.create_database(tenant_id)
+        server = self.place()
+        url = self.provisioner_for(server.id).create_database(tenant_id)
         tenant = Tenant(
             id=tenant_id,
             name=name or tenant_id,
@@ -161,6 +276,8 @@ class TenantRegistry:
             created_at=time.time(),
             database_url=url,
             revision=HEAD_REVISION,
+            plan_id=plan_id,
+            server_id=server.id,
         )
         try:
             with self.engine.begin() as conn:
@@ -172,11 +289,24 @@ class TenantRegistry:
                         created_at=tenant.created_at,
                         database_url=url,
                         revision=HEAD_REVISION,
+                        plan_id=plan_id,
+                        server_id=server.id,
                     )
                 )
         except sa.exc.IntegrityError:
             raise TenantExistsError(f"tenant {tenant_id!r} already exists") from None
         return tenant
+
+    def set_plan(self, tenant_id: str, plan_id: str | None) -> Tenant:
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                tenants_table.update()
+                .where(tenants_table.c.id == tenant_id)
+                .values(plan_id=plan_id)
+            )
+            if done.rowcount == 0:
+                raise TenantNotFoundError(f"no tenant {tenant_id!r}")
+        return self.get(tenant_id)
 
     def ensure(self, tenant_id: str, *, name: str | None = None) -> Tenant:
         try:
@@ -227,7 +357,8 @@ class TenantRegistry:
 
         def check(tenant: Tenant) -> None:
             try:
-                if self.provisioner.revision(tenant.database_url) == HEAD_REVISION:
+                provisioner = self.provisioner_for(tenant.server_id)
+                if provisioner.revision(tenant.database_url) == HEAD_REVISION:
                     at_head.append(tenant.id)
                     if tenant.revision != HEAD_REVISION:
                         self._record_revision(tenant.id)
@@ -240,8 +371,10 @@ class TenantRegistry:
                 if progress is not None:
                     progress(tenant.id)
 
-        if isinstance(self.provisioner, PostgresProvisioner):
-            self.provisioner.ensure_template()
+        for server in self.servers():
+            provisioner = self.provisioner_for(server.id)
+            if isinstance(provisioner, PostgresProvisioner):
+                provisioner.ensure_template()
         # Checking is a connection and a read: threads. Migrating runs Alembic, whose context
         # is global to a process: one process per migration running at once.
         with ThreadPoolExecutor(max_workers=parallel) as threads:
@@ -276,8 +409,8 @@ class TenantRegistry:
 
     def drop(self, tenant_id: str) -> None:
         """Drop the tenant's database and forget it (no archive: see the platform plane)."""
-        self.get(tenant_id)
-        self.provisioner.drop_database(tenant_id)
+        tenant = self.get(tenant_id)
+        self.provisioner_for(tenant.server_id).drop_database(tenant_id)
         with self.engine.begin() as conn:
             conn.execute(tenants_table.delete().where(tenants_table.c.id == tenant_id))
 
@@ -309,7 +442,18 @@ class TenantRouter:
         now = time.monotonic()
         if cached is not None and now - cached[0] < TENANT_CACHE_SECONDS:
             return cached[1]
-        tenant = self.registry.get(tenant_id)
+        try:
+            tenant = self.registry.get(tenant_id)
+        except TenantNotFoundError:
+            self._tenants.pop(tenant_id, None)
+            raise
+        except Exception as exc:
+            if cached is None:
+                raise
+            # The platform database is away: keep serving the tenant as last seen (its own
+            # database is what runs need), and ask again after the cache interval.
+            log.warning("platform unreachable; using the cached tenant", error=type(exc).__name__)
+            tenant = cached[1]
         self._tenants[tenant_id] = (now, tenant)
         return tenant
 
@@ -334,6 +478,14 @@ class TenantRouter:
                 continue
             self._close_later(self._stores.pop(tenant_id))
             excess -= 1
+
+    async def forget(self, tenant_id: str) -> None:
+        """Close the tenant's store now and drop what is cached of it (its database is about
+        to go away)."""
+        self._tenants.pop(tenant_id, None)
+        store = self._stores.pop(tenant_id, None)
+        if store is not None:
+            await store.close()
 
     @contextlib.contextmanager
     def pinned(self, tenant_id: str) -> Iterator[RunStore]:
@@ -366,8 +518,6 @@ class TenantRouter:
 
         url = tenant.database_url
         if url.startswith("sqlite:///"):
-            from pathlib import Path
-
             from tenantflow.store.db import SqliteDatabase
 
             return SqlRunStore(

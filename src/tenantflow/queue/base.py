@@ -19,7 +19,7 @@ run's lease in the database decides who executes it. Semantics every backend kee
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,8 +55,19 @@ class Queue(Protocol):
         ...
 
     async def dequeue(
-        self, consumer: str, max_messages: int, visibility_timeout: float
-    ) -> list[Message]: ...
+        self,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        *,
+        weights: Mapping[str, int] | None = None,
+        caps: Mapping[str, int] | None = None,
+        skip: Collection[str] = (),
+    ) -> list[Message]:
+        """Up to ``max_messages`` deliveries, fairly across tenants (``weights``: a tenant's
+        share, default 1), none of a tenant in ``skip``, and none beyond a tenant's cap of
+        messages in flight across all consumers (``caps``, else the queue's default)."""
+        ...
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None: ...
 

@@ -50,5 +50,9 @@ class Keys:
         worker blocks on it (BLPOP), so each token wakes one worker. Capped."""
         return f"{self.prefix}:wake"
 
+    def rate(self, tenant_id: str) -> str:
+        """The tenant's request-rate state (``api.ratelimit``), under its hash tag."""
+        return f"{self.prefix}:{{t:{tenant_id}}}:rate"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -60,7 +60,8 @@ return at
 """
 )
 
-# ARGV: group, consumer, count, min_idle_ms, max_deliveries, inflight_cap (0: none),
+# ARGV: group, consumer, count, min_idle_ms, max_deliveries, inflight_cap (0: none; below 0:
+#       take no new message),
 #       dead_maxlen.
 # Promotes due delayed messages, reclaims messages idle past min_idle (dead-lettering those
 # delivered max_deliveries times), then reads new ones. Returns a flat list of
@@ -108,7 +109,7 @@ for _, pe in ipairs(idle) do
   end
 end
 local room = count - #out / 5
-if cap > 0 then
+if cap ~= 0 then
   -- In flight = the group's pending entries (reclaimed ones included), cluster-wide.
   local pending = tonumber(redis.call('XPENDING', KEYS[1], group)[1])
   room = math.min(room, cap - pending)

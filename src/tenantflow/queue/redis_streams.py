@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -157,10 +157,12 @@ class RedisStreamsQueue:
         visibility_timeout: float,
         *,
         weights: Mapping[str, int] | None = None,
+        caps: Mapping[str, int] | None = None,
+        skip: Collection[str] = (),
     ) -> list[Message]:
         if max_messages <= 0:
             return []
-        tenants = await self._active_tenants()
+        tenants = [t for t in await self._active_tenants() if t not in skip]
         if not tenants:
             return []
         # Deficit round robin: start one tenant further each call; each tenant may take its
@@ -192,7 +194,7 @@ class RedisStreamsQueue:
                         share,
                         min_idle,
                         self.max_deliveries,
-                        self.tenant_max_inflight,
+                        (caps or {}).get(tenant, self.tenant_max_inflight),
                         DEAD_LETTERS_MAX,
                     ],
                 )

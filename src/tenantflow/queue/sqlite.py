@@ -11,7 +11,7 @@ import asyncio
 import secrets
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from tenantflow import _sqlite
@@ -121,13 +121,15 @@ class SqliteQueue:
         visibility_timeout: float,
         *,
         weights: Mapping[str, int] | None = None,
+        caps: Mapping[str, int] | None = None,
+        skip: Collection[str] = (),
     ) -> list[Message]:
         if max_messages <= 0:
             return []
         now = time.time()
         out: list[Message] = []
         with _sqlite.transaction(self._conn) as cur:
-            tenants = [r[0] for r in cur.execute(SQL_TENANTS).fetchall()]
+            tenants = [r[0] for r in cur.execute(SQL_TENANTS).fetchall() if r[0] not in skip]
             if not tenants:
                 return []
             # Round robin: start each dequeue one tenant further, take turns one message at a
@@ -136,7 +138,8 @@ class SqliteQueue:
             order = tenants[self._rotation :] + tenants[: self._rotation]
             ready = {
                 t: cur.execute(
-                    SQL_READY_OF_TENANT, (t, now, self._room(cur, t, now, max_messages))
+                    SQL_READY_OF_TENANT,
+                    (t, now, self._room(cur, t, now, max_messages, (caps or {}).get(t))),
                 ).fetchall()
                 for t in order
             }
@@ -244,16 +247,20 @@ class SqliteQueue:
             )
         self._wakeup.set()
 
-    def _room(self, cur: sqlite3.Cursor, tenant_id: str, now: float, wanted: int) -> int:
-        """How many messages the tenant may still take under its cap of messages in flight."""
-        if self.tenant_max_inflight <= 0:
+    def _room(
+        self, cur: sqlite3.Cursor, tenant_id: str, now: float, wanted: int, cap: int | None
+    ) -> int:
+        """How many messages the tenant may still take under its cap of messages in flight
+        (its own, else the queue's)."""
+        cap = self.tenant_max_inflight if cap is None else cap
+        if cap == 0:  # no cap (below 0: none may be taken)
             return wanted
         leased: tuple[int] = cur.execute(
             "SELECT COUNT(*) FROM messages WHERE tenant_id = ? AND receipt IS NOT NULL "
             "AND available_at > ?",
             (tenant_id, now),
         ).fetchone()
-        return max(0, min(wanted, self.tenant_max_inflight - int(leased[0])))
+        return max(0, min(wanted, cap - int(leased[0])))
 
     async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:

@@ -10,6 +10,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from tenantflow.engine.executor import encode_input
 from tenantflow.errors import (
+    NotEntitledError,
     ResultTimeoutError,
     RunCancelledError,
     RunFailedError,
@@ -95,6 +96,12 @@ class TenantClient:
         runtime = self.client.runtime
         if runtime.router.tenant(self.tenant_id).status is not TenantStatus.ACTIVE:
             raise TenantSuspendedError(f"tenant {self.tenant_id!r} is suspended")
+        quota = None
+        license = await runtime.license(self.tenant_id)
+        if license is not None:
+            if not license.entitles(workflow.name):
+                raise NotEntitledError(f"the tenant's plan does not include {workflow.name!r}")
+            quota = license.quotas.runs_per_month
         payload = encode_input(workflow, args, kwargs)
         options = workflow.start_options
         new = NewRun(
@@ -106,7 +113,7 @@ class TenantClient:
             timeout=workflow.workflow_options.timeout,
             max_recoveries=workflow.workflow_options.max_recovery_attempts,
         )
-        run, _, outbox = await self.store.create_run(new, now=time.time())
+        run, _, outbox = await self.store.create_run(new, now=time.time(), monthly_quota=quota)
         runtime.publish_soon(self.tenant_id, outbox)  # committed: the message may follow
         return RunHandle(self, run.id, workflow)
 

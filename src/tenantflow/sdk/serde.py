@@ -61,7 +61,33 @@ class TypedCodec:
             p.name: _adapter(hints.get(p.name, Any)) for p in params
         }
         self._kinds = {p.name: p.kind for p in params}
+        self._hints = {p.name: hints.get(p.name, Any) for p in params}
+        self._skip_first = skip_first
         self.returns: TypeAdapter[Any] | None = _adapter(hints.get("return", Any))
+
+    def check_input(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """Check JSON arguments against the signature and every parameter's type (strictly:
+        unlike ``decode_args``, plain ``int``/``str``/... are checked too). For input from
+        outside, before it is accepted; raises ``SerializationError`` saying what is wrong."""
+        try:
+            bound = self.signature.bind(*([None] if self._skip_first else []), *args, **kwargs)
+        except TypeError as exc:
+            raise SerializationError(f"the arguments do not fit: {exc}") from None
+        for name, value in bound.arguments.items():
+            hint = self._hints.get(name)
+            if hint is None or hint in _PASSTHROUGH:
+                continue
+            values = value if self._kinds[name] is inspect.Parameter.VAR_POSITIONAL else [value]
+            if self._kinds[name] is inspect.Parameter.VAR_KEYWORD:
+                values = list(value.values())
+            adapter = _adapter_cached(hint)
+            assert adapter is not None
+            for item in values:
+                try:
+                    adapter.validate_python(item)
+                except ValidationError as exc:
+                    issues = "; ".join(str(e["msg"]) for e in exc.errors())
+                    raise SerializationError(f"argument {name!r}: {issues}") from None
 
     def decode_return(self, value: Any) -> Any:
         return _validate(self.returns, value)

@@ -35,13 +35,15 @@ class RunStore(Protocol):
     tenant_id: str
 
     async def create_run(
-        self, run: NewRun, *, now: float
+        self, run: NewRun, *, now: float, monthly_quota: int | None = None
     ) -> tuple[RunRecord, bool, tuple[OutboxEntry, ...]]:
         """Insert ``run`` with its outbox record; with an idempotency key already used, return
         the existing run.
 
         Returns the run, whether it was created, and what to publish. Raises
-        ``IdempotencyConflictError`` when the key was used with a different workflow or input.
+        ``IdempotencyConflictError`` when the key was used with a different workflow or input,
+        and ``QuotaExceededError`` (creating nothing) when ``monthly_quota`` runs were already
+        created this month (UTC); a repeated key does not count.
         """
         ...
 

@@ -15,15 +15,23 @@ from tenantflow.store.schema import HEAD_REVISION
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
-def alembic_config() -> Config:
+def alembic_config(script_location: Path = MIGRATIONS) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", str(script_location))
     return cfg
 
 
-def script_head() -> str | None:
-    """The newest revision as Alembic sees the migrations folder."""
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+def upgrade_connection(conn: sa.Connection, script_location: Path = MIGRATIONS) -> None:
+    """Upgrade the database of an open connection (in its transaction) to the head revision
+    of the migrations in ``script_location``."""
+    cfg = alembic_config(script_location)
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+def script_head(script_location: Path = MIGRATIONS) -> str | None:
+    """The newest revision as Alembic sees a migrations folder."""
+    return ScriptDirectory.from_config(alembic_config(script_location)).get_current_head()
 
 
 def sqlite_revision(path: Path) -> str | None:
@@ -45,9 +53,7 @@ def migrate_url(url: str) -> None:
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            upgrade_connection(conn)
     finally:
         engine.dispose()
 

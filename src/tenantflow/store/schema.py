@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 metadata = sa.MetaData()
 
@@ -73,4 +73,11 @@ outbox = sa.Table(
     sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_outbox_created", "created_at"),
+)
+
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("period", sa.String(7), primary_key=True),  # YYYY-MM (UTC)
+    sa.Column("runs", sa.Integer, nullable=False),
 )

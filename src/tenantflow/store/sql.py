@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import calendar
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from tenantflow.errors import IdempotencyConflictError, RunFinishedError, RunNotFoundError
+from tenantflow.errors import (
+    IdempotencyConflictError,
+    QuotaExceededError,
+    RunFinishedError,
+    RunNotFoundError,
+)
 from tenantflow.sdk.serde import dumps, loads
 from tenantflow.store.base import LeaseLost
 from tenantflow.store.db import Database, Row, Tx
@@ -98,6 +105,10 @@ SQL_CREATE_PG = (
     "SELECT id, priority, ? FROM ins RETURNING id) "
     "SELECT ob.id FROM ob"
 )
+SQL_COUNT_RUN = (
+    "INSERT INTO usage (period, runs) VALUES (?, 1) "
+    "ON CONFLICT (period) DO UPDATE SET runs = usage.runs + 1 RETURNING runs"
+)
 SQL_CLAIM_QUEUED = (
     "UPDATE runs SET status = 'running', lease_owner = ?, lease_until = ?, "
     "executions = executions + 1, started_at = COALESCE(started_at, ?), "
@@ -134,6 +145,13 @@ SQL_FINISH_WITH_STEP_PG = (
 )
 
 CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was cancelled"})
+
+
+def _next_month(now: float) -> float:
+    """The start (UTC) of the month after the one ``now`` is in."""
+    t = time.gmtime(now)
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return calendar.timegm((year, month, 1, 0, 0, 0, 0, 0, 0))
 
 
 def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
@@ -291,7 +309,7 @@ class SqlRunStore:
     # -- runs --------------------------------------------------------------------------------
 
     async def create_run(
-        self, run: NewRun, *, now: float
+        self, run: NewRun, *, now: float, monthly_quota: int | None = None
     ) -> tuple[RunRecord, bool, tuple[OutboxEntry, ...]]:
         params = (
             run.id,
@@ -305,28 +323,44 @@ class SqlRunStore:
             now,
             now,
         )
-        if self.db.dialect == "postgresql":
+        if self.db.dialect == "postgresql" and monthly_quota is None:
             inserted = await self.db.batched(SQL_CREATE_PG, (*params, now))
             if inserted is not None:  # the new run is exactly what was inserted
                 entry = OutboxEntry(id=int(inserted[0]), run_id=run.id, priority=run.priority)
                 return _new_record(self.tenant_id, run, now), True, (entry,)
-            async with self.db.autocommit() as tx:
-                row = await tx.one(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
-                    (run.idempotency_key,),
-                )
         else:
             async with self.db.transaction() as tx:
                 inserted = await tx.one(
                     f"{SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING {RUN_COLUMNS}", params
                 )
                 if inserted is not None:
+                    if monthly_quota is not None:
+                        # Counted in the run's transaction: a refusal creates nothing, and
+                        # concurrent submits queue on the counter's row.
+                        await self._count_run(tx, now, monthly_quota)
                     entry = await self._outbox(tx, run.id, run.priority, now)
                     return _run(self.tenant_id, inserted), True, (entry,)
-                row = await tx.one(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
-                    (run.idempotency_key,),
-                )
+        return await self._existing(run), False, ()
+
+    @staticmethod
+    async def _count_run(tx: Tx, now: float, quota: int) -> None:
+        period = time.strftime("%Y-%m", time.gmtime(now))
+        row = await tx.one(SQL_COUNT_RUN, (period,))
+        assert row is not None
+        if int(row[0]) > quota:
+            raise QuotaExceededError(
+                f"the tenant's plan allows {quota} runs a month, all used",
+                retry_after=_next_month(now) - now,
+            )
+
+    async def _existing(self, run: NewRun) -> RunRecord:
+        """The run that already holds ``run``'s id or idempotency key, if it is the same
+        request; an ``IdempotencyConflictError`` otherwise."""
+        async with self.db.autocommit() as tx:
+            row = await tx.one(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE idempotency_key = ?",
+                (run.idempotency_key,),
+            )
         if row is None:
             raise IdempotencyConflictError(f"run id {run.id} is already taken")
         existing = _run(self.tenant_id, row)
@@ -335,7 +369,7 @@ class SqlRunStore:
                 f"idempotency key {run.idempotency_key!r} was used for run {existing.id} with "
                 "a different workflow or input"
             )
-        return existing, False, ()
+        return existing
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         async with self.db.autocommit() as tx:

@@ -23,7 +23,8 @@ from typing import Any
 import structlog
 
 from tenantflow.engine.executor import Execution, Outcome, OutcomeKind
-from tenantflow.errors import TenantNotFoundError, WorkflowNotRegisteredError
+from tenantflow.errors import LicenseError, TenantNotFoundError, WorkflowNotRegisteredError
+from tenantflow.platform.registry import TenantStatus
 from tenantflow.queue.base import Message
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
@@ -38,6 +39,8 @@ QUEUE_RETRY_MAX_SECONDS = 2.0
 STORE_RETRY_SECONDS = 1.0
 UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
+PLATFORM_VIEW_SECONDS = 1.0
+NO_RUNS = -1  # a cap below any count: the queue gives the tenant nothing
 
 
 @dataclass
@@ -75,6 +78,10 @@ class Worker:
         self._running: set[tuple[str, str]] = set()  # (tenant, run) executing here
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
+        # The platform's word on tenants, refreshed in the background: suspended tenants
+        # (not taken from) and licensed caps on runs in flight.
+        self._paused: frozenset[str] = frozenset()
+        self._caps: dict[str, int] = {}
 
     # -- ExecutionHost -----------------------------------------------------------------------
 
@@ -99,8 +106,10 @@ class Worker:
         """Work until ``stop()``; then drain within the grace period."""
         queue = self.runtime.queue
         poll = self.runtime.settings.poll_interval
+        await self._refresh_platform_view()
         keepalive = asyncio.create_task(self._keepalive())
         maintenance = asyncio.create_task(self._maintenance())
+        platform_view = asyncio.create_task(self._watch_platform())
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
         backoff = 0.0
         try:
@@ -111,7 +120,9 @@ class Worker:
                     await self._wait_any(self._slot_free.wait(), poll)
                     continue
                 try:
-                    messages = await queue.dequeue(self.owner, free, self.lease)
+                    messages = await queue.dequeue(
+                        self.owner, free, self.lease, caps=self._caps, skip=self._paused
+                    )
                 except Exception as exc:
                     # The queue is away (restarting, unreachable): keep the runs in flight
                     # going and try again, backing off, rather than die.
@@ -133,7 +144,7 @@ class Worker:
             await self._flush_acks()
             if self._tasks:  # acknowledgements still on their way
                 await asyncio.wait(set(self._tasks), timeout=ACK_FLUSH_SECONDS)
-            for task in (keepalive, maintenance):
+            for task in (keepalive, maintenance, platform_view):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -292,6 +303,36 @@ class Worker:
             await queue.retry_later(message, STORE_RETRY_SECONDS)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             self._ack(message)
+
+    # -- the platform's word on tenants ------------------------------------------------------
+
+    async def _watch_platform(self) -> None:
+        while True:
+            await asyncio.sleep(PLATFORM_VIEW_SECONDS)
+            await self._refresh_platform_view()
+
+    async def _refresh_platform_view(self) -> None:
+        """Which tenants are suspended, and each licensed tenant's cap on concurrent runs.
+        Through a platform outage the last view stands (and licenses their cached copies)."""
+        try:
+            tenants = await asyncio.to_thread(self.runtime.registry.list)
+        except Exception as exc:
+            log.warning("platform unreachable; keeping the tenant view", error=type(exc).__name__)
+            return
+        self._paused = frozenset(t.id for t in tenants if t.status is TenantStatus.SUSPENDED)
+        caps: dict[str, int] = {}
+        for tenant in tenants:
+            if tenant.plan_id is None:
+                continue
+            try:
+                license = await self.runtime.license(tenant.id)
+            except LicenseError:
+                # No valid license: the tenant's runs wait (a cap nobody can fit under).
+                caps[tenant.id] = NO_RUNS
+                continue
+            if license is not None and license.quotas.concurrent_runs is not None:
+                caps[tenant.id] = license.quotas.concurrent_runs
+        self._caps = caps
 
     # -- relay and reconciler ----------------------------------------------------------------
 

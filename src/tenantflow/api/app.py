@@ -1,0 +1,143 @@
+"""The HTTP API: ``create_api(workflows, settings)`` builds the ASGI app.
+
+``/v1`` is the tenant plane (runs, workflows, dead letters, the tenant's audit log),
+``/platform/v1`` the platform plane, ``/.well-known/jwks.json`` the public keys, ``/healthz``
+(the process answers) and ``/readyz`` (databases, queue and migrations are usable). The OpenAPI
+document is at ``/openapi.json``. Every error is ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from tenantflow import __version__
+from tenantflow.api import platform as platform_routes
+from tenantflow.api import problems
+from tenantflow.api import runs as run_routes
+from tenantflow.api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from tenantflow.runtime import Runtime
+from tenantflow.sdk.app import App
+from tenantflow.settings import Settings
+
+READY_TIMEOUT_SECONDS = 2.0
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def create_api(
+    workflows: App, settings: Settings | None = None, *, runtime: Runtime | None = None
+) -> FastAPI:
+    """The API for the workflows of ``workflows``. With ``runtime``, the caller owns it (and
+    closes it); otherwise the app opens its own on startup and closes it on shutdown."""
+    own_runtime = runtime is None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or Runtime(settings)
+        api.state.runtime = rt
+        api.state.limiter = _limiter(rt)
+        try:
+            yield
+        finally:
+            if own_runtime:
+                await rt.close()
+
+    api = FastAPI(
+        title="tenantflow",
+        version=__version__,
+        lifespan=lifespan,
+        description="Durable workflows for many tenants: the tenant plane and the platform plane.",
+    )
+    api.state.workflows = workflows
+    if runtime is not None:  # usable without the lifespan (tests drive the app directly)
+        api.state.runtime = runtime
+        api.state.limiter = _limiter(runtime)
+    problems.install(api)
+    api.include_router(run_routes.router)
+    api.include_router(platform_routes.router)
+    api.include_router(platform_routes.wellknown)
+
+    @api.middleware("http")
+    async def limit_body(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Refuse a body larger than ``max_request_bytes`` before reading it (by its
+        declared length) or while reading it (a chunked one)."""
+        if request.method in BODY_METHODS:
+            limit = request.app.state.runtime.settings.max_request_bytes
+            declared = request.headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > limit):
+                return problems.problem(413, "too-large", f"the body exceeds {limit} bytes")
+            if declared is None:
+                body = b""
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        return problems.problem(413, "too-large", f"the body exceeds {limit} bytes")
+                request._body = body  # read once; the route reads it from here
+        return await call_next(request)
+
+    @api.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is alive and serving."""
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Ready when the platform database answers and its migrations are at head, and the
+        queue answers; 503 with the failing checks otherwise."""
+        rt: Runtime = request.app.state.runtime
+        checks = await asyncio.gather(
+            _check("platform_database", lambda: asyncio.to_thread(_platform_ready, rt)),
+            _check("queue", lambda: rt.queue.depth("-readyz-")),
+        )
+        report = dict(checks)
+        ok = all(v == "ok" for v in report.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "unready", "checks": report},
+            status_code=200 if ok else 503,
+        )
+
+    return api
+
+
+def _limiter(runtime: Runtime) -> RateLimiter:
+    from tenantflow.queue.redis_streams import RedisStreamsQueue
+
+    queue = runtime.queue
+    if isinstance(queue, RedisStreamsQueue):
+        return RedisRateLimiter(queue.redis, queue.keys.rate)
+    return LocalRateLimiter()
+
+
+class NotReady(Exception):
+    """A check's own finding (its message is safe to show)."""
+
+
+async def _check(name: str, probe: Callable[[], Awaitable[Any]]) -> tuple[str, str]:
+    try:
+        await asyncio.wait_for(probe(), READY_TIMEOUT_SECONDS)
+    except TimeoutError:
+        return name, f"no answer within {READY_TIMEOUT_SECONDS} s"
+    except NotReady as exc:
+        return name, str(exc)
+    except Exception as exc:  # the type only: a driver's message may name hosts or users
+        return name, f"failed: {type(exc).__name__}"
+    return name, "ok"
+
+
+def _platform_ready(runtime: Runtime) -> None:
+    from tenantflow.platform.registry import _platform_revision
+    from tenantflow.platform.schema import PLATFORM_HEAD
+
+    revision = _platform_revision(runtime.registry.engine)
+    if revision != PLATFORM_HEAD:
+        raise NotReady(f"platform migrations behind ({revision} < {PLATFORM_HEAD})")
+    with runtime.registry.engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))

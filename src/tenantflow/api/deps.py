@@ -1,0 +1,88 @@
+"""FastAPI dependencies: the process's services, and who is calling.
+
+A tenant-plane request takes its tenant only from the verified access token; nothing a client
+sends elsewhere (path, query, body, headers) can name another tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from tenantflow.errors import AuthenticationError, PermissionDeniedError
+from tenantflow.platform.identity import Role
+from tenantflow.platform.keys import verify
+from tenantflow.platform.service import ACCESS_TYP, Principal, principal_from_claims
+from tenantflow.runtime import Runtime
+from tenantflow.sdk.app import App
+from tenantflow.sdk.client import Client, TenantClient
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def get_app(request: Request) -> App:
+    app: App = request.app.state.workflows
+    return app
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+AppDep = Annotated[App, Depends(get_app)]
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("an access token is needed (Authorization: Bearer ...)")
+    return token.strip()
+
+
+async def get_principal(request: Request, runtime: RuntimeDep) -> Principal:
+    import jwt
+
+    token = _bearer(request)
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError:
+        kid = None
+    keys = runtime.artifacts.keys(kid=None if kid is None else str(kid))
+    principal = principal_from_claims(verify(token, keys, typ=ACCESS_TYP))
+    request.state.principal = principal
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def tenant_role(role: Role) -> Callable[..., Coroutine[Any, Any, Principal]]:
+    """A dependency: a tenant-scoped caller with at least ``role``."""
+
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        if principal.tenant_id is None:
+            raise PermissionDeniedError("this needs a token scoped to a tenant")
+        principal.require(role)
+        return principal
+
+    return dependency
+
+
+async def platform_admin(principal: CurrentPrincipal) -> Principal:
+    if not principal.platform_admin:
+        raise PermissionDeniedError("this needs a platform administrator")
+    return principal
+
+
+Viewer = Annotated[Principal, Depends(tenant_role(Role.VIEWER))]
+Operator = Annotated[Principal, Depends(tenant_role(Role.OPERATOR))]
+TenantAdmin = Annotated[Principal, Depends(tenant_role(Role.TENANT_ADMIN))]
+PlatformAdmin = Annotated[Principal, Depends(platform_admin)]
+
+
+def tenant_client(principal: Principal, runtime: Runtime, app: App) -> TenantClient:
+    assert principal.tenant_id is not None
+    return Client(app, runtime=runtime).tenant(principal.tenant_id)

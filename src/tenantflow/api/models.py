@@ -1,0 +1,258 @@
+"""Request and response bodies of the HTTP API (separate input and output models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tenantflow.platform.audit import AuditEntry
+from tenantflow.platform.identity import Role
+from tenantflow.sdk.serde import loads
+from tenantflow.store.records import RunRecord, StepRecord
+
+
+class StartRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow: str = Field(min_length=1, max_length=255)
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+
+class StepOut(BaseModel):
+    seq: int
+    name: str
+    kind: str
+    status: str
+    attempts: int
+    started_at: float
+    finished_at: float | None
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+    @staticmethod
+    def of(step: StepRecord) -> StepOut:
+        return StepOut(
+            seq=step.seq,
+            name=step.name,
+            kind=step.kind.value,
+            status=step.status.value,
+            attempts=step.attempts,
+            started_at=step.started_at,
+            finished_at=step.finished_at,
+            output=loads(step.output),
+            error=step.error_info,
+        )
+
+
+class RunOut(BaseModel):
+    id: str
+    workflow: str
+    status: str
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    idempotency_key: str | None
+    parent_id: str | None
+    recoveries: int
+    cancel_requested: bool
+    result: Any = None
+    error: dict[str, Any] | None = None
+    steps: list[StepOut] | None = None
+
+    @staticmethod
+    def of(run: RunRecord, steps: list[StepRecord] | None = None) -> RunOut:
+        return RunOut(
+            id=run.id,
+            workflow=run.workflow,
+            status=run.status.value,
+            created_at=run.created_at,
+            updated_at=run.updated_at,
+            started_at=run.started_at,
+            finished_at=run.finished_at,
+            idempotency_key=run.idempotency_key,
+            parent_id=run.parent_id,
+            recoveries=run.recoveries,
+            cancel_requested=run.cancel_requested,
+            result=loads(run.result),
+            error=run.error_info,
+            steps=None if steps is None else [StepOut.of(s) for s in steps],
+        )
+
+
+class RunPage(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None
+
+
+class WorkflowOut(BaseModel):
+    name: str
+    parameters: list[str]
+
+
+class DeadLetterOut(BaseModel):
+    id: str
+    run_id: str
+    deliveries: int
+    failed_at: float
+
+
+class TokenRequest(BaseModel):
+    """``grant_type`` ``password`` (email, password, tenant) or ``api_key`` (api_key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grant_type: str = Field(pattern="^(password|api_key)$")
+    email: str | None = None
+    password: str | None = Field(default=None, max_length=1024)
+    tenant: str | None = None
+    api_key: str | None = Field(default=None, max_length=256)
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: str = "Bearer"
+    expires_in: int
+    tenant: str | None
+    role: Role | None
+
+
+class TenantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=63)
+    name: str | None = Field(default=None, max_length=255)
+    plan: str | None = None
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plan: str | None = None
+
+
+class TenantOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    plan: str | None
+    server: str | None
+    created_at: float
+    revision: str | None
+
+
+class UserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(max_length=320)
+    password: str = Field(min_length=8, max_length=1024)
+    platform_admin: bool = False
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    platform_admin: bool
+    created_at: float
+
+
+class MembershipIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str
+    role: Role
+
+
+class MembershipOut(BaseModel):
+    user_id: str
+    tenant: str
+    role: Role
+    created_at: float
+
+
+class ApiKeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=255)
+    role: Role
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    tenant: str
+    name: str
+    role: Role
+    created_at: float
+    revoked_at: float | None
+    secret: str | None = Field(default=None, description="Shown once, at creation.")
+
+
+class QuotasModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runs_per_month: int | None = Field(default=None, ge=0)
+    concurrent_runs: int | None = Field(default=None, ge=1)
+    seats: int | None = Field(default=None, ge=0)
+    requests_per_second: float | None = Field(default=None, gt=0)
+
+
+class PlanIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=63, pattern="^[a-z0-9][a-z0-9-]*$")
+    name: str = Field(min_length=1, max_length=255)
+    entitlements: list[str] = Field(default_factory=lambda: ["*"])
+    quotas: QuotasModel = Field(default_factory=QuotasModel)
+
+
+class PlanOut(BaseModel):
+    id: str
+    name: str
+    entitlements: list[str]
+    quotas: QuotasModel
+    created_at: float
+
+
+class LicenseOut(BaseModel):
+    id: str
+    tenant: str
+    plan: str
+    document: str
+    issued_at: float
+    expires_at: float
+
+
+class AuditOut(BaseModel):
+    id: int
+    tenant: str | None
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, Any]
+    at: float
+
+
+class AuditPage(BaseModel):
+    entries: list[AuditOut]
+    next_cursor: int | None
+
+    @staticmethod
+    def of(entries: list[AuditEntry], limit: int) -> AuditPage:
+        return AuditPage(
+            entries=[
+                AuditOut(
+                    id=e.id,
+                    tenant=e.tenant_id,
+                    actor=e.actor,
+                    action=e.action,
+                    target=e.target,
+                    details=e.details,
+                    at=e.at,
+                )
+                for e in entries
+            ],
+            next_cursor=entries[-1].id if len(entries) == limit else None,
+        )

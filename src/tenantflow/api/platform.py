@@ -1,0 +1,369 @@
+"""The platform plane over HTTP (``/platform/v1``): the token endpoint, tenants, users,
+memberships, API keys, plans and licenses, the audit log; and the JWKS.
+
+Platform administrators manage everything. A tenant administrator manages the memberships and
+API keys of their own tenant (their token's tenant, whatever the path says otherwise).
+Connection secrets and private keys are never part of an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Query
+
+from tenantflow.api.deps import CurrentPrincipal, PlatformAdmin, RuntimeDep
+from tenantflow.api.models import (
+    ApiKeyIn,
+    ApiKeyOut,
+    AuditPage,
+    LicenseOut,
+    MembershipIn,
+    MembershipOut,
+    PlanIn,
+    PlanOut,
+    QuotasModel,
+    TenantIn,
+    TenantOut,
+    TenantPatch,
+    TokenOut,
+    TokenRequest,
+    UserIn,
+    UserOut,
+)
+from tenantflow.errors import TenantNotFoundError
+from tenantflow.platform.identity import ApiKey, Membership, Role, User
+from tenantflow.platform.keys import Jwks
+from tenantflow.platform.licensing import License, Plan, Quotas
+from tenantflow.platform.registry import Tenant, TenantStatus
+from tenantflow.platform.service import Platform, Principal
+
+T = TypeVar("T")
+
+router = APIRouter(prefix="/platform/v1", tags=["platform plane"])
+wellknown = APIRouter(tags=["platform plane"])
+
+
+async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Platform calls are synchronous (the platform database): off the event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _tenant_out(t: Tenant) -> TenantOut:
+    return TenantOut(
+        id=t.id,
+        name=t.name,
+        status=t.status.value,
+        plan=t.plan_id,
+        server=t.server_id,
+        created_at=t.created_at,
+        revision=t.revision,
+    )
+
+
+def _user_out(u: User) -> UserOut:
+    return UserOut(
+        id=u.id, email=u.email, platform_admin=u.is_platform_admin, created_at=u.created_at
+    )
+
+
+def _membership_out(m: Membership) -> MembershipOut:
+    return MembershipOut(
+        user_id=m.user_id, tenant=m.tenant_id, role=m.role, created_at=m.created_at
+    )
+
+
+def _key_out(k: ApiKey, secret: str | None = None) -> ApiKeyOut:
+    return ApiKeyOut(
+        id=k.id,
+        tenant=k.tenant_id,
+        name=k.name,
+        role=k.role,
+        created_at=k.created_at,
+        revoked_at=k.revoked_at,
+        secret=secret,
+    )
+
+
+def _plan_out(p: Plan) -> PlanOut:
+    q = p.quotas
+    return PlanOut(
+        id=p.id,
+        name=p.name,
+        entitlements=list(p.entitlements),
+        quotas=QuotasModel(
+            runs_per_month=q.runs_per_month,
+            concurrent_runs=q.concurrent_runs,
+            seats=q.seats,
+            requests_per_second=q.requests_per_second,
+        ),
+        created_at=p.created_at,
+    )
+
+
+def _license_out(lic: License) -> LicenseOut:
+    return LicenseOut(
+        id=lic.id,
+        tenant=lic.tenant_id,
+        plan=lic.plan_id,
+        document=lic.document,
+        issued_at=lic.issued_at,
+        expires_at=lic.expires_at,
+    )
+
+
+def _admin_of(principal: Principal, tenant_id: str) -> None:
+    """A platform admin, or this tenant's admin. Another tenant's admin gets the answer a
+    missing tenant gets."""
+    if principal.platform_admin:
+        return
+    if principal.tenant_id != tenant_id:
+        raise TenantNotFoundError()
+    principal.require(Role.TENANT_ADMIN)
+
+
+# -- token and keys --------------------------------------------------------------------------
+
+
+@router.post("/token", response_model=TokenOut)
+async def token(body: TokenRequest, runtime: RuntimeDep) -> TokenOut:
+    """Exchange a password (for one tenant, or the platform plane for a platform admin) or
+    an API key for a short-lived access token."""
+    platform = runtime.platform
+    if body.grant_type == "password":
+        if not body.email or body.password is None:
+            raise ValueError("the password grant needs email and password")
+        issued = await _run(platform.token_for_password, body.email, body.password, body.tenant)
+    else:
+        if not body.api_key:
+            raise ValueError("the api_key grant needs api_key")
+        issued = await _run(platform.token_for_api_key, body.api_key)
+    return TokenOut(
+        access_token=issued.access_token,
+        expires_in=issued.expires_in,
+        tenant=issued.tenant_id,
+        role=issued.role,
+    )
+
+
+@wellknown.get("/.well-known/jwks.json")
+async def jwks(runtime: RuntimeDep) -> Jwks:
+    """The public keys that verify access tokens and licenses."""
+    return await _run(runtime.platform.jwks)
+
+
+@router.post("/keys/rotate")
+async def rotate_keys(principal: PlatformAdmin, runtime: RuntimeDep) -> dict[str, str]:
+    kid = await _run(runtime.platform.rotate_keys, principal.subject)
+    runtime.artifacts.invalidate_keys()
+    return {"kid": kid}
+
+
+# -- tenants ---------------------------------------------------------------------------------
+
+
+@router.post("/tenants", status_code=201, response_model=TenantOut)
+async def create_tenant(body: TenantIn, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
+    tenant = await _run(
+        runtime.platform.create_tenant,
+        principal.subject,
+        body.id,
+        name=body.name,
+        plan_id=body.plan,
+    )
+    return _tenant_out(tenant)
+
+
+@router.get("/tenants", response_model=list[TenantOut])
+async def list_tenants(principal: PlatformAdmin, runtime: RuntimeDep) -> list[TenantOut]:
+    return [_tenant_out(t) for t in await _run(runtime.registry.list)]
+
+
+@router.get("/tenants/{tenant_id}", response_model=TenantOut)
+async def show_tenant(tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
+    return _tenant_out(await _run(runtime.registry.get, tenant_id))
+
+
+@router.patch("/tenants/{tenant_id}", response_model=TenantOut)
+async def change_tenant(
+    tenant_id: str, body: TenantPatch, principal: PlatformAdmin, runtime: RuntimeDep
+) -> TenantOut:
+    """Move the tenant to another plan (a new license is issued)."""
+    return _tenant_out(
+        await _run(runtime.platform.set_plan, principal.subject, tenant_id, body.plan)
+    )
+
+
+@router.post("/tenants/{tenant_id}/suspend", response_model=TenantOut)
+async def suspend_tenant(
+    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+) -> TenantOut:
+    """Refuse the tenant's submits and stop workers taking its runs; nothing is lost."""
+    platform: Platform = runtime.platform
+    return _tenant_out(
+        await _run(platform.set_status, principal.subject, tenant_id, TenantStatus.SUSPENDED)
+    )
+
+
+@router.post("/tenants/{tenant_id}/resume", response_model=TenantOut)
+async def resume_tenant(tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
+    platform: Platform = runtime.platform
+    return _tenant_out(
+        await _run(platform.set_status, principal.subject, tenant_id, TenantStatus.ACTIVE)
+    )
+
+
+@router.post("/tenants/{tenant_id}/offboard")
+async def offboard_tenant(
+    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+) -> dict[str, str]:
+    """Export the tenant's data to an archive, then drop its database."""
+    await runtime.router.forget(tenant_id)
+    archive = await _run(
+        runtime.platform.offboard,
+        principal.subject,
+        tenant_id,
+        runtime.settings.home / "archives",
+    )
+    return {"tenant": tenant_id, "archive": archive.name}
+
+
+# -- users, memberships, API keys ------------------------------------------------------------
+
+
+@router.post("/users", status_code=201, response_model=UserOut)
+async def create_user(body: UserIn, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
+    user = await _run(
+        runtime.platform.create_user,
+        principal.subject,
+        body.email,
+        body.password,
+        platform_admin=body.platform_admin,
+    )
+    return _user_out(user)
+
+
+@router.get("/users", response_model=list[UserOut])
+async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[UserOut]:
+    return [_user_out(u) for u in await _run(runtime.platform.identity.list_users)]
+
+
+@router.put("/tenants/{tenant_id}/memberships", response_model=MembershipOut)
+async def set_membership(
+    tenant_id: str, body: MembershipIn, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> MembershipOut:
+    """Add a user to the tenant, or change their role; beyond the plan's seats, a 409."""
+    _admin_of(principal, tenant_id)
+    membership = await _run(
+        runtime.platform.set_membership, principal.subject, body.user_id, tenant_id, body.role
+    )
+    return _membership_out(membership)
+
+
+@router.get("/tenants/{tenant_id}/memberships", response_model=list[MembershipOut])
+async def list_memberships(
+    tenant_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> list[MembershipOut]:
+    _admin_of(principal, tenant_id)
+    found = await _run(runtime.platform.identity.memberships, tenant_id=tenant_id)
+    return [_membership_out(m) for m in found]
+
+
+@router.delete("/tenants/{tenant_id}/memberships/{user_id}", status_code=204)
+async def remove_membership(
+    tenant_id: str, user_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> None:
+    _admin_of(principal, tenant_id)
+    await _run(runtime.platform.remove_membership, principal.subject, user_id, tenant_id)
+
+
+@router.post("/tenants/{tenant_id}/api-keys", status_code=201, response_model=ApiKeyOut)
+async def create_api_key(
+    tenant_id: str, body: ApiKeyIn, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> ApiKeyOut:
+    """A new key; its secret is in this answer and nowhere else, ever."""
+    _admin_of(principal, tenant_id)
+    key, secret = await _run(
+        runtime.platform.create_api_key, principal.subject, tenant_id, body.name, body.role
+    )
+    return _key_out(key, secret)
+
+
+@router.get("/tenants/{tenant_id}/api-keys", response_model=list[ApiKeyOut])
+async def list_api_keys(
+    tenant_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> list[ApiKeyOut]:
+    _admin_of(principal, tenant_id)
+    return [_key_out(k) for k in await _run(runtime.platform.identity.api_keys, tenant_id)]
+
+
+@router.delete("/tenants/{tenant_id}/api-keys/{key_id}", response_model=ApiKeyOut)
+async def revoke_api_key(
+    tenant_id: str, key_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> ApiKeyOut:
+    _admin_of(principal, tenant_id)
+    return _key_out(
+        await _run(runtime.platform.revoke_api_key, principal.subject, tenant_id, key_id)
+    )
+
+
+# -- plans and licenses ----------------------------------------------------------------------
+
+
+@router.post("/plans", status_code=201, response_model=PlanOut)
+async def create_plan(body: PlanIn, principal: PlatformAdmin, runtime: RuntimeDep) -> PlanOut:
+    plan = await _run(
+        runtime.platform.create_plan,
+        principal.subject,
+        body.id,
+        name=body.name,
+        entitlements=body.entitlements,
+        quotas=Quotas(**body.quotas.model_dump()),
+    )
+    return _plan_out(plan)
+
+
+@router.get("/plans", response_model=list[PlanOut])
+async def list_plans(principal: PlatformAdmin, runtime: RuntimeDep) -> list[PlanOut]:
+    return [_plan_out(p) for p in await _run(runtime.platform.licensing.list_plans)]
+
+
+@router.post("/tenants/{tenant_id}/licenses", status_code=201, response_model=LicenseOut)
+async def issue_license(
+    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+) -> LicenseOut:
+    return _license_out(await _run(runtime.platform.issue_license, principal.subject, tenant_id))
+
+
+@router.get("/tenants/{tenant_id}/licenses", response_model=list[LicenseOut])
+async def list_licenses(
+    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+) -> list[LicenseOut]:
+    await _run(runtime.registry.get, tenant_id)
+    return [_license_out(x) for x in await _run(runtime.platform.licensing.history, tenant_id)]
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+@router.get("/audit", response_model=AuditPage)
+async def platform_audit(
+    principal: PlatformAdmin,
+    runtime: RuntimeDep,
+    tenant: Annotated[str | None, Query(max_length=63)] = None,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AuditPage:
+    """Every tenant's entries, or one tenant's (``tenant``)."""
+    entries = await _run(
+        runtime.platform.audit.query,
+        tenant_id=tenant,
+        action=action,
+        after=cursor,
+        limit=limit,
+        platform_wide=tenant is None,
+    )
+    return AuditPage.of(entries, limit)

@@ -1,0 +1,133 @@
+"""Errors over HTTP: RFC 9457 ``application/problem+json`` with a stable ``type`` per kind.
+
+Messages are the exceptions' own, which never carry secrets or another tenant's data; an
+unexpected error answers a bare 500 and is logged, never echoed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tenantflow import errors
+
+log = structlog.get_logger(__name__)
+
+PROBLEM = "application/problem+json"
+TYPE_PREFIX = "urn:tenantflow:problem:"
+
+# Most specific first: the first class an error is an instance of decides.
+_MAPPING: list[tuple[type[Exception], int, str]] = [
+    (errors.InvalidSignatureError, 401, "invalid-token"),
+    (errors.AuthenticationError, 401, "unauthenticated"),
+    (errors.PermissionDeniedError, 403, "forbidden"),
+    (errors.NotEntitledError, 403, "not-entitled"),
+    (errors.LicenseError, 403, "license-invalid"),
+    (errors.RateLimitedError, 429, "rate-limited"),
+    (errors.SeatLimitError, 409, "seats-exhausted"),
+    (errors.QuotaExceededError, 429, "quota-exceeded"),
+    (errors.TenantSuspendedError, 409, "tenant-suspended"),
+    (errors.IdempotencyConflictError, 409, "idempotency-conflict"),
+    (errors.TenantExistsError, 409, "conflict"),
+    (errors.ConflictError, 409, "conflict"),
+    (errors.RunFinishedError, 409, "run-finished"),
+    (errors.NotFoundError, 404, "not-found"),
+    (errors.InvalidTenantIdError, 422, "invalid-request"),
+    (errors.SerializationError, 422, "invalid-request"),
+    (errors.ConfigError, 422, "invalid-request"),
+    (ValueError, 422, "invalid-request"),
+]
+
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Request too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Unavailable",
+}
+
+
+def problem(
+    status: int,
+    slug: str,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"{TYPE_PREFIX}{slug}",
+        "title": _TITLES.get(status, "Error"),
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def classify(exc: Exception) -> tuple[int, str] | None:
+    for cls, status, slug in _MAPPING:
+        if isinstance(exc, cls):
+            return status, slug
+    return None
+
+
+def install(app: FastAPI) -> None:
+    """Every error the app can answer becomes a problem document."""
+
+    @app.exception_handler(errors.TenantflowError)
+    async def _tenantflow(request: Request, exc: errors.TenantflowError) -> JSONResponse:
+        return _known(exc)
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+        return _known(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Field paths and messages only: the offending input itself is not echoed.
+        issues = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        return problem(422, "invalid-request", "the request is not valid", errors=issues)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return problem(exc.status_code, slug, detail, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed", path=request.url.path)
+        return problem(500, "internal", "an unexpected error; it was logged")
+
+
+def _known(exc: Exception) -> JSONResponse:
+    found = classify(exc)
+    if found is None:
+        log.exception("request failed", error=type(exc).__name__)
+        return problem(500, "internal", "an unexpected error; it was logged")
+    status, slug = found
+    headers = None
+    retry_after = getattr(exc, "retry_after", None)
+    if status == 429 and retry_after is not None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))}
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    detail = str(exc) or None
+    return problem(status, slug, detail, headers=headers)

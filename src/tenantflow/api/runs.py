@@ -1,0 +1,258 @@
+"""The tenant plane over HTTP: runs, workflows, dead letters, the tenant's audit log.
+
+Every route acts on the caller's tenant, taken from the verified token. A run of another
+tenant is simply not in this tenant's database: it answers 404, as a missing one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from tenantflow.api.deps import (
+    AppDep,
+    Operator,
+    RuntimeDep,
+    TenantAdmin,
+    Viewer,
+    tenant_client,
+)
+from tenantflow.api.models import (
+    AuditPage,
+    DeadLetterOut,
+    RunOut,
+    RunPage,
+    StartRun,
+    WorkflowOut,
+)
+from tenantflow.errors import (
+    NotFoundError,
+    RateLimitedError,
+    RunNotFoundError,
+    SerializationError,
+    WorkflowNotRegisteredError,
+)
+from tenantflow.platform.service import Principal
+from tenantflow.runtime import Runtime
+from tenantflow.store.records import RunStatus
+
+STREAM_POLL_SECONDS = 0.2
+STREAM_HEARTBEAT_SECONDS = 15.0
+RATE_BURST_SECONDS = 1.0  # a burst may use up to a second's worth of requests at once
+
+
+async def rate_limit(request: Request, principal: Viewer, runtime: RuntimeDep) -> None:
+    """Every tenant-plane request counts against the tenant's rate (its plan's, else the
+    installation's default)."""
+    assert principal.tenant_id is not None
+    rate = runtime.settings.rate_limit_per_second
+    license = await runtime.license(principal.tenant_id)
+    if license is not None and license.quotas.requests_per_second is not None:
+        rate = license.quotas.requests_per_second
+    if rate is None:
+        return
+    limiter = request.app.state.limiter
+    wait = await limiter.check(principal.tenant_id, rate, max(1, round(rate * RATE_BURST_SECONDS)))
+    if wait is not None:
+        raise RateLimitedError(retry_after=wait)
+
+
+router = APIRouter(prefix="/v1", tags=["tenant plane"], dependencies=[Depends(rate_limit)])
+
+
+@router.post("/runs", status_code=202, response_model=RunOut)
+async def start_run(
+    body: StartRun,
+    response: Response,
+    principal: Operator,
+    runtime: RuntimeDep,
+    app: AppDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> RunOut:
+    """Submit a run; 202 Accepted with its ``Location``. The same ``Idempotency-Key`` again
+    returns the first run; with another input it is a 409."""
+    try:
+        workflow = app.get_workflow(body.workflow)
+    except WorkflowNotRegisteredError:
+        raise NotFoundError(f"no workflow {body.workflow!r}") from None
+    # Checked now, so bad input is a 422 and never a run that fails later.
+    workflow.codec.check_input(body.args, body.kwargs)
+    client = tenant_client(principal, runtime, app)
+    bound = workflow.options(idempotency_key=idempotency_key, priority=body.priority)
+    handle = await client.start(bound, *body.args, **body.kwargs)
+    response.headers["Location"] = f"/v1/runs/{handle.run_id}"
+    return RunOut.of(await handle.describe())
+
+
+@router.get("/runs/{run_id}", response_model=RunOut)
+async def get_run(run_id: str, principal: Viewer, runtime: RuntimeDep, app: AppDep) -> RunOut:
+    handle = tenant_client(principal, runtime, app).handle(run_id)
+    run = await handle.describe()
+    return RunOut.of(run, await handle.steps())
+
+
+@router.get("/runs", response_model=RunPage)
+async def list_runs(
+    principal: Viewer,
+    runtime: RuntimeDep,
+    app: AppDep,
+    status: RunStatus | None = None,
+    workflow: Annotated[str | None, Query(max_length=255)] = None,
+    cursor: Annotated[str | None, Query(max_length=255)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> RunPage:
+    """Newest first. ``next_cursor`` is the cursor of the next page, None on the last."""
+    client = tenant_client(principal, runtime, app)
+    runs = await client.list_runs(status=status, workflow=workflow, limit=limit + 1, before=cursor)
+    page = runs[:limit]
+    return RunPage(
+        runs=[RunOut.of(r) for r in page],
+        next_cursor=page[-1].id if len(runs) > limit else None,
+    )
+
+
+@router.post("/runs/{run_id}/cancel", status_code=202, response_model=RunOut)
+async def cancel_run(run_id: str, principal: Operator, runtime: RuntimeDep, app: AppDep) -> RunOut:
+    handle = tenant_client(principal, runtime, app).handle(run_id)
+    await handle.cancel()
+    await _audit(runtime, principal, "run.cancelled", run_id)
+    return RunOut.of(await handle.describe())
+
+
+@router.post("/runs/{run_id}/events/{name}", status_code=202)
+async def send_event(
+    run_id: str,
+    name: str,
+    principal: Operator,
+    runtime: RuntimeDep,
+    app: AppDep,
+    payload: Annotated[Any, Body()] = None,
+) -> dict[str, str]:
+    """Deliver an event (the JSON body) to the run's ``ctx.wait_for_event(name)``."""
+    if len(name) > 255:
+        raise SerializationError("an event name has at most 255 characters")
+    await tenant_client(principal, runtime, app).handle(run_id).send_event(name, payload)
+    return {"run_id": run_id, "event": name}
+
+
+@router.get("/runs/{run_id}/stream")
+async def stream_run(
+    run_id: str, request: Request, principal: Viewer, runtime: RuntimeDep, app: AppDep
+) -> StreamingResponse:
+    """Server-sent events as the run changes: ``run`` (its state) and ``step`` (each new
+    checkpoint), until it ends."""
+    handle = tenant_client(principal, runtime, app).handle(run_id)
+    first = await handle.describe()  # 404 before the stream starts
+
+    async def events() -> AsyncIterator[bytes]:
+        seen_steps: set[tuple[int, str]] = set()
+        last: tuple[str, float] | None = None
+        beat = time.monotonic()
+        run = first
+        while True:
+            for step in await handle.steps():
+                key = (step.seq, step.status.value)
+                if key not in seen_steps:
+                    seen_steps.add(key)
+                    yield _sse("step", _dump(RunOut.of(run, [step]).steps or []))
+            state = (run.status.value, run.updated_at)
+            if state != last:
+                last = state
+                yield _sse("run", _dump(RunOut.of(run)))
+                beat = time.monotonic()
+            if run.status.terminal:
+                return
+            if time.monotonic() - beat > STREAM_HEARTBEAT_SECONDS:
+                yield b": keep-alive\n\n"
+                beat = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+            try:
+                run = await handle.describe()
+            except RunNotFoundError:
+                return
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def _dump(value: Any) -> bytes:
+    if isinstance(value, list):
+        return orjson.dumps([v.model_dump(mode="json") for v in value])
+    return orjson.dumps(value.model_dump(mode="json"))
+
+
+def _sse(event: str, data: bytes) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+@router.get("/workflows", response_model=list[WorkflowOut])
+async def list_workflows(principal: Viewer, app: AppDep) -> list[WorkflowOut]:
+    return [
+        WorkflowOut(name=w.name, parameters=list(w.codec.param_names))
+        for w in sorted(app.workflows.values(), key=lambda w: w.name)
+    ]
+
+
+@router.get("/dead-letters", response_model=list[DeadLetterOut])
+async def list_dead_letters(
+    principal: Viewer,
+    runtime: RuntimeDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[DeadLetterOut]:
+    assert principal.tenant_id is not None
+    letters = await runtime.queue.dead_letters(principal.tenant_id, limit=limit)
+    return [
+        DeadLetterOut(id=d.id, run_id=d.run_id, deliveries=d.deliveries, failed_at=d.failed_at)
+        for d in letters
+    ]
+
+
+@router.post("/dead-letters/{dead_letter_id}/replay", status_code=202)
+async def replay_dead_letter(
+    dead_letter_id: str, principal: Operator, runtime: RuntimeDep
+) -> dict[str, str]:
+    assert principal.tenant_id is not None
+    if len(dead_letter_id) > 64:
+        raise NotFoundError("no such dead letter in this tenant")
+    await runtime.queue.replay_dead_letter(principal.tenant_id, dead_letter_id)
+    await _audit(runtime, principal, "dead_letter.replayed", dead_letter_id)
+    return {"replayed": dead_letter_id}
+
+
+@router.get("/audit", response_model=AuditPage)
+async def tenant_audit(
+    principal: TenantAdmin,
+    runtime: RuntimeDep,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> AuditPage:
+    entries = await asyncio.to_thread(
+        runtime.platform.audit.query,
+        tenant_id=principal.tenant_id,
+        action=action,
+        after=cursor,
+        limit=limit,
+    )
+    return AuditPage.of(entries, limit)
+
+
+async def _audit(runtime: Runtime, principal: Principal, action: str, target: str) -> None:
+    await asyncio.to_thread(
+        runtime.platform.audit.record,
+        action,
+        actor=principal.subject,
+        tenant_id=principal.tenant_id,
+        target=target,
+    )

@@ -1,0 +1,342 @@
+"""Identity: users and their memberships in tenants, platform administrators, API keys.
+
+Passwords are hashed with argon2id. An API key is ``tfk_<id>_<secret>``: the id is public and
+names the key; the secret (256 random bits) is shown once and stored as a SHA-256 hash, which
+is enough for a secret that cannot be guessed (argon2 protects low-entropy passwords).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from tenantflow.errors import (
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    SeatLimitError,
+    TenantNotFoundError,
+)
+from tenantflow.platform.schema import api_keys, memberships, tenants, users
+
+EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
+MIN_PASSWORD = 8
+API_KEY = re.compile(r"tfk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+
+
+class Role(enum.StrEnum):
+    """A member's role in a tenant; each includes the ones below it."""
+
+    VIEWER = "viewer"
+    OPERATOR = "operator"
+    TENANT_ADMIN = "tenant_admin"
+
+    def allows(self, needed: Role) -> bool:
+        return _RANK[self] >= _RANK[needed]
+
+
+_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.TENANT_ADMIN: 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class User:
+    id: str
+    email: str
+    is_platform_admin: bool
+    created_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Membership:
+    user_id: str
+    tenant_id: str
+    role: Role
+    created_at: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiKey:
+    id: str
+    tenant_id: str
+    name: str
+    role: Role
+    created_at: float
+    revoked_at: float | None
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    if not EMAIL.fullmatch(email):
+        raise ValueError("not an email address")
+    return email
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=row.id,
+        email=row.email,
+        is_platform_admin=bool(row.is_platform_admin),
+        created_at=row.created_at,
+    )
+
+
+def _key(row: Any) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        name=row.name,
+        role=Role(row.role),
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+class Identity:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        hasher: PasswordHasher | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.hasher = hasher or PasswordHasher()  # argon2id, the library's defaults
+        self.clock = clock
+        # Verifying against this when the email is unknown takes as long as a real check,
+        # so response times do not tell which emails have accounts.
+        self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
+
+    # -- users -------------------------------------------------------------------------------
+
+    def create_user(self, email: str, password: str, *, platform_admin: bool = False) -> User:
+        email = normalize_email(email)
+        if len(password) < MIN_PASSWORD:
+            raise ValueError(f"a password has at least {MIN_PASSWORD} characters")
+        user = User(
+            id=str(uuid.uuid4()),
+            email=email,
+            is_platform_admin=platform_admin,
+            created_at=self.clock(),
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    users.insert().values(
+                        id=user.id,
+                        email=email,
+                        password_hash=self.hasher.hash(password),
+                        is_platform_admin=platform_admin,
+                        created_at=user.created_at,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            raise ConflictError("a user with this email exists") from None
+        return user
+
+    def get_user(self, user_id: str) -> User:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+        if row is None:
+            raise NotFoundError("no such user")
+        return _user(row)
+
+    def list_users(self) -> list[User]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(users).order_by(users.c.email)).all()
+        return [_user(r) for r in rows]
+
+    def authenticate(self, email: str, password: str) -> User:
+        """The user with these credentials; an ``AuthenticationError`` that does not say
+        which part was wrong otherwise."""
+        try:
+            email = normalize_email(email)
+        except ValueError:
+            email = ""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users).where(users.c.email == email)).first()
+        stored = row.password_hash if row is not None else self._dummy_hash
+        try:
+            self.hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            raise AuthenticationError("invalid email or password") from None
+        if row is None:
+            raise AuthenticationError("invalid email or password")
+        if self.hasher.check_needs_rehash(stored):
+            with self.engine.begin() as conn:
+                conn.execute(
+                    users.update()
+                    .where(users.c.id == row.id)
+                    .values(password_hash=self.hasher.hash(password))
+                )
+        return _user(row)
+
+    # -- memberships -------------------------------------------------------------------------
+
+    def set_membership(
+        self, user_id: str, tenant_id: str, role: Role, *, seats: int | None
+    ) -> tuple[Membership, Role | None]:
+        """Add a user to a tenant, or change their role there; returns the membership and
+        the previous role (None if new). A new member beyond ``seats`` is refused."""
+        self.get_user(user_id)
+        now = self.clock()
+        with self.engine.begin() as conn:
+            # Lock the tenant's row: seat counting and the insert happen one at a time.
+            locked = sa.select(tenants.c.id).where(tenants.c.id == tenant_id)
+            if conn.dialect.name == "postgresql":
+                locked = locked.with_for_update()
+            if conn.execute(locked).first() is None:
+                raise TenantNotFoundError()
+            existing = conn.execute(
+                sa.select(memberships.c.role).where(
+                    memberships.c.user_id == user_id, memberships.c.tenant_id == tenant_id
+                )
+            ).first()
+            if existing is not None:
+                conn.execute(
+                    memberships.update()
+                    .where(memberships.c.user_id == user_id, memberships.c.tenant_id == tenant_id)
+                    .values(role=role.value)
+                )
+                previous: Role | None = Role(existing.role)
+            else:
+                taken = conn.execute(
+                    sa.select(sa.func.count()).where(memberships.c.tenant_id == tenant_id)
+                ).scalar_one()
+                if seats is not None and taken >= seats:
+                    raise SeatLimitError(f"the tenant's plan has {seats} seats, all taken")
+                conn.execute(
+                    memberships.insert().values(
+                        user_id=user_id, tenant_id=tenant_id, role=role.value, created_at=now
+                    )
+                )
+                previous = None
+        return Membership(user_id=user_id, tenant_id=tenant_id, role=role, created_at=now), previous
+
+    def remove_membership(self, user_id: str, tenant_id: str) -> None:
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                memberships.delete().where(
+                    memberships.c.user_id == user_id, memberships.c.tenant_id == tenant_id
+                )
+            )
+        if done.rowcount == 0:
+            raise NotFoundError("no such membership")
+
+    def membership(self, user_id: str, tenant_id: str) -> Membership | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(memberships).where(
+                    memberships.c.user_id == user_id, memberships.c.tenant_id == tenant_id
+                )
+            ).first()
+        return None if row is None else _membership(row)
+
+    def memberships(
+        self, *, tenant_id: str | None = None, user_id: str | None = None
+    ) -> list[Membership]:
+        query = sa.select(memberships).order_by(memberships.c.tenant_id, memberships.c.user_id)
+        if tenant_id is not None:
+            query = query.where(memberships.c.tenant_id == tenant_id)
+        if user_id is not None:
+            query = query.where(memberships.c.user_id == user_id)
+        with self.engine.connect() as conn:
+            return [_membership(r) for r in conn.execute(query).all()]
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    def create_api_key(self, tenant_id: str, name: str, role: Role) -> tuple[ApiKey, str]:
+        """A new key and its full secret, which is shown this once and never stored."""
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        key = ApiKey(
+            id=key_id,
+            tenant_id=tenant_id,
+            name=name,
+            role=role,
+            created_at=self.clock(),
+            revoked_at=None,
+        )
+        with self.engine.begin() as conn:
+            if (
+                conn.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant_id)).first()
+                is None
+            ):
+                raise TenantNotFoundError()
+            conn.execute(
+                api_keys.insert().values(
+                    id=key_id,
+                    tenant_id=tenant_id,
+                    name=name,
+                    role=role.value,
+                    secret_hash=_digest(secret),
+                    created_at=key.created_at,
+                )
+            )
+        return key, f"tfk_{key_id}_{secret}"
+
+    def api_keys(self, tenant_id: str) -> list[ApiKey]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(api_keys)
+                .where(api_keys.c.tenant_id == tenant_id)
+                .order_by(api_keys.c.created_at)
+            ).all()
+        return [_key(r) for r in rows]
+
+    def revoke_api_key(self, tenant_id: str, key_id: str) -> ApiKey:
+        with self.engine.begin() as conn:
+            conn.execute(
+                api_keys.update()
+                .where(
+                    api_keys.c.id == key_id,
+                    api_keys.c.tenant_id == tenant_id,
+                    api_keys.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=self.clock())
+            )
+            row = conn.execute(
+                sa.select(api_keys).where(
+                    api_keys.c.id == key_id, api_keys.c.tenant_id == tenant_id
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError("no such API key")
+        return _key(row)
+
+    def authenticate_api_key(self, presented: str) -> ApiKey:
+        match = API_KEY.fullmatch(presented.strip())
+        if match is None:
+            raise AuthenticationError("invalid API key")
+        key_id, secret = match.groups()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
+        if row is None or not hmac.compare_digest(row.secret_hash, _digest(secret)):
+            raise AuthenticationError("invalid API key")
+        if row.revoked_at is not None:
+            raise AuthenticationError("this API key was revoked")
+        return _key(row)
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _membership(row: Any) -> Membership:
+    return Membership(
+        user_id=row.user_id,
+        tenant_id=row.tenant_id,
+        role=Role(row.role),
+        created_at=row.created_at,
+    )

@@ -1,0 +1,340 @@
+"""The platform plane's operations: tenants and routing, identity, tokens, plans and licenses,
+each change recorded in the audit log.
+
+Calls are synchronous (SQLAlchemy on the platform database); async callers run them in a
+thread. ``actor`` names who acts: a user id, ``key:<id>`` for an API key, or ``system``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from tenantflow.errors import (
+    AuthenticationError,
+    NotFoundError,
+    PermissionDeniedError,
+    TenantNotFoundError,
+)
+from tenantflow.platform.audit import AuditLog
+from tenantflow.platform.identity import ApiKey, Identity, Membership, Role, User
+from tenantflow.platform.keys import Jwks, SigningKeys, verify
+from tenantflow.platform.licensing import License, Licensing, Plan, Quotas
+from tenantflow.platform.registry import Tenant, TenantRegistry, TenantStatus
+from tenantflow.platform.schema import api_keys, licenses, memberships
+from tenantflow.settings import Settings
+
+ACCESS_TYP = "at+jwt"
+SYSTEM = "system"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Token:
+    access_token: str
+    expires_in: int
+    tenant_id: str | None
+    role: Role | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """Who a verified access token speaks for. ``tenant_id`` comes only from the token."""
+
+    subject: str  # a user id, or key:<id>
+    tenant_id: str | None
+    role: Role | None
+    platform_admin: bool
+
+    def require(self, role: Role) -> None:
+        if self.role is None or not self.role.allows(role):
+            raise PermissionDeniedError(f"this needs the {role.value} role")
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    role = claims.get("role")
+    return Principal(
+        subject=str(claims["sub"]),
+        tenant_id=claims.get("tid"),
+        role=Role(role) if role else None,
+        platform_admin=bool(claims.get("adm", False)),
+    )
+
+
+class Platform:
+    def __init__(self, registry: TenantRegistry) -> None:
+        settings: Settings = registry.settings
+        engine = registry.engine
+        self.settings = settings
+        self.registry = registry
+        self.keys = SigningKeys(engine)
+        self.identity = Identity(engine)
+        self.licensing = Licensing(engine, self.keys, ttl=settings.license_ttl_seconds)
+        self.audit = AuditLog(engine)
+
+    # -- tenants -----------------------------------------------------------------------------
+
+    def create_tenant(
+        self, actor: str, tenant_id: str, *, name: str | None = None, plan_id: str | None = None
+    ) -> Tenant:
+        if plan_id is not None:
+            self.licensing.get_plan(plan_id)
+        tenant = self.registry.create(tenant_id, name=name, plan_id=plan_id)
+        self.audit.record(
+            "tenant.created",
+            actor=actor,
+            tenant_id=tenant.id,
+            target=tenant.id,
+            details={"plan": plan_id, "server": tenant.server_id},
+        )
+        if plan_id is not None:
+            self.issue_license(actor, tenant.id)
+        return tenant
+
+    def set_status(self, actor: str, tenant_id: str, status: TenantStatus) -> Tenant:
+        tenant = self.registry.set_status(tenant_id, status)
+        action = "tenant.suspended" if status is TenantStatus.SUSPENDED else "tenant.resumed"
+        self.audit.record(action, actor=actor, tenant_id=tenant_id, target=tenant_id)
+        return tenant
+
+    def set_plan(self, actor: str, tenant_id: str, plan_id: str | None) -> Tenant:
+        if plan_id is not None:
+            self.licensing.get_plan(plan_id)
+        tenant = self.registry.set_plan(tenant_id, plan_id)
+        self.audit.record(
+            "tenant.plan_changed",
+            actor=actor,
+            tenant_id=tenant_id,
+            target=tenant_id,
+            details={"plan": plan_id},
+        )
+        if plan_id is not None:
+            self.issue_license(actor, tenant_id)
+        return tenant
+
+    def offboard(self, actor: str, tenant_id: str, archive_dir: Path) -> Path:
+        """Export the tenant's data to an archive, then drop its database and forget it
+        (memberships, keys, licenses). The audit trail stays."""
+        tenant = self.registry.get(tenant_id)
+        archive = export_tenant(tenant, archive_dir)
+        self.registry.drop(tenant_id)
+        with self.registry.engine.begin() as conn:
+            for table in (memberships, api_keys, licenses):
+                conn.execute(table.delete().where(table.c.tenant_id == tenant_id))
+        self.audit.record(
+            "tenant.offboarded",
+            actor=actor,
+            tenant_id=tenant_id,
+            target=tenant_id,
+            details={"archive": archive.name},
+        )
+        return archive
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def create_user(
+        self, actor: str, email: str, password: str, *, platform_admin: bool = False
+    ) -> User:
+        user = self.identity.create_user(email, password, platform_admin=platform_admin)
+        self.audit.record(
+            "user.created",
+            actor=actor,
+            tenant_id=None,
+            target=user.id,
+            details={"platform_admin": platform_admin},
+        )
+        return user
+
+    def set_membership(self, actor: str, user_id: str, tenant_id: str, role: Role) -> Membership:
+        tenant = self.registry.get(tenant_id)
+        seats = None
+        if tenant.plan_id is not None:
+            seats = self.licensing.get_plan(tenant.plan_id).quotas.seats
+        membership, previous = self.identity.set_membership(user_id, tenant_id, role, seats=seats)
+        if previous is None:
+            self.audit.record(
+                "membership.added",
+                actor=actor,
+                tenant_id=tenant_id,
+                target=user_id,
+                details={"role": role.value},
+            )
+        elif previous is not role:
+            self.audit.record(
+                "membership.role_changed",
+                actor=actor,
+                tenant_id=tenant_id,
+                target=user_id,
+                details={"from": previous.value, "to": role.value},
+            )
+        return membership
+
+    def remove_membership(self, actor: str, user_id: str, tenant_id: str) -> None:
+        self.identity.remove_membership(user_id, tenant_id)
+        self.audit.record("membership.removed", actor=actor, tenant_id=tenant_id, target=user_id)
+
+    def create_api_key(
+        self, actor: str, tenant_id: str, name: str, role: Role
+    ) -> tuple[ApiKey, str]:
+        self.registry.get(tenant_id)
+        key, secret = self.identity.create_api_key(tenant_id, name, role)
+        self.audit.record(
+            "api_key.issued",
+            actor=actor,
+            tenant_id=tenant_id,
+            target=key.id,
+            details={"name": name, "role": role.value},
+        )
+        return key, secret
+
+    def revoke_api_key(self, actor: str, tenant_id: str, key_id: str) -> ApiKey:
+        key = self.identity.revoke_api_key(tenant_id, key_id)
+        self.audit.record("api_key.revoked", actor=actor, tenant_id=tenant_id, target=key_id)
+        return key
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def token_for_password(self, email: str, password: str, tenant_id: str | None) -> Token:
+        """An access token for a user: scoped to one tenant they belong to, or (for a
+        platform administrator, with no tenant) to the platform plane."""
+        user = self.identity.authenticate(email, password)
+        if tenant_id is None:
+            if not user.is_platform_admin:
+                raise PermissionDeniedError("name a tenant: only platform admins act without")
+            return self._sign(user.id, None, None, platform_admin=True)
+        membership = self.identity.membership(user.id, tenant_id)
+        if membership is None:
+            # The same answer as for a tenant that does not exist.
+            raise AuthenticationError("no membership in this tenant")
+        self._active(tenant_id)
+        return self._sign(user.id, tenant_id, membership.role, platform_admin=False)
+
+    def token_for_api_key(self, presented: str) -> Token:
+        key = self.identity.authenticate_api_key(presented)
+        self._active(key.tenant_id)
+        return self._sign(f"key:{key.id}", key.tenant_id, key.role, platform_admin=False)
+
+    def _active(self, tenant_id: str) -> None:
+        try:
+            self.registry.get(tenant_id)
+        except TenantNotFoundError:
+            raise AuthenticationError("no membership in this tenant") from None
+
+    def _sign(
+        self, subject: str, tenant_id: str | None, role: Role | None, *, platform_admin: bool
+    ) -> Token:
+        now = int(time.time())
+        ttl = int(self.settings.token_ttl_seconds)
+        claims: dict[str, Any] = {
+            "sub": subject,
+            "jti": str(uuid.uuid4()),
+            "iat": now,
+            "exp": now + ttl,
+        }
+        if tenant_id is not None:
+            claims["tid"] = tenant_id
+        if role is not None:
+            claims["role"] = role.value
+        if platform_admin:
+            claims["adm"] = True
+        return Token(
+            access_token=self.keys.sign(claims, typ=ACCESS_TYP),
+            expires_in=ttl,
+            tenant_id=tenant_id,
+            role=role,
+        )
+
+    def jwks(self) -> Jwks:
+        return self.keys.jwks()
+
+    def rotate_keys(self, actor: str) -> str:
+        """A new signing key; the old ones verify until what they signed has expired."""
+        kid = self.keys.rotate(
+            verify_for=max(self.settings.token_ttl_seconds, self.settings.license_ttl_seconds)
+        )
+        self.audit.record("signing_key.rotated", actor=actor, tenant_id=None, target=kid)
+        return kid
+
+    def verify_token(self, token: str) -> Principal:
+        from tenantflow.platform.keys import public_keys
+
+        return principal_from_claims(verify(token, public_keys(self.jwks()), typ=ACCESS_TYP))
+
+    # -- plans and licenses ------------------------------------------------------------------
+
+    def create_plan(
+        self, actor: str, plan_id: str, *, name: str, entitlements: Sequence[str], quotas: Quotas
+    ) -> Plan:
+        plan = self.licensing.create_plan(
+            plan_id, name=name, entitlements=entitlements, quotas=quotas
+        )
+        self.audit.record("plan.created", actor=actor, tenant_id=None, target=plan_id)
+        return plan
+
+    def issue_license(self, actor: str, tenant_id: str) -> License:
+        issued = self.licensing.issue(tenant_id)
+        self.audit.record(
+            "license.issued",
+            actor=actor,
+            tenant_id=tenant_id,
+            target=issued.id,
+            details={"plan": issued.plan_id, "expires_at": issued.expires_at},
+        )
+        return issued
+
+    def license_document(self, tenant_id: str) -> str | None:
+        """What the tenant plane fetches: the tenant's license (renewed when past half its
+        life), or None for a tenant on no plan."""
+        current = self.licensing.current(tenant_id, renew=True)
+        return None if current is None else current.document
+
+
+def export_tenant(tenant: Tenant, archive_dir: Path) -> Path:
+    """Write the tenant database's tables as JSON lines into ``<tenant>-<time>.tar.gz``."""
+    from tenantflow.platform.provision import sqlalchemy_url
+
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    path = archive_dir / f"{tenant.id}-{time.strftime('%Y%m%dT%H%M%S')}.tar.gz"
+    engine = sa.create_engine(sqlalchemy_url(tenant.database_url))
+    try:
+        with engine.connect() as conn, tarfile.open(path, "w:gz") as archive:
+            names = sorted(sa.inspect(conn).get_table_names())
+            for name in names:
+                if name == "alembic_version":
+                    continue
+                table = sa.Table(name, sa.MetaData(), autoload_with=conn)
+                buffer = io.BytesIO()
+                for row in conn.execute(sa.select(table)).mappings():
+                    record = {k: _jsonable(v) for k, v in row.items()}
+                    buffer.write(json.dumps(record, sort_keys=True).encode() + b"\n")
+                info = tarfile.TarInfo(f"{name}.jsonl")
+                info.size = buffer.tell()
+                buffer.seek(0)
+                archive.addfile(info, buffer)
+            meta = json.dumps({"tenant": tenant.id, "exported_at": time.time()}).encode()
+            info = tarfile.TarInfo("tenant.json")
+            info.size = len(meta)
+            archive.addfile(info, io.BytesIO(meta))
+    finally:
+        engine.dispose()
+    if not path.exists():
+        raise NotFoundError("the archive was not written")
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes | memoryview):
+        raw = bytes(value)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw.hex()
+    return value

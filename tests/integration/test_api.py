@@ -1,0 +1,324 @@
+"""The HTTP API, on both backends: tokens and keys, runs end to end, isolation between tenants,
+roles, problem documents, streams, API keys, the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from jwt import PyJWK
+
+from tenantflow import Runtime
+from tenantflow.api.app import create_api
+from tenantflow.platform.identity import Role
+from tests.apps import api as workflows
+from tests.conftest import running_worker
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+async def http(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    api = create_api(workflows.app, runtime=runtime)
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://tenantflow.test") as c:
+        yield c
+
+
+async def platform_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def token(http: httpx.AsyncClient, **grant: Any) -> str:
+    reply = await http.post("/platform/v1/token", json=grant)
+    assert reply.status_code == 200, reply.text
+    access: str = reply.json()["access_token"]
+    return access
+
+
+def bearer(access: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {access}"}
+
+
+async def member(
+    runtime: Runtime, http: httpx.AsyncClient, email: str, tenant: str, role: Role
+) -> dict[str, str]:
+    """A user with ``role`` in ``tenant``, and the headers of their token."""
+    platform = runtime.platform
+    user = await platform_call(platform.create_user, "system", email, PASSWORD)
+    await platform_call(platform.set_membership, "system", user.id, tenant, role)
+    return bearer(
+        await token(http, grant_type="password", email=email, password=PASSWORD, tenant=tenant)
+    )
+
+
+async def admin(runtime: Runtime, http: httpx.AsyncClient) -> dict[str, str]:
+    await platform_call(
+        runtime.platform.create_user, "system", "root@example.com", PASSWORD, platform_admin=True
+    )
+    return bearer(
+        await token(http, grant_type="password", email="root@example.com", password=PASSWORD)
+    )
+
+
+async def finished(http: httpx.AsyncClient, headers: dict[str, str], run_id: str) -> Any:
+    deadline = time.monotonic() + 30
+    while True:
+        reply = await http.get(f"/v1/runs/{run_id}", headers=headers)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        if body["status"] in ("completed", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+def assert_problem(reply: httpx.Response, status: int, slug: str) -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = reply.json()
+    assert body["type"] == f"urn:tenantflow:problem:{slug}", body
+    assert body["status"] == status
+    return body
+
+
+async def test_a_run_end_to_end(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    async with running_worker(workflows.app, runtime):
+        reply = await http.post(
+            "/v1/runs", json={"workflow": "greet", "args": ["world"]}, headers=alice
+        )
+        assert reply.status_code == 202, reply.text
+        run_id = reply.json()["id"]
+        assert reply.headers["location"] == f"/v1/runs/{run_id}"
+        body = await finished(http, alice, run_id)
+    assert body["status"] == "completed"
+    assert body["result"] == "hello world"
+    assert [(s["seq"], s["name"], s["status"]) for s in body["steps"]] == [
+        (0, "hello", "completed")
+    ]
+    listed = (await http.get("/v1/runs", headers=alice)).json()
+    assert [r["id"] for r in listed["runs"]] == [run_id]
+    workflows_listed = (await http.get("/v1/workflows", headers=alice)).json()
+    assert {"name": "greet", "parameters": ["name"]} in workflows_listed
+
+
+async def test_idempotency_key_and_pagination(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    keyed = {**alice, "Idempotency-Key": "order-7"}
+    first = await http.post("/v1/runs", json={"workflow": "greet", "args": ["a"]}, headers=keyed)
+    again = await http.post("/v1/runs", json={"workflow": "greet", "args": ["a"]}, headers=keyed)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = await http.post("/v1/runs", json={"workflow": "greet", "args": ["b"]}, headers=keyed)
+    assert_problem(other, 409, "idempotency-conflict")
+    ids = {first.json()["id"]}
+    for i in range(4):
+        reply = await http.post(
+            "/v1/runs", json={"workflow": "greet", "args": [str(i)]}, headers=alice
+        )
+        ids.add(reply.json()["id"])
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await http.get("/v1/runs", params=params, headers=alice)).json()
+        seen += [r["id"] for r in page["runs"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) == 5
+
+
+async def test_another_tenants_run_is_not_found(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    mallory = await member(runtime, http, "mallory@globex.test", "globex", Role.TENANT_ADMIN)
+    run_id = (
+        await http.post("/v1/runs", json={"workflow": "greet", "args": ["x"]}, headers=alice)
+    ).json()["id"]
+    theirs = await http.get(f"/v1/runs/{run_id}", headers=mallory)
+    missing = await http.get("/v1/runs/0000-no-such-run", headers=mallory)
+    assert_problem(theirs, 404, "not-found")
+    assert_problem(missing, 404, "not-found")
+    assert theirs.json()["title"] == missing.json()["title"]
+    for path in (f"/v1/runs/{run_id}/cancel", f"/v1/runs/{run_id}/events/decision"):
+        assert_problem(await http.post(path, headers=mallory, json=None), 404, "not-found")
+    assert_problem(await http.get(f"/v1/runs/{run_id}/stream", headers=mallory), 404, "not-found")
+    # The tenant comes from the token only: a body naming another tenant is refused outright.
+    sneaky = {"workflow": "greet", "args": ["x"], "tenant": "acme"}
+    assert_problem(
+        await http.post("/v1/runs", json=sneaky, headers=mallory), 422, "invalid-request"
+    )
+    assert (await http.get("/v1/runs", headers=mallory)).json()["runs"] == []
+    # Platform routes of another tenant answer as if it did not exist.
+    assert_problem(
+        await http.get("/platform/v1/tenants/acme/memberships", headers=mallory), 404, "not-found"
+    )
+
+
+async def test_roles_are_checked_on_every_route(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    viewer = await member(runtime, http, "vic@acme.test", "acme", Role.VIEWER)
+    operator = await member(runtime, http, "olga@acme.test", "acme", Role.OPERATOR)
+    start = {"workflow": "greet", "args": ["x"]}
+    assert_problem(await http.post("/v1/runs", json=start, headers=viewer), 403, "forbidden")
+    run_id = (await http.post("/v1/runs", json=start, headers=operator)).json()["id"]
+    assert (await http.get(f"/v1/runs/{run_id}", headers=viewer)).status_code == 200
+    assert_problem(await http.post(f"/v1/runs/{run_id}/cancel", headers=viewer), 403, "forbidden")
+    assert_problem(await http.get("/v1/audit", headers=operator), 403, "forbidden")
+    for path in ("/platform/v1/tenants", "/platform/v1/users", "/platform/v1/plans"):
+        assert_problem(await http.get(path, headers=operator), 403, "forbidden")
+    assert_problem(
+        await http.get("/platform/v1/tenants/acme/api-keys", headers=operator), 403, "forbidden"
+    )
+
+
+async def test_errors_are_problem_documents(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    no_token = await http.get("/v1/runs")
+    assert_problem(no_token, 401, "unauthenticated")
+    assert no_token.headers["www-authenticate"] == "Bearer"
+    assert_problem(await http.get("/v1/runs", headers=bearer("not.a.jwt")), 401, "invalid-token")
+    unknown = await http.post("/v1/runs", json={"workflow": "nope"}, headers=alice)
+    assert_problem(unknown, 404, "not-found")
+    wrong_type = await http.post(
+        "/v1/runs", json={"workflow": "slow", "args": ["soon"]}, headers=alice
+    )
+    assert_problem(wrong_type, 422, "invalid-request")
+    missing_arg = await http.post("/v1/runs", json={"workflow": "greet"}, headers=alice)
+    assert_problem(missing_arg, 422, "invalid-request")
+    huge = await http.post(
+        "/v1/runs",
+        json={"workflow": "greet", "args": ["x" * (runtime.settings.max_request_bytes + 1)]},
+        headers=alice,
+    )
+    assert_problem(huge, 413, "too-large")
+    bad_login = await http.post(
+        "/platform/v1/token",
+        json={
+            "grant_type": "password",
+            "email": "alice@acme.test",
+            "password": "wrong!!!!",
+            "tenant": "acme",
+        },
+    )
+    body = assert_problem(bad_login, 401, "unauthenticated")
+    assert "wrong" not in body.get("detail", "")
+    assert_problem(await http.get("/nowhere"), 404, "not-found")
+
+
+async def test_tokens_verify_against_the_jwks_across_a_rotation(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    root = await admin(runtime, http)
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.VIEWER)
+    old = alice["Authorization"].removeprefix("Bearer ")
+
+    def verify(access: str, jwks: dict[str, Any]) -> dict[str, Any]:
+        kid = jwt.get_unverified_header(access)["kid"]
+        (jwk,) = [k for k in jwks["keys"] if k["kid"] == kid]
+        claims: dict[str, Any] = jwt.decode(access, PyJWK(jwk).key, algorithms=["EdDSA"])
+        return claims
+
+    jwks = (await http.get("/.well-known/jwks.json")).json()
+    assert "d" not in jwks["keys"][0]  # public halves only
+    claims = verify(old, jwks)
+    assert claims["tid"] == "acme" and claims["role"] == "viewer"
+    assert claims["exp"] - claims["iat"] == runtime.settings.token_ttl_seconds
+    rotated = await http.post("/platform/v1/keys/rotate", headers=root)
+    assert rotated.status_code == 200, rotated.text
+    new_kid = rotated.json()["kid"]
+    jwks = (await http.get("/.well-known/jwks.json")).json()
+    assert {k["kid"] for k in jwks["keys"]} == {new_kid, jwt.get_unverified_header(old)["kid"]}
+    verify(old, jwks)  # the old key still verifies what it signed
+    assert (await http.get("/v1/runs", headers=alice)).status_code == 200
+    new = await token(
+        http, grant_type="password", email="alice@acme.test", password=PASSWORD, tenant="acme"
+    )
+    assert jwt.get_unverified_header(new)["kid"] == new_kid
+    assert (await http.get("/v1/runs", headers=bearer(new))).status_code == 200
+
+
+async def test_api_keys_shown_once_and_revocable(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    boss = await member(runtime, http, "boss@acme.test", "acme", Role.TENANT_ADMIN)
+    made = await http.post(
+        "/platform/v1/tenants/acme/api-keys", json={"name": "ci", "role": "operator"}, headers=boss
+    )
+    assert made.status_code == 201, made.text
+    key = made.json()
+    assert key["secret"].startswith(f"tfk_{key['id']}_")
+    listed = (await http.get("/platform/v1/tenants/acme/api-keys", headers=boss)).json()
+    assert [k["id"] for k in listed] == [key["id"]] and listed[0]["secret"] is None
+    access = await token(http, grant_type="api_key", api_key=key["secret"])
+    start = await http.post(
+        "/v1/runs", json={"workflow": "greet", "args": ["k"]}, headers=bearer(access)
+    )
+    assert start.status_code == 202
+    gone = await http.delete(f"/platform/v1/tenants/acme/api-keys/{key['id']}", headers=boss)
+    assert gone.status_code == 200 and gone.json()["revoked_at"] is not None
+    refused = await http.post(
+        "/platform/v1/token", json={"grant_type": "api_key", "api_key": key["secret"]}
+    )
+    assert_problem(refused, 401, "unauthenticated")
+    audit = (await http.get("/v1/audit", headers=boss)).json()["entries"]
+    assert [e["action"] for e in audit if e["action"].startswith("api_key.")] == [
+        "api_key.issued",
+        "api_key.revoked",
+    ]
+    assert all(key["secret"] not in str(e) for e in audit)
+
+
+async def test_events_cancel_and_the_stream(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    async with running_worker(workflows.app, runtime):
+        waiting = (
+            await http.post("/v1/runs", json={"workflow": "approval", "args": [7]}, headers=alice)
+        ).json()["id"]
+        doomed = (
+            await http.post("/v1/runs", json={"workflow": "approval", "args": [8]}, headers=alice)
+        ).json()["id"]
+
+        async def stream() -> list[tuple[str, str]]:
+            events: list[tuple[str, str]] = []
+            async with http.stream("GET", f"/v1/runs/{waiting}/stream", headers=alice) as reply:
+                assert reply.status_code == 200
+                assert reply.headers["content-type"].startswith("text/event-stream")
+                event = ""
+                async for line in reply.aiter_lines():
+                    if line.startswith("event: "):
+                        event = line.removeprefix("event: ")
+                    elif line.startswith("data: "):
+                        events.append((event, line.removeprefix("data: ")))
+            return events
+
+        watcher = asyncio.create_task(stream())
+        await asyncio.sleep(0.5)
+        sent = await http.post(
+            f"/v1/runs/{waiting}/events/decision", json={"approved": True}, headers=alice
+        )
+        assert sent.status_code == 202, sent.text
+        body = await finished(http, alice, waiting)
+        assert body["result"] == {"order": 7, "decision": {"approved": True}}
+        events = await asyncio.wait_for(watcher, 30)
+        assert events[-1][0] == "run" and '"status":"completed"' in events[-1][1]
+        assert any(kind == "step" for kind, _ in events)
+        cancelled = await http.post(f"/v1/runs/{doomed}/cancel", headers=alice)
+        assert cancelled.status_code == 202
+        assert (await finished(http, alice, doomed))["status"] == "cancelled"
+    root = await admin(runtime, http)
+    audit = (await http.get("/platform/v1/audit", params={"tenant": "acme"}, headers=root)).json()
+    assert ("run.cancelled", doomed) in [(e["action"], e["target"]) for e in audit["entries"]]
+
+
+async def test_health_and_openapi(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+    ready = await http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"platform_database": "ok", "queue": "ok"}
+    spec = (await http.get("/openapi.json")).json()
+    for path in ("/v1/runs", "/v1/runs/{run_id}/stream", "/platform/v1/token", "/readyz"):
+        assert path in spec["paths"]
