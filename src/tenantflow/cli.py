@@ -72,11 +72,68 @@ def demo(orders: Annotated[int, typer.Option(min=1, max=10_000)] = 25) -> None:
         raise typer.Exit(1)
 
 
+AppOpt = Annotated[
+    str, typer.Option("--app", help="The App whose workflows to serve, as module:attribute.")
+]
+DEFAULT_APP = "tenantflow.examples.orders:app"
+
+
+@cli.command()
+def dev(
+    app: AppOpt = DEFAULT_APP,
+    port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+) -> None:
+    """Serve the HTTP API and a worker in one process (embedded default unless configured).
+    The first start creates demo tenants and an admin, and prints their credentials once."""
+    from tenantflow.dev import bootstrap, serve
+
+    settings = _settings()
+    the_app = load_app(app)
+    runtime = Runtime(settings)
+    try:
+        made = bootstrap(runtime)
+    finally:
+        asyncio.run(runtime.close())
+    url = f"http://{settings.api_host}:{port or settings.api_port}"
+    if made.admin_password is not None:
+        console.print("[bold]First start: these credentials are shown once.[/bold]")
+        console.print(
+            f"  platform admin  {made.admin_email}  password {made.admin_password}",
+            soft_wrap=True,
+        )
+        for tenant_id, secret in made.api_keys.items():
+            console.print(f"  API key of {tenant_id} (operator)  {secret}", soft_wrap=True)
+    else:
+        console.print("Credentials were printed on the first start (only hashes are kept).")
+    console.print(
+        f"API on {url} (OpenAPI at {url}/docs); a worker runs alongside. Ctrl-C stops.",
+        soft_wrap=True,
+    )
+    _run_loop(serve(the_app, settings, port=port))
+
+
+@cli.command()
+def api(
+    app: AppOpt = DEFAULT_APP,
+    port: Annotated[int | None, typer.Option(min=1, max=65535)] = None,
+) -> None:
+    """Serve the HTTP API only (run workers with `tenantflow worker`)."""
+    import uvicorn
+
+    from tenantflow.api.app import create_api
+
+    settings = _settings()
+    uvicorn.run(
+        create_api(load_app(app), settings),
+        host=settings.api_host,
+        port=port or settings.api_port,
+        log_level="warning",
+    )
+
+
 @cli.command()
 def worker(
-    app: Annotated[str, typer.Option(help="The App to serve, as module:attribute.")] = (
-        "tenantflow.examples.orders:app"
-    ),
+    app: AppOpt = DEFAULT_APP,
     concurrency: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
     """Run a worker until SIGTERM or Ctrl-C."""

@@ -92,3 +92,94 @@ def test_demo_runs_unchanged_on_postgresql_and_redis(tmp_path: Path) -> None:
         assert not (tmp_path / ".tenantflow" / "tenants").exists()  # nothing went to SQLite
     finally:
         cleanup_production(settings)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def start_dev(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """``tenantflow dev`` in the background, serving; returns it and its first lines."""
+    import time
+
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
+    env.update(COLUMNS="200", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).parents[2]))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tenantflow",
+            "dev",
+            "--app",
+            "tests.apps.api:app",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("API on") for line in lines):
+        assert time.monotonic() < deadline and proc.poll() is None, lines
+        lines.append(proc.stdout.readline().rstrip("\n"))
+    while True:  # the server may still be binding
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                return proc, lines
+        except httpx.ConnectError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, lines
+        time.sleep(0.1)
+
+
+def stop_dev(proc: subprocess.Popen[str]) -> int:
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_dev_serves_the_api_and_a_worker(tmp_path: Path) -> None:
+    import httpx
+
+    port = free_port()
+    proc, lines = start_dev(tmp_path, port)
+    try:
+        keys = {line.split()[3]: line.split()[-1] for line in lines if "API key of" in line}
+        assert set(keys) == {"acme", "globex"}
+        base = f"http://127.0.0.1:{port}"
+        grant = {"grant_type": "api_key", "api_key": keys["acme"]}
+        access = httpx.post(f"{base}/platform/v1/token", json=grant).json()["access_token"]
+        headers = {"Authorization": f"Bearer {access}"}
+        started = httpx.post(
+            f"{base}/v1/runs", json={"workflow": "greet", "args": ["dev"]}, headers=headers
+        )
+        assert started.status_code == 202, started.text
+        location = started.headers["location"]
+        with httpx.stream("GET", f"{base}{location}/stream", headers=headers) as stream:
+            text = "".join(stream.iter_text())
+        assert '"status":"completed"' in text and '"result":"hello dev"' in text
+        assert httpx.get(f"{base}/readyz").status_code == 200
+    finally:
+        assert stop_dev(proc) == 0  # drained and closed, then a normal exit
+    # A second start keeps the tenants and credentials, and shows no secret again.
+    proc, lines = start_dev(tmp_path, port)
+    assert stop_dev(proc) == 0
+    assert not any("API key of" in line for line in lines)
+    assert any("printed on the first start" in line for line in lines)
