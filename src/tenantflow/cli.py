@@ -227,11 +227,15 @@ def runs_show(run_id: str, tenant: TenantOpt) -> None:
 
 
 @tenants_cli.command("create")
-def tenants_create(tenant_id: str, name: Annotated[str | None, typer.Option()] = None) -> None:
-    """Create a tenant and its database."""
+def tenants_create(
+    tenant_id: str,
+    name: Annotated[str | None, typer.Option()] = None,
+    plan: Annotated[str | None, typer.Option(help="The plan to license the tenant on.")] = None,
+) -> None:
+    """Create a tenant and its database (recorded in the audit log, actor "cli")."""
     runtime = Runtime(_settings())
     try:
-        tenant = runtime.registry.create(tenant_id, name=name)
+        tenant = runtime.platform.create_tenant("cli", tenant_id, name=name, plan_id=plan)
     except TenantflowError as exc:
         _fail(exc)
     finally:

@@ -11,6 +11,9 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from jwt import PyJWK
 
 from tenantflow import Runtime
@@ -322,3 +325,153 @@ async def test_health_and_openapi(runtime: Runtime, http: httpx.AsyncClient) -> 
     spec = (await http.get("/openapi.json")).json()
     for path in ("/v1/runs", "/v1/runs/{run_id}/stream", "/platform/v1/token", "/readyz"):
         assert path in spec["paths"]
+
+
+async def test_routing_places_tenants_on_the_emptiest_server(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    root = await admin(runtime, http)
+    default_url = runtime.settings.resolved_database_url()
+    second_url = (
+        f"sqlite:///{runtime.settings.home / 'second'}"
+        if default_url.startswith("sqlite:///")
+        else default_url
+    )
+    added = await http.post(
+        "/platform/v1/servers", json={"id": "second", "url": second_url}, headers=root
+    )
+    assert added.status_code == 201, added.text
+    assert added.json() == {"id": "second", "accepting": True, "tenants": 0}
+    placed = {}
+    for tenant in ("t1", "t2", "t3"):
+        made = await http.post("/platform/v1/tenants", json={"id": tenant}, headers=root)
+        assert made.status_code == 201, made.text
+        placed[tenant] = made.json()["server"]
+    # default holds acme and globex already: the new ones fill "second" first.
+    assert placed == {"t1": "second", "t2": "second", "t3": "default"}
+    closed = await http.patch(
+        "/platform/v1/servers/second", json={"accepting": False}, headers=root
+    )
+    assert closed.json()["accepting"] is False
+    made = await http.post("/platform/v1/tenants", json={"id": "t4"}, headers=root)
+    assert made.json()["server"] == "default"
+    servers = (await http.get("/platform/v1/servers", headers=root)).json()
+    assert servers == [
+        {"id": "default", "accepting": True, "tenants": 4},
+        {"id": "second", "accepting": False, "tenants": 2},
+    ]
+    # A tenant on the second server works like any other.
+    t1 = await member(runtime, http, "t1@example.com", "t1", Role.OPERATOR)
+    async with running_worker(workflows.app, runtime):
+        run = await http.post("/v1/runs", json={"workflow": "greet", "args": ["t1"]}, headers=t1)
+        assert (await finished(http, t1, run.json()["id"]))["result"] == "hello t1"
+    everything = (await http.get("/platform/v1/audit", headers=root)).text
+    assert "server.added" in everything and second_url not in everything
+
+
+async def test_dead_letters_listed_and_replayed(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    bob = await member(runtime, http, "bob@globex.test", "globex", Role.OPERATOR)
+    run_id = (
+        await http.post("/v1/runs", json={"workflow": "greet", "args": ["dl"]}, headers=alice)
+    ).json()["id"]
+    await runtime.published()
+    queue = runtime.queue
+    for _ in range(100):  # deliveries that never finish, until the message is dead-lettered
+        await queue.dequeue("crashy", 10, 0.001)
+        if await queue.dead_letters("acme"):
+            break
+        await asyncio.sleep(0.005)
+    letters = (await http.get("/v1/dead-letters", headers=alice)).json()
+    assert [d["run_id"] for d in letters] == [run_id]
+    assert letters[0]["deliveries"] >= queue.max_deliveries
+    assert (await http.get("/v1/dead-letters", headers=bob)).json() == []
+    missing = await http.post(f"/v1/dead-letters/{letters[0]['id']}/replay", headers=bob)
+    assert_problem(missing, 404, "not-found")
+    replayed = await http.post(f"/v1/dead-letters/{letters[0]['id']}/replay", headers=alice)
+    assert replayed.status_code == 202, replayed.text
+    assert (await http.get("/v1/dead-letters", headers=alice)).json() == []
+    async with running_worker(workflows.app, runtime):
+        assert (await finished(http, alice, run_id))["result"] == "hello dl"
+    root = await admin(runtime, http)
+    audit = (await http.get("/platform/v1/audit", params={"tenant": "acme"}, headers=root)).json()
+    assert ("dead_letter.replayed", letters[0]["id"]) in [
+        (e["action"], e["target"]) for e in audit["entries"]
+    ]
+
+
+async def test_readyz_tells_the_truth(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    from tests.integration.test_licensing import platform_down
+
+    assert (await http.get("/readyz")).status_code == 200
+    with runtime.registry.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE tenants SET revision = '0001' WHERE id = 'acme'")
+    behind = await http.get("/readyz")
+    assert behind.status_code == 503
+    assert "1 tenant databases behind" in behind.json()["checks"]["platform_database"]
+    await asyncio.to_thread(runtime.registry.migrate_all)
+    assert (await http.get("/readyz")).status_code == 200
+    with platform_down(runtime):
+        down = await http.get("/readyz")
+        assert down.status_code == 503
+        assert down.json()["checks"]["platform_database"].startswith("failed: ")
+        assert down.json()["checks"]["queue"] == "ok"
+    assert (await http.get("/readyz")).status_code == 200
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+async def test_no_input_makes_the_api_fail(runtime: Runtime, http: httpx.AsyncClient) -> None:
+    """Arbitrary bodies, paths and queries: every answer is a success or a problem document,
+    never a 500."""
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    answers: list[httpx.Response] = []
+
+    @hypothesis_settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        body=JSON
+        | st.fixed_dictionaries(
+            {"workflow": st.sampled_from(["greet", "slow", "x"]), "args": JSON}
+        ),
+        segment=st.text(
+            st.characters(min_codepoint=33, exclude_characters="/?#%\x7f"), min_size=1, max_size=30
+        ),
+        query=st.dictionaries(
+            st.sampled_from(["status", "limit", "cursor", "workflow"]),
+            st.text(max_size=10),
+            max_size=3,
+        ),
+    )
+    def probe(body: Any, segment: str, query: dict[str, str]) -> None:
+        async def send() -> None:
+            quoted = f"/v1/runs/{segment}"
+            for reply in (
+                await http.post("/v1/runs", json=body, headers=alice),
+                await http.get(quoted, headers=alice),
+                await http.post(
+                    f"{quoted}/events/{segment}".replace("//", "/"), json=body, headers=alice
+                ),
+                await http.get("/v1/runs", params=query, headers=alice),
+            ):
+                answers.append(reply)
+
+        asyncio.run_coroutine_threadsafe(send(), loop).result(60)
+
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(probe)
+    assert answers
+    for reply in answers:
+        assert reply.status_code < 500, (reply.request.url, reply.text)
+        if reply.status_code >= 400:
+            assert reply.headers["content-type"].startswith("application/problem+json"), reply.text

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import sqlalchemy as sa
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -135,9 +134,11 @@ async def _check(name: str, probe: Callable[[], Awaitable[Any]]) -> tuple[str, s
 def _platform_ready(runtime: Runtime) -> None:
     from tenantflow.platform.registry import _platform_revision
     from tenantflow.platform.schema import PLATFORM_HEAD
+    from tenantflow.store.schema import HEAD_REVISION
 
     revision = _platform_revision(runtime.registry.engine)
     if revision != PLATFORM_HEAD:
         raise NotReady(f"platform migrations behind ({revision} < {PLATFORM_HEAD})")
-    with runtime.registry.engine.connect() as conn:
-        conn.execute(sa.text("SELECT 1"))
+    behind = [t.id for t in runtime.registry.list() if t.revision != HEAD_REVISION]
+    if behind:
+        raise NotReady(f"{len(behind)} tenant databases behind: run `tenantflow tenants migrate`")

@@ -144,6 +144,25 @@ class TenantOut(BaseModel):
     revision: str | None
 
 
+class ServerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=63)
+    url: str = Field(min_length=1, max_length=2048, description="A secret: never shown again.")
+
+
+class ServerPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accepting: bool
+
+
+class ServerOut(BaseModel):
+    id: str
+    accepting: bool
+    tenants: int
+
+
 class UserIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -25,6 +25,9 @@ from tenantflow.api.models import (
     PlanIn,
     PlanOut,
     QuotasModel,
+    ServerIn,
+    ServerOut,
+    ServerPatch,
     TenantIn,
     TenantOut,
     TenantPatch,
@@ -37,7 +40,7 @@ from tenantflow.errors import TenantNotFoundError
 from tenantflow.platform.identity import ApiKey, Membership, Role, User
 from tenantflow.platform.keys import Jwks
 from tenantflow.platform.licensing import License, Plan, Quotas
-from tenantflow.platform.registry import Tenant, TenantStatus
+from tenantflow.platform.registry import DatabaseServer, Tenant, TenantStatus
 from tenantflow.platform.service import Platform, Principal
 
 T = TypeVar("T")
@@ -227,7 +230,40 @@ async def offboard_tenant(
         tenant_id,
         runtime.settings.home / "archives",
     )
+    await runtime.queue.purge(tenant_id)
     return {"tenant": tenant_id, "archive": archive.name}
+
+
+# -- database servers (the routing table) ----------------------------------------------------
+
+
+def _server_out(s: DatabaseServer) -> ServerOut:
+    return ServerOut(id=s.id, accepting=s.accepting, tenants=s.tenants)
+
+
+@router.post("/servers", status_code=201, response_model=ServerOut)
+async def add_server(body: ServerIn, principal: PlatformAdmin, runtime: RuntimeDep) -> ServerOut:
+    """Register a database server new tenants may be placed on (the one with the fewest
+    tenants among those accepting is picked). Its URL is never shown again."""
+    return _server_out(
+        await _run(runtime.platform.add_server, principal.subject, body.id, body.url)
+    )
+
+
+@router.get("/servers", response_model=list[ServerOut])
+async def list_servers(principal: PlatformAdmin, runtime: RuntimeDep) -> list[ServerOut]:
+    return [_server_out(s) for s in await _run(runtime.registry.servers)]
+
+
+@router.patch("/servers/{server_id}", response_model=ServerOut)
+async def change_server(
+    server_id: str, body: ServerPatch, principal: PlatformAdmin, runtime: RuntimeDep
+) -> ServerOut:
+    return _server_out(
+        await _run(
+            runtime.platform.set_server_accepting, principal.subject, server_id, body.accepting
+        )
+    )
 
 
 # -- users, memberships, API keys ------------------------------------------------------------

@@ -12,6 +12,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tenantflow import errors
@@ -91,6 +92,18 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(errors.TenantflowError)
     async def _tenantflow(request: Request, exc: errors.TenantflowError) -> JSONResponse:
         return _known(exc)
+
+    async def _data(request: Request, exc: Exception) -> JSONResponse:
+        # The driver's message may quote the value: it is not echoed.
+        return problem(422, "invalid-request", "a value the database cannot store")
+
+    app.add_exception_handler(sa_exc.DataError, _data)
+    try:
+        import psycopg
+    except ImportError:  # the PostgreSQL driver is an extra
+        pass
+    else:
+        app.add_exception_handler(psycopg.DataError, _data)
 
     @app.exception_handler(ValueError)
     async def _value(request: Request, exc: ValueError) -> JSONResponse:

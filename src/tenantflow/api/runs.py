@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 
 from tenantflow.api.deps import (
@@ -35,12 +36,16 @@ from tenantflow.errors import (
     NotFoundError,
     RateLimitedError,
     RunNotFoundError,
-    SerializationError,
     WorkflowNotRegisteredError,
 )
 from tenantflow.platform.service import Principal
 from tenantflow.runtime import Runtime
 from tenantflow.store.records import RunStatus
+
+# No control characters in anything used as a key or compared in a query (PostgreSQL refuses
+# NUL in text): such input is malformed, a 422.
+PLAIN = r"^[^\x00-\x1f\x7f]*$"
+RunId = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
 
 STREAM_POLL_SECONDS = 0.2
 STREAM_HEARTBEAT_SECONDS = 15.0
@@ -73,7 +78,7 @@ async def start_run(
     principal: Operator,
     runtime: RuntimeDep,
     app: AppDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255, pattern=PLAIN)] = None,
 ) -> RunOut:
     """Submit a run; 202 Accepted with its ``Location``. The same ``Idempotency-Key`` again
     returns the first run; with another input it is a 409."""
@@ -91,7 +96,7 @@ async def start_run(
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
-async def get_run(run_id: str, principal: Viewer, runtime: RuntimeDep, app: AppDep) -> RunOut:
+async def get_run(run_id: RunId, principal: Viewer, runtime: RuntimeDep, app: AppDep) -> RunOut:
     handle = tenant_client(principal, runtime, app).handle(run_id)
     run = await handle.describe()
     return RunOut.of(run, await handle.steps())
@@ -103,8 +108,8 @@ async def list_runs(
     runtime: RuntimeDep,
     app: AppDep,
     status: RunStatus | None = None,
-    workflow: Annotated[str | None, Query(max_length=255)] = None,
-    cursor: Annotated[str | None, Query(max_length=255)] = None,
+    workflow: Annotated[str | None, Query(max_length=255, pattern=PLAIN)] = None,
+    cursor: Annotated[str | None, Query(max_length=255, pattern=PLAIN)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunPage:
     """Newest first. ``next_cursor`` is the cursor of the next page, None on the last."""
@@ -118,7 +123,9 @@ async def list_runs(
 
 
 @router.post("/runs/{run_id}/cancel", status_code=202, response_model=RunOut)
-async def cancel_run(run_id: str, principal: Operator, runtime: RuntimeDep, app: AppDep) -> RunOut:
+async def cancel_run(
+    run_id: RunId, principal: Operator, runtime: RuntimeDep, app: AppDep
+) -> RunOut:
     handle = tenant_client(principal, runtime, app).handle(run_id)
     await handle.cancel()
     await _audit(runtime, principal, "run.cancelled", run_id)
@@ -127,23 +134,21 @@ async def cancel_run(run_id: str, principal: Operator, runtime: RuntimeDep, app:
 
 @router.post("/runs/{run_id}/events/{name}", status_code=202)
 async def send_event(
-    run_id: str,
-    name: str,
+    run_id: RunId,
+    name: Annotated[str, PathParam(max_length=255, pattern=PLAIN)],
     principal: Operator,
     runtime: RuntimeDep,
     app: AppDep,
     payload: Annotated[Any, Body()] = None,
 ) -> dict[str, str]:
     """Deliver an event (the JSON body) to the run's ``ctx.wait_for_event(name)``."""
-    if len(name) > 255:
-        raise SerializationError("an event name has at most 255 characters")
     await tenant_client(principal, runtime, app).handle(run_id).send_event(name, payload)
     return {"run_id": run_id, "event": name}
 
 
 @router.get("/runs/{run_id}/stream")
 async def stream_run(
-    run_id: str, request: Request, principal: Viewer, runtime: RuntimeDep, app: AppDep
+    run_id: RunId, request: Request, principal: Viewer, runtime: RuntimeDep, app: AppDep
 ) -> StreamingResponse:
     """Server-sent events as the run changes: ``run`` (its state) and ``step`` (each new
     checkpoint), until it ends."""
@@ -220,11 +225,11 @@ async def list_dead_letters(
 
 @router.post("/dead-letters/{dead_letter_id}/replay", status_code=202)
 async def replay_dead_letter(
-    dead_letter_id: str, principal: Operator, runtime: RuntimeDep
+    dead_letter_id: Annotated[str, PathParam(max_length=64, pattern=PLAIN)],
+    principal: Operator,
+    runtime: RuntimeDep,
 ) -> dict[str, str]:
     assert principal.tenant_id is not None
-    if len(dead_letter_id) > 64:
-        raise NotFoundError("no such dead letter in this tenant")
     await runtime.queue.replay_dead_letter(principal.tenant_id, dead_letter_id)
     await _audit(runtime, principal, "dead_letter.replayed", dead_letter_id)
     return {"replayed": dead_letter_id}
@@ -234,7 +239,7 @@ async def replay_dead_letter(
 async def tenant_audit(
     principal: TenantAdmin,
     runtime: RuntimeDep,
-    action: Annotated[str | None, Query(max_length=64)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=PLAIN)] = None,
     cursor: int | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditPage:

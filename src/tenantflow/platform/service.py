@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from tenantflow.errors import (
     AuthenticationError,
+    ConflictError,
     NotFoundError,
     PermissionDeniedError,
     TenantNotFoundError,
@@ -29,7 +30,7 @@ from tenantflow.platform.audit import AuditLog
 from tenantflow.platform.identity import ApiKey, Identity, Membership, Role, User
 from tenantflow.platform.keys import Jwks, SigningKeys, verify
 from tenantflow.platform.licensing import License, Licensing, Plan, Quotas
-from tenantflow.platform.registry import Tenant, TenantRegistry, TenantStatus
+from tenantflow.platform.registry import DatabaseServer, Tenant, TenantRegistry, TenantStatus
 from tenantflow.platform.schema import api_keys, licenses, memberships
 from tenantflow.settings import Settings
 
@@ -137,6 +138,26 @@ class Platform:
             details={"archive": archive.name},
         )
         return archive
+
+    def add_server(self, actor: str, server_id: str, url: str) -> DatabaseServer:
+        try:
+            server = self.registry.add_server(server_id, url)
+        except sa.exc.IntegrityError:
+            raise ConflictError(f"a database server {server_id!r} exists") from None
+        self.audit.record("server.added", actor=actor, tenant_id=None, target=server_id)
+        return server
+
+    def set_server_accepting(self, actor: str, server_id: str, accepting: bool) -> DatabaseServer:
+        self.registry.server(server_id)
+        server = self.registry.set_accepting(server_id, accepting)
+        self.audit.record(
+            "server.changed",
+            actor=actor,
+            tenant_id=None,
+            target=server_id,
+            details={"accepting": accepting},
+        )
+        return server
 
     # -- identity ----------------------------------------------------------------------------
 

@@ -87,6 +87,10 @@ class Queue(Protocol):
 
     async def depth(self, tenant_id: str) -> int: ...
 
+    async def purge(self, tenant_id: str) -> None:
+        """Forget everything of a tenant: messages, dead letters (an offboarded tenant)."""
+        ...
+
     async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
         """Which of these runs have a message (ready, in flight or delayed)."""
         ...

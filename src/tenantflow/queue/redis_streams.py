@@ -314,6 +314,14 @@ class RedisStreamsQueue:
             stream, delayed = await pipe.execute()
         return int(stream) + int(delayed)
 
+    async def purge(self, tenant_id: str) -> None:
+        keys = self.keys.tenant(tenant_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*keys.all(), self.keys.rate(tenant_id))
+            pipe.zrem(self.keys.active, tenant_id)
+            await pipe.execute()
+        self._active = [t for t in self._active if t != tenant_id]
+
     async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()

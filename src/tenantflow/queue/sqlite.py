@@ -217,6 +217,11 @@ class SqliteQueue:
         if delay <= 0:
             self._wakeup.set()
 
+    async def purge(self, tenant_id: str) -> None:
+        with _sqlite.transaction(self._conn) as cur:
+            cur.execute("DELETE FROM messages WHERE tenant_id = ?", (tenant_id,))
+            cur.execute("DELETE FROM dead_letters WHERE tenant_id = ?", (tenant_id,))
+
     async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
         rows = self._conn.execute(
             "SELECT id, run_id, deliveries, failed_at FROM dead_letters WHERE tenant_id = ? "

@@ -1,0 +1,95 @@
+"""Where tenantflow's enqueue-to-start latency goes, on PostgreSQL + Redis.
+
+    python -m bench.latency_breakdown [--n 250]
+
+The peer protocol's latency mode (one single-step run every 20 ms to an idle worker process),
+with the client side timed in parts: the submit's commit (``start()`` returning), then the
+message's publication (``published()`` returning). The rest, up to the step's first line, is
+the worker's: woken, dequeue, claim, step. Medians and p99 in milliseconds; the first 50 runs
+are warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.peers import _common
+from bench.peers.tenantflow_pg import app, task
+from tenantflow import Client, Runtime
+
+WARMUP = 50
+PAUSE = 0.02
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return round(q[49], 2), round(q[98], 2)
+
+
+async def measure(n: int, folder: Path) -> dict[str, tuple[float, float]]:
+    from tests.conftest import cleanup_production, production_settings, settings_env
+
+    settings = production_settings(folder, log_level="WARNING")
+    runtime = Runtime(settings)
+    procs = []
+    try:
+        runtime.registry.create("bench")
+        procs = _common.start_workers(
+            [
+                _common.python(),
+                "-m",
+                "tenantflow",
+                "worker",
+                "--app",
+                "bench.peers.tenantflow_pg:app",
+            ],
+            1,
+            env=settings_env(settings),
+        )
+        _common.wait_idle()
+        tenant = Client(app, runtime=runtime).tenant("bench")
+        uid = _common.new_uid()
+        commit: list[float] = []
+        publish: list[float] = []
+        for _ in range(n + WARMUP):
+            t0 = time.time()
+            await tenant.start(task, uid, t0, 1)
+            t1 = time.time()
+            await runtime.published()
+            t2 = time.time()
+            commit.append(1000 * (t1 - t0))
+            publish.append(1000 * (t2 - t1))
+            await asyncio.sleep(PAUSE)
+        _common.wait_done(uid, n + WARMUP)
+        total = [
+            1000 * float(v) for v in _common.metrics_client().lrange(f"peerbench:{uid}:lat", 0, -1)
+        ]
+        _common.cleanup(uid)
+        return {
+            "submit_commit_ms": quantiles(commit[WARMUP:]),
+            "publish_ms": quantiles(publish[WARMUP:]),
+            "enqueue_to_start_ms": quantiles(total[WARMUP:]),
+        }
+    finally:
+        _common.stop_workers(procs)
+        await runtime.close()
+        cleanup_production(settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=250)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        result = asyncio.run(measure(args.n, Path(folder)))
+    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "n": args.n, "p50_p99": result}))
+
+
+if __name__ == "__main__":
+    main()
