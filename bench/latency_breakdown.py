@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.peers import _common
-from bench.peers.tenantflow_pg import app, task
+from bench.peers.tenantflow_pg import app, start_workers, task
 from tenantflow import Client, Runtime
 
 WARMUP = 50
@@ -33,25 +33,14 @@ def quantiles(values: list[float]) -> tuple[float, float]:
 
 
 async def measure(n: int, folder: Path) -> dict[str, tuple[float, float]]:
-    from tests.conftest import cleanup_production, production_settings, settings_env
+    from tests.conftest import cleanup_production, production_settings
 
     settings = production_settings(folder, log_level="WARNING")
     runtime = Runtime(settings)
     procs = []
     try:
         runtime.registry.create("bench")
-        procs = _common.start_workers(
-            [
-                _common.python(),
-                "-m",
-                "tenantflow",
-                "worker",
-                "--app",
-                "bench.peers.tenantflow_pg:app",
-            ],
-            1,
-            env=settings_env(settings),
-        )
+        procs = start_workers(settings, 1)
         _common.wait_idle()
         tenant = Client(app, runtime=runtime).tenant("bench")
         uid = _common.new_uid()

@@ -4,11 +4,12 @@ single-step workflow whose step records its start."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import tempfile
 from pathlib import Path
 
 from bench.peers import _common
-from tenantflow import App, Client, Runtime, WorkflowContext
+from tenantflow import App, Client, Runtime, Settings, WorkflowContext
 
 app = App("peer-bench")
 
@@ -31,8 +32,23 @@ async def task(ctx: WorkflowContext, run_uid: str, enqueued_at: float, steps: in
         await nothing(run_uid, i == steps - 1)
 
 
+def start_workers(settings: Settings, processes: int) -> list[subprocess.Popen[bytes]]:
+    """``processes`` tenantflow worker processes serving this module's app."""
+    from tests.conftest import settings_env
+
+    argv = [
+        _common.python(),
+        "-m",
+        "tenantflow",
+        "worker",
+        "--app",
+        "bench.peers.tenantflow_pg:app",
+    ]
+    return _common.start_workers(argv, processes, env=settings_env(settings), count=processes)
+
+
 def main() -> None:
-    from tests.conftest import cleanup_production, production_settings, settings_env
+    from tests.conftest import cleanup_production, production_settings
 
     args = _common.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -40,19 +56,7 @@ def main() -> None:
         loop = asyncio.new_event_loop()
         runtime = Runtime(settings)
         runtime.registry.create("bench")
-        procs = _common.start_workers(
-            [
-                _common.python(),
-                "-m",
-                "tenantflow",
-                "worker",
-                "--app",
-                "bench.peers.tenantflow_pg:app",
-            ],
-            args.processes,
-            env=settings_env(settings),
-            count=args.processes,
-        )
+        procs = start_workers(settings, args.processes)
         try:
             _common.wait_idle()
             tenant = Client(app, runtime=runtime).tenant("bench")
