@@ -29,7 +29,7 @@ from tenantflow.errors import (
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App, Step, Workflow
 from tenantflow.sdk.client import Client, RunHandle, TenantClient
-from tenantflow.sdk.context import StepContext, WorkflowContext, current_step
+from tenantflow.sdk.context import Saga, StepContext, WorkflowContext, current_step
 from tenantflow.sdk.options import RetryPolicy, StartOptions, StepOptions, WorkflowOptions
 from tenantflow.settings import Settings
 from tenantflow.store.records import RunRecord, RunStatus, StepRecord
@@ -55,6 +55,7 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "Runtime",
+    "Saga",
     "SerializationError",
     "Settings",
     "StartOptions",

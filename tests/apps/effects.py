@@ -45,6 +45,11 @@ def _connect() -> Iterator[Any]:
         conn.close()
 
 
+def execute(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """One statement on the effects database (``?`` placeholders), in autocommit."""
+    return _run(sql, params)
+
+
 def _run(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     with _connect() as conn:
         if not isinstance(conn, sqlite3.Connection):

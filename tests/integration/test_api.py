@@ -75,7 +75,7 @@ async def finished(http: httpx.AsyncClient, headers: dict[str, str], run_id: str
         reply = await http.get(f"/v1/runs/{run_id}", headers=headers)
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        if body["status"] in ("completed", "failed", "cancelled"):
+        if body["status"] in ("completed", "failed", "cancelled", "compensated", "needs_attention"):
             return body
         assert time.monotonic() < deadline, body
         await asyncio.sleep(0.05)

@@ -183,3 +183,19 @@ def test_dev_serves_the_api_and_a_worker(tmp_path: Path) -> None:
     assert stop_dev(proc) == 0
     assert not any("API key of" in line for line in lines)
     assert any("printed on the first start" in line for line in lines)
+
+
+def test_the_saga_example_runs() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tenantflow.examples.trip"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "oslo: compensated" in done.stdout
+    assert "still booked: ['rome:car', 'rome:flight', 'rome:hotel']" in done.stdout

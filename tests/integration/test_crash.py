@@ -41,7 +41,13 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, *, step_seconds: float = 0.15, grace: float = 5.0, concurrency: int = 8
+        self,
+        *,
+        step_seconds: float = 0.15,
+        grace: float = 5.0,
+        concurrency: int = 8,
+        app: str = "tests.apps.durable:app",
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
@@ -50,6 +56,7 @@ class Workers:
             "TENANTFLOW_SHUTDOWN_GRACE_SECONDS": str(grace),
             "TENANTFLOW_TEST_STEP_SECONDS": str(step_seconds),
             "TENANTFLOW_LOG_FORMAT": "json",
+            **(env or {}),
         }
         with (self.tmp_path / f"worker{len(self.procs)}.log").open("wb") as log:
             proc = subprocess.Popen(
@@ -59,7 +66,7 @@ class Workers:
                     "tenantflow",
                     "worker",
                     "--app",
-                    "tests.apps.durable:app",
+                    app,
                     "--concurrency",
                     str(concurrency),
                 ],

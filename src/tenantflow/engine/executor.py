@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Sequence
@@ -55,6 +56,16 @@ class StoreUnavailable(BaseException):
 
 class WorkflowReleased(BaseException):
     """The worker is shutting down: stop at this step boundary and give the run back."""
+
+
+class SagaCompensated(BaseException):
+    """A saga failed or was cancelled, and every compensation ran: end the run
+    ``compensated``. ``args[0]`` is what made it compensate."""
+
+
+class SagaNeedsAttention(BaseException):
+    """A saga cannot be brought to a clean state (a compensation failed after its retries,
+    or it failed past its pivot): end the run ``needs_attention``. ``args[0]`` says why."""
 
 
 class OutcomeKind(enum.Enum):
@@ -118,6 +129,8 @@ class Execution:
         self._interrupt: str | None = None  # why the task was cancelled from outside
         self._nondeterminism: NonDeterminismError | None = None
         self._pending: StepRecord | None = None
+        self.compensating = False  # running a saga's compensations: a cancel does not stop them
+        self._mark_compensable = False  # a saga registered a compensation: persist that
 
     # -- control from the worker -------------------------------------------------------------
 
@@ -187,6 +200,13 @@ class Execution:
                 RunStatus.CANCELLED,
                 error=dumps({"type": "RunCancelledError", "message": "the run was cancelled"}),
             )
+        except SagaCompensated as compensated:
+            cause = compensated.args[0]
+            log.info("saga compensated", tenant=run.tenant_id, run=run.id, cause=cause["type"])
+            return await self._finish(RunStatus.COMPENSATED, error=dumps(cause))
+        except SagaNeedsAttention as stuck:
+            log.warning("saga needs attention", tenant=run.tenant_id, run=run.id)
+            return await self._finish(RunStatus.NEEDS_ATTENTION, error=dumps(stuck.args[0]))
         except WorkflowReleased:
             await self._flush()
             await self._io(self.store.release_run(run.id, owner=self.owner, now=time.time()))
@@ -255,14 +275,17 @@ class Execution:
     # -- positions ---------------------------------------------------------------------------
 
     def _next(self, name: str, kind: StepKind) -> tuple[int, StepRecord | None]:
-        """The position of the next durable call, with its checkpoint if it has one."""
-        if self.cancel_requested:
-            raise WorkflowCancelled()
+        """The position of the next durable call, with its checkpoint if it has one.
+
+        A cancelled run replays what it recorded and stops at its first new position (a saga
+        must see its history to know what to compensate); compensations themselves go on."""
         if self.host.stopping:
             raise WorkflowReleased()
         seq = self.seq
-        self.seq += 1
         checkpoint = self.checkpoints.get(seq)
+        if self.cancel_requested and checkpoint is None and not self.compensating:
+            raise WorkflowCancelled()
+        self.seq += 1
         if checkpoint is not None and (checkpoint.name != name or checkpoint.kind != kind):
             self._nondeterminism = NonDeterminismError(
                 f"at position {seq} the workflow called {kind.value} {name!r}, but its history "
@@ -291,6 +314,7 @@ class Execution:
         seq, checkpoint = self._next(step.name, StepKind.STEP)
         if checkpoint is not None:
             return self._step_result(checkpoint, step)
+        await self._persist_compensable()
         run = self.run
         policy = step.options.retry
         started = time.time()
@@ -384,6 +408,70 @@ class Execution:
             step.name, str(info.get("type")), str(info.get("message")), record.attempts
         )
 
+    # -- sagas -------------------------------------------------------------------------------
+
+    def note_compensable(self) -> None:
+        """A saga registered a compensation: the run is marked before its next durable call
+        (before any step it covers runs), so a cancel arriving later compensates."""
+        if not self.run.compensable:
+            self._mark_compensable = True
+
+    async def _persist_compensable(self) -> None:
+        if self._mark_compensable:
+            await self._io(
+                self.store.mark_compensable(self.run.id, owner=self.owner, now=time.time())
+            )
+            self._mark_compensable = False
+            self.run = dataclasses.replace(self.run, compensable=True)
+
+    async def compensate(
+        self,
+        compensations: Sequence[tuple[Step[Any, Any], tuple[Any, ...], dict[str, Any]]],
+        raised: BaseException,
+        *,
+        pivoted: bool,
+    ) -> None:
+        """A saga block ended with ``raised``: compensate if it is a failure or a cancel, in
+        reverse order, each compensation a durable step; then end the run. Anything else
+        (a suspension, a shutdown, the store away) passes through: the run resumes later."""
+        cancelled = isinstance(raised, WorkflowCancelled) or (
+            isinstance(raised, asyncio.CancelledError) and self._interrupt == "cancel"
+        )
+        if not cancelled and not isinstance(raised, Exception):
+            return
+        if isinstance(raised, NonDeterminismError):
+            raise SagaNeedsAttention(
+                {
+                    "type": "NonDeterminismError",
+                    "message": f"not compensated, the history does not match: {raised}",
+                }
+            )
+        cause = (
+            {"type": "RunCancelledError", "message": "the run was cancelled"}
+            if cancelled
+            else {"type": type(raised).__name__, "message": str(raised)}
+        )
+        if pivoted:
+            raise SagaNeedsAttention(
+                {**cause, "message": f"failed past its pivot: {cause['message']}"}
+            )
+        self.compensating = True
+        try:
+            for step, args, kwargs in reversed(compensations):
+                try:
+                    await self.run_step(step, args, kwargs)
+                except StepFailedError as failure:
+                    raise SagaNeedsAttention(
+                        {
+                            "type": "CompensationFailedError",
+                            "message": f"compensation {step.name!r} failed: {failure}",
+                            "cause": cause,
+                        }
+                    ) from None
+        finally:
+            self.compensating = False
+        raise SagaCompensated(cause)
+
     # -- durable waits -----------------------------------------------------------------------
 
     async def _suspend(self, wait: Wait) -> None:
@@ -399,6 +487,7 @@ class Execution:
 
     async def sleep(self, seconds: float) -> None:
         await self._flush()
+        await self._persist_compensable()
         seq, checkpoint = self._next("sleep", StepKind.SLEEP)
         if checkpoint is None:
             now = time.time()
@@ -429,6 +518,7 @@ class Execution:
 
     async def wait_for_event(self, name: str, timeout: float | None) -> Any:
         await self._flush()
+        await self._persist_compensable()
         seq, checkpoint = self._next(name, StepKind.EVENT)
         if checkpoint is not None and checkpoint.status is StepStatus.COMPLETED:
             return loads(checkpoint.output)
@@ -449,6 +539,7 @@ class Execution:
         self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         await self._flush()
+        await self._persist_compensable()
         seq, checkpoint = self._next(workflow.name, StepKind.CHILD)
         child_id = f"{self.run.id}.{seq}"
         if checkpoint is not None and checkpoint.status is not StepStatus.PENDING:

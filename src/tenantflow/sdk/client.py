@@ -188,7 +188,8 @@ class RunHandle(Generic[R]):
 
     async def cancel(self) -> RunStatus:
         """Request cancellation. A run that no worker holds is cancelled at once; a running
-        one stops at its next step boundary (a running async step is interrupted)."""
+        one stops at its next step boundary (a running async step is interrupted). A saga is
+        woken to run its compensations first, and ends ``compensated``."""
         run, finished = await self._tenant.store.request_cancel(self.run_id, now=time.time())
         await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)
         return run.status

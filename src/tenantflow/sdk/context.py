@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from tenantflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from tenantflow.engine.executor import Execution
@@ -70,11 +73,57 @@ class WorkflowContext:
         result: R = await self._execution.run_child(workflow, args, kwargs)
         return result
 
+    def saga(self) -> Saga:
+        """A saga: ``async with ctx.saga() as saga:``. Register each step's compensation
+        *before* the step (``saga.compensate(refund, order)``), so that a step whose outcome
+        is unknown (it timed out, the worker died) is compensated too; compensations must
+        treat "nothing to undo" as success. If the block fails or the run is cancelled, the
+        compensations registered so far run in reverse order, each a durable, retried step,
+        and the run ends ``compensated`` (or ``needs_attention`` if one fails after its
+        retries). ``await saga.pivot(step, ...)`` runs the point of no return: past it,
+        nothing is compensated and a failure ends the run ``needs_attention``."""
+        return Saga(self._execution)
+
     async def _run_step(
         self, step: Step[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> R:
         result: R = await self._execution.run_step(step, args, kwargs)
         return result
+
+
+class Saga:
+    """See :meth:`WorkflowContext.saga`."""
+
+    def __init__(self, execution: Execution) -> None:
+        self._execution = execution
+        self._compensations: list[tuple[Step[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
+        self._pivoted = False
+
+    def compensate(self, step: Step[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+        """Register ``step(*args, **kwargs)`` as the undoing of what comes next."""
+        if self._pivoted:
+            raise ConfigError("a saga registers no compensation past its pivot")
+        self._compensations.append((step, args, kwargs))
+        self._execution.note_compensable()
+
+    async def pivot(self, step: Step[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the saga's pivot: if it fails, what came before is compensated; once it has
+        succeeded, the saga only goes forward."""
+        result: R = await self._execution.run_step(step, args, kwargs)
+        self._pivoted = True
+        return result
+
+    async def __aenter__(self) -> Saga:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            await self._execution.compensate(self._compensations, exc, pivoted=self._pivoted)
 
 
 def current_workflow() -> WorkflowContext | None:

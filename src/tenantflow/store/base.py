@@ -92,6 +92,11 @@ class RunStore(Protocol):
         """Release the run until ``wait`` is met, unless it already is or a cancel came."""
         ...
 
+    async def mark_compensable(self, run_id: str, *, owner: str, now: float) -> None:
+        """Mark a run as a saga (it registered a compensation): cancelling it then wakes it
+        to compensate. Raises ``LeaseLost`` if ``owner`` no longer holds it."""
+        ...
+
     async def release_run(self, run_id: str, *, owner: str, now: float) -> None:
         """Give the run back (a worker shutting down): queued again, lease cleared."""
         ...

@@ -17,13 +17,23 @@ class RunStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    COMPENSATED = "compensated"  # a saga failed or was cancelled, and was undone
+    NEEDS_ATTENTION = "needs_attention"  # a saga's compensation failed: a person must look
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+TERMINAL = frozenset(
+    {
+        RunStatus.COMPLETED,
+        RunStatus.FAILED,
+        RunStatus.CANCELLED,
+        RunStatus.COMPENSATED,
+        RunStatus.NEEDS_ATTENTION,
+    }
+)
 
 
 class StepKind(enum.StrEnum):
@@ -60,6 +70,7 @@ class RunRecord:
     recoveries: int
     executions: int
     cancel_requested: bool
+    compensable: bool = False  # registered a compensation (a saga)
 
     @property
     def error_info(self) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 metadata = sa.MetaData()
 
@@ -34,6 +34,7 @@ runs = sa.Table(
     sa.Column("recoveries", sa.Integer, nullable=False, server_default="0"),
     sa.Column("executions", sa.Integer, nullable=False, server_default="0"),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("compensable", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_runs_status", "status", "id"),
     sa.Index("ix_runs_parent", "parent_id"),
 )

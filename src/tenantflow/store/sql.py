@@ -40,7 +40,7 @@ from tenantflow.store.records import (
 RUN_COLUMNS = (
     "id, workflow, status, input, result, error, idempotency_key, parent_id, priority, "
     "created_at, updated_at, started_at, finished_at, deadline, wake_at, recoveries, "
-    "executions, cancel_requested"
+    "executions, cancel_requested, compensable"
 )
 STEP_COLUMNS = "run_id, seq, name, kind, status, output, error, attempts, started_at, finished_at"
 
@@ -82,8 +82,8 @@ SQL_WAKE = (
     "WHERE id = ? AND status = 'waiting' RETURNING id, priority"
 )
 SQL_OPEN_CHILDREN = (
-    "SELECT id, status FROM runs WHERE parent_id = ? "
-    "AND status NOT IN ('completed', 'failed', 'cancelled')"
+    "SELECT id, status, compensable FROM runs WHERE parent_id = ? "
+    "AND status NOT IN ('completed', 'failed', 'cancelled', 'compensated', 'needs_attention')"
 )
 # Child ids extend their parent's ("{parent}.{seq}"), so descending id order is deepest first.
 SQL_LOCK_DESCENDANTS = (
@@ -175,6 +175,7 @@ def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
         recoveries=row[15],
         executions=row[16],
         cancel_requested=bool(row[17]),
+        compensable=bool(row[18]),
     )
 
 
@@ -279,7 +280,7 @@ class SqlRunStore:
     ) -> list[OutboxEntry]:
         row = await tx.one(SQL_FINISH, (status.value, result, error, now, now, run_id))
         wake: list[OutboxEntry] = []
-        if status is RunStatus.CANCELLED:
+        if status in (RunStatus.CANCELLED, RunStatus.COMPENSATED):
             await self._cancel_children(tx, run_id, now)
         parent_id = row[0] if row else None
         if parent_id:
@@ -287,13 +288,30 @@ class SqlRunStore:
         return wake
 
     async def _cancel_children(self, tx: Tx, run_id: str, now: float) -> None:
-        for child_id, status in await tx.all(SQL_OPEN_CHILDREN, (run_id,)):
+        for child_id, status, compensable in await tx.all(SQL_OPEN_CHILDREN, (run_id,)):
             await tx.run("UPDATE runs SET cancel_requested = TRUE WHERE id = ?", (child_id,))
-            if status != RunStatus.RUNNING:
+            if compensable and status != RunStatus.RUNNING:
+                # A saga: a worker must replay it to run its compensations.
+                await self._requeue(tx, child_id, now)
+            elif status != RunStatus.RUNNING:
                 # Nobody runs it: cancel it here. Its parent is the run being cancelled, so
                 # there is no one to wake; its own children follow recursively.
                 await tx.run(SQL_FINISH, ("cancelled", None, CANCELLED_ERROR, now, now, child_id))
                 await self._cancel_children(tx, child_id, now)
+
+    async def _requeue(self, tx: Tx, run_id: str, now: float) -> OutboxEntry:
+        """Make a run not held by a worker queued again now, with its outbox record."""
+        row = await tx.one(
+            "UPDATE runs SET status = 'queued', wake_at = NULL, updated_at = ? WHERE id = ? "
+            "RETURNING priority",
+            (now, run_id),
+        )
+        return await self._outbox(tx, run_id, int(row[0]) if row else 0, now)
+
+    async def mark_compensable(self, run_id: str, *, owner: str, now: float) -> None:
+        async with self.db.transaction() as tx:
+            await self._owned(tx, run_id, owner, now)
+            await tx.run("UPDATE runs SET compensable = TRUE WHERE id = ?", (run_id,))
 
     @staticmethod
     async def _lock_descendants(tx: Tx, run_id: str) -> None:
@@ -432,7 +450,7 @@ class SqlRunStore:
             if row is None:
                 return Claim(outcome=ClaimOutcome.DROP)
             run = _run(self.tenant_id, row)
-            lease_until, timeout, max_recoveries = row[18], row[19], row[20]
+            lease_until, timeout, max_recoveries = row[19], row[20], row[21]
             status = run.status
             if status in TERMINAL:
                 return Claim(outcome=ClaimOutcome.DROP, run=run)
@@ -663,7 +681,8 @@ class SqlRunStore:
         step: StepRecord | None = None,
     ) -> Finished:
         finish = (status.value, result, error, now, now, run_id, owner)
-        if status is not RunStatus.CANCELLED:  # no children to cancel
+        cancels = status in (RunStatus.CANCELLED, RunStatus.COMPENSATED)
+        if not cancels:  # no children to cancel
             if self.db.dialect == "postgresql":
                 if step is None:
                     done = await self.db.batched(SQL_FINISH_OWNED, finish)
@@ -680,7 +699,7 @@ class SqlRunStore:
                             await tx.run(SQL_UPSERT_STEP, _step_params(step))
                         return Finished()
         async with self.db.transaction() as tx:
-            if status is RunStatus.CANCELLED:
+            if cancels:
                 await self._lock_descendants(tx, run_id)
             await self._owned(tx, run_id, owner, now)
             if step is not None:
@@ -705,7 +724,11 @@ class SqlRunStore:
                     "UPDATE runs SET cancel_requested = TRUE, updated_at = ? WHERE id = ?",
                     (now, run_id),
                 )
-                if run.status is not RunStatus.RUNNING:
+                if run.compensable and run.status is not RunStatus.RUNNING:
+                    # A saga with nobody running it: wake it, so that a worker replays it
+                    # and runs its compensations before it ends.
+                    wake = [await self._requeue(tx, run_id, now)]
+                elif run.status is not RunStatus.RUNNING:
                     wake = await self._finish(
                         tx, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
                     )
