@@ -114,6 +114,26 @@ async def test_cancelling_a_waiting_saga_compensates(runtime: Runtime) -> None:
     assert balances() == {"alice": 0, "bob": 0}
 
 
+async def test_a_slow_compensation_is_not_cut_short_by_the_cancel(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker keeps seeing the run's cancel request while it compensates; the
+    compensations must still run to the end."""
+    monkeypatch.setattr(sagas, "UNDO_SECONDS", 1.2)  # longer than the cancel polling
+    tenant = Client(sagas.app, runtime=runtime).tenant("acme")
+    async with running_worker(sagas.app, runtime):
+        handle = await tenant.start(sagas.transfer, "t-slow", "alice", "bob", 3, "wait")
+        for _ in range(300):
+            if await handle.status() is RunStatus.WAITING:
+                break
+            await asyncio.sleep(0.02)
+        await handle.cancel()
+        with pytest.raises(RunFailedError) as failed:
+            await handle.result(timeout=30)
+    assert failed.value.status == "compensated"
+    assert entries("t-slow") == {"debit", "credit", "undo-debit", "undo-credit"}
+
+
 async def test_many_sagas_keep_the_ledger_balanced(runtime: Runtime) -> None:
     tenant = Client(sagas.app, runtime=runtime).tenant("acme")
     modes = list(OUTCOMES)

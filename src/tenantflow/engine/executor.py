@@ -135,9 +135,11 @@ class Execution:
     # -- control from the worker -------------------------------------------------------------
 
     def cancel(self) -> None:
-        """Cancellation was requested: interrupt the run now (a running async step included)."""
+        """Cancellation was requested: interrupt the run now (a running async step included),
+        unless it is compensating already: compensations are what a cancel asks for."""
         self.cancel_requested = True
-        self._interrupt_task("cancel")
+        if not self.compensating:
+            self._interrupt_task("cancel")
 
     def release(self) -> None:
         """Shutdown grace is over: stop now and give the run back."""
