@@ -6,6 +6,7 @@ a crash resumes exactly where it stopped.
 
 from tenantflow.errors import (
     ChildWorkflowError,
+    CircuitOpenError,
     ConfigError,
     IdempotencyConflictError,
     InvalidTenantIdError,
@@ -26,6 +27,7 @@ from tenantflow.errors import (
     WorkflowNotRegisteredError,
     WorkflowTimeoutError,
 )
+from tenantflow.resilience.breaker import BreakerConfig
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App, Step, Workflow
 from tenantflow.sdk.client import Client, RunHandle, TenantClient
@@ -37,7 +39,9 @@ from tenantflow.worker.worker import Worker
 
 __all__ = [
     "App",
+    "BreakerConfig",
     "ChildWorkflowError",
+    "CircuitOpenError",
     "Client",
     "ConfigError",
     "IdempotencyConflictError",

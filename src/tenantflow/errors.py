@@ -186,3 +186,12 @@ class SeatLimitError(QuotaExceededError):
 
 class RateLimitedError(QuotaExceededError):
     """Too many requests: slow down."""
+
+
+class CircuitOpenError(TenantflowError):
+    """The circuit breaker is open: the call was not made."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"circuit breaker {name!r} is open; retry in {retry_after:.1f} s")
+        self.name = name
+        self.retry_after = retry_after

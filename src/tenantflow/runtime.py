@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from tenantflow.platform.artifacts import PlatformArtifacts
     from tenantflow.platform.licensing import LicenseClaims
     from tenantflow.platform.service import Platform
+    from tenantflow.resilience.breaker import Breakers
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,19 @@ def open_queue(settings: Settings) -> Queue:
     )
 
 
+def open_breakers(queue: Queue) -> Breakers:
+    """Circuit breakers shared through Redis with the Redis queue; this process's own on the
+    embedded default."""
+    from tenantflow.resilience.breaker import Breakers, LocalBreakers, RedisBreakers
+
+    if queue.__class__.__name__ == "RedisStreamsQueue":  # by name: redis may not be installed
+        from tenantflow.queue.redis_streams import RedisStreamsQueue
+
+        assert isinstance(queue, RedisStreamsQueue)
+        return Breakers(RedisBreakers(queue.redis, queue.keys.breaker))
+    return Breakers(LocalBreakers())
+
+
 class Runtime:
     """Opened once per process and shared by its clients and workers."""
 
@@ -62,6 +76,7 @@ class Runtime:
         self.registry = TenantRegistry(self.settings)
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
+        self.breakers = open_breakers(self.queue)
         self._published: dict[str, list[int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._pending: dict[str, list[OutboxEntry]] = {}

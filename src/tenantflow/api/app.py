@@ -39,6 +39,7 @@ def create_api(
     @contextlib.asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime(settings)
+        _configure(rt, workflows)
         api.state.runtime = rt
         api.state.limiter = _limiter(rt)
         try:
@@ -55,6 +56,7 @@ def create_api(
     )
     api.state.workflows = workflows
     if runtime is not None:  # usable without the lifespan (tests drive the app directly)
+        _configure(runtime, workflows)
         api.state.runtime = runtime
         api.state.limiter = _limiter(runtime)
     problems.install(api)
@@ -104,6 +106,11 @@ def create_api(
         )
 
     return api
+
+
+def _configure(runtime: Runtime, workflows: App) -> None:
+    for name, config in workflows.breakers.items():
+        runtime.breakers.configure(name, config)
 
 
 def _limiter(runtime: Runtime) -> RateLimiter:

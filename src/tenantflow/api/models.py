@@ -93,6 +93,15 @@ class WorkflowOut(BaseModel):
     parameters: list[str]
 
 
+class BreakerOut(BaseModel):
+    name: str
+    state: str
+    calls: int
+    failure_rate: float | None
+    slow_call_rate: float | None
+    retry_after: float
+
+
 class DeadLetterOut(BaseModel):
     id: str
     run_id: str

@@ -26,6 +26,7 @@ from tenantflow.api.deps import (
 )
 from tenantflow.api.models import (
     AuditPage,
+    BreakerOut,
     DeadLetterOut,
     RunOut,
     RunPage,
@@ -207,6 +208,33 @@ async def list_workflows(principal: Viewer, app: AppDep) -> list[WorkflowOut]:
         WorkflowOut(name=w.name, parameters=list(w.codec.param_names))
         for w in sorted(app.workflows.values(), key=lambda w: w.name)
     ]
+
+
+@router.get("/breakers", response_model=list[BreakerOut])
+async def list_breakers(principal: Viewer, runtime: RuntimeDep, app: AppDep) -> list[BreakerOut]:
+    """The circuit breakers this tenant's workflows go through: the shared ones, and the
+    tenant's own (``name@tenant``), with their state and window."""
+    names = set()
+    for step in app.steps.values():
+        if step.options.breaker is not None:
+            own = step.options.breaker_per_tenant
+            names.add(
+                f"{step.options.breaker}@{principal.tenant_id}" if own else step.options.breaker
+            )
+    out = []
+    for name in sorted(names):
+        s = await runtime.breakers.status(name)
+        out.append(
+            BreakerOut(
+                name=s.name,
+                state=s.state.value,
+                calls=s.calls,
+                failure_rate=s.failure_rate,
+                slow_call_rate=s.slow_call_rate,
+                retry_after=round(s.retry_after, 3),
+            )
+        )
+    return out
 
 
 @router.get("/dead-letters", response_model=list[DeadLetterOut])

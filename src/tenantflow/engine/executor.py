@@ -16,6 +16,7 @@ import structlog
 
 from tenantflow.errors import (
     ChildWorkflowError,
+    CircuitOpenError,
     NonDeterminismError,
     StepFailedError,
     StepTimeoutError,
@@ -41,6 +42,7 @@ from tenantflow.store.records import (
 )
 
 if TYPE_CHECKING:
+    from tenantflow.resilience.breaker import Breakers
     from tenantflow.sdk.app import Step, Workflow
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,7 @@ T = TypeVar("T")
 
 # A sleep this close to its end is finished in place rather than by releasing the worker.
 INLINE_SLEEP = 0.05
+BREAKER_INLINE_WAIT = 2.0  # an open breaker's wait this short is spent holding the run
 
 
 class StoreUnavailable(BaseException):
@@ -89,6 +92,7 @@ class ExecutionHost(Protocol):
 
     owner: str
     stopping: bool
+    breakers: Breakers
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None: ...
 
@@ -321,7 +325,17 @@ class Execution:
         policy = step.options.retry
         started = time.time()
         attempt = 0
+        breaker = self._breaker_name(step)
         while True:
+            permit = None
+            if breaker is not None:
+                try:
+                    permit = await self.host.breakers.acquire(breaker)
+                except CircuitOpenError as refused:
+                    # The dependency is known to be down: wait (durably, if long) instead of
+                    # using up this step's retries on calls bound to fail.
+                    await self._wait_for_breaker(refused)
+                    continue
             attempt += 1
             token = _step.set(
                 StepContext(
@@ -333,7 +347,18 @@ class Execution:
                 )
             )
             try:
-                value = await self._attempt(step, args, kwargs)
+                try:
+                    value = await self._attempt(step, args, kwargs)
+                except Exception:
+                    if permit is not None:
+                        await self.host.breakers.record(permit, failed=True)
+                    raise
+                except BaseException:
+                    if permit is not None and permit.probe:  # a probe must be answered
+                        await self.host.breakers.record(permit, failed=True)
+                    raise
+                if permit is not None:
+                    await self.host.breakers.record(permit, failed=False)
                 output = dumps(value, what=f"the result of step {step.name!r}")
                 outcome: tuple[StepStatus, bytes | None, bytes | None] = (
                     StepStatus.COMPLETED,
@@ -377,6 +402,27 @@ class Execution:
         self._pending = record
         self.checkpoints[seq] = record
         return self._step_result(record, step)
+
+    def _breaker_name(self, step: Step[Any, Any]) -> str | None:
+        name = step.options.breaker
+        if name is None:
+            return None
+        return f"{name}@{self.run.tenant_id}" if step.options.breaker_per_tenant else name
+
+    async def _wait_for_breaker(self, refused: CircuitOpenError) -> None:
+        """Sleep through a short wait here; release the worker for a long one (the run comes
+        back to this step, which has no checkpoint yet, and asks the breaker again)."""
+        if refused.retry_after <= BREAKER_INLINE_WAIT:
+            await asyncio.sleep(max(refused.retry_after, 0.01))
+            return
+        log.info(
+            "circuit open; step waits",
+            tenant=self.run.tenant_id,
+            run=self.run.id,
+            breaker=refused.name,
+            retry_in=round(refused.retry_after, 2),
+        )
+        await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=time.time() + refused.retry_after))
 
     async def _attempt(
         self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -54,5 +54,10 @@ class Keys:
         """The tenant's request-rate state (``api.ratelimit``), under its hash tag."""
         return f"{self.prefix}:{{t:{tenant_id}}}:rate"
 
+    def breaker(self, name: str) -> tuple[str, str]:
+        """A circuit breaker's state hash and its sliding window, under one hash tag."""
+        tag = f"{self.prefix}:{{b:{name}}}"
+        return f"{tag}:state", f"{tag}:window"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from tenantflow.errors import ConfigError, WorkflowNotRegisteredError
+from tenantflow.resilience.breaker import BreakerConfig
 from tenantflow.sdk.options import RetryPolicy, StartOptions, StepOptions, WorkflowOptions
 from tenantflow.sdk.serde import TypedCodec
 
@@ -88,6 +89,12 @@ class App:
         self.name = name
         self.workflows: dict[str, Workflow[Any, Any]] = {}
         self.steps: dict[str, Step[Any, Any]] = {}
+        self.breakers: dict[str, BreakerConfig] = {}
+
+    def breaker(self, name: str, config: BreakerConfig | None = None) -> None:
+        """Configure the circuit breaker ``name`` (Resilience4j's defaults otherwise); every
+        worker serving this app applies it."""
+        self.breakers[name] = config or BreakerConfig()
 
     # -- workflows -------------------------------------------------------------------------
 
@@ -141,6 +148,8 @@ class App:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        breaker: str | None = None,
+        breaker_per_tenant: bool = False,
     ) -> _StepDecorator: ...
 
     def step(
@@ -150,9 +159,20 @@ class App:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        breaker: str | None = None,
+        breaker_per_tenant: bool = False,
     ) -> Step[Any, Any] | _StepDecorator:
-        """Register a step: an async function, or a plain one (which runs in a thread)."""
-        options = StepOptions(retry=retry or RetryPolicy(), timeout=timeout)
+        """Register a step: an async function, or a plain one (which runs in a thread).
+
+        With ``breaker="payments"`` the step's calls go through that circuit breaker: while it
+        is open the run waits durably and tries again when a probe may pass, without using
+        up the step's retries (see ``docs/resilience.md``)."""
+        options = StepOptions(
+            retry=retry or RetryPolicy(),
+            timeout=timeout,
+            breaker=breaker,
+            breaker_per_tenant=breaker_per_tenant,
+        )
         decorator = _StepDecorator(self, name, options)
         return decorator(fn) if fn is not None else decorator
 

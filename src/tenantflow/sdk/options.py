@@ -58,10 +58,13 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 @dataclass(frozen=True, kw_only=True)
 class StepOptions:
-    """Options of a step: its retry policy and a timeout per attempt (seconds)."""
+    """Options of a step: its retry policy, a timeout per attempt (seconds), and the circuit
+    breaker guarding its dependency (``breaker_per_tenant``: each tenant its own)."""
 
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout: float | None = None
+    breaker: str | None = None
+    breaker_per_tenant: bool = False
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:

@@ -70,6 +70,9 @@ class Worker:
         self.lease = settings.lease_seconds
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stopping = False
+        self.breakers = runtime.breakers
+        for name, config in app.breakers.items():
+            self.breakers.configure(name, config)
         self.stats = WorkerStats()
         # Keyed by (tenant, message id): ids are unique within a tenant's queue only.
         self._inflight: dict[tuple[str, str], _InFlight] = {}

@@ -1,0 +1,225 @@
+"""Circuit breakers, on both backends: opening on the failure rate and the slow-call rate in
+count- and time-based windows, waiting while open, a limited number of half-open probes
+counted across processes, the local fallback without Redis, and a step that waits out an open
+breaker without using up its retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tenantflow import (
+    App,
+    BreakerConfig,
+    CircuitOpenError,
+    Client,
+    RetryPolicy,
+    Runtime,
+    WorkflowContext,
+)
+from tenantflow.resilience.breaker import (
+    Breakers,
+    BreakerState,
+    LocalBreakers,
+    RedisBreakers,
+    WindowType,
+)
+from tests.conftest import running_worker
+
+SMALL = BreakerConfig(
+    window_size=4, minimum_calls=4, failure_rate=50, wait_open=0.5, half_open_calls=2
+)
+
+
+async def outcomes(breakers: Breakers, name: str, *failed: bool) -> None:
+    for f in failed:
+        permit = await breakers.acquire(name)
+        await breakers.record(permit, failed=f)
+
+
+async def test_opens_waits_probes_and_closes(runtime: Runtime) -> None:
+    breakers = runtime.breakers
+    breakers.configure("payments", SMALL)
+    await outcomes(breakers, "payments", True, False, False)  # 1 of 3: below the minimum
+    assert (await breakers.status("payments")).state is BreakerState.CLOSED
+    await outcomes(breakers, "payments", True)  # 2 of 4 failed: 50%
+    status = await breakers.status("payments")
+    assert status.state is BreakerState.OPEN and 0 < status.retry_after <= 0.5
+    with pytest.raises(CircuitOpenError) as refused:
+        await breakers.acquire("payments")
+    assert 0 < refused.value.retry_after <= 0.5
+    await asyncio.sleep(0.55)
+    first = await breakers.acquire("payments")
+    second = await breakers.acquire("payments")
+    assert first.probe and second.probe
+    with pytest.raises(CircuitOpenError):  # only two probes at a time
+        await breakers.acquire("payments")
+    await breakers.record(first, failed=False)
+    await breakers.record(second, failed=False)
+    assert (await breakers.status("payments")).state is BreakerState.CLOSED
+    await outcomes(breakers, "payments", False, False)  # a fresh window after closing
+
+
+async def test_a_failed_probe_reopens(runtime: Runtime) -> None:
+    breakers = runtime.breakers
+    breakers.configure("ledger", SMALL)
+    await outcomes(breakers, "ledger", True, True, True, True)
+    await asyncio.sleep(0.55)
+    probes = [await breakers.acquire("ledger") for _ in range(2)]
+    await breakers.record(probes[0], failed=True)
+    await breakers.record(probes[1], failed=False)
+    assert (await breakers.status("ledger")).state is BreakerState.OPEN
+
+
+async def test_slow_calls_and_the_time_window(runtime: Runtime) -> None:
+    breakers = runtime.breakers
+    breakers.configure(
+        "slowpoke",
+        BreakerConfig(
+            window_type=WindowType.TIME,
+            window_size=2,
+            minimum_calls=3,
+            slow_call_seconds=0.05,
+            slow_call_rate=60,
+            wait_open=5,
+        ),
+    )
+
+    async def call(seconds: float) -> None:
+        await breakers.call("slowpoke", lambda: asyncio.sleep(seconds))
+
+    await call(0.0)
+    await call(0.06)
+    await asyncio.sleep(2.1)  # the first two calls fall out of the 2 s window
+    await call(0.06)
+    await call(0.0)
+    assert (await breakers.status("slowpoke")).state is BreakerState.CLOSED  # 1 of 2
+    await call(0.06)  # 2 slow of 3 in the window: 67%
+    status = await breakers.status("slowpoke")
+    assert status.state is BreakerState.OPEN, status
+    with pytest.raises(CircuitOpenError):
+        await call(0.0)
+
+
+async def test_probes_are_counted_across_processes(runtime: Runtime) -> None:
+    """Two runtimes (as two worker processes would) share one breaker: together they get no
+    more half-open probes than the breaker allows."""
+    other = Runtime(runtime.settings)
+    try:
+        for rt in (runtime, other):
+            rt.breakers.configure("shared", SMALL)
+        await outcomes(runtime.breakers, "shared", True, True, False, True)
+        if isinstance(runtime.breakers.backend, LocalBreakers):
+            # The embedded default: each process has its own breakers.
+            assert (await other.breakers.status("shared")).state is BreakerState.CLOSED
+            return
+        assert (await other.breakers.status("shared")).state is BreakerState.OPEN
+        with pytest.raises(CircuitOpenError):
+            await other.breakers.acquire("shared")
+        await asyncio.sleep(0.55)
+        granted = 0
+        for rt in (runtime, other, runtime, other):
+            try:
+                await rt.breakers.acquire("shared")
+                granted += 1
+            except CircuitOpenError:
+                pass
+        assert granted == SMALL.half_open_calls
+    finally:
+        await other.close()
+
+
+async def test_without_redis_each_process_falls_back_to_its_own(runtime: Runtime) -> None:
+    import redis.asyncio as redis
+
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    breakers = Breakers(RedisBreakers(unreachable, lambda name: (f"x:{name}", f"y:{name}")))
+    try:
+        breakers.configure("payments", SMALL)
+        await outcomes(breakers, "payments", True, True, True, True)
+        status = await breakers.status("payments")
+        assert status.state is BreakerState.OPEN  # the local breaker took over
+        with pytest.raises(CircuitOpenError):
+            await breakers.acquire("payments")
+    finally:
+        await unreachable.aclose()
+
+
+# -- a step behind a breaker -----------------------------------------------------------------
+
+app = App("breaker-tests")
+app.breaker(
+    "flaky-api",
+    BreakerConfig(
+        window_size=4, minimum_calls=4, failure_rate=50, wait_open=0.6, half_open_calls=1
+    ),
+)
+DOWN: dict[str, Any] = {"until": 0.0, "calls": 0}
+
+
+@app.step(breaker="flaky-api", retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
+async def call_api(i: int) -> int:
+    DOWN["calls"] += 1
+    if time.monotonic() < DOWN["until"]:
+        raise ConnectionError("the API is down")
+    return i
+
+
+@app.workflow
+async def uses_api(ctx: WorkflowContext, i: int) -> int:
+    return await call_api(i)
+
+
+async def test_an_open_breaker_makes_steps_wait_not_fail(runtime: Runtime) -> None:
+    """The API is down for a second and the breaker already open (other calls failed): the
+    runs' steps wait for it instead of calling a dead API and using up their retries."""
+    runtime.breakers.configure("flaky-api", app.breakers["flaky-api"])
+    await outcomes(runtime.breakers, "flaky-api", True, True, True, True)
+    DOWN.update(until=time.monotonic() + 1.0, calls=0)
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    async with running_worker(app, runtime, concurrency=8):
+        handles = [await tenant.start(uses_api, i) for i in range(8)]
+        results = [await h.result(timeout=30) for h in handles]
+    assert results == list(range(8))
+    # One probe at a time reached the dead API; every run finished within its 2 attempts.
+    attempts = [(await h.steps())[0].attempts for h in handles]
+    assert all(a <= 2 for a in attempts), attempts
+    assert DOWN["calls"] <= 8 + 3, DOWN["calls"]
+
+
+async def test_per_tenant_breakers_are_apart(runtime: Runtime) -> None:
+    breakers = runtime.breakers
+    breakers.configure("api", SMALL)
+    await outcomes(breakers, "api@acme", True, True, True, True)
+    assert (await breakers.status("api@acme")).state is BreakerState.OPEN
+    assert (await breakers.status("api@globex")).state is BreakerState.CLOSED
+    await breakers.acquire("api@globex")
+
+
+async def test_breaker_state_over_the_api(runtime: Runtime) -> None:
+    import httpx
+
+    from tenantflow.api.app import create_api
+    from tenantflow.platform.identity import Role
+    from tests.integration.test_api import member
+
+    transport = httpx.ASGITransport(app=create_api(app, runtime=runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://tenantflow.test") as http:
+        alice = await member(runtime, http, "alice@acme.test", "acme", Role.VIEWER)
+        closed = (await http.get("/v1/breakers", headers=alice)).json()
+        assert closed == [
+            {
+                "name": "flaky-api",
+                "state": "closed",
+                "calls": 0,
+                "failure_rate": None,
+                "slow_call_rate": None,
+                "retry_after": 0.0,
+            }
+        ]
+        await outcomes(runtime.breakers, "flaky-api", True, True, True, True)
+        (tripped,) = (await http.get("/v1/breakers", headers=alice)).json()
+        assert tripped["state"] == "open" and 0 < tripped["retry_after"] <= 0.6
