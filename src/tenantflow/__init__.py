@@ -5,6 +5,7 @@ a crash resumes exactly where it stopped.
 """
 
 from tenantflow.errors import (
+    BulkheadFullError,
     ChildWorkflowError,
     CircuitOpenError,
     ConfigError,
@@ -28,6 +29,7 @@ from tenantflow.errors import (
     WorkflowTimeoutError,
 )
 from tenantflow.resilience.breaker import BreakerConfig
+from tenantflow.resilience.bulkhead import BulkheadConfig
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App, Step, Workflow
 from tenantflow.sdk.client import Client, RunHandle, TenantClient
@@ -40,6 +42,8 @@ from tenantflow.worker.worker import Worker
 __all__ = [
     "App",
     "BreakerConfig",
+    "BulkheadConfig",
+    "BulkheadFullError",
     "ChildWorkflowError",
     "CircuitOpenError",
     "Client",

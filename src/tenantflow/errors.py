@@ -195,3 +195,12 @@ class CircuitOpenError(TenantflowError):
         super().__init__(f"circuit breaker {name!r} is open; retry in {retry_after:.1f} s")
         self.name = name
         self.retry_after = retry_after
+
+
+class BulkheadFullError(TenantflowError):
+    """Every slot of the bulkhead is taken: the call was not made."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"bulkhead {name!r} is full")
+        self.name = name
+        self.retry_after = retry_after

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tenantflow.platform.licensing import LicenseClaims
     from tenantflow.platform.service import Platform
     from tenantflow.resilience.breaker import Breakers
+    from tenantflow.resilience.bulkhead import Bulkheads
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +69,17 @@ def open_breakers(queue: Queue) -> Breakers:
     return Breakers(LocalBreakers())
 
 
+def open_bulkheads(queue: Queue) -> Bulkheads:
+    from tenantflow.resilience.bulkhead import Bulkheads
+
+    if queue.__class__.__name__ == "RedisStreamsQueue":  # by name: redis may not be installed
+        from tenantflow.queue.redis_streams import RedisStreamsQueue
+
+        assert isinstance(queue, RedisStreamsQueue)
+        return Bulkheads(queue.redis, queue.keys.bulkhead)
+    return Bulkheads()
+
+
 class Runtime:
     """Opened once per process and shared by its clients and workers."""
 
@@ -77,6 +89,7 @@ class Runtime:
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
         self.breakers = open_breakers(self.queue)
+        self.bulkheads = open_bulkheads(self.queue)
         self._published: dict[str, list[int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._pending: dict[str, list[OutboxEntry]] = {}

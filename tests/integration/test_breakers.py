@@ -14,6 +14,8 @@ import pytest
 from tenantflow import (
     App,
     BreakerConfig,
+    BulkheadConfig,
+    BulkheadFullError,
     CircuitOpenError,
     Client,
     RetryPolicy,
@@ -223,3 +225,66 @@ async def test_breaker_state_over_the_api(runtime: Runtime) -> None:
         await outcomes(runtime.breakers, "flaky-api", True, True, True, True)
         (tripped,) = (await http.get("/v1/breakers", headers=alice)).json()
         assert tripped["state"] == "open" and 0 < tripped["retry_after"] <= 0.6
+
+
+# -- bulkheads --------------------------------------------------------------------------------
+
+IN_DB: dict[str, int] = {"now": 0, "most": 0}
+app.bulkhead("db", BulkheadConfig(max_concurrent=2, lease_seconds=30))
+
+
+@app.step(bulkhead="db")
+async def query(i: int) -> int:
+    IN_DB["now"] += 1
+    IN_DB["most"] = max(IN_DB["most"], IN_DB["now"])
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        IN_DB["now"] -= 1
+    return i
+
+
+@app.workflow
+async def uses_db(ctx: WorkflowContext, i: int) -> int:
+    return await query(i)
+
+
+async def test_a_bulkhead_bounds_concurrent_calls_of_a_step(runtime: Runtime) -> None:
+    IN_DB.update(now=0, most=0)
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    async with running_worker(app, runtime, concurrency=16):
+        handles = [await tenant.start(uses_db, i) for i in range(10)]
+        assert [await h.result(timeout=30) for h in handles] == list(range(10))
+    assert IN_DB["most"] == 2
+
+
+async def test_a_bulkhead_is_shared_by_processes(runtime: Runtime) -> None:
+    """Two runtimes (two processes' worth) share the slots on Redis; on the embedded default
+    each process has its own."""
+    other = Runtime(runtime.settings)
+    inside = {"now": 0, "most": 0}
+
+    async def work() -> None:
+        inside["now"] += 1
+        inside["most"] = max(inside["most"], inside["now"])
+        await asyncio.sleep(0.05)
+        inside["now"] -= 1
+
+    try:
+        for rt in (runtime, other):
+            rt.bulkheads.configure("partner", BulkheadConfig(max_concurrent=3))
+        await asyncio.gather(
+            *(rt.bulkheads.call("partner", work, wait=10) for rt in [runtime, other] * 6)
+        )
+        shared = runtime.bulkheads.redis is not None
+        assert inside["most"] == (3 if shared else 6)
+        assert await runtime.bulkheads.in_use("partner") == 0
+        slots = [await runtime.bulkheads.take("partner") for _ in range(3)]
+        with pytest.raises(BulkheadFullError):
+            await (other if shared else runtime).bulkheads.take("partner")
+        assert await runtime.bulkheads.in_use("partner") == 3
+        for slot in slots:
+            await runtime.bulkheads.give_back(slot)
+        assert await runtime.bulkheads.in_use("partner") == 0
+    finally:
+        await other.close()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import structlog
 
 from tenantflow.errors import (
+    BulkheadFullError,
     ChildWorkflowError,
     CircuitOpenError,
     NonDeterminismError,
@@ -43,6 +44,7 @@ from tenantflow.store.records import (
 
 if TYPE_CHECKING:
     from tenantflow.resilience.breaker import Breakers
+    from tenantflow.resilience.bulkhead import Bulkheads
     from tenantflow.sdk.app import Step, Workflow
 
 log = structlog.get_logger(__name__)
@@ -51,6 +53,7 @@ T = TypeVar("T")
 # A sleep this close to its end is finished in place rather than by releasing the worker.
 INLINE_SLEEP = 0.05
 BREAKER_INLINE_WAIT = 2.0  # an open breaker's wait this short is spent holding the run
+BULKHEAD_POLL = 0.05
 
 
 class StoreUnavailable(BaseException):
@@ -93,6 +96,7 @@ class ExecutionHost(Protocol):
     owner: str
     stopping: bool
     breakers: Breakers
+    bulkheads: Bulkheads
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None: ...
 
@@ -425,6 +429,23 @@ class Execution:
         await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=time.time() + refused.retry_after))
 
     async def _attempt(
+        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if step.options.bulkhead is None:
+            return await self._attempt_now(step, args, kwargs)
+        bulkheads = self.host.bulkheads
+        while True:  # wait for a slot: the calls holding them end soon
+            try:
+                slot = await bulkheads.take(step.options.bulkhead)
+                break
+            except BulkheadFullError as full:
+                await asyncio.sleep(min(full.retry_after, BULKHEAD_POLL))
+        try:
+            return await self._attempt_now(step, args, kwargs)
+        finally:
+            await bulkheads.give_back(slot)
+
+    async def _attempt_now(
         self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         call: Awaitable[Any]

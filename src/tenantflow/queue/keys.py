@@ -59,5 +59,9 @@ class Keys:
         tag = f"{self.prefix}:{{b:{name}}}"
         return f"{tag}:state", f"{tag}:window"
 
+    def bulkhead(self, name: str) -> str:
+        """A bulkhead's holders (a sorted set scored by lease end)."""
+        return f"{self.prefix}:{{k:{name}}}:bulkhead"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 
 from tenantflow.errors import ConfigError, WorkflowNotRegisteredError
 from tenantflow.resilience.breaker import BreakerConfig
+from tenantflow.resilience.bulkhead import BulkheadConfig
 from tenantflow.sdk.options import RetryPolicy, StartOptions, StepOptions, WorkflowOptions
 from tenantflow.sdk.serde import TypedCodec
 
@@ -90,6 +91,11 @@ class App:
         self.workflows: dict[str, Workflow[Any, Any]] = {}
         self.steps: dict[str, Step[Any, Any]] = {}
         self.breakers: dict[str, BreakerConfig] = {}
+        self.bulkheads: dict[str, BulkheadConfig] = {}
+
+    def bulkhead(self, name: str, config: BulkheadConfig | None = None) -> None:
+        """Configure the bulkhead ``name`` (25 calls at once otherwise)."""
+        self.bulkheads[name] = config or BulkheadConfig()
 
     def breaker(self, name: str, config: BreakerConfig | None = None) -> None:
         """Configure the circuit breaker ``name`` (Resilience4j's defaults otherwise); every
@@ -150,6 +156,7 @@ class App:
         timeout: float | None = None,
         breaker: str | None = None,
         breaker_per_tenant: bool = False,
+        bulkhead: str | None = None,
     ) -> _StepDecorator: ...
 
     def step(
@@ -161,17 +168,20 @@ class App:
         timeout: float | None = None,
         breaker: str | None = None,
         breaker_per_tenant: bool = False,
+        bulkhead: str | None = None,
     ) -> Step[Any, Any] | _StepDecorator:
         """Register a step: an async function, or a plain one (which runs in a thread).
 
         With ``breaker="payments"`` the step's calls go through that circuit breaker: while it
         is open the run waits durably and tries again when a probe may pass, without using
-        up the step's retries (see ``docs/resilience.md``)."""
+        up the step's retries. With ``bulkhead="db"`` at most that bulkhead's number of
+        calls run at once, across all workers (see ``docs/resilience.md``)."""
         options = StepOptions(
             retry=retry or RetryPolicy(),
             timeout=timeout,
             breaker=breaker,
             breaker_per_tenant=breaker_per_tenant,
+            bulkhead=bulkhead,
         )
         decorator = _StepDecorator(self, name, options)
         return decorator(fn) if fn is not None else decorator

@@ -65,6 +65,7 @@ class StepOptions:
     timeout: float | None = None
     breaker: str | None = None
     breaker_per_tenant: bool = False
+    bulkhead: str | None = None
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:

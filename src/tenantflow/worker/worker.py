@@ -73,6 +73,9 @@ class Worker:
         self.breakers = runtime.breakers
         for name, config in app.breakers.items():
             self.breakers.configure(name, config)
+        self.bulkheads = runtime.bulkheads
+        for name, bulkhead in app.bulkheads.items():
+            self.bulkheads.configure(name, bulkhead)
         self.stats = WorkerStats()
         # Keyed by (tenant, message id): ids are unique within a tenant's queue only.
         self._inflight: dict[tuple[str, str], _InFlight] = {}

@@ -1,0 +1,154 @@
+"""Bulkheads: at most N calls to a dependency at once, across every worker process.
+
+With the Redis queue a bulkhead is a sorted set of the calls holding a slot, scored by when
+their lease ends (Redis clock): a process that dies mid-call gives its slot back when the lease
+ends. Taking and giving back a slot are scripts. Without Redis (or while it is away) each
+process limits itself to N on its own, and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from tenantflow.errors import BulkheadFullError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+SHARED_TIMEOUT_SECONDS = 0.25
+RETRY_SHARED_SECONDS = 2.0
+
+# KEYS[1] the bulkhead's holders: member = slot id, score = lease end (ms, Redis clock).
+# ARGV: slot id, max concurrent, lease ms. Returns 1 if the slot was taken, else the ms until
+# the earliest lease ends (an upper bound on the wait), negated.
+TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
+  return 1
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return -(tonumber(first[2]) - now)
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BulkheadConfig:
+    max_concurrent: int = 25  # Resilience4j's default
+    lease_seconds: float = 300.0  # a slot of a process that died comes back after this
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.lease_seconds <= 0:
+            raise ValueError("a bulkhead allows at least one call, for a positive lease")
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    id: str
+
+
+class Bulkheads:
+    def __init__(self, redis: Any | None = None, key_of: Callable[[str], str] | None = None):
+        self.redis = redis
+        self.key_of = key_of
+        self.configs: dict[str, BulkheadConfig] = {}
+        self._local: dict[str, int] = {}
+        self._sha = hashlib.sha1(TAKE.encode()).hexdigest()
+        self._retry_shared_at = 0.0
+
+    def configure(self, name: str, config: BulkheadConfig | None = None) -> None:
+        self.configs[name] = config or BulkheadConfig()
+
+    def config(self, name: str) -> BulkheadConfig:
+        return self.configs.get(name) or BulkheadConfig()
+
+    async def take(self, name: str) -> Slot:
+        """A slot, or ``BulkheadFullError`` with the seconds to wait at most."""
+        config = self.config(name)
+        slot = Slot(name, secrets.token_hex(8))
+        reply = None
+        if self._use_shared():
+            reply = await self._shared(lambda: self._take_shared(slot, config))
+        if reply is None:  # no Redis, or Redis away: this process's own count
+            if self._local.get(name, 0) >= config.max_concurrent:
+                raise BulkheadFullError(name, 0.05)
+            self._local[name] = self._local.get(name, 0) + 1
+            return Slot(name, "local")
+        if reply <= 0:
+            raise BulkheadFullError(name, max(-reply / 1000.0, 0.01))
+        return slot
+
+    async def give_back(self, slot: Slot) -> None:
+        if slot.id == "local":
+            self._local[slot.name] = max(0, self._local.get(slot.name, 0) - 1)
+            return
+        redis, key_of = self.redis, self.key_of
+        assert redis is not None and key_of is not None
+        await self._shared(lambda: redis.zrem(key_of(slot.name), slot.id))
+
+    async def call(self, name: str, fn: Callable[[], Awaitable[T]], *, wait: float) -> T:
+        """``await fn()`` holding a slot of ``name``, waiting up to ``wait`` s for one."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                slot = await self.take(name)
+                break
+            except BulkheadFullError as full:
+                if time.monotonic() + min(full.retry_after, 0.05) > deadline:
+                    raise
+                await asyncio.sleep(min(full.retry_after, 0.05))
+        try:
+            return await fn()
+        finally:
+            await self.give_back(slot)
+
+    async def in_use(self, name: str) -> int:
+        if self._use_shared():
+            assert self.redis is not None and self.key_of is not None
+            key = self.key_of(name)
+            reply = await self._shared(lambda: self._count(key))
+            if reply is not None:
+                return int(reply)
+        return self._local.get(name, 0)
+
+    async def _count(self, key: str) -> int:
+        assert self.redis is not None
+        now_ms = int(time.time() * 1000)
+        return int(await self.redis.zcount(key, now_ms, "+inf"))
+
+    def _use_shared(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._retry_shared_at
+
+    async def _take_shared(self, slot: Slot, config: BulkheadConfig) -> int:
+        from redis.exceptions import NoScriptError
+
+        assert self.redis is not None and self.key_of is not None
+        args = (slot.id, config.max_concurrent, int(config.lease_seconds * 1000))
+        key = self.key_of(slot.name)
+        try:
+            return int(await self.redis.evalsha(self._sha, 1, key, *args))
+        except NoScriptError:
+            return int(await self.redis.eval(TAKE, 1, key, *args))
+
+    async def _shared(self, make: Callable[[], Awaitable[T]]) -> T | None:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            return await asyncio.wait_for(make(), SHARED_TIMEOUT_SECONDS)
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            log.warning("Redis unreachable: bulkheads count per process", error=type(exc).__name__)
+            self._retry_shared_at = time.monotonic() + RETRY_SHARED_SECONDS
+            return None
