@@ -17,6 +17,7 @@ from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Queue
 from tenantflow.settings import Settings, sqlite_path
 from tenantflow.store.records import OutboxEntry
+from tenantflow.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from tenantflow.platform.artifacts import PlatformArtifacts
@@ -90,6 +91,7 @@ class Runtime:
         self.queue = open_queue(self.settings)
         self.breakers = open_breakers(self.queue)
         self.bulkheads = open_bulkheads(self.queue)
+        self.metrics = Metrics(per_tenant=self.settings.metrics_per_tenant)
         self._published: dict[str, list[int]] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._pending: dict[str, list[OutboxEntry]] = {}

@@ -66,6 +66,19 @@ class Settings(BaseSettings):
     rate_limit_per_second: float | None = Field(
         default=None, gt=0, description="Requests per second per tenant, when its plan says none."
     )
+    # -- telemetry --
+    metrics_per_tenant: bool = Field(
+        default=True, description="A tenant label on run and queue metrics (cardinality)."
+    )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="A worker serves /metrics here; 0: off."
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Where a worker's /metrics binds.")
+    metrics_token: str | None = Field(
+        default=None,
+        repr=False,
+        description="A bearer secret for scraping the API's /metrics (else platform admins only).",
+    )
     log_level: str = Field(default="INFO")
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

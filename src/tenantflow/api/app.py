@@ -24,6 +24,7 @@ from tenantflow.api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLim
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.settings import Settings
+from tenantflow.telemetry.metrics import CONTENT_TYPE
 
 READY_TIMEOUT_SECONDS = 2.0
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -84,6 +85,16 @@ def create_api(
                 request._body = body  # read once; the route reads it from here
         return await call_next(request)
 
+    @api.get("/metrics", tags=["health"])
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics of this process, and the shared gauges (queues, dead letters,
+        breakers). For the scraper (``Authorization: Bearer $TENANTFLOW_METRICS_TOKEN``) or a
+        platform admin: tenant ids are in the labels."""
+        rt: Runtime = request.app.state.runtime
+        await _authorize_scrape(request, rt)
+        await rt.metrics.refresh(rt, workflows.breakers)
+        return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE)
+
     @api.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         """The process is alive and serving."""
@@ -106,6 +117,21 @@ def create_api(
         )
 
     return api
+
+
+async def _authorize_scrape(request: Request, runtime: Runtime) -> None:
+    import hmac
+
+    from tenantflow.api.deps import get_principal
+    from tenantflow.errors import PermissionDeniedError
+
+    secret = runtime.settings.metrics_token
+    header = request.headers.get("authorization", "")
+    if secret and hmac.compare_digest(header.encode(), f"Bearer {secret}".encode()):
+        return
+    principal = await get_principal(request, runtime)
+    if not principal.platform_admin:
+        raise PermissionDeniedError("metrics are for the scraper and platform admins")
 
 
 def _configure(runtime: Runtime, workflows: App) -> None:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from tenantflow.resilience.breaker import Breakers
     from tenantflow.resilience.bulkhead import Bulkheads
     from tenantflow.sdk.app import Step, Workflow
+    from tenantflow.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -97,6 +98,7 @@ class ExecutionHost(Protocol):
     stopping: bool
     breakers: Breakers
     bulkheads: Bulkheads
+    metrics: Metrics
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None: ...
 
@@ -372,6 +374,7 @@ class Execution:
                 break
             except Exception as exc:
                 if policy.should_retry(exc, attempt):
+                    self.host.metrics.step_retries.labels(step.name).inc()
                     delay = policy.delay(attempt)
                     log.info(
                         "step retry",
@@ -389,6 +392,9 @@ class Execution:
             finally:
                 _step.reset(token)
         status, saved, error = outcome
+        self.host.metrics.step_seconds.labels(step.name, status.value).observe(
+            time.time() - started
+        )
         record = StepRecord(
             run_id=run.id,
             seq=seq,

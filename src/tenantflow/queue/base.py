@@ -43,6 +43,13 @@ class DeadLetter:
     failed_at: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class QueueStats:
+    depth: int  # waiting, delayed or in flight
+    dead_letters: int
+    oldest_at: float | None  # when the oldest message not yet acknowledged was made ready
+
+
 class Queue(Protocol):
     max_deliveries: int
 
@@ -86,6 +93,8 @@ class Queue(Protocol):
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None: ...
 
     async def depth(self, tenant_id: str) -> int: ...
+
+    async def stats(self, tenant_id: str) -> QueueStats: ...
 
     async def purge(self, tenant_id: str) -> None:
         """Forget everything of a tenant: messages, dead letters (an offboarded tenant)."""

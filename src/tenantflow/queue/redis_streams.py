@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError
 
 from tenantflow.errors import NotFoundError
 from tenantflow.queue import lua
-from tenantflow.queue.base import DeadLetter, Message
+from tenantflow.queue.base import DeadLetter, Message, QueueStats
 from tenantflow.queue.keys import GROUP, Keys
 
 log = structlog.get_logger(__name__)
@@ -313,6 +313,19 @@ class RedisStreamsQueue:
             pipe.zcard(keys.delayed)
             stream, delayed = await pipe.execute()
         return int(stream) + int(delayed)
+
+    async def stats(self, tenant_id: str) -> QueueStats:
+        keys = self.keys.tenant(tenant_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.stream)
+            pipe.zcard(keys.delayed)
+            pipe.xlen(keys.dead)
+            pipe.xrange(keys.stream, count=1)  # acknowledged entries are deleted: the oldest
+            stream, delayed, dead, first = await pipe.execute()
+        oldest = int(first[0][0].split("-")[0]) / 1000 if first else None
+        return QueueStats(
+            depth=int(stream) + int(delayed), dead_letters=int(dead), oldest_at=oldest
+        )
 
     async def purge(self, tenant_id: str) -> None:
         keys = self.keys.tenant(tenant_id)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tenantflow import _sqlite
 from tenantflow.errors import NotFoundError
-from tenantflow.queue.base import DeadLetter, Message
+from tenantflow.queue.base import DeadLetter, Message, QueueStats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -216,6 +216,15 @@ class SqliteQueue:
             )
         if delay <= 0:
             self._wakeup.set()
+
+    async def stats(self, tenant_id: str) -> QueueStats:
+        depth, oldest = self._conn.execute(
+            "SELECT COUNT(*), MIN(enqueued_at) FROM messages WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        (dead,) = self._conn.execute(
+            "SELECT COUNT(*) FROM dead_letters WHERE tenant_id = ?", (tenant_id,)
+        ).fetchone()
+        return QueueStats(depth=int(depth), dead_letters=int(dead), oldest_at=oldest)
 
     async def purge(self, tenant_id: str) -> None:
         with _sqlite.transaction(self._conn) as cur:

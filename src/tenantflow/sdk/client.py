@@ -113,7 +113,11 @@ class TenantClient:
             timeout=workflow.workflow_options.timeout,
             max_recoveries=workflow.workflow_options.max_recovery_attempts,
         )
-        run, _, outbox = await self.store.create_run(new, now=time.time(), monthly_quota=quota)
+        run, created, outbox = await self.store.create_run(
+            new, now=time.time(), monthly_quota=quota
+        )
+        if created:
+            runtime.metrics.submitted(workflow.name, self.tenant_id)
         runtime.publish_soon(self.tenant_id, outbox)  # committed: the message may follow
         return RunHandle(self, run.id, workflow)
 

@@ -33,9 +33,18 @@ class MaintenanceReport:
 
 
 class Maintenance:
-    def __init__(self, runtime: Runtime, owner: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        owner: str,
+        *,
+        totals: MaintenanceReport | None = None,
+    ) -> None:
         self.runtime = runtime
         self.owner = owner
+        # Counted as the work is done, not when a sweep returns: a sweep cut short (the worker
+        # stopping) still counts what it published.
+        self.totals = totals or MaintenanceReport()
         settings = runtime.settings
         self.interval = settings.reconcile_interval
         self.grace = max(2 * settings.lease_seconds, 1.0)
@@ -72,10 +81,13 @@ class Maintenance:
         if pending:
             await self.runtime.publish(tenant_id, pending)
             report.relayed += len(pending)
+            self.totals.relayed += len(pending)
         stalled = await store.stalled_runs(now=now, grace=self.grace)
         if stalled:
             live = await queue.live(tenant_id, [run_id for run_id, _ in stalled])
-            for run_id, priority in stalled:
-                if run_id not in live:
-                    await queue.enqueue(tenant_id, run_id, priority=priority)
-                    report.reenqueued += 1
+            missing = [(run_id, priority) for run_id, priority in stalled if run_id not in live]
+            if missing:
+                await queue.enqueue_many({tenant_id: missing})
+                report.reenqueued += len(missing)
+                self.totals.reenqueued += len(missing)
+                self.runtime.metrics.reenqueued.inc(len(missing))

@@ -30,7 +30,7 @@ from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.store.base import RunStore
 from tenantflow.store.records import ClaimOutcome, OutboxEntry
-from tenantflow.worker.maintenance import Maintenance
+from tenantflow.worker.maintenance import Maintenance, MaintenanceReport
 
 log = structlog.get_logger(__name__)
 
@@ -56,9 +56,16 @@ class WorkerStats:
     suspended: int = 0
     released: int = 0
     dropped: int = 0
-    relayed: int = 0
-    reenqueued: int = 0
     by_status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    sweeps: MaintenanceReport = field(default_factory=MaintenanceReport)
+
+    @property
+    def relayed(self) -> int:
+        return self.sweeps.relayed
+
+    @property
+    def reenqueued(self) -> int:
+        return self.sweeps.reenqueued
 
 
 class Worker:
@@ -74,6 +81,8 @@ class Worker:
         for name, config in app.breakers.items():
             self.breakers.configure(name, config)
         self.bulkheads = runtime.bulkheads
+        self.metrics = runtime.metrics
+        self._metrics_server: Any = None
         for name, bulkhead in app.bulkheads.items():
             self.bulkheads.configure(name, bulkhead)
         self.stats = WorkerStats()
@@ -113,6 +122,7 @@ class Worker:
         queue = self.runtime.queue
         poll = self.runtime.settings.poll_interval
         await self._refresh_platform_view()
+        self._serve_metrics()
         keepalive = asyncio.create_task(self._keepalive())
         maintenance = asyncio.create_task(self._maintenance())
         platform_view = asyncio.create_task(self._watch_platform())
@@ -154,6 +164,9 @@ class Worker:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
             log.info("worker stopped", owner=self.owner)
 
     async def _wait_any(self, waiter: Awaitable[Any], timeout: float | None) -> None:
@@ -178,6 +191,8 @@ class Worker:
             await asyncio.wait(pending, timeout=max(grace, 1.0))
 
     def _spawn(self, message: Message) -> None:
+        if message.deliveries > 1:
+            self.metrics.redelivered(message.tenant_id)
         self._inflight[message.tenant_id, message.id] = _InFlight(message)
         task = asyncio.create_task(self._process(message))
         self._tasks.add(task)
@@ -229,6 +244,8 @@ class Worker:
             await queue.retry_later(message, claim.not_before - now, count_delivery=False)
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
+            if claim.run is not None:
+                self.metrics.finished(claim.run.workflow, message.tenant_id, "failed")
             self.runtime.publish_soon(message.tenant_id, claim.wake)
             self._ack(message)
             return
@@ -264,7 +281,7 @@ class Worker:
             raise
         finally:
             self._running.discard(key)
-        await self._settle(message, outcome)
+        await self._settle(message, outcome, claim.run.workflow)
 
     def _ack(self, message: Message) -> None:
         """Acknowledge soon: acknowledgements of one turn of the loop go in one round trip.
@@ -286,12 +303,13 @@ class Worker:
             except Exception:
                 log.exception("acknowledgement failed; the deliveries will come back")
 
-    async def _settle(self, message: Message, outcome: Outcome) -> None:
+    async def _settle(self, message: Message, outcome: Outcome, workflow: str) -> None:
         queue = self.runtime.queue
         if outcome.kind is OutcomeKind.FINISHED:
             self.stats.finished += 1
             if outcome.status is not None:
                 self.stats.by_status[outcome.status.value] += 1
+                self.metrics.finished(workflow, message.tenant_id, outcome.status.value)
             self.runtime.publish_soon(message.tenant_id, outcome.wake)
             self._ack(message)
         elif outcome.kind is OutcomeKind.SUSPENDED:
@@ -310,12 +328,33 @@ class Worker:
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             self._ack(message)
 
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _serve_metrics(self) -> None:
+        """With ``metrics_port`` set, serve /metrics from a thread (prometheus-client's
+        server); the shared gauges are refreshed along with the platform view."""
+        settings = self.runtime.settings
+        if settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(
+                settings.metrics_port, addr=settings.metrics_host, registry=self.metrics.registry
+            )
+            log.info("metrics served", port=settings.metrics_port)
+
     # -- the platform's word on tenants ------------------------------------------------------
 
     async def _watch_platform(self) -> None:
+        refreshed = 0.0
         while True:
             await asyncio.sleep(PLATFORM_VIEW_SECONDS)
             await self._refresh_platform_view()
+            if self.runtime.settings.metrics_port and time.monotonic() - refreshed > 5.0:
+                refreshed = time.monotonic()
+                try:
+                    await self.metrics.refresh(self.runtime, self.app.breakers)
+                except Exception as exc:
+                    log.warning("metrics refresh failed", error=type(exc).__name__)
 
     async def _refresh_platform_view(self) -> None:
         """Which tenants are suspended, and each licensed tenant's cap on concurrent runs.
@@ -343,13 +382,11 @@ class Worker:
     # -- relay and reconciler ----------------------------------------------------------------
 
     async def _maintenance(self) -> None:
-        maintenance = Maintenance(self.runtime, self.owner)
+        maintenance = Maintenance(self.runtime, self.owner, totals=self.stats.sweeps)
         while True:
             await asyncio.sleep(maintenance.interval)
             try:
-                report = await maintenance.run_once()
-                self.stats.relayed += report.relayed
-                self.stats.reenqueued += report.reenqueued
+                await maintenance.run_once()
             except Exception:
                 log.exception("maintenance failed")
 

@@ -1,0 +1,133 @@
+"""Metrics for Prometheus.
+
+Every process (API, each worker) has its own registry and serves it (the API at ``/metrics``,
+a worker on ``TENANTFLOW_METRICS_PORT``); counters count what that process did, and
+Prometheus sums them over the instances it scrapes. Gauges of shared state (queue depth and
+oldest message per tenant, dead letters, breaker states) are read from the queue and the
+breakers when refreshed: on each scrape of the API, every few seconds in a worker.
+
+The ``tenant`` label can be switched off (``TENANTFLOW_METRICS_PER_TENANT=false``) to bound
+cardinality; tenant ids are the only tenant data in metrics, never payloads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from tenantflow.runtime import Runtime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self, *, per_tenant: bool = True) -> None:
+        self.per_tenant = per_tenant
+        self.registry = CollectorRegistry()
+        run_labels = ["workflow", "tenant"] if per_tenant else ["workflow"]
+        tenant_labels = ["tenant"] if per_tenant else []
+        r = self.registry
+        self.runs_submitted = Counter(
+            "tenantflow_runs_submitted", "Runs accepted.", run_labels, registry=r
+        )
+        self.runs_finished = Counter(
+            "tenantflow_runs_finished",
+            "Runs that ended, by final status.",
+            [*run_labels, "status"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "tenantflow_step_duration_seconds",
+            "Time of a step's attempts, retries included.",
+            ["step", "status"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.step_retries = Counter(
+            "tenantflow_step_retries",
+            "Step attempts that failed and were retried.",
+            ["step"],
+            registry=r,
+        )
+        self.redeliveries = Counter(
+            "tenantflow_messages_redelivered",
+            "Messages delivered again: reclaimed from a dead or late consumer, or retried.",
+            tenant_labels,
+            registry=r,
+        )
+        self.reenqueued = Counter(
+            "tenantflow_reconciler_reenqueued",
+            "Runs the reconciler found without a message and enqueued again.",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "tenantflow_queue_depth", "Messages waiting or in flight.", ["tenant"], registry=r
+        )
+        self.oldest_age = Gauge(
+            "tenantflow_queue_oldest_message_age_seconds",
+            "Age of the oldest message not yet acknowledged.",
+            ["tenant"],
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "tenantflow_dead_letters",
+            "Messages in the dead-letter stream.",
+            ["tenant"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "tenantflow_circuit_breaker_state",
+            "1 for the state each circuit breaker is in, 0 for the others.",
+            ["breaker", "state"],
+            registry=r,
+        )
+
+    def tenant(self, tenant_id: str) -> list[str]:
+        return [tenant_id] if self.per_tenant else []
+
+    def submitted(self, workflow: str, tenant_id: str) -> None:
+        self.runs_submitted.labels(workflow, *self.tenant(tenant_id)).inc()
+
+    def finished(self, workflow: str, tenant_id: str, status: str) -> None:
+        self.runs_finished.labels(workflow, *self.tenant(tenant_id), status).inc()
+
+    def redelivered(self, tenant_id: str) -> None:
+        self.redeliveries.labels(*self.tenant(tenant_id)).inc()
+
+    async def refresh(self, runtime: Runtime, breakers: Iterable[str] = ()) -> None:
+        """Read the shared state: queues of every tenant, and the named breakers."""
+        import asyncio
+
+        from tenantflow.resilience.breaker import BreakerState
+
+        tenants = await asyncio.to_thread(runtime.registry.list)
+        now = time.time()
+        totals = {"depth": 0.0, "dead": 0.0, "age": 0.0}
+        for tenant in tenants:
+            stats = await runtime.queue.stats(tenant.id)
+            age = 0.0 if stats.oldest_at is None else max(0.0, now - stats.oldest_at)
+            if self.per_tenant:
+                self.queue_depth.labels(tenant.id).set(stats.depth)
+                self.dead_letters.labels(tenant.id).set(stats.dead_letters)
+                self.oldest_age.labels(tenant.id).set(age)
+            totals["depth"] += stats.depth
+            totals["dead"] += stats.dead_letters
+            totals["age"] = max(totals["age"], age)
+        if not self.per_tenant:  # one series for all tenants
+            self.queue_depth.labels("*").set(totals["depth"])
+            self.dead_letters.labels("*").set(totals["dead"])
+            self.oldest_age.labels("*").set(totals["age"])
+        for name in breakers:
+            state = (await runtime.breakers.status(name)).state
+            for candidate in BreakerState:
+                self.breaker_state.labels(name, candidate.value).set(
+                    1.0 if candidate is state else 0.0
+                )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""Prometheus metrics, on both backends: what the API serves (and to whom), the tenant label
+switched off, and a worker's own /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tenantflow import Client, Runtime
+from tenantflow.api.app import create_api
+from tenantflow.platform.identity import Role
+from tenantflow.worker.worker import Worker
+from tests.apps import api as workflows
+from tests.conftest import running_worker
+from tests.integration.test_api import admin, member
+from tests.integration.test_cli import free_port
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+async def test_the_api_serves_metrics_to_the_scraper_and_admins(runtime: Runtime) -> None:
+    runtime = Runtime(runtime.settings.model_copy(update={"metrics_token": "scrape-me"}))
+    try:
+        transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=runtime))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as http:
+            tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+            async with running_worker(workflows.app, runtime):
+                for name in ("a", "b"):
+                    await (await tenant.start(workflows.greet, name)).result(timeout=30)
+            scraped = await http.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+            assert scraped.status_code == 200, scraped.text
+            got = samples(scraped.text)
+            acme = frozenset({("workflow", "greet"), ("tenant", "acme")})
+            assert got[("tenantflow_runs_submitted_total", acme)] == 2
+            assert got[("tenantflow_runs_finished_total", acme | {("status", "completed")})] == 2
+            hello = frozenset({("step", "hello"), ("status", "completed")})
+            assert got[("tenantflow_step_duration_seconds_count", hello)] == 2
+            for tenant_id in ("acme", "globex"):
+                assert got[("tenantflow_queue_depth", frozenset({("tenant", tenant_id)}))] == 0
+                assert got[("tenantflow_dead_letters", frozenset({("tenant", tenant_id)}))] == 0
+            assert (await http.get("/metrics")).status_code == 401
+            viewer = await member(runtime, http, "v@acme.test", "acme", Role.TENANT_ADMIN)
+            assert (await http.get("/metrics", headers=viewer)).status_code == 403
+            root = await admin(runtime, http)
+            assert (await http.get("/metrics", headers=root)).status_code == 200
+    finally:
+        await runtime.close()
+
+
+async def test_the_tenant_label_can_be_switched_off(runtime: Runtime) -> None:
+    quiet = Runtime(runtime.settings.model_copy(update={"metrics_per_tenant": False}))
+    try:
+        tenant = Client(workflows.app, runtime=quiet).tenant("acme")
+        await tenant.start(workflows.greet, "x")
+        await quiet.published()
+        await quiet.metrics.refresh(quiet)
+        text = quiet.metrics.exposition().decode()
+        assert "acme" not in text and "globex" not in text
+        got = samples(text)
+        assert got[("tenantflow_runs_submitted_total", frozenset({("workflow", "greet")}))] == 1
+        assert got[("tenantflow_queue_depth", frozenset({("tenant", "*")}))] == 1
+    finally:
+        await quiet.close()
+
+
+async def test_a_worker_serves_its_own_metrics(runtime: Runtime) -> None:
+    port = free_port()
+    served = Runtime(runtime.settings.model_copy(update={"metrics_port": port}))
+    try:
+        tenant = Client(workflows.app, runtime=served).tenant("globex")
+        worker = Worker(workflows.app, served)
+        task = asyncio.create_task(worker.run())
+        try:
+            await (await tenant.start(workflows.greet, "w")).result(timeout=30)
+            reply = await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")
+        finally:
+            worker.stop()
+            await task
+        got = samples(reply.text)
+        finished = frozenset({("workflow", "greet"), ("tenant", "globex"), ("status", "completed")})
+        assert got[("tenantflow_runs_finished_total", finished)] == 1
+    finally:
+        await served.close()
