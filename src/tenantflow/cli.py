@@ -226,6 +226,36 @@ def runs_show(run_id: str, tenant: TenantOpt) -> None:
     _run(main())
 
 
+@cli.command()
+def status() -> None:
+    """Per tenant: stuck runs, queue depth and lag, dead letters (the stuck-run detector)."""
+    from tenantflow.telemetry.health import survey
+
+    async def main() -> None:
+        runtime = Runtime(_settings())
+        try:
+            found = await survey(runtime)
+        finally:
+            await runtime.close()
+        settings = runtime.settings
+        table = Table(
+            title=f"tenants (stuck: no progress for {settings.stuck_run_seconds:g} s; "
+            f"lag: oldest message over {settings.queue_lag_seconds:g} s)"
+        )
+        for column in ("tenant", "stuck runs", "oldest stuck", "queue", "lag", "dead letters"):
+            table.add_column(column)
+        for t in found:
+            oldest = "-" if t.oldest_stuck_seconds is None else f"{t.oldest_stuck_seconds:.0f} s"
+            lag = f"{t.queue_lag_seconds:.1f} s" + (" [red]LAG[/red]" if t.lagging else "")
+            stuck = f"[red]{t.stuck_runs}[/red]" if t.stuck_runs else "0"
+            table.add_row(t.tenant_id, stuck, oldest, str(t.queue_depth), lag, str(t.dead_letters))
+        console.print(table)
+        if any(t.stuck_runs or t.lagging for t in found):
+            raise typer.Exit(1)
+
+    _run(main())
+
+
 @tenants_cli.command("create")
 def tenants_create(
     tenant_id: str,

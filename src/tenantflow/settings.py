@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         default=None, gt=0, description="Requests per second per tenant, when its plan says none."
     )
     # -- telemetry --
+    stuck_run_seconds: float = Field(
+        default=600,
+        gt=0,
+        description="A queued or running run without progress this long is stuck.",
+    )
+    queue_lag_seconds: float = Field(
+        default=60, gt=0, description="A tenant's oldest unacknowledged message this old is lag."
+    )
     metrics_per_tenant: bool = Field(
         default=True, description="A tenant label on run and queue metrics (cardinality)."
     )

@@ -199,3 +199,11 @@ def test_the_saga_example_runs() -> None:
     assert done.returncode == 0, done.stderr
     assert "oslo: compensated" in done.stdout
     assert "still booked: ['rome:car', 'rome:flight', 'rome:hotel']" in done.stdout
+
+
+def test_status_shows_each_tenant(tmp_path: Path) -> None:
+    assert tenantflow("demo", "--orders", "2", cwd=tmp_path).returncode == 0
+    shown = tenantflow("status", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = [line for line in shown.stdout.splitlines() if "acme" in line or "globex" in line]
+    assert len(rows) == 2 and all(" 0 " in row for row in rows), shown.stdout

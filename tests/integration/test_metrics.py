@@ -89,3 +89,39 @@ async def test_a_worker_serves_its_own_metrics(runtime: Runtime) -> None:
         assert got[("tenantflow_runs_finished_total", finished)] == 1
     finally:
         await served.close()
+
+
+async def test_the_stuck_run_detector(runtime: Runtime) -> None:
+    """Runs nobody takes (no worker) become stuck past the threshold, and their queue lags:
+    /readyz shows the counts (and stays ready), metrics per tenant."""
+    watched = Runtime(
+        runtime.settings.model_copy(
+            update={"stuck_run_seconds": 0.3, "queue_lag_seconds": 0.3, "metrics_token": "m"}
+        )
+    )
+    try:
+        tenant = Client(workflows.app, runtime=watched).tenant("acme")
+        for name in ("a", "b", "c"):
+            await tenant.start(workflows.greet, name)
+        await watched.published()
+        await asyncio.sleep(0.5)
+        transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=watched))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as http:
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["progress"] == {
+                "stuck_runs": 3,
+                "tenants_with_stuck_runs": 1,
+                "lagging_queues": 1,
+            }
+            assert "acme" not in ready.text  # public: counts only
+            scraped = await http.get("/metrics", headers={"Authorization": "Bearer m"})
+            got = samples(scraped.text)
+            assert got[("tenantflow_stuck_runs", frozenset({("tenant", "acme")}))] == 3
+            assert got[("tenantflow_stuck_runs", frozenset({("tenant", "globex")}))] == 0
+            lag = got[
+                ("tenantflow_queue_oldest_message_age_seconds", frozenset({("tenant", "acme")}))
+            ]
+            assert lag >= 0.4
+    finally:
+        await watched.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from tenantflow.settings import Settings
 from tenantflow.telemetry.metrics import CONTENT_TYPE
 
 READY_TIMEOUT_SECONDS = 2.0
+PROGRESS_CACHE_SECONDS = 15.0
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
@@ -111,10 +113,10 @@ def create_api(
         )
         report = dict(checks)
         ok = all(v == "ok" for v in report.values())
-        return JSONResponse(
-            {"status": "ready" if ok else "unready", "checks": report},
-            status_code=200 if ok else 503,
-        )
+        body: dict[str, Any] = {"status": "ready" if ok else "unready", "checks": report}
+        if ok:
+            body["progress"] = await _progress(request.app, rt)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return api
 
@@ -146,6 +148,25 @@ def _limiter(runtime: Runtime) -> RateLimiter:
     if isinstance(queue, RedisStreamsQueue):
         return RedisRateLimiter(queue.redis, queue.keys.rate)
     return LocalRateLimiter()
+
+
+async def _progress(api: FastAPI, runtime: Runtime) -> dict[str, int]:
+    """The stuck-run detector's counts (no tenant ids: /readyz is public), surveyed at most
+    every ``PROGRESS_CACHE_SECONDS``."""
+    from tenantflow.telemetry.health import survey
+
+    cached = getattr(api.state, "progress", None)
+    if cached is not None and time.monotonic() - cached[0] < PROGRESS_CACHE_SECONDS:
+        result: dict[str, int] = cached[1]
+        return result
+    found = await survey(runtime)
+    result = {
+        "stuck_runs": sum(t.stuck_runs for t in found),
+        "tenants_with_stuck_runs": sum(1 for t in found if t.stuck_runs),
+        "lagging_queues": sum(1 for t in found if t.lagging),
+    }
+    api.state.progress = (time.monotonic(), result)
+    return result
 
 
 class NotReady(Exception):

@@ -92,6 +92,11 @@ class RunStore(Protocol):
         """Release the run until ``wait`` is met, unless it already is or a cancel came."""
         ...
 
+    async def stuck_runs(self, *, before: float) -> tuple[int, float | None]:
+        """Runs queued or running without progress since ``before``: how many, and when the
+        oldest last moved."""
+        ...
+
     async def mark_compensable(self, run_id: str, *, owner: str, now: float) -> None:
         """Mark a run as a saga (it registered a compensation): cancelling it then wakes it
         to compensate. Raises ``LeaseLost`` if ``owner`` no longer holds it."""

@@ -791,5 +791,17 @@ class SqlRunStore:
             )
         return [(r[0], r[1]) for r in rows]
 
+    async def stuck_runs(self, *, before: float) -> tuple[int, float | None]:
+        """How many runs are queued or running without progress since ``before``, and when
+        the oldest of them last moved."""
+        async with self.db.autocommit() as tx:
+            row = await tx.one(
+                "SELECT COUNT(*), MIN(updated_at) FROM runs "
+                "WHERE status IN ('queued', 'running') AND updated_at < ?",
+                (before,),
+            )
+        assert row is not None
+        return int(row[0]), row[1]
+
     async def close(self) -> None:
         await self.db.close()

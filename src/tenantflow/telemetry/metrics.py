@@ -12,7 +12,6 @@ cardinality; tenant ids are the only tenant data in metrics, never payloads.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -80,6 +79,12 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.stuck_runs = Gauge(
+            "tenantflow_stuck_runs",
+            "Runs queued or running without progress past TENANTFLOW_STUCK_RUN_SECONDS.",
+            ["tenant"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "tenantflow_circuit_breaker_state",
             "1 for the state each circuit breaker is in, 0 for the others.",
@@ -101,27 +106,25 @@ class Metrics:
 
     async def refresh(self, runtime: Runtime, breakers: Iterable[str] = ()) -> None:
         """Read the shared state: queues of every tenant, and the named breakers."""
-        import asyncio
-
         from tenantflow.resilience.breaker import BreakerState
+        from tenantflow.telemetry.health import survey
 
-        tenants = await asyncio.to_thread(runtime.registry.list)
-        now = time.time()
-        totals = {"depth": 0.0, "dead": 0.0, "age": 0.0}
-        for tenant in tenants:
-            stats = await runtime.queue.stats(tenant.id)
-            age = 0.0 if stats.oldest_at is None else max(0.0, now - stats.oldest_at)
+        totals = {"depth": 0.0, "dead": 0.0, "age": 0.0, "stuck": 0.0}
+        for t in await survey(runtime):
             if self.per_tenant:
-                self.queue_depth.labels(tenant.id).set(stats.depth)
-                self.dead_letters.labels(tenant.id).set(stats.dead_letters)
-                self.oldest_age.labels(tenant.id).set(age)
-            totals["depth"] += stats.depth
-            totals["dead"] += stats.dead_letters
-            totals["age"] = max(totals["age"], age)
+                self.queue_depth.labels(t.tenant_id).set(t.queue_depth)
+                self.dead_letters.labels(t.tenant_id).set(t.dead_letters)
+                self.oldest_age.labels(t.tenant_id).set(t.queue_lag_seconds)
+                self.stuck_runs.labels(t.tenant_id).set(t.stuck_runs)
+            totals["depth"] += t.queue_depth
+            totals["dead"] += t.dead_letters
+            totals["age"] = max(totals["age"], t.queue_lag_seconds)
+            totals["stuck"] += t.stuck_runs
         if not self.per_tenant:  # one series for all tenants
             self.queue_depth.labels("*").set(totals["depth"])
             self.dead_letters.labels("*").set(totals["dead"])
             self.oldest_age.labels("*").set(totals["age"])
+            self.stuck_runs.labels("*").set(totals["stuck"])
         for name in breakers:
             state = (await runtime.breakers.status(name)).state
             for candidate in BreakerState:
