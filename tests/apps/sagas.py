@@ -50,6 +50,8 @@ async def debit(transfer: str, account: str, amount: int, fail: str) -> None:
     if fail == "debit-before":
         raise Injected("debit refused")
     _entry(f"{transfer}:debit", account, -amount)
+    if fail == "debit-slow":
+        await asyncio.sleep(30)  # cancelled while it runs
     if fail == "debit-after":
         raise Injected("debit applied, then the answer was lost")
 

@@ -114,6 +114,25 @@ async def test_cancelling_a_waiting_saga_compensates(runtime: Runtime) -> None:
     assert balances() == {"alice": 0, "bob": 0}
 
 
+async def test_cancelling_a_running_step_compensates_it(runtime: Runtime) -> None:
+    """A cancel interrupts the running (async) step; its outcome is unknown, so its
+    compensation, registered before it, runs."""
+    tenant = Client(sagas.app, runtime=runtime).tenant("acme")
+    async with running_worker(sagas.app, runtime):
+        handle = await tenant.start(sagas.transfer, "t-run", "alice", "bob", 4, "debit-slow")
+        for _ in range(300):
+            if entries("t-run"):
+                break
+            await asyncio.sleep(0.02)
+        assert entries("t-run") == {"debit"}
+        assert await handle.cancel() is RunStatus.RUNNING
+        with pytest.raises(RunFailedError) as failed:
+            await handle.result(timeout=30)
+    assert failed.value.status == "compensated"
+    assert entries("t-run") == {"debit", "undo-debit"}
+    assert [(s.name, s.status.value) for s in await handle.steps()] == [("undo_debit", "completed")]
+
+
 async def test_a_slow_compensation_is_not_cut_short_by_the_cancel(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
