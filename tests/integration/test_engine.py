@@ -303,7 +303,12 @@ async def test_durable_sleep_releases_the_worker(runtime: Runtime) -> None:
     async with running_worker(app, runtime, concurrency=1) as worker:
         handle = await client.tenant("acme").start(napper, 0.6)
         await _wait_status(handle, RunStatus.SLEEPING)
-        assert not worker._inflight  # the only slot is free while the run sleeps
+        # The only slot is freed while the run sleeps (once the worker has handed the message
+        # back, a moment after the run's state is committed).
+        deadline = time.monotonic() + 0.3
+        while worker._inflight:
+            assert time.monotonic() < deadline, "the sleeping run still holds the worker"
+            await asyncio.sleep(0.005)
         quick = await client.tenant("acme").start(ship, Item(sku="q", qty=1))
         await quick.result(timeout=5)  # runs during the sleep
         assert await handle.status() is RunStatus.SLEEPING
