@@ -115,12 +115,6 @@ class PlatformArtifacts:
         cached = self._licenses.get(tenant_id)
         return cached is None or self.clock() - cached.fetched_at > self.refresh_seconds
 
-    def cached_license(self, tenant_id: str) -> LicenseClaims | None:
-        """The license in memory, without fetching (for hot paths that may be a little
-        behind)."""
-        cached = self._licenses.get(tenant_id)
-        return None if cached is None else cached.claims
-
     def _refresh_license(self, tenant_id: str, now: float, cached: _Cached | None) -> _Cached:
         name = f"license-{tenant_id}.json"
         try:

@@ -28,7 +28,7 @@ from tenantflow.errors import (
 )
 from tenantflow.platform.audit import AuditLog
 from tenantflow.platform.identity import ApiKey, Identity, Membership, Role, User
-from tenantflow.platform.keys import Jwks, SigningKeys, verify
+from tenantflow.platform.keys import Jwks, SigningKeys
 from tenantflow.platform.licensing import License, Licensing, Plan, Quotas
 from tenantflow.platform.registry import DatabaseServer, Tenant, TenantRegistry, TenantStatus
 from tenantflow.platform.schema import api_keys, licenses, memberships
@@ -283,11 +283,6 @@ class Platform:
         )
         self.audit.record("signing_key.rotated", actor=actor, tenant_id=None, target=kid)
         return kid
-
-    def verify_token(self, token: str) -> Principal:
-        from tenantflow.platform.keys import public_keys
-
-        return principal_from_claims(verify(token, public_keys(self.jwks()), typ=ACCESS_TYP))
 
     # -- plans and licenses ------------------------------------------------------------------
 
