@@ -8,16 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry, TenantRouter
-from tenantflow.queue.base import Queue
+from tenantflow.queue.base import Envelope, Queue
 from tenantflow.settings import Settings, sqlite_path
 from tenantflow.store.records import OutboxEntry
 from tenantflow.telemetry.metrics import Metrics
+from tenantflow.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from tenantflow.platform.artifacts import PlatformArtifacts
@@ -84,8 +85,11 @@ def open_bulkheads(queue: Queue) -> Bulkheads:
 class Runtime:
     """Opened once per process and shared by its clients and workers."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, tracer_provider: Any = None) -> None:
+        """``tracer_provider``: an OpenTelemetry provider for this runtime's spans when
+        ``settings.tracing`` is on (default: the installed one, else one made from OTEL_*)."""
         self.settings = settings or Settings()
+        self.tracing = Tracing(enabled=self.settings.tracing, provider=tracer_provider)
         self.registry = TenantRegistry(self.settings)
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
@@ -179,7 +183,10 @@ class Runtime:
     async def _send(self, batch: dict[str, list[OutboxEntry]]) -> None:
         try:
             await self.queue.enqueue_many(
-                {t: [(e.run_id, e.priority) for e in entries] for t, entries in batch.items()}
+                {
+                    t: [Envelope(e.run_id, e.priority, e.trace) for e in entries]
+                    for t, entries in batch.items()
+                }
             )
         except Exception as exc:
             # The changes are committed; their messages wait in the outbox for the relay. The
@@ -217,3 +224,5 @@ class Runtime:
         await self.router.close()
         await self.queue.close()
         self.registry.close()
+        if self.tracing.enabled:  # spans still buffered are exported now
+            await asyncio.to_thread(self.tracing.close)

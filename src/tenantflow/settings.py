@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         repr=False,
         description="A bearer secret for scraping the API's /metrics (else platform admins only).",
     )
+    tracing: bool = Field(
+        default=False,
+        description="OpenTelemetry tracing (export configured by the standard OTEL_* variables).",
+    )
     log_level: str = Field(default="INFO")
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

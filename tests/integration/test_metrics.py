@@ -1,11 +1,14 @@
 """Prometheus metrics, on both backends: what the API serves (and to whom), the tenant label
-switched off, and a worker's own /metrics."""
+switched off, a worker's own /metrics, and three worker processes adding up in one scrape."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tenantflow import Client, Runtime
@@ -16,6 +19,7 @@ from tests.apps import api as workflows
 from tests.conftest import running_worker
 from tests.integration.test_api import admin, member
 from tests.integration.test_cli import free_port
+from tests.integration.test_crash import Workers
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -125,3 +129,52 @@ async def test_the_stuck_run_detector(runtime: Runtime) -> None:
             assert lag >= 0.4
     finally:
         await watched.close()
+
+
+@pytest.mark.slow
+async def test_three_worker_processes_add_up_in_one_scrape(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """Multi-process mode (``PROMETHEUS_MULTIPROC_DIR``): three worker processes share the
+    work; one scrape of any one of them serves the sum of all three."""
+    shared = tmp_path / "prometheus"
+    ports = [free_port() for _ in range(3)]
+    workers = Workers(runtime.settings, tmp_path)
+    runs = 60
+    try:
+        for port in ports:
+            workers.start(
+                app="tests.apps.api:app",
+                concurrency=4,
+                env={"PROMETHEUS_MULTIPROC_DIR": str(shared), "TENANTFLOW_METRICS_PORT": str(port)},
+            )
+        tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+        handles = [await tenant.start(workflows.slow, 0.05) for _ in range(runs)]
+        for handle in handles:
+            assert await handle.result(timeout=60) == 0.05
+        scrapes = [
+            samples((await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{p}/metrics")).text)
+            for p in ports
+        ]
+    finally:
+        workers.stop_all()
+    finished = frozenset({("workflow", "slow"), ("tenant", "acme"), ("status", "completed")})
+    pause = frozenset({("step", "pause"), ("status", "completed")})
+    for got in scrapes:  # any process serves the total
+        assert got[("tenantflow_runs_finished_total", finished)] == runs
+        assert got[("tenantflow_step_duration_seconds_count", pause)] == runs
+        # Shared state is served once, not once per process.
+        depth = [v for (name, _), v in got.items() if name == "tenantflow_queue_depth"]
+        assert len(depth) <= 2 and all(v <= runs for v in depth)
+    # ... and it is the sum of what each process counted in its own file.
+    per_process = []
+    for path in sorted(shared.glob("counter_*.db")):
+        counted = sum(
+            s.value
+            for metric in MultiProcessCollector.merge([str(path)])  # type: ignore[no-untyped-call]
+            for s in metric.samples
+            if s.name == "tenantflow_runs_finished_total" and s.labels.get("workflow") == "slow"
+        )
+        per_process.append(counted)
+    assert len(per_process) == 3 and all(n > 0 for n in per_process), per_process
+    assert sum(per_process) == runs

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantflow import __version__
 from tenantflow.api import platform as platform_routes
@@ -26,6 +27,7 @@ from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.settings import Settings
 from tenantflow.telemetry.metrics import CONTENT_TYPE
+from tenantflow.telemetry.tracing import mark_error
 
 READY_TIMEOUT_SECONDS = 2.0
 PROGRESS_CACHE_SECONDS = 15.0
@@ -86,6 +88,8 @@ def create_api(
                         return problems.problem(413, "too-large", f"the body exceeds {limit} bytes")
                 request._body = body  # read once; the route reads it from here
         return await call_next(request)
+
+    api.add_middleware(TraceRequests)  # outermost: the span covers the whole request
 
     @api.get("/metrics", tags=["health"])
     async def metrics(request: Request) -> Response:
@@ -167,6 +171,52 @@ async def _progress(api: FastAPI, runtime: Runtime) -> dict[str, int]:
     }
     api.state.progress = (time.monotonic(), result)
     return result
+
+
+class TraceRequests:
+    """A server span per HTTP request when tracing is on (the client's ``traceparent``, if
+    valid, is its parent). Named by the route's template, never by the ids in the path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
+        if scope["type"] != "http" or runtime is None or not runtime.tracing.enabled:
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        origin = None
+        for name, value in scope["headers"]:
+            if name == b"traceparent":
+                origin = value.decode("latin-1")
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with runtime.tracing.span(
+            method,
+            kind="server",
+            origin=origin,
+            link=False,
+            attributes={"http.request.method": method},
+        ) as span:
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                route = scope.get("route")
+                template = getattr(route, "path", None)
+                if span is not None:
+                    if template is not None:
+                        span.update_name(f"{method} {template}")
+                        span.set_attribute("http.route", template)
+                    span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    mark_error(span, str(status))
 
 
 class NotReady(Exception):

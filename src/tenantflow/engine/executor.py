@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from tenantflow.resilience.bulkhead import Bulkheads
     from tenantflow.sdk.app import Step, Workflow
     from tenantflow.telemetry.metrics import Metrics
+    from tenantflow.telemetry.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -99,6 +100,7 @@ class ExecutionHost(Protocol):
     breakers: Breakers
     bulkheads: Bulkheads
     metrics: Metrics
+    tracing: Tracing
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None: ...
 
@@ -354,7 +356,19 @@ class Execution:
             )
             try:
                 try:
-                    value = await self._attempt(step, args, kwargs)
+                    with self.host.tracing.span(
+                        f"{'compensate' if self.compensating else 'step'} {step.name}",
+                        attributes={
+                            "tenantflow.tenant": run.tenant_id,
+                            "tenantflow.run": run.id,
+                            "tenantflow.workflow": run.workflow,
+                            "tenantflow.step": step.name,
+                            "tenantflow.seq": seq,
+                            "tenantflow.attempt": attempt,
+                            "tenantflow.compensation": self.compensating,
+                        },
+                    ):
+                        value = await self._attempt(step, args, kwargs)
                 except Exception:
                     if permit is not None:
                         await self.host.breakers.record(permit, failed=True)
@@ -629,6 +643,7 @@ class Execution:
             priority=self.run.priority,
             timeout=workflow.workflow_options.timeout,
             max_recoveries=workflow.workflow_options.max_recovery_attempts,
+            trace=self.host.tracing.traceparent(),  # the child's deliveries join this trace
         )
         while True:
             state = await self._io(

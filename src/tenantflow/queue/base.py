@@ -24,6 +24,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a message carries: the run, its priority, and the W3C ``traceparent`` of the
+    run's origin (None when tracing is off), which every delivery of it carries on."""
+
+    run_id: str
+    priority: int = 0
+    trace: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Message:
     id: str
@@ -32,6 +42,7 @@ class Message:
     priority: int
     deliveries: int
     receipt: str  # identifies this delivery; ack and retry_later need it
+    trace: str | None = None  # the envelope's traceparent, as given (not validated)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +65,17 @@ class Queue(Protocol):
     max_deliveries: int
 
     async def enqueue(
-        self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
+        self,
+        tenant_id: str,
+        run_id: str,
+        *,
+        delay: float = 0.0,
+        priority: int = 0,
+        trace: str | None = None,
     ) -> str: ...
 
-    async def enqueue_many(self, batch: Mapping[str, Sequence[tuple[str, int]]]) -> None:
-        """Make messages ready now, ``{tenant: [(run id, priority), ...]}``, in one go."""
+    async def enqueue_many(self, batch: Mapping[str, Sequence[Envelope]]) -> None:
+        """Make messages ready now, ``{tenant: [envelope, ...]}``, in one go."""
         ...
 
     async def dequeue(

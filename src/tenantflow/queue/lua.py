@@ -2,8 +2,9 @@
 atomic script. Times come from the Redis clock (``TIME``), never from the callers' clocks.
 
 Key layout (``keys.TenantKeys``), the same for every script:
-    KEYS[1] stream    XADD'd messages: fields run, p (priority), d (deliveries before this entry)
-    KEYS[2] delayed   ZSET member "uid|run|p|d", score = due time (ms)
+    KEYS[1] stream    XADD'd messages: fields run, p (priority), d (deliveries before this entry),
+                      tp (the W3C traceparent of the run's origin; absent when not traced)
+    KEYS[2] delayed   ZSET member "uid|run|p|d|tp", score = due time (ms)
     KEYS[3] live      HASH run -> live messages of that run
     KEYS[4] dead      dead-letter stream (capped)
     KEYS[5] seq       INCR counter for delayed members
@@ -34,27 +35,32 @@ local function owned(group, id, consumer, count)
   if type(p) ~= 'table' or p.err then return false end
   return #p == 1 and p[1][2] == consumer and tonumber(p[1][4]) == tonumber(count)
 end
-local function put(run, p, d, delay)
+local function put(run, p, d, delay, tp)
+  tp = tp or ''
   if delay > 0 then
     local uid = redis.call('INCR', KEYS[5])
     local due = now_ms() + delay
-    redis.call('ZADD', KEYS[2], due, uid .. '|' .. run .. '|' .. p .. '|' .. d)
+    redis.call('ZADD', KEYS[2], due, uid .. '|' .. run .. '|' .. p .. '|' .. d .. '|' .. tp)
     return due
   end
-  redis.call('XADD', KEYS[1], '*', 'run', run, 'p', p, 'd', d)
+  if tp == '' then
+    redis.call('XADD', KEYS[1], '*', 'run', run, 'p', p, 'd', d)
+  else
+    redis.call('XADD', KEYS[1], '*', 'run', run, 'p', p, 'd', d, 'tp', tp)
+  end
   return now_ms()
 end
 """
 
-# ARGV: delay_ms, then run, priority for each message. Returns the time (ms) the messages
-# become ready.
+# ARGV: delay_ms, then run, priority, traceparent ('' for none) for each message. Returns the
+# time (ms) the messages become ready.
 ENQUEUE = (
     COMMON
     + """
 local delay, at = tonumber(ARGV[1]), 0
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   redis.call('HINCRBY', KEYS[3], ARGV[i], 1)
-  at = put(ARGV[i], ARGV[i + 1], 0, delay)
+  at = put(ARGV[i], ARGV[i + 1], 0, delay, ARGV[i + 2])
 end
 return at
 """
@@ -65,7 +71,8 @@ return at
 #       dead_maxlen.
 # Promotes due delayed messages, reclaims messages idle past min_idle (dead-lettering those
 # delivered max_deliveries times), then reads new ones. Returns a flat list of
-# id, run, priority, total deliveries, Redis delivery count; per message.
+# id, run, priority, total deliveries, Redis delivery count, traceparent ('' for none); per
+# message.
 DEQUEUE = (
     COMMON
     + """
@@ -73,17 +80,18 @@ local group, consumer = ARGV[1], ARGV[2]
 local count, min_idle, max_deliveries = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local cap, dead_maxlen = tonumber(ARGV[6]), ARGV[7]
 local now = now_ms()
-local function dead_letter(id, run, p, deliveries, at)
+local function dead_letter(id, run, p, deliveries, at, tp)
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'run', run, 'p', p,
-             'deliveries', deliveries, 'at', at)
+             'deliveries', deliveries, 'at', at, 'tp', tp or '')
   redis.call('XACK', KEYS[1], group, id)
   redis.call('XDEL', KEYS[1], id)
   forget(run)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 500)
 for _, member in ipairs(due) do
-  local uid, run, p, d = string.match(member, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-  redis.call('XADD', KEYS[1], '*', 'run', run, 'p', p, 'd', d)
+  -- Members written before traces were carried have four parts.
+  local uid, run, p, d, tp = string.match(member, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
+  put(run, p, d, 0, tp)
   redis.call('ZREM', KEYS[2], member)
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[1], group, '0', 'MKSTREAM')
@@ -97,18 +105,20 @@ for _, pe in ipairs(idle) do
   else
     local fields = entry[1][2]
     local run, p, d = field(fields, 'run'), field(fields, 'p'), tonumber(field(fields, 'd'))
+    local tp = field(fields, 'tp') or ''
     if deliveries + d >= max_deliveries then
-      dead_letter(id, run, p, deliveries + d, now)
+      dead_letter(id, run, p, deliveries + d, now, tp)
     else
       local claimed = redis.call('XCLAIM', KEYS[1], group, consumer, min_idle, id)
       if #claimed == 1 then
         table.insert(out, id); table.insert(out, run); table.insert(out, p)
         table.insert(out, deliveries + 1 + d); table.insert(out, deliveries + 1)
+        table.insert(out, tp)
       end
     end
   end
 end
-local room = count - #out / 5
+local room = count - #out / 6
 if cap ~= 0 then
   -- In flight = the group's pending entries (reclaimed ones included), cluster-wide.
   local pending = tonumber(redis.call('XPENDING', KEYS[1], group)[1])
@@ -122,11 +132,13 @@ if room > 0 then
     for _, entry in ipairs(fresh[1][2]) do
       local fields = entry[2]
       local run, p, d = field(fields, 'run'), field(fields, 'p'), tonumber(field(fields, 'd'))
+      local tp = field(fields, 'tp') or ''
       if d >= max_deliveries then
-        dead_letter(entry[1], run, p, d, now)
+        dead_letter(entry[1], run, p, d, now, tp)
       else
         table.insert(out, entry[1]); table.insert(out, run)
         table.insert(out, p); table.insert(out, d + 1); table.insert(out, 1)
+        table.insert(out, tp)
       end
     end
   end
@@ -168,7 +180,7 @@ if #entry == 0 then return 0 end
 local fields = entry[1][2]
 local d = 0
 if ARGV[6] == '1' then d = tonumber(field(fields, 'd')) + tonumber(ARGV[4]) end
-return put(field(fields, 'run'), field(fields, 'p'), d, tonumber(ARGV[5]))
+return put(field(fields, 'run'), field(fields, 'p'), d, tonumber(ARGV[5]), field(fields, 'tp'))
 """
 )
 
@@ -195,7 +207,7 @@ if #entry == 0 then return 0 end
 local fields = entry[1][2]
 redis.call('XDEL', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[3], field(fields, 'run'), 1)
-put(field(fields, 'run'), field(fields, 'p'), 0, 0)
+put(field(fields, 'run'), field(fields, 'p'), 0, 0, field(fields, 'tp'))
 return 1
 """
 )

@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError
 
 from tenantflow.errors import NotFoundError
 from tenantflow.queue import lua
-from tenantflow.queue.base import DeadLetter, Message, QueueStats
+from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
 from tenantflow.queue.keys import GROUP, Keys
 
 log = structlog.get_logger(__name__)
@@ -65,14 +65,20 @@ class RedisStreamsQueue:
     # -- producing ---------------------------------------------------------------------------
 
     async def enqueue(
-        self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
+        self,
+        tenant_id: str,
+        run_id: str,
+        *,
+        delay: float = 0.0,
+        priority: int = 0,
+        trace: str | None = None,
     ) -> str:
         keys = self.keys.tenant(tenant_id).all()
         delay_ms = max(0, int(delay * 1000))
 
         # One round trip: the script, the tenant's activity mark, the wake-up.
         def build(pipe: Any) -> None:
-            self._eval(pipe, "ENQUEUE", keys, [delay_ms, run_id, priority])
+            self._eval(pipe, "ENQUEUE", keys, [delay_ms, run_id, priority, trace or ""])
             pipe.zadd(self.keys.active, {tenant_id: int(time.time() * 1000) + delay_ms}, gt=True)
             if delay_ms == 0:
                 self._wake(pipe, tenant_id)
@@ -80,7 +86,7 @@ class RedisStreamsQueue:
         ready_at = (await self._execute(build))[0]
         return f"{tenant_id}:{run_id}:{ready_at}"
 
-    async def enqueue_many(self, batch: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+    async def enqueue_many(self, batch: Mapping[str, Sequence[Envelope]]) -> None:
         batch = {tenant: runs for tenant, runs in batch.items() if runs}
         if not batch:
             return
@@ -96,8 +102,8 @@ class RedisStreamsQueue:
         def build(pipe: Any) -> None:
             for tenant, runs in batch.items():
                 args: list[Any] = [0]
-                for run_id, priority in runs:
-                    args.extend((run_id, priority))
+                for envelope in runs:
+                    args.extend((envelope.run_id, envelope.priority, envelope.trace or ""))
                 self._eval(pipe, "ENQUEUE", self.keys.tenant(tenant).all(), args)
             if unmarked:
                 pipe.zadd(
@@ -202,8 +208,8 @@ class RedisStreamsQueue:
         replies = await self._execute(build)
         out: list[Message] = []
         for (tenant, _), flat in zip(plan, replies, strict=True):
-            for i in range(0, len(flat), 5):
-                entry_id, run_id, priority, deliveries, count = flat[i : i + 5]
+            for i in range(0, len(flat), 6):
+                entry_id, run_id, priority, deliveries, count, trace = flat[i : i + 6]
                 out.append(
                     Message(
                         id=entry_id,
@@ -212,6 +218,7 @@ class RedisStreamsQueue:
                         priority=int(priority),
                         deliveries=int(deliveries),
                         receipt=f"{consumer}|{count}",
+                        trace=trace or None,
                     )
                 )
         return out

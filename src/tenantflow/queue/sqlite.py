@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tenantflow import _sqlite
 from tenantflow.errors import NotFoundError
-from tenantflow.queue.base import DeadLetter, Message, QueueStats
+from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS messages (
     available_at REAL NOT NULL,
     deliveries INTEGER NOT NULL DEFAULT 0,
     receipt TEXT,
-    enqueued_at REAL NOT NULL
+    enqueued_at REAL NOT NULL,
+    trace TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_messages_ready ON messages (tenant_id, priority DESC, available_at);
 CREATE INDEX IF NOT EXISTS ix_messages_run ON messages (tenant_id, run_id);
@@ -42,7 +43,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     run_id TEXT NOT NULL,
     priority INTEGER NOT NULL,
     deliveries INTEGER NOT NULL,
-    failed_at REAL NOT NULL
+    failed_at REAL NOT NULL,
+    trace TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_dead_letters_tenant ON dead_letters (tenant_id, id);
 """
@@ -58,8 +60,13 @@ WITH RECURSIVE t(tenant_id) AS (
 SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL
 """
 SQL_READY_OF_TENANT = (
-    "SELECT id, run_id, priority, deliveries FROM messages "
+    "SELECT id, run_id, priority, deliveries, trace FROM messages "
     "WHERE tenant_id = ? AND available_at <= ? ORDER BY priority DESC, available_at, id LIMIT ?"
+)
+
+SQL_INSERT = (
+    "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at, trace) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -79,39 +86,43 @@ class SqliteQueue:
         self.tenant_max_inflight = tenant_max_inflight
         self._conn = _sqlite.connect(path, synchronous=synchronous)
         self._conn.executescript(SCHEMA)
+        for table in ("messages", "dead_letters"):  # queue files made before traces were kept
+            columns = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            if "trace" not in columns:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN trace TEXT")
         self._rotation = 0
         self._wakeup = asyncio.Event()
 
     async def enqueue(
-        self, tenant_id: str, run_id: str, *, delay: float = 0.0, priority: int = 0
+        self,
+        tenant_id: str,
+        run_id: str,
+        *,
+        delay: float = 0.0,
+        priority: int = 0,
+        trace: str | None = None,
     ) -> str:
         now = time.time()
         with _sqlite.transaction(self._conn) as cur:
             cur.execute(
-                "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (tenant_id, run_id, priority, now + max(0.0, delay), now),
+                SQL_INSERT, (tenant_id, run_id, priority, now + max(0.0, delay), now, trace)
             )
             message_id = str(cur.lastrowid)
         if delay <= 0:
             self._wakeup.set()
         return message_id
 
-    async def enqueue_many(self, batch: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+    async def enqueue_many(self, batch: Mapping[str, Sequence[Envelope]]) -> None:
         now = time.time()
         rows = [
-            (tenant_id, run_id, priority, now, now)
-            for tenant_id, runs in batch.items()
-            for run_id, priority in runs
+            (tenant_id, e.run_id, e.priority, now, now, e.trace)
+            for tenant_id, envelopes in batch.items()
+            for e in envelopes
         ]
         if not rows:
             return
         with _sqlite.transaction(self._conn) as cur:
-            cur.executemany(
-                "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
+            cur.executemany(SQL_INSERT, rows)
         self._wakeup.set()
 
     async def dequeue(
@@ -143,7 +154,7 @@ class SqliteQueue:
                 ).fetchall()
                 for t in order
             }
-            picked: list[tuple[str, tuple[int, str, int, int]]] = []
+            picked: list[tuple[str, tuple[int, str, int, int, str | None]]] = []
             depth = 0
             while len(picked) < max_messages and any(
                 len(r) > depth * _w(weights, t) for t, r in ready.items()
@@ -158,12 +169,12 @@ class SqliteQueue:
                             picked.append((tenant, row))
                 depth += 1
             until = now + visibility_timeout
-            for tenant, (mid, run_id, priority, deliveries) in picked:
+            for tenant, (mid, run_id, priority, deliveries, trace) in picked:
                 if deliveries >= self.max_deliveries:
                     cur.execute(
                         "INSERT INTO dead_letters (id, tenant_id, run_id, priority, deliveries, "
-                        "failed_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (mid, tenant, run_id, priority, deliveries, now),
+                        "failed_at, trace) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (mid, tenant, run_id, priority, deliveries, now, trace),
                     )
                     cur.execute("DELETE FROM messages WHERE id = ?", (mid,))
                     continue
@@ -181,6 +192,7 @@ class SqliteQueue:
                         priority=priority,
                         deliveries=deliveries + 1,
                         receipt=receipt,
+                        trace=trace,
                     )
                 )
         return out
@@ -248,17 +260,13 @@ class SqliteQueue:
         with _sqlite.transaction(self._conn) as cur:
             row = cur.execute(
                 "DELETE FROM dead_letters WHERE id = ? AND tenant_id = ? "
-                "RETURNING run_id, priority",
+                "RETURNING run_id, priority, trace",
                 (int(dead_letter_id), tenant_id),
             ).fetchone()
             if row is None:
                 raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
             now = time.time()
-            cur.execute(
-                "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (tenant_id, row[0], row[1], now, now),
-            )
+            cur.execute(SQL_INSERT, (tenant_id, row[0], row[1], now, now, row[2]))
         self._wakeup.set()
 
     def _room(

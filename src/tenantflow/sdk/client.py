@@ -24,6 +24,7 @@ from tenantflow.sdk.serde import dumps, loads
 from tenantflow.settings import Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.records import NewRun, RunRecord, RunStatus, StepRecord
+from tenantflow.telemetry.tracing import set_attributes
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -104,18 +105,26 @@ class TenantClient:
             quota = license.quotas.runs_per_month
         payload = encode_input(workflow, args, kwargs)
         options = workflow.start_options
-        new = NewRun(
-            id=new_run_id(),
-            workflow=workflow.name,
-            input=payload,
-            idempotency_key=options.idempotency_key,
-            priority=options.priority,
-            timeout=workflow.workflow_options.timeout,
-            max_recoveries=workflow.workflow_options.max_recovery_attempts,
-        )
-        run, created, outbox = await self.store.create_run(
-            new, now=time.time(), monthly_quota=quota
-        )
+        tracing = runtime.tracing
+        with tracing.span(
+            f"submit {workflow.name}",
+            kind="producer",
+            attributes={"tenantflow.tenant": self.tenant_id, "tenantflow.workflow": workflow.name},
+        ) as span:
+            new = NewRun(
+                id=new_run_id(),
+                workflow=workflow.name,
+                input=payload,
+                idempotency_key=options.idempotency_key,
+                priority=options.priority,
+                timeout=workflow.workflow_options.timeout,
+                max_recoveries=workflow.workflow_options.max_recovery_attempts,
+                trace=tracing.traceparent(),  # the run's deliveries join this span's trace
+            )
+            run, created, outbox = await self.store.create_run(
+                new, now=time.time(), monthly_quota=quota
+            )
+            set_attributes(span, {"tenantflow.run": run.id, "tenantflow.created": created})
         if created:
             runtime.metrics.submitted(workflow.name, self.tenant_id)
         runtime.publish_soon(self.tenant_id, outbox)  # committed: the message may follow

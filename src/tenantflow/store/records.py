@@ -109,6 +109,7 @@ class NewRun:
     priority: int = 0
     timeout: float | None = None
     max_recoveries: int = 10
+    trace: str | None = None  # W3C traceparent of the span that started it (tracing on)
 
 
 class ClaimOutcome(enum.Enum):
@@ -178,6 +179,7 @@ class OutboxEntry:
     id: int
     run_id: str
     priority: int = 0
+    trace: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

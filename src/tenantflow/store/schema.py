@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 
 metadata = sa.MetaData()
 
@@ -35,6 +35,7 @@ runs = sa.Table(
     sa.Column("executions", sa.Integer, nullable=False, server_default="0"),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("compensable", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("trace", sa.Text),
     sa.Index("ix_runs_status", "status", "id"),
     sa.Index("ix_runs_parent", "parent_id"),
 )
@@ -73,6 +74,7 @@ outbox = sa.Table(
     sa.Column("run_id", sa.String(255), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("trace", sa.Text),
     sa.Index("ix_outbox_created", "created_at"),
 )
 

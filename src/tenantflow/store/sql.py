@@ -56,11 +56,13 @@ SQL_UPSERT_STEP = (
 )
 SQL_INSERT_RUN = (
     "INSERT INTO runs (id, workflow, status, input, idempotency_key, parent_id, priority, "
-    "timeout, max_recoveries, created_at, updated_at) "
-    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
+    "timeout, max_recoveries, created_at, updated_at, trace) "
+    "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The record carries the run's trace context (its origin's traceparent) to the message.
 SQL_INSERT_OUTBOX = (
-    "INSERT INTO outbox (run_id, priority, created_at) VALUES (?, ?, ?) RETURNING id"
+    "INSERT INTO outbox (run_id, priority, created_at, trace) "
+    "SELECT id, ?, ?, trace FROM runs WHERE id = ? RETURNING id, trace"
 )
 SQL_GET_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"
 SQL_CLAIM_READ = (
@@ -100,9 +102,9 @@ SQL_CHILD_STATE = "SELECT status, result, error FROM runs WHERE id = ?"
 # Fast paths: one statement (one round trip, one implicit transaction) for the common case;
 # the general transaction handles everything else.
 SQL_CREATE_PG = (
-    f"WITH ins AS ({SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING id, priority), "
-    "ob AS (INSERT INTO outbox (run_id, priority, created_at) "
-    "SELECT id, priority, ? FROM ins RETURNING id) "
+    f"WITH ins AS ({SQL_INSERT_RUN} ON CONFLICT DO NOTHING RETURNING id, priority, trace), "
+    "ob AS (INSERT INTO outbox (run_id, priority, created_at, trace) "
+    "SELECT id, priority, ?, trace FROM ins RETURNING id) "
     "SELECT ob.id FROM ob"
 )
 SQL_COUNT_RUN = (
@@ -260,9 +262,9 @@ class SqlRunStore:
 
     @staticmethod
     async def _outbox(tx: Tx, run_id: str, priority: int, now: float) -> OutboxEntry:
-        row = await tx.one(SQL_INSERT_OUTBOX, (run_id, priority, now))
+        row = await tx.one(SQL_INSERT_OUTBOX, (priority, now, run_id))
         assert row is not None
-        return OutboxEntry(id=int(row[0]), run_id=run_id, priority=priority)
+        return OutboxEntry(id=int(row[0]), run_id=run_id, priority=priority, trace=row[1])
 
     async def _wake(self, tx: Tx, run_id: str, now: float) -> list[OutboxEntry]:
         """A waiting run becomes queued again, with a message to publish."""
@@ -340,11 +342,14 @@ class SqlRunStore:
             run.max_recoveries,
             now,
             now,
+            run.trace,
         )
         if self.db.dialect == "postgresql" and monthly_quota is None:
             inserted = await self.db.batched(SQL_CREATE_PG, (*params, now))
             if inserted is not None:  # the new run is exactly what was inserted
-                entry = OutboxEntry(id=int(inserted[0]), run_id=run.id, priority=run.priority)
+                entry = OutboxEntry(
+                    id=int(inserted[0]), run_id=run.id, priority=run.priority, trace=run.trace
+                )
                 return _new_record(self.tenant_id, run, now), True, (entry,)
         else:
             async with self.db.transaction() as tx:
@@ -596,6 +601,7 @@ class SqlRunStore:
                     child.max_recoveries,
                     now,
                     now,
+                    child.trace,
                 ),
             )
             wake = [await self._outbox(tx, child.id, child.priority, now)] if created else []
@@ -769,27 +775,28 @@ class SqlRunStore:
     async def pending_outbox(self, *, older_than: float, limit: int = 500) -> list[OutboxEntry]:
         async with self.db.autocommit() as tx:
             rows = await tx.all(
-                "SELECT id, run_id, priority FROM outbox WHERE created_at < ? ORDER BY id LIMIT ?",
+                "SELECT id, run_id, priority, trace FROM outbox WHERE created_at < ? "
+                "ORDER BY id LIMIT ?",
                 (older_than, limit),
             )
-        return [OutboxEntry(id=r[0], run_id=r[1], priority=r[2]) for r in rows]
+        return [OutboxEntry(id=r[0], run_id=r[1], priority=r[2], trace=r[3]) for r in rows]
 
     async def stalled_runs(
         self, *, now: float, grace: float, limit: int = 1000
-    ) -> list[tuple[str, int]]:
+    ) -> list[tuple[str, int, str | None]]:
         """Runs that should have a message by now: queued, running with a lapsed lease, or
         sleeping/waiting past their wake-up time, for longer than ``grace`` seconds."""
         cutoff = now - grace
         async with self.db.autocommit() as tx:
             rows: list[Row] = await tx.all(
-                "SELECT id, priority FROM runs WHERE "
+                "SELECT id, priority, trace FROM runs WHERE "
                 "(status = 'queued' AND updated_at < ?) "
                 "OR (status = 'running' AND lease_until < ?) "
                 "OR (status IN ('sleeping', 'waiting') AND wake_at < ?) "
                 "ORDER BY id LIMIT ?",
                 (cutoff, cutoff, cutoff, limit),
             )
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     async def stuck_runs(self, *, before: float) -> tuple[int, float | None]:
         """How many runs are queued or running without progress since ``before``, and when

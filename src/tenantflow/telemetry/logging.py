@@ -1,14 +1,46 @@
-"""Structured logging (structlog): console lines for people, JSON lines for machines.
+"""Structured logging (structlog): console lines for people, JSON lines for machines
+(``TENANTFLOW_LOG_FORMAT=json``).
 
-Log events carry identifiers (tenant, run, step), never inputs, outputs or secrets.
+Log events carry identifiers - tenant and run (bound for everything a worker logs while it
+handles a message), step, and the trace and span ids of the current span when tracing is on -
+never inputs, outputs or secrets: fields named like a secret are masked whatever logs them.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
+
+SECRET_FIELDS = frozenset(
+    {"password", "token", "secret", "api_key", "authorization", "private_key", "dsn"}
+)
+MASK = "[redacted]"
+
+
+def add_trace_ids(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``trace_id`` and ``span_id`` of the current span (W3C hex), as log backends join them
+    to traces. Free when tracing is off: OpenTelemetry is then never imported."""
+    otel = sys.modules.get("opentelemetry.trace")
+    if otel is not None:
+        context = otel.get_current_span().get_span_context()
+        if context.is_valid:
+            event.setdefault("trace_id", format(context.trace_id, "032x"))
+            event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
+
+def mask_secrets(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in event.keys() & SECRET_FIELDS:
+        event[key] = MASK
+    return event
 
 
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
@@ -22,6 +54,8 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_trace_ids,
+            mask_secrets,
             structlog.processors.format_exc_info,
             renderer,
         ],

@@ -1,10 +1,14 @@
 """Metrics for Prometheus.
 
-Every process (API, each worker) has its own registry and serves it (the API at ``/metrics``,
-a worker on ``TENANTFLOW_METRICS_PORT``); counters count what that process did, and
-Prometheus sums them over the instances it scrapes. Gauges of shared state (queue depth and
-oldest message per tenant, dead letters, breaker states) are read from the queue and the
-breakers when refreshed: on each scrape of the API, every few seconds in a worker.
+Every process (API, each worker) serves its metrics (the API at ``/metrics``, a worker on
+``TENANTFLOW_METRICS_PORT``); counters count what that process did, and Prometheus sums them
+over the instances it scrapes. With ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus-client's
+multi-process mode), the processes of one host write their values to files there and each of
+them serves the host's total: one scrape of any of them adds up all. Gauges of shared state
+(queue depth and oldest message per tenant, dead letters, stuck runs, breaker states) are read
+from the queue and the breakers when refreshed, on each scrape of the API and every few
+seconds in a worker; every process reads the same value, so they are never summed (the most
+recent one is served).
 
 The ``tenant`` label can be switched off (``TENANTFLOW_METRICS_PER_TENANT=false``) to bound
 cardinality; tenant ids are the only tenant data in metrics, never payloads.
@@ -12,7 +16,9 @@ cardinality; tenant ids are the only tenant data in metrics, never payloads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,6 +27,7 @@ if TYPE_CHECKING:
     from tenantflow.runtime import Runtime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -28,6 +35,9 @@ class Metrics:
     def __init__(self, *, per_tenant: bool = True) -> None:
         self.per_tenant = per_tenant
         self.registry = CollectorRegistry()
+        self.multiprocess_dir = os.environ.get(MULTIPROCESS_ENV) or None
+        if self.multiprocess_dir is not None:
+            Path(self.multiprocess_dir).mkdir(parents=True, exist_ok=True)
         run_labels = ["workflow", "tenant"] if per_tenant else ["workflow"]
         tenant_labels = ["tenant"] if per_tenant else []
         r = self.registry
@@ -65,31 +75,39 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "tenantflow_queue_depth", "Messages waiting or in flight.", ["tenant"], registry=r
+            "tenantflow_queue_depth",
+            "Messages waiting or in flight.",
+            ["tenant"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.oldest_age = Gauge(
             "tenantflow_queue_oldest_message_age_seconds",
             "Age of the oldest message not yet acknowledged.",
             ["tenant"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.dead_letters = Gauge(
             "tenantflow_dead_letters",
             "Messages in the dead-letter stream.",
             ["tenant"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.stuck_runs = Gauge(
             "tenantflow_stuck_runs",
             "Runs queued or running without progress past TENANTFLOW_STUCK_RUN_SECONDS.",
             ["tenant"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.breaker_state = Gauge(
             "tenantflow_circuit_breaker_state",
             "1 for the state each circuit breaker is in, 0 for the others.",
             ["breaker", "state"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
 
     def tenant(self, tenant_id: str) -> list[str]:
@@ -132,5 +150,16 @@ class Metrics:
                     1.0 if candidate is state else 0.0
                 )
 
+    def serving_registry(self) -> CollectorRegistry:
+        """What to serve: this process's registry, or in multi-process mode a collector of
+        every process's files."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]  # untyped in prometheus-client
+        return registry
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.serving_registry())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from tenantflow.queue.base import Envelope
 from tenantflow.runtime import Runtime
 from tenantflow.store.base import RunStore
 
@@ -84,8 +85,12 @@ class Maintenance:
             self.totals.relayed += len(pending)
         stalled = await store.stalled_runs(now=now, grace=self.grace)
         if stalled:
-            live = await queue.live(tenant_id, [run_id for run_id, _ in stalled])
-            missing = [(run_id, priority) for run_id, priority in stalled if run_id not in live]
+            live = await queue.live(tenant_id, [run_id for run_id, _, _ in stalled])
+            missing = [
+                Envelope(run_id, priority, trace)
+                for run_id, priority, trace in stalled
+                if run_id not in live
+            ]
             if missing:
                 await queue.enqueue_many({tenant_id: missing})
                 report.reenqueued += len(missing)

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -30,7 +30,11 @@ from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.store.base import RunStore
 from tenantflow.store.records import ClaimOutcome, OutboxEntry
+from tenantflow.telemetry.tracing import mark_error, set_attributes
 from tenantflow.worker.maintenance import Maintenance, MaintenanceReport
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +45,7 @@ UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
 PLATFORM_VIEW_SECONDS = 1.0
 NO_RUNS = -1  # a cap below any count: the queue gives the tenant nothing
+FAILED_STATUSES = frozenset({"failed", "needs_attention"})
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Worker:
             self.breakers.configure(name, config)
         self.bulkheads = runtime.bulkheads
         self.metrics = runtime.metrics
+        self.tracing = runtime.tracing
         self._metrics_server: Any = None
         for name, bulkhead in app.bulkheads.items():
             self.bulkheads.configure(name, bulkhead)
@@ -224,17 +230,37 @@ class Worker:
             await queue.retry_later(message, self.lease / 2, count_delivery=False)
             return
         try:
-            # Pinned: the tenant's store stays open while its run executes here.
-            with self.runtime.router.pinned(message.tenant_id) as store:
-                await self._claim_and_execute(message, store)
+            # Pinned: the tenant's store stays open while its run executes here. Each delivery
+            # is a span of its own in the trace of the run's origin (the message's envelope).
+            with (
+                self.runtime.router.pinned(message.tenant_id) as store,
+                structlog.contextvars.bound_contextvars(
+                    tenant=message.tenant_id, run=message.run_id
+                ),
+                self.tracing.span(
+                    "deliver",
+                    kind="consumer",
+                    origin=message.trace,
+                    attributes={
+                        "tenantflow.tenant": message.tenant_id,
+                        "tenantflow.run": message.run_id,
+                        "tenantflow.delivery": message.deliveries,
+                        "messaging.message.id": message.id,
+                    },
+                ) as span,
+            ):
+                await self._claim_and_execute(message, store, span)
         except TenantNotFoundError:
             log.error("message for an unknown tenant dropped", tenant=message.tenant_id)
             self._ack(message)
 
-    async def _claim_and_execute(self, message: Message, store: RunStore) -> None:
+    async def _claim_and_execute(
+        self, message: Message, store: RunStore, span: Span | None
+    ) -> None:
         queue = self.runtime.queue
         now = time.time()
         claim = await store.claim_run(message.run_id, owner=self.owner, now=now, lease=self.lease)
+        set_attributes(span, {"tenantflow.claim": claim.outcome.value})
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
             self._ack(message)
@@ -251,6 +277,14 @@ class Worker:
             return
         assert claim.run is not None
         self.stats.claimed += 1
+        if span is not None:
+            span.update_name(f"run {claim.run.workflow}")
+            span.set_attributes(
+                {
+                    "tenantflow.workflow": claim.run.workflow,
+                    "tenantflow.attempt": claim.run.executions,
+                }
+            )
         key = (message.tenant_id, message.run_id)
         self._running.add(key)
         try:
@@ -281,6 +315,10 @@ class Worker:
             raise
         finally:
             self._running.discard(key)
+        if outcome.status is not None:
+            set_attributes(span, {"tenantflow.status": outcome.status.value})
+            if outcome.status.value in FAILED_STATUSES:
+                mark_error(span, outcome.status.value)
         await self._settle(message, outcome, claim.run.workflow)
 
     def _ack(self, message: Message) -> None:
@@ -338,7 +376,9 @@ class Worker:
             from prometheus_client import start_http_server
 
             self._metrics_server, _ = start_http_server(
-                settings.metrics_port, addr=settings.metrics_host, registry=self.metrics.registry
+                settings.metrics_port,
+                addr=settings.metrics_host,
+                registry=self.metrics.serving_registry(),
             )
             log.info("metrics served", port=settings.metrics_port)
 
