@@ -51,6 +51,7 @@ def open_queue(settings: Settings) -> Queue:
             prefix=settings.queue_prefix,
             max_deliveries=settings.max_deliveries,
             tenant_max_inflight=settings.tenant_max_inflight,
+            timeout=settings.redis_timeout_seconds,
         )
     raise ConfigError(
         f"unsupported queue URL scheme {url.split(':', 1)[0]!r}: "

@@ -48,6 +48,15 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Seconds between outbox relay and reconciler sweeps."
     )
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    redis_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Longest wait for Redis to connect or answer a command."
+    )
+    database_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="PostgreSQL: connect timeout, and the longest statement or idle-in-"
+        "transaction time of tenantflow's own sessions; 0: no limit.",
+    )
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         default="NORMAL",
         description="NORMAL survives a process crash; FULL also a power loss (fsync per commit).",

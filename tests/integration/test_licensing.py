@@ -226,8 +226,10 @@ async def database_gone(url: str) -> bool:
 
 @pytest.fixture
 def short_licenses(settings: Settings) -> Iterator[Settings]:
-    """Licenses that live 4 s, fetched every 0.5 s."""
-    yield settings.model_copy(update={"license_ttl_seconds": 4.0, "license_refresh_seconds": 0.5})
+    """Licenses that live 8 s, fetched every 0.5 s. A license is renewed once past half its
+    life and its expiry is a whole second, so the one held when the outage begins has at least
+    8 - 4 - 0.5 - 1 = 2.5 s left: enough for the submit made 1 s into the outage."""
+    yield settings.model_copy(update={"license_ttl_seconds": 8.0, "license_refresh_seconds": 0.5})
 
 
 async def test_the_tenant_plane_rides_out_a_platform_outage(short_licenses: Settings) -> None:

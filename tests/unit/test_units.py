@@ -129,3 +129,15 @@ def test_a_migrated_database_matches_the_schema(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_logs_mask_fields_named_like_secrets() -> None:
+    from tenantflow.telemetry.logging import MASK, mask_secrets
+
+    event = {"event": "login", "password": "hunter2", "token": "eyJ...", "tenant": "acme"}
+    assert mask_secrets(None, "info", event) == {
+        "event": "login",
+        "password": MASK,
+        "token": MASK,
+        "tenant": "acme",
+    }

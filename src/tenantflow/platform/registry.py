@@ -101,7 +101,7 @@ def _tenant(row: Any) -> Tenant:
     )
 
 
-def _platform_engine(url: str) -> sa.Engine:
+def _platform_engine(url: str, timeout: float) -> sa.Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -113,7 +113,15 @@ def _platform_engine(url: str) -> sa.Engine:
 
         return engine
     _create_database_if_missing(url)
-    return sa.create_engine(sqlalchemy_url(url), pool_size=2, max_overflow=4, pool_pre_ping=True)
+    from tenantflow.store.db import pg_session_limits
+
+    return sa.create_engine(
+        sqlalchemy_url(url),
+        pool_size=2,
+        max_overflow=4,
+        pool_pre_ping=True,
+        connect_args=pg_session_limits(timeout),
+    )
 
 
 def _create_database_if_missing(url: str) -> None:
@@ -168,7 +176,7 @@ class TenantRegistry:
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
         self.settings = settings
-        self.engine = _platform_engine(url)
+        self.engine = _platform_engine(url, settings.database_timeout_seconds)
         self._provisioners: dict[str, Provisioner] = {}
         migrate_platform(self.engine)
         # The platform's own server holds tenants too, unless routing says otherwise.
@@ -530,7 +538,12 @@ class TenantRouter:
         from tenantflow.store.db import PostgresDatabase
 
         return SqlRunStore(
-            tenant.id, PostgresDatabase(url, max_size=self.settings.tenant_pool_size)
+            tenant.id,
+            PostgresDatabase(
+                url,
+                max_size=self.settings.tenant_pool_size,
+                timeout=self.settings.database_timeout_seconds,
+            ),
         )
 
     def _close_later(self, store: RunStore) -> None:

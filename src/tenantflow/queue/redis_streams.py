@@ -29,6 +29,7 @@ ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last r
 ACTIVE_REFRESH_SECONDS = 1.0
 ACTIVE_MARK_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
+BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
 
 
@@ -40,10 +41,15 @@ class RedisStreamsQueue:
         prefix: str = "tf",
         max_deliveries: int = 10,
         tenant_max_inflight: int = 0,
+        timeout: float = 5.0,
     ) -> None:
         import redis.asyncio as redis
 
-        self.redis: Any = redis.Redis.from_url(url, decode_responses=True)
+        # Every command has a deadline: a Redis that hangs (frozen, a network partition) is
+        # an error to retry, not a worker stuck forever.
+        self.redis: Any = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
         self.keys = Keys(prefix)
         self.max_deliveries = max_deliveries
         self.tenant_max_inflight = tenant_max_inflight
@@ -59,8 +65,12 @@ class RedisStreamsQueue:
         self._rotation = 0
         self._marked: dict[str, float] = {}  # tenant -> when this process last marked it
         self._trimmed = -math.inf
-        # Blocking waits get a client (and connections) of their own.
-        self._blocking: Any = redis.Redis.from_url(url, decode_responses=True)
+        # Blocking waits get a client (and connections) of their own; each wait has its own
+        # deadline (its block time plus the command timeout), set around the call.
+        self._timeout = timeout
+        self._blocking: Any = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=timeout
+        )
 
     # -- producing ---------------------------------------------------------------------------
 
@@ -364,7 +374,10 @@ class RedisStreamsQueue:
         """Block until a wake-up token arrives (or ``timeout``). Each enqueue pushes one token
         and each token wakes one idle worker, not all of them."""
         try:
-            token = await self._blocking.blpop([self.keys.wake], timeout=max(timeout, 0.001))
+            block = min(max(timeout, 0.001), BLOCK_MAX_SECONDS)
+            # On the deadline the call is cancelled and redis-py drops its connection.
+            async with asyncio.timeout(block + self._timeout):
+                token = await self._blocking.blpop([self.keys.wake], timeout=block)
         except Exception as exc:  # Redis away: behave as a poll
             log.warning("queue wake-up wait failed", error=type(exc).__name__)
             await asyncio.sleep(timeout)

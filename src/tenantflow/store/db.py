@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -146,12 +147,34 @@ class _PgTx:
             await cur.executemany(_pg_sql(sql), params)
 
 
+def pg_session_limits(timeout: float) -> dict[str, Any]:
+    """Connection arguments that keep a tenantflow session from waiting forever: a connect
+    timeout; ``statement_timeout`` ends a statement stuck (behind a lock, say);
+    ``idle_in_transaction_session_timeout`` ends the session of a process frozen in the middle
+    of a transaction (SIGSTOP, a debugger, a stalled VM), so its row locks do not hold every
+    other worker up; TCP keepalives notice a server that vanished from the network.
+    ``timeout`` 0 leaves out the timeouts (keepalives stay)."""
+    limits: dict[str, Any] = {
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    if timeout > 0:
+        ms = int(timeout * 1000)
+        limits["connect_timeout"] = max(1, math.ceil(timeout))
+        limits["options"] = (
+            f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms // 2}"
+        )
+    return limits
+
+
 class PostgresDatabase:
     """A small pool of connections to one tenant database (psycopg 3)."""
 
     dialect = "postgresql"
 
-    def __init__(self, conninfo: str, *, max_size: int = 4) -> None:
+    def __init__(self, conninfo: str, *, max_size: int = 4, timeout: float = 30.0) -> None:
         from psycopg_pool import AsyncConnectionPool
 
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -159,8 +182,8 @@ class PostgresDatabase:
             min_size=1,
             max_size=max_size,
             open=False,
-            timeout=30,
-            kwargs={"autocommit": True},
+            timeout=max(timeout, 1.0) if timeout > 0 else 30.0,  # waiting for a connection
+            kwargs={"autocommit": True, **pg_session_limits(timeout)},
             num_workers=1,
         )
         self._opened = False
