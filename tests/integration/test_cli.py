@@ -201,6 +201,25 @@ def test_the_saga_example_runs() -> None:
     assert "still booked: ['rome:car', 'rome:flight', 'rome:hotel']" in done.stdout
 
 
+def test_the_resilience_example_runs() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tenantflow.examples.outage"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "charged: 12 of 12" in done.stdout
+    assert "most charges at once: 2 (bulkhead: 2)" in done.stdout
+    assert "breaker now: closed" in done.stdout
+    down = int(done.stdout.split(" while it was down")[0].rsplit("(", 1)[1])
+    assert 4 <= down <= 8  # four opened it, then one failed probe per half second
+
+
 def test_status_shows_each_tenant(tmp_path: Path) -> None:
     assert tenantflow("demo", "--orders", "2", cwd=tmp_path).returncode == 0
     shown = tenantflow("status", cwd=tmp_path)
