@@ -64,7 +64,19 @@ async def flood(runtime: Runtime, tenant_id: str, n: int) -> None:
     assert isinstance(store, SqlRunStore)
     now = time.time()
     rows = [
-        (new_run_id(), job.name, encode_input(job, (i,), {}), None, None, 0, None, 10, now, now)
+        (
+            new_run_id(),
+            job.name,
+            encode_input(job, (i,), {}),
+            None,
+            None,
+            0,
+            None,
+            10,
+            now,
+            now,
+            None,
+        )
         for i in range(n)
     ]
     async with store.db.transaction() as tx:
