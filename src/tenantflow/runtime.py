@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -157,7 +158,8 @@ class Runtime:
             self._pending_done = loop.create_future()
         done = self._pending_done
         if self._publisher is None or self._publisher.done():
-            self._publisher = loop.create_task(self._publish_pending())
+            # A fresh context: the batch serves many tenants and runs, not the caller's.
+            self._publisher = loop.create_task(self._publish_pending(), context=Context())
         return done
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
@@ -201,7 +203,9 @@ class Runtime:
         for tenant_id, entries in batch.items():
             self._published.setdefault(tenant_id, []).extend(e.id for e in entries)
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_later(), context=Context()
+            )
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(OUTBOX_FLUSH_SECONDS)

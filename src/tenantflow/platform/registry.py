@@ -113,15 +113,25 @@ def _platform_engine(url: str, timeout: float) -> sa.Engine:
 
         return engine
     _create_database_if_missing(url)
-    from tenantflow.store.db import pg_session_limits
+    from tenantflow.store.db import pg_connect_args, pg_session_limits
 
-    return sa.create_engine(
+    engine = sa.create_engine(
         sqlalchemy_url(url),
         pool_size=2,
         max_overflow=4,
         pool_pre_ping=True,
-        connect_args=pg_session_limits(timeout),
+        connect_args=pg_connect_args(timeout),
     )
+    limits = pg_session_limits(timeout)
+
+    @sa.event.listens_for(engine, "connect")
+    def _limits(conn: Any, _record: Any) -> None:
+        autocommit, conn.autocommit = conn.autocommit, True
+        for statement in limits:
+            conn.execute(statement)
+        conn.autocommit = autocommit
+
+    return engine
 
 
 def _create_database_if_missing(url: str) -> None:
@@ -156,6 +166,10 @@ def migrate_platform(engine: sa.Engine) -> None:
         return
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
+            # A migration (or the wait for another process's) may take longer than the
+            # sessions' statement limit.
+            conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+            conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 0"))
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('tenantflow-platform'))"))
         upgrade_connection(conn, PLATFORM_MIGRATIONS)
 

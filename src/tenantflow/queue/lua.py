@@ -4,7 +4,8 @@ atomic script. Times come from the Redis clock (``TIME``), never from the caller
 Key layout (``keys.TenantKeys``), the same for every script:
     KEYS[1] stream    XADD'd messages: fields run, p (priority), d (deliveries before this entry),
                       tp (the W3C traceparent of the run's origin; absent when not traced)
-    KEYS[2] delayed   ZSET member "uid|run|p|d|tp", score = due time (ms)
+    KEYS[2] delayed   ZSET member "uid|run|p|d", or "uid|run|p|d|tp" with a trace; score = due
+                      time (ms)
     KEYS[3] live      HASH run -> live messages of that run
     KEYS[4] dead      dead-letter stream (capped)
     KEYS[5] seq       INCR counter for delayed members
@@ -40,7 +41,10 @@ local function put(run, p, d, delay, tp)
   if delay > 0 then
     local uid = redis.call('INCR', KEYS[5])
     local due = now_ms() + delay
-    redis.call('ZADD', KEYS[2], due, uid .. '|' .. run .. '|' .. p .. '|' .. d .. '|' .. tp)
+    local member = uid .. '|' .. run .. '|' .. p .. '|' .. d
+    -- Untraced members keep the four parts that workers of earlier versions read.
+    if tp ~= '' then member = member .. '|' .. tp end
+    redis.call('ZADD', KEYS[2], due, member)
     return due
   end
   if tp == '' then
@@ -89,7 +93,7 @@ local function dead_letter(id, run, p, deliveries, at, tp)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 500)
 for _, member in ipairs(due) do
-  -- Members written before traces were carried have four parts.
+  -- Four parts, or five with a trace.
   local uid, run, p, d, tp = string.match(member, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|?(.*)$')
   put(run, p, d, 0, tp)
   redis.call('ZREM', KEYS[2], member)

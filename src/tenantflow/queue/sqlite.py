@@ -89,7 +89,11 @@ class SqliteQueue:
         for table in ("messages", "dead_letters"):  # queue files made before traces were kept
             columns = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
             if "trace" not in columns:
-                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN trace TEXT")
+                try:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN trace TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
         self._rotation = 0
         self._wakeup = asyncio.Event()
 

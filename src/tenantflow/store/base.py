@@ -141,7 +141,7 @@ class RunStore(Protocol):
     async def stalled_runs(
         self, *, now: float, grace: float, limit: int = 1000
     ) -> list[tuple[str, int, str | None]]:
-        """Runs that should have a message by now; (run id, priority)."""
+        """Runs that should have a message by now; (run id, priority, trace)."""
         ...
 
     async def close(self) -> None: ...

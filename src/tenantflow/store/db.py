@@ -13,6 +13,7 @@ import contextlib
 import math
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
+from contextvars import Context
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -147,26 +148,36 @@ class _PgTx:
             await cur.executemany(_pg_sql(sql), params)
 
 
-def pg_session_limits(timeout: float) -> dict[str, Any]:
-    """Connection arguments that keep a tenantflow session from waiting forever: a connect
-    timeout; ``statement_timeout`` ends a statement stuck (behind a lock, say);
-    ``idle_in_transaction_session_timeout`` ends the session of a process frozen in the middle
-    of a transaction (SIGSTOP, a debugger, a stalled VM), so its row locks do not hold every
-    other worker up; TCP keepalives notice a server that vanished from the network.
-    ``timeout`` 0 leaves out the timeouts (keepalives stay)."""
-    limits: dict[str, Any] = {
+def pg_connect_args(timeout: float) -> dict[str, Any]:
+    """libpq connection arguments: a connect timeout (``timeout`` 0: none) and TCP keepalives,
+    which notice a server that vanished from the network."""
+    args: dict[str, Any] = {
         "keepalives": 1,
         "keepalives_idle": 30,
         "keepalives_interval": 10,
         "keepalives_count": 3,
     }
     if timeout > 0:
-        ms = int(timeout * 1000)
-        limits["connect_timeout"] = max(1, math.ceil(timeout))
-        limits["options"] = (
-            f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms // 2}"
-        )
-    return limits
+        args["connect_timeout"] = max(1, math.ceil(timeout))
+    return args
+
+
+def pg_session_limits(timeout: float) -> list[str]:
+    """Statements run once on each new session so that it never waits forever:
+    ``statement_timeout`` ends a statement stuck (behind a lock, say);
+    ``idle_in_transaction_session_timeout`` (half of it: tenantflow never idles inside a
+    transaction, its statements follow each other) ends the session of a process frozen in the
+    middle of a transaction (SIGSTOP, a debugger, a stalled VM), so its row locks are released
+    before the statements waiting on them time out. Set with ``SET`` after connecting, not as
+    startup options, which connection poolers refuse and which would override the URL's own
+    ``options``. ``timeout`` 0: none (for a pooler in transaction mode, set them on the role)."""
+    if timeout <= 0:
+        return []
+    ms = int(timeout * 1000)
+    return [
+        f"SET statement_timeout = {ms}",
+        f"SET idle_in_transaction_session_timeout = {ms // 2}",
+    ]
 
 
 class PostgresDatabase:
@@ -183,12 +194,18 @@ class PostgresDatabase:
             max_size=max_size,
             open=False,
             timeout=max(timeout, 1.0) if timeout > 0 else 30.0,  # waiting for a connection
-            kwargs={"autocommit": True, **pg_session_limits(timeout)},
+            kwargs={"autocommit": True, **pg_connect_args(timeout)},
+            configure=self._configure,
             num_workers=1,
         )
+        self._session_sql = pg_session_limits(timeout)
         self._opened = False
         self._batch: list[_Batched] = []
         self._flushing: set[asyncio.Task[None]] = set()
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        for statement in self._session_sql:
+            await conn.execute(statement)
 
     async def _open(self) -> None:
         if not self._opened:
@@ -214,7 +231,8 @@ class PostgresDatabase:
         future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
         self._batch.append(_Batched(sql, params, future, durable))
         if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self._start_flush)
+            # A fresh context: the group commit serves many runs, not the caller's.
+            asyncio.get_running_loop().call_soon(self._start_flush, context=Context())
         return await future
 
     def _start_flush(self) -> None:

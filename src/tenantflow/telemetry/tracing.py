@@ -48,11 +48,10 @@ class Tracing:
 
     def __init__(self, *, enabled: bool, provider: Any = None, service: str = "tenantflow") -> None:
         self.enabled = enabled and os.environ.get("OTEL_SDK_DISABLED", "").lower() != "true"
-        self._owned = False
         self._provider: Any = None
         self._tracer: Tracer | None = None
         if self.enabled:
-            self._provider, self._owned = _provider(provider, service)
+            self._provider = _provider(provider, service)
             self._tracer = self._provider.get_tracer("tenantflow")
 
     # -- spans -------------------------------------------------------------------------------
@@ -94,14 +93,24 @@ class Tracing:
                 parent = None
             elif link:
                 links.append(trace.Link(context, {"tenantflow.link": "origin"}))
+        # Exceptions are recorded by type only: their messages may carry a tenant's data, and
+        # a trace backend is shared by every tenant.
         with self._tracer.start_as_current_span(
             name,
             context=parent,
             kind=_kind(kind),
             attributes=attributes,
             links=links,
+            record_exception=False,
+            set_status_on_exception=False,
         ) as span:
-            yield span
+            try:
+                yield span
+            except Exception as exc:
+                kind_of = type(exc).__name__
+                span.add_event("exception", {"exception.type": kind_of})
+                mark_error(span, kind_of)
+                raise
 
     def traceparent(self) -> str | None:
         """The current span's context as a W3C ``traceparent``, to carry with a run."""
@@ -116,14 +125,14 @@ class Tracing:
     # -- shutdown ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Export what is buffered; shut the provider down if it was made here. Blocking:
-        call it from a thread."""
+        """Export what is buffered, within ``FLUSH_TIMEOUT_MS`` (a collector that is away
+        must not hold a shutdown up). The provider itself stays usable - it is the process's
+        global one, which another runtime of the process may still use; the SDK shuts it down
+        when the process exits. Blocking: call it from a thread."""
         if self._provider is None:
             return
         try:
-            if self._owned:
-                self._provider.shutdown()
-            elif hasattr(self._provider, "force_flush"):
+            if hasattr(self._provider, "force_flush"):
                 self._provider.force_flush(FLUSH_TIMEOUT_MS)
         except Exception as exc:  # an exporter's trouble must not fail a shutdown
             log.warning("flushing spans failed", error=type(exc).__name__)
@@ -161,8 +170,9 @@ def _kind(kind: str) -> SpanKind:
     return SpanKind[kind.upper()]
 
 
-def _provider(given: Any, service: str) -> tuple[Any, bool]:
-    """The provider to use and whether it was made here (and so is shut down here)."""
+def _provider(given: Any, service: str) -> Any:
+    """The provider to use: the one given, the application's, else one made here (and
+    installed as the global one)."""
     try:
         from opentelemetry import trace
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -174,10 +184,10 @@ def _provider(given: Any, service: str) -> tuple[Any, bool]:
             "pip install 'tenantflow[tracing]'"
         ) from exc
     if given is not None:
-        return given, False
+        return given
     installed = trace.get_tracer_provider()
-    if isinstance(installed, TracerProvider):  # the application configured one: use it
-        return installed, False
+    if isinstance(installed, TracerProvider):  # the application (or a runtime before) set one
+        return installed
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service}))
@@ -200,4 +210,4 @@ def _provider(given: Any, service: str) -> tuple[Any, bool]:
         )
     # Global too, so that the application's own instrumentation inside steps joins the trace.
     trace.set_tracer_provider(provider)
-    return provider, True
+    return provider

@@ -17,6 +17,7 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
+from contextvars import Context
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -326,7 +327,8 @@ class Worker:
         (Lost with the process, the delivery comes back and finds its run ended: dropped.)"""
         self._acks.append(message)
         if len(self._acks) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_acks_soon)
+            # A fresh context: the batch acknowledges many runs, not this one's.
+            asyncio.get_running_loop().call_soon(self._flush_acks_soon, context=Context())
 
     def _flush_acks_soon(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush_acks())
