@@ -129,4 +129,19 @@ class Queue(Protocol):
         """Return when a message may be ready, or after ``timeout`` seconds."""
         ...
 
+    async def wait_and_dequeue(
+        self,
+        timeout: float,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        *,
+        weights: Mapping[str, int] | None = None,
+        caps: Mapping[str, int] | None = None,
+        skip: Collection[str] = (),
+    ) -> list[Message]:
+        """``wait(timeout)``, then ``dequeue(...)``: what an idle consumer does, which a
+        backend may do in one go."""
+        ...
+
     async def close(self) -> None: ...

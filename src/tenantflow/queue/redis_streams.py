@@ -29,6 +29,7 @@ ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last r
 ACTIVE_REFRESH_SECONDS = 1.0
 ACTIVE_MARK_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
+FAST_WAIT_TENANTS = 16  # more tenants to read: wait, then dequeue (as many scripts per wake)
 BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
 
@@ -139,11 +140,11 @@ class RedisStreamsQueue:
     def _eval(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
         pipe.evalsha(self._sha[name], len(keys), *keys, *args)
 
-    async def _execute(self, build: Callable[[Any], None]) -> list[Any]:
+    async def _execute(self, build: Callable[[Any], None], *, client: Any = None) -> list[Any]:
         """Run a pipeline built by ``build`` (one round trip). Scripts are called by SHA; if
         the server lost them (a restart), they are loaded and the pipeline sent again."""
         for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with (client or self.redis).pipeline(transaction=False) as pipe:
                 build(pipe)
                 try:
                     result: list[Any] = await pipe.execute()
@@ -176,6 +177,46 @@ class RedisStreamsQueue:
         caps: Mapping[str, int] | None = None,
         skip: Collection[str] = (),
     ) -> list[Message]:
+        return await self._dequeue(
+            consumer, max_messages, visibility_timeout, weights, caps, skip, wait=None
+        )
+
+    async def wait_and_dequeue(
+        self,
+        timeout: float,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        *,
+        weights: Mapping[str, int] | None = None,
+        caps: Mapping[str, int] | None = None,
+        skip: Collection[str] = (),
+    ) -> list[Message]:
+        """``wait`` then ``dequeue``, in one round trip when the tenants to read are known:
+        the dequeue scripts are pipelined behind the blocking wait, and Redis runs them the
+        moment a wake-up token (or the timeout) unblocks it. An idle worker saves the round
+        trip between being woken and asking for the message."""
+        tenants = [t for t in await self._active_tenants() if t not in skip]
+        if max_messages <= 0 or not tenants or len(tenants) > FAST_WAIT_TENANTS:
+            await self.wait(timeout)
+            return await self.dequeue(
+                consumer, max_messages, visibility_timeout, weights=weights, caps=caps, skip=skip
+            )
+        return await self._dequeue(
+            consumer, max_messages, visibility_timeout, weights, caps, skip, wait=timeout
+        )
+
+    async def _dequeue(
+        self,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        weights: Mapping[str, int] | None,
+        caps: Mapping[str, int] | None,
+        skip: Collection[str],
+        *,
+        wait: float | None,
+    ) -> list[Message]:
         if max_messages <= 0:
             return []
         tenants = [t for t in await self._active_tenants() if t not in skip]
@@ -198,7 +239,11 @@ class RedisStreamsQueue:
             budget -= share
         min_idle = max(1, int(visibility_timeout * 1000))
 
+        block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
+
         def build(pipe: Any) -> None:
+            if wait is not None:
+                pipe.blpop([self.keys.wake], timeout=block)
             for tenant, share in plan:
                 self._eval(
                     pipe,
@@ -215,7 +260,19 @@ class RedisStreamsQueue:
                     ],
                 )
 
-        replies = await self._execute(build)
+        if wait is None:
+            replies = await self._execute(build)
+        else:
+            try:
+                # On the deadline the call is cancelled and redis-py drops its connection.
+                async with asyncio.timeout(block + self._timeout):
+                    token, *replies = await self._execute(build, client=self._blocking)
+            except Exception as exc:  # Redis away: behave as a poll
+                log.warning("queue wake-up wait failed", error=type(exc).__name__)
+                await asyncio.sleep(wait)
+                return []
+            if token is not None and token[1] not in self._active:
+                self._active = [*self._active, token[1]]
         out: list[Message] = []
         for (tenant, _), flat in zip(plan, replies, strict=True):
             for i in range(0, len(flat), 6):

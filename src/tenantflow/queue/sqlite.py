@@ -201,6 +201,22 @@ class SqliteQueue:
                 )
         return out
 
+    async def wait_and_dequeue(
+        self,
+        timeout: float,
+        consumer: str,
+        max_messages: int,
+        visibility_timeout: float,
+        *,
+        weights: Mapping[str, int] | None = None,
+        caps: Mapping[str, int] | None = None,
+        skip: Collection[str] = (),
+    ) -> list[Message]:
+        await self.wait(timeout)
+        return await self.dequeue(
+            consumer, max_messages, visibility_timeout, weights=weights, caps=caps, skip=skip
+        )
+
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
         if not messages:
             return

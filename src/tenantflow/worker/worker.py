@@ -135,6 +135,7 @@ class Worker:
         platform_view = asyncio.create_task(self._watch_platform())
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
         backoff = 0.0
+        idle = False
         try:
             while not self.stopping:
                 free = self.concurrency - len(self._inflight)
@@ -143,9 +144,14 @@ class Worker:
                     await self._wait_any(self._slot_free.wait(), poll)
                     continue
                 try:
-                    messages = await queue.dequeue(
-                        self.owner, free, self.lease, caps=self._caps, skip=self._paused
-                    )
+                    if idle:  # nothing last time: wait for work, and take it as it comes
+                        messages = await queue.wait_and_dequeue(
+                            poll, self.owner, free, self.lease, caps=self._caps, skip=self._paused
+                        )
+                    else:
+                        messages = await queue.dequeue(
+                            self.owner, free, self.lease, caps=self._caps, skip=self._paused
+                        )
                 except Exception as exc:
                     # The queue is away (restarting, unreachable): keep the runs in flight
                     # going and try again, backing off, rather than die.
@@ -158,10 +164,13 @@ class Worker:
                     await self._wait_any(asyncio.sleep(backoff), None)
                     continue
                 backoff = 0.0
+                if self.stopping:  # stopped while waiting: these go to another worker
+                    for message in messages:
+                        await queue.retry_later(message, 0.0, count_delivery=False)
+                    break
                 for message in messages:
                     self._spawn(message)
-                if not messages:
-                    await self._wait_any(queue.wait(poll), poll)
+                idle = not messages
         finally:
             await self._drain()
             await self._flush_acks()
