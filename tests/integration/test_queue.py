@@ -185,3 +185,45 @@ async def test_concurrent_consumers_never_share_a_message(make_queue: QueueFacto
     results = await asyncio.gather(*(drain(f"c{i}") for i in range(4)))
     everything = [r for got in results for r in got]
     assert sorted(everything) == sorted(f"r{i}" for i in range(200))
+
+
+async def test_an_idle_consumer_takes_a_message_as_it_arrives(make_queue: QueueFactory) -> None:
+    """``wait_and_dequeue``: the waiting consumer gets the message enqueued while it waits
+    (by another producer) well before its timeout; with nothing coming it returns nothing once
+    the timeout is over; a tenant it did not know yet is found right after. (A wake-up token
+    left by an earlier message may end one wait early, empty-handed: that is a spare wake.)"""
+    consumer, producer = make_queue(), make_queue()
+    clock = asyncio.get_running_loop().time
+
+    async def take(timeout: float, within: float) -> list[str]:
+        deadline = clock() + within
+        while clock() < deadline:
+            got = await consumer.wait_and_dequeue(timeout, "c", 5, 5.0)
+            if got:
+                await consumer.ack(got)
+                return [m.run_id for m in got]
+        return []
+
+    await producer.enqueue("t", "first")
+    assert await take(0.1, 2.0) == ["first"]
+
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        await producer.enqueue("t", "second")
+
+    sending = asyncio.create_task(later())
+    started = clock()
+    # Polling as a worker does (the embedded queue sees other processes' messages so).
+    assert await take(0.05, 5.0) == ["second"]
+    assert 0.15 < clock() - started < 2.0
+    await sending
+
+    while await consumer.wait_and_dequeue(0.01, "c", 5, 5.0) == []:  # spare tokens, if any
+        if clock() - started > 3:
+            break
+    started = clock()
+    assert await consumer.wait_and_dequeue(0.3, "c", 5, 5.0) == []
+    assert clock() - started >= 0.25
+
+    await producer.enqueue("new-tenant", "third")
+    assert await take(0.3, 3.0) == ["third"]
