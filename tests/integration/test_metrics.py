@@ -4,6 +4,7 @@ switched off, a worker's own /metrics, and three worker processes adding up in o
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -93,6 +94,25 @@ async def test_a_worker_serves_its_own_metrics(runtime: Runtime) -> None:
         assert got[("tenantflow_runs_finished_total", finished)] == 1
     finally:
         await served.close()
+
+
+async def test_a_run_taken_over_from_a_lapsed_lease_is_counted(runtime: Runtime) -> None:
+    """A worker claimed the run, then stalled past its lease: the next worker recovers it and
+    counts one reclaimed lease; a run that simply completes counts none."""
+    tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+    stalled = await tenant.start(workflows.greet, "stalled")
+    await runtime.published()
+    claim = await runtime.router.store("acme").claim_run(
+        stalled.run_id, owner="stalled-worker", now=time.time(), lease=0.2
+    )
+    assert claim.run is not None and not claim.recovered
+    await asyncio.sleep(0.3)
+    async with running_worker(workflows.app, runtime):
+        assert await stalled.result(timeout=30) == "hello stalled"
+        assert await (await tenant.start(workflows.greet, "plain")).result(timeout=30)
+    got = samples(runtime.metrics.exposition().decode())
+    assert got[("tenantflow_runs_recovered_total", frozenset({("tenant", "acme")}))] == 1
+    assert (await stalled.describe()).recoveries == 1
 
 
 async def test_the_stuck_run_detector(runtime: Runtime) -> None:

@@ -126,6 +126,7 @@ class Claim:
     steps: tuple[StepRecord, ...] = ()
     not_before: float | None = None
     wake: tuple[OutboxEntry, ...] = ()
+    recovered: bool = False  # taken over: the run was running under a lease that lapsed
 
 
 class SuspendOutcome(enum.Enum):

@@ -497,7 +497,12 @@ class SqlRunStore:
             )
             assert taken is not None
             steps = tuple(_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,)))
-        return Claim(outcome=ClaimOutcome.CLAIMED, run=_run(self.tenant_id, taken), steps=steps)
+        return Claim(
+            outcome=ClaimOutcome.CLAIMED,
+            run=_run(self.tenant_id, taken),
+            steps=steps,
+            recovered=status is RunStatus.RUNNING,
+        )
 
     async def renew_leases(
         self, run_ids: Sequence[str], *, owner: str, until: float

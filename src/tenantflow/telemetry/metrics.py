@@ -69,6 +69,13 @@ class Metrics:
             tenant_labels,
             registry=r,
         )
+        self.recovered = Counter(
+            "tenantflow_runs_recovered",
+            "Runs taken over after the lease of the worker running them lapsed (it died or "
+            "stalled).",
+            tenant_labels,
+            registry=r,
+        )
         self.reenqueued = Counter(
             "tenantflow_reconciler_reenqueued",
             "Runs the reconciler found without a message and enqueued again.",

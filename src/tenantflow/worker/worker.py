@@ -287,6 +287,8 @@ class Worker:
             return
         assert claim.run is not None
         self.stats.claimed += 1
+        if claim.recovered:
+            self.metrics.recovered.labels(*self.metrics.tenant(message.tenant_id)).inc()
         if span is not None:
             span.update_name(f"run {claim.run.workflow}")
             span.set_attributes(
