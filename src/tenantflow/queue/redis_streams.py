@@ -16,7 +16,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tenantflow.errors import NotFoundError
 from tenantflow.queue import lua
@@ -267,7 +269,9 @@ class RedisStreamsQueue:
                 # On the deadline the call is cancelled and redis-py drops its connection.
                 async with asyncio.timeout(block + self._timeout):
                     token, *replies = await self._execute(build, client=self._blocking)
-            except Exception as exc:  # Redis away: behave as a poll
+            except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
+                # Redis away: behave as a poll. (A script's error goes to the caller, whose
+                # retries back off.)
                 log.warning("queue wake-up wait failed", error=type(exc).__name__)
                 await asyncio.sleep(wait)
                 return []

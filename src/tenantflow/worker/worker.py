@@ -166,7 +166,10 @@ class Worker:
                 backoff = 0.0
                 if self.stopping:  # stopped while waiting: these go to another worker
                     for message in messages:
-                        await queue.retry_later(message, 0.0, count_delivery=False)
+                        try:
+                            await queue.retry_later(message, 0.0, count_delivery=False)
+                        except Exception as exc:  # it comes back when its lease ends
+                            log.warning("giving a message back failed", error=type(exc).__name__)
                     break
                 for message in messages:
                     self._spawn(message)
