@@ -185,38 +185,34 @@ def test_dev_serves_the_api_and_a_worker(tmp_path: Path) -> None:
     assert any("printed on the first start" in line for line in lines)
 
 
-def test_the_saga_example_runs() -> None:
+def run_example(module: str) -> str:
+    """Run ``python -m tenantflow.examples.<module>`` as a user would; its output."""
     import subprocess
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "tenantflow.examples.trip"],
+        [sys.executable, "-m", f"tenantflow.examples.{module}"],
         capture_output=True,
         text=True,
         timeout=120,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
-    assert "oslo: compensated" in done.stdout
-    assert "still booked: ['rome:car', 'rome:flight', 'rome:hotel']" in done.stdout
+    return done.stdout
+
+
+def test_the_saga_example_runs() -> None:
+    out = run_example("trip")
+    assert "oslo: compensated" in out
+    assert "still booked: ['rome:car', 'rome:flight', 'rome:hotel']" in out
 
 
 def test_the_resilience_example_runs() -> None:
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-m", "tenantflow.examples.outage"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
-    assert done.returncode == 0, done.stderr
-    assert "charged: 12 of 12" in done.stdout
-    assert "most charges at once: 2 (bulkhead: 2)" in done.stdout
-    assert "breaker now: closed" in done.stdout
-    down = int(done.stdout.split(" while it was down")[0].rsplit("(", 1)[1])
+    out = run_example("outage")
+    assert "charged: 12 of 12" in out
+    assert "most charges at once: 2 (bulkhead: 2)" in out
+    assert "breaker now: closed" in out
+    down = int(out.split(" while it was down")[0].rsplit("(", 1)[1])
     assert 4 <= down <= 8  # four opened it, then one failed probe per half second
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tenantflow import Client, Runtime, Settings
+from tenantflow import Client, RunHandle, Runtime, Settings
 from tenantflow.errors import RunFailedError
 from tenantflow.store.records import RunStatus
 from tests.apps import effects, sagas
@@ -154,35 +154,54 @@ async def test_a_slow_compensation_is_not_cut_short_by_the_cancel(
     assert entries("t-slow") == {"debit", "credit", "undo-debit", "undo-credit"}
 
 
-async def test_many_sagas_keep_the_ledger_balanced(runtime: Runtime) -> None:
-    tenant = Client(sagas.app, runtime=runtime).tenant("acme")
+Transfer = tuple[str, str, str, int, str]  # id, from, to, amount, failure mode
+
+
+def mixed_transfers(prefix: str, n: int = 210) -> list[Transfer]:
+    """``n`` transfers over seven accounts, every failure mode in turn."""
     modes = list(OUTCOMES)
     accounts = [f"acct{i}" for i in range(7)]
-    plan = [
-        (f"m{i}", accounts[i % 7], accounts[(i * 3 + 1) % 7], 1 + i % 13, modes[i % len(modes)])
-        for i in range(210)
+    return [
+        (
+            f"{prefix}{i}",
+            accounts[i % 7],
+            accounts[(i * 3 + 1) % 7],
+            1 + i % 13,
+            modes[i % len(modes)],
+        )
+        for i in range(n)
     ]
-    handles = [await tenant.start(sagas.transfer, *p) for p in plan]
-    async with running_worker(sagas.app, runtime, concurrency=64):
-        statuses: Counter[RunStatus] = Counter()
-        for (tid, _, _, _, fail), handle in zip(plan, handles, strict=True):
-            try:
-                await handle.result(timeout=120)
-                status = RunStatus.COMPLETED
-            except RunFailedError as failed:
-                status = RunStatus(failed.status)
-            assert status is OUTCOMES[fail], (tid, fail, status)
-            statuses[status] += 1
-    assert sum(statuses.values()) == 210
+
+
+async def assert_each_ends_right(plan: list[Transfer], handles: list[RunHandle[str]]) -> None:
+    """Every saga ends in its mode's state, the balances sum to zero, and every compensated
+    saga undid each entry it applied."""
+    statuses: Counter[RunStatus] = Counter()
+    for (tid, _, _, _, fail), handle in zip(plan, handles, strict=True):
+        try:
+            await handle.result(timeout=120)
+            status = RunStatus.COMPLETED
+        except RunFailedError as failed:
+            status = RunStatus(failed.status)
+        assert status is OUTCOMES[fail], (tid, fail, status)
+        statuses[status] += 1
+    assert sum(statuses.values()) == len(plan)
     assert sum(balances().values()) == 0
-    assert set(effects.counts().values()) == {1}  # each compensation ran once here
     for tid, _, _, _, fail in plan:
         keys = entries(tid)
         if OUTCOMES[fail] is RunStatus.COMPENSATED:
-            # Every applied entry was undone, exactly once.
             assert {k for k in keys if not k.startswith("undo-")} <= {
                 k.removeprefix("undo-") for k in keys if k.startswith("undo-")
             }, (tid, keys)
+
+
+async def test_many_sagas_keep_the_ledger_balanced(runtime: Runtime) -> None:
+    tenant = Client(sagas.app, runtime=runtime).tenant("acme")
+    plan = mixed_transfers("m")
+    handles = [await tenant.start(sagas.transfer, *p) for p in plan]
+    async with running_worker(sagas.app, runtime, concurrency=64):
+        await assert_each_ends_right(plan, handles)
+    assert set(effects.counts().values()) == {1}  # each compensation ran once here
 
 
 @pytest.fixture
@@ -230,12 +249,7 @@ async def test_many_sagas_through_worker_processes_one_killed(
     slow_undo = {"TENANTFLOW_TEST_UNDO_SECONDS": "0.05"}  # compensations in flight when killed
     concurrency = 16
     tenant = Client(sagas.app, runtime=runtime).tenant("acme")
-    modes = list(OUTCOMES)
-    accounts = [f"acct{i}" for i in range(7)]
-    plan = [
-        (f"p{i}", accounts[i % 7], accounts[(i * 3 + 1) % 7], 1 + i % 13, modes[i % len(modes)])
-        for i in range(210)
-    ]
+    plan = mixed_transfers("p")
     handles = [await tenant.start(sagas.transfer, *p) for p in plan]
     procs = [
         workers.start(app="tests.apps.sagas:app", env=slow_undo, concurrency=concurrency)
@@ -250,23 +264,7 @@ async def test_many_sagas_through_worker_processes_one_killed(
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait(10)
     workers.start(app="tests.apps.sagas:app", env=slow_undo, concurrency=concurrency)
-    statuses: Counter[RunStatus] = Counter()
-    for (tid, _, _, _, fail), handle in zip(plan, handles, strict=True):
-        try:
-            await handle.result(timeout=120)
-            status = RunStatus.COMPLETED
-        except RunFailedError as failed:
-            status = RunStatus(failed.status)
-        assert status is OUTCOMES[fail], (tid, fail, status)
-        statuses[status] += 1
-    assert sum(statuses.values()) == 210
-    assert sum(balances().values()) == 0
-    for tid, _, _, _, fail in plan:
-        keys = entries(tid)
-        if OUTCOMES[fail] is RunStatus.COMPENSATED:
-            assert {k for k in keys if not k.startswith("undo-")} <= {
-                k.removeprefix("undo-") for k in keys if k.startswith("undo-")
-            }, (tid, keys)
+    await assert_each_ends_right(plan, handles)
     # A compensation ran twice only in a run taken over from the killed worker.
     recovered = {
         tid
