@@ -16,11 +16,18 @@ from pathlib import Path
 BUSY_TIMEOUT_MS = 10_000
 
 
-def connect(path: Path, *, synchronous: str = "NORMAL") -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def connect(path: Path, *, synchronous: str = "NORMAL", create: bool = True) -> sqlite3.Connection:
+    """``create=False``: the file must exist (a tenant's database is made by provisioning,
+    never by opening it: a late opening must not bring back a dropped one)."""
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     # Autocommit mode (isolation_level=None): transactions are explicit, see ``transaction``.
     conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        path if create else f"{path.resolve().as_uri()}?mode=rw",
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        uri=not create,
     )
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA journal_mode = WAL")

@@ -211,6 +211,12 @@ class Runtime:
         await asyncio.sleep(OUTBOX_FLUSH_SECONDS)
         await self.flush_outbox()
 
+    async def forget(self, tenant_id: str) -> None:
+        """The tenant's database is about to go (offboarding): drop what this process still
+        meant to do in it (forgetting published outbox records) and close its store."""
+        self._published.pop(tenant_id, None)
+        await self.router.forget(tenant_id)
+
     async def flush_outbox(self) -> None:
         published, self._published = self._published, {}
         for tenant_id, ids in published.items():

@@ -172,6 +172,11 @@ async def test_three_worker_processes_add_up_in_one_scrape(
         handles = [await tenant.start(workflows.slow, 0.05) for _ in range(runs)]
         for handle in handles:
             assert await handle.result(timeout=60) == 0.05
+        for _ in range(100):  # the workers have read the shared gauges at least once
+            text = (await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{ports[0]}/metrics")).text
+            if "tenantflow_queue_depth{" in text:
+                break
+            await asyncio.sleep(0.1)
         scrapes = [
             samples((await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{p}/metrics")).text)
             for p in ports
@@ -183,9 +188,9 @@ async def test_three_worker_processes_add_up_in_one_scrape(
     for got in scrapes:  # any process serves the total
         assert got[("tenantflow_runs_finished_total", finished)] == runs
         assert got[("tenantflow_step_duration_seconds_count", pause)] == runs
-        # Shared state is served once, not once per process.
-        depth = [v for (name, _), v in got.items() if name == "tenantflow_queue_depth"]
-        assert len(depth) <= 2 and all(v <= runs for v in depth)
+        # Shared state is served once per tenant, not once per process (no pid label).
+        depth = {labels for (name, labels), _ in got.items() if name == "tenantflow_queue_depth"}
+        assert depth == {frozenset({("tenant", "acme")}), frozenset({("tenant", "globex")})}
     # ... and it is the sum of what each process counted in its own file.
     per_process = []
     for path in sorted(shared.glob("counter_*.db")):

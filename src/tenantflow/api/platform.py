@@ -223,7 +223,7 @@ async def offboard_tenant(
     tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> dict[str, str]:
     """Export the tenant's data to an archive, then drop its database."""
-    await runtime.router.forget(tenant_id)
+    await runtime.forget(tenant_id)
     archive = await _run(
         runtime.platform.offboard,
         principal.subject,

@@ -547,6 +547,7 @@ class TenantRouter:
                 SqliteDatabase(
                     Path(url.removeprefix("sqlite:///")),
                     synchronous=self.settings.sqlite_synchronous,
+                    create=False,  # made by provisioning; gone once offboarded
                 ),
             )
         from tenantflow.store.db import PostgresDatabase

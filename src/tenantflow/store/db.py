@@ -92,9 +92,9 @@ class SqliteDatabase:
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL", create: bool = True) -> None:
         self.path = path
-        self.conn = _sqlite.connect(path, synchronous=synchronous)
+        self.conn = _sqlite.connect(path, synchronous=synchronous, create=create)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
