@@ -1,11 +1,13 @@
 """Production backends against the field, same machine, same run.
 
-    python -m bench.production [--rounds 2] [--n 2000] [--systems tenantflow_pg,celery_redis]
+    python -m bench.production [--rounds 2] [--n 2000] [--producers 8] [--systems ...]
 
 For every system (modules in ``bench/peers``, one protocol: see ``bench/peers/_common.py``):
-end-to-end no-op task rate with 1 and 2 worker processes, and enqueue-to-start latency on an
-idle worker; for the durable-workflow systems (tenantflow, DBOS) also 5-step workflows in steps
-per second. Rounds are interleaved (every system once per round) and medians reported. Then
+end-to-end no-op task rate with 1 and 2 worker processes (one producer enqueueing in a loop),
+and with 1 worker process and ``--producers`` concurrent producers (8: an API server serving
+concurrent requests), and enqueue-to-start latency on an idle worker; for the
+durable-workflow systems (tenantflow, DBOS) also 5-step workflows in steps per second.
+Rounds are interleaved (every system once per round) and medians reported. Then
 the machine's own limits in the same run: ``redis-benchmark`` (XADD, unpipelined) and
 ``pgbench`` (simple-update transactions).
 """
@@ -113,6 +115,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=8,
+        help="concurrent producers of the extra throughput figure (one worker process)",
+    )
     args = parser.parse_args()
     systems = args.systems.split(",")
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -121,38 +129,23 @@ def main() -> None:
         if result is not None:
             samples.setdefault(key, []).append(result)
 
+    def throughput(system: str, n: int, processes: int, *extra: str) -> dict[str, Any] | None:
+        return run_peer(
+            system, "--mode", "throughput", "--n", str(n), "--processes", str(processes), *extra
+        )
+
     for round_no in range(args.rounds):
         print(f"round {round_no + 1}", file=sys.stderr)
         for system in systems:
             for processes in (1, 2):
-                add(
-                    f"{system}/throughput/{processes}",
-                    run_peer(
-                        system,
-                        "--mode",
-                        "throughput",
-                        "--n",
-                        str(args.n),
-                        "--processes",
-                        str(processes),
-                    ),
-                )
+                add(f"{system}/throughput/{processes}", throughput(system, args.n, processes))
+            add(
+                f"{system}/throughput/1/p{args.producers}",
+                throughput(system, args.n, 1, "--producers", str(args.producers)),
+            )
             add(f"{system}/latency/1", run_peer(system, "--mode", "latency", "--processes", "1"))
             if system in WORKFLOW_SYSTEMS:
-                add(
-                    f"{system}/steps5/1",
-                    run_peer(
-                        system,
-                        "--mode",
-                        "throughput",
-                        "--n",
-                        str(args.n // 4),
-                        "--processes",
-                        "1",
-                        "--steps",
-                        "5",
-                    ),
-                )
+                add(f"{system}/steps5/1", throughput(system, args.n // 4, 1, "--steps", "5"))
     limits = {"redis_xadd_per_s": redis_benchmark(), "pgbench_tps": pgbench()}
 
     def median(key: str, field: str) -> float | None:
@@ -163,6 +156,9 @@ def main() -> None:
         system: {
             "rate_1": median(f"{system}/throughput/1", "rate"),
             "rate_2": median(f"{system}/throughput/2", "rate"),
+            f"rate_1_producers_{args.producers}": median(
+                f"{system}/throughput/1/p{args.producers}", "rate"
+            ),
             "latency_p50_ms": median(f"{system}/latency/1", "p50_ms"),
             "latency_p99_ms": median(f"{system}/latency/1", "p99_ms"),
             "steps5_per_s": median(f"{system}/steps5/1", "rate"),

@@ -14,6 +14,10 @@ and records at its first; ``rate`` then counts steps per second (N workflows x K
 
 Each measurement is preceded by a warm-up of 50 tasks, not timed.
 
+With ``--producers K`` the throughput phase enqueues from K concurrent producers in the one
+process (K threads calling a blocking client, K coroutines awaiting an async one), N/K tasks
+each: an API server submitting for concurrent requests, rather than one loop.
+
 A module runs as ``python -m bench.peers.<system> --mode throughput|latency --n N
 --processes P`` and prints one JSON line: {"system", "mode", "n", "processes", "rate",
 "p50_ms", "p99_ms"}.
@@ -28,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -88,6 +93,10 @@ class Result:
     rate: float | None
     p50_ms: float | None
     p99_ms: float | None
+    # Throughput mode: how fast the producer enqueued (tasks/s), which tells whether the
+    # producer or the workers set ``rate``.
+    send_rate: float | None = None
+    producers: int = 1
 
     def print(self) -> None:
         print(json.dumps(self.__dict__))
@@ -100,6 +109,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument(
         "--steps", type=int, default=1, help="steps per workflow (durable-workflow systems only)"
+    )
+    parser.add_argument(
+        "--producers",
+        type=int,
+        default=1,
+        help="throughput mode: enqueue from this many concurrent producers of one process "
+        "(threads for a blocking client, coroutines for an async one), as an API server "
+        "serving concurrent requests does",
     )
     return parser.parse_args()
 
@@ -165,7 +182,13 @@ def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             p.wait(5)
 
 
-Send = Callable[[str, int, float], None]  # (run uid, how many, pause between) -> sent
+# (run uid, how many, pause between, concurrent producers) -> sent
+Send = Callable[[str, int, float, int], None]
+
+
+def shares(count: int, producers: int) -> list[int]:
+    """``count`` tasks split over ``producers`` as evenly as possible."""
+    return [count // producers + (1 if i < count % producers else 0) for i in range(producers)]
 
 
 def measure(
@@ -177,11 +200,24 @@ def measure(
     """Run the protocol with workers already started: ``enqueue(run_uid, now)`` sends one
     task that calls ``record(run_uid, now)``."""
 
-    def send(uid: str, count: int, pause: float) -> None:
+    def send_one_by_one(uid: str, count: int, pause: float) -> None:
         for _ in range(count):
             enqueue(uid, time.time())
             if pause:
                 time.sleep(pause)
+
+    def send(uid: str, count: int, pause: float, producers: int) -> None:
+        if producers == 1:
+            send_one_by_one(uid, count, pause)
+            return
+        threads = [
+            threading.Thread(target=send_one_by_one, args=(uid, share, pause))
+            for share in shares(count, producers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     if warm is not None:
         warm()
@@ -201,16 +237,19 @@ def measure_async(
     between phases, which a running application's never does: ``settle`` lets a client
     finish the work it does in the background (inside the timed phase)."""
 
-    async def sender(uid: str, count: int, pause: float) -> None:
+    async def one_by_one(uid: str, count: int, pause: float) -> None:
         for _ in range(count):
             await enqueue(uid, time.time())
             if pause:
                 await asyncio.sleep(pause)
+
+    async def sender(uid: str, count: int, pause: float, producers: int) -> None:
+        await asyncio.gather(*(one_by_one(uid, share, pause) for share in shares(count, producers)))
         if settle is not None:
             await settle()
 
-    def send(uid: str, count: int, pause: float) -> None:
-        loop.run_until_complete(sender(uid, count, pause))
+    def send(uid: str, count: int, pause: float, producers: int) -> None:
+        loop.run_until_complete(sender(uid, count, pause, producers))
 
     return _protocol(system, args, send)
 
@@ -219,7 +258,7 @@ def _protocol(system: str, args: argparse.Namespace, send: Send) -> Result:
     # Warm-up, the same for every system: connections opened, code paths and caches hot.
     warm_uid = new_uid()
     try:
-        send(warm_uid, WARMUP_TASKS, 0.0)
+        send(warm_uid, WARMUP_TASKS, 0.0, 1)
         wait_done(warm_uid, WARMUP_TASKS, timeout=120)
     finally:
         cleanup(warm_uid)
@@ -227,12 +266,24 @@ def _protocol(system: str, args: argparse.Namespace, send: Send) -> Result:
     try:
         if args.mode == "throughput":
             started = time.perf_counter()
-            send(uid, args.n, 0.0)
+            send(uid, args.n, 0.0, args.producers)
+            sent = time.perf_counter()
             done = wait_done(uid, args.n)
             rate = args.n * getattr(args, "steps", 1) / (done - started)
             p50, p99 = latencies_ms(uid)
-            return Result(system, args.mode, args.n, args.processes, round(rate, 1), p50, p99)
-        send(uid, LATENCY_TASKS, LATENCY_PAUSE)
+            send_rate = round(args.n / (sent - started), 1)
+            return Result(
+                system,
+                args.mode,
+                args.n,
+                args.processes,
+                round(rate, 1),
+                p50,
+                p99,
+                send_rate,
+                args.producers,
+            )
+        send(uid, LATENCY_TASKS, LATENCY_PAUSE, 1)
         wait_done(uid, LATENCY_TASKS)
         p50, p99 = latencies_ms(uid)
         return Result(system, args.mode, LATENCY_TASKS, args.processes, None, p50, p99)

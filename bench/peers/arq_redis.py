@@ -65,10 +65,10 @@ def main() -> None:
         try:
             _common.wait_idle()
 
-            def enqueue(run_uid: str, now: float) -> None:
-                loop.run_until_complete(pool.enqueue_job("noop", run_uid, now))
+            async def enqueue(run_uid: str, now: float) -> None:
+                await pool.enqueue_job("noop", run_uid, now)
 
-            _common.measure("arq", args, enqueue).print()
+            _common.measure_async("arq", args, enqueue, loop).print()
         finally:
             loop.run_until_complete(pool.aclose())
     finally:

@@ -117,10 +117,10 @@ def main() -> None:
         loop.run_until_complete(broker.startup())
         started = True
 
-        def enqueue(run_uid: str, now: float) -> None:
-            loop.run_until_complete(task.kiq(run_uid, now))
+        async def enqueue(run_uid: str, now: float) -> None:
+            await task.kiq(run_uid, now)
 
-        _common.measure("taskiq", args, enqueue).print()
+        _common.measure_async("taskiq", args, enqueue, loop).print()
     finally:
         stop_taskiq(procs)
         if started:
