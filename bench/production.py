@@ -5,7 +5,7 @@
 For every system (modules in ``bench/peers``, one protocol: see ``bench/peers/_common.py``):
 end-to-end no-op task rate with 1 and 2 worker processes (one producer enqueueing in a loop),
 and with 1 worker process and ``--producers`` concurrent producers (8: an API server serving
-concurrent requests), and enqueue-to-start latency on an idle worker; for the
+concurrent requests), and enqueue-to-start latency on idle workers (1 and 2 processes); for the
 durable-workflow systems (tenantflow, DBOS) also 5-step workflows in steps per second.
 Rounds are interleaved (every system once per round) and medians reported. Then
 the machine's own limits in the same run: ``redis-benchmark`` (XADD, unpipelined) and
@@ -143,7 +143,11 @@ def main() -> None:
                 f"{system}/throughput/1/p{args.producers}",
                 throughput(system, args.n, 1, "--producers", str(args.producers)),
             )
-            add(f"{system}/latency/1", run_peer(system, "--mode", "latency", "--processes", "1"))
+            for processes in (1, 2):
+                add(
+                    f"{system}/latency/{processes}",
+                    run_peer(system, "--mode", "latency", "--processes", str(processes)),
+                )
             if system in WORKFLOW_SYSTEMS:
                 add(f"{system}/steps5/1", throughput(system, args.n // 4, 1, "--steps", "5"))
     limits = {"redis_xadd_per_s": redis_benchmark(), "pgbench_tps": pgbench()}
@@ -161,6 +165,8 @@ def main() -> None:
             ),
             "latency_p50_ms": median(f"{system}/latency/1", "p50_ms"),
             "latency_p99_ms": median(f"{system}/latency/1", "p99_ms"),
+            "latency_2_p50_ms": median(f"{system}/latency/2", "p50_ms"),
+            "latency_2_p99_ms": median(f"{system}/latency/2", "p99_ms"),
             "steps5_per_s": median(f"{system}/steps5/1", "rate"),
         }
         for system in systems
