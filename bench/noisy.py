@@ -1,6 +1,6 @@
-"""Noisy neighbour: tenant A has a flood of runs queued, tenant B submits a few. Fair
-scheduling must finish B's runs long before A's backlog, and keep B's start latency near what
-it is on an idle system.
+"""Noisy neighbour: tenant A has a flood of runs queued, and while a worker is busy with it
+tenant B submits a few. Fair scheduling must finish B's runs long before A's backlog, and keep
+B's start latency near what it is on an idle system.
 
     python -m bench.noisy [--a-runs 20000] [--b-runs 100]
 
@@ -28,6 +28,7 @@ from tenantflow.store.records import RunRecord
 from tenantflow.store.sql import SQL_INSERT_RUN, SqlRunStore
 
 app = App("noisy")
+A_SERVED_FIRST = 100  # B arrives once the worker has completed this many of A's runs
 
 
 @app.step
@@ -110,9 +111,13 @@ async def run_noisy(
             await wait_all(client, "tenant-b-idle", b_runs)
         idle_runs = await idle.list_runs(limit=1000)
 
-        # A's backlog is queued; then the worker starts and B submits the same burst.
+        # A's backlog is queued; then the worker starts, and once it is busy with A (its
+        # view of the active tenants taken without B), B submits the same burst.
         await flood(runtime, "tenant-a", a_runs)
         async with running_worker(app, runtime, concurrency=concurrency):
+            a_store = runtime.router.store("tenant-a")
+            while await a_store.count_runs(status=RunStatus.COMPLETED) < A_SERVED_FIRST:
+                await asyncio.sleep(0.005)
             b = client.tenant("tenant-b")
             started = time.monotonic()
             for i in range(b_runs):

@@ -145,6 +145,28 @@ async def test_tenants_are_served_round_robin(queue: Queue) -> None:
     assert Counter(m.tenant_id for m in batch) == {"flood": 5, "small": 5}
 
 
+async def test_a_busy_consumer_finds_a_new_tenant_soon(make_queue: QueueFactory) -> None:
+    """A consumer that never waits (another tenant's flood keeps it busy) still reads a tenant
+    whose first message arrives meanwhile, within a fraction of a second, not at its next
+    full refresh of the active tenants (a second later)."""
+    consumer, producer = make_queue(), make_queue()
+    for i in range(2000):
+        await producer.enqueue("flood", f"f{i}")
+    assert len(await consumer.dequeue("c", 5, 30)) == 5  # knows its tenants as of now
+    await producer.enqueue("newcomer", "n0")
+    clock = asyncio.get_running_loop().time
+    started = clock()
+    taken: list[str] = []
+    while "newcomer" not in taken and clock() - started < 3:
+        batch = await consumer.dequeue("c", 5, 30)
+        assert batch, "the flood is not over"
+        await consumer.ack(batch)
+        taken = [m.tenant_id for m in batch]
+        await asyncio.sleep(0.005)  # a busy worker's pace
+    assert "newcomer" in taken
+    assert clock() - started < 0.5
+
+
 async def test_in_flight_cap_per_tenant_holds_across_consumers(
     make_queue: QueueFactory,
 ) -> None:

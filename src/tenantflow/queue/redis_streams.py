@@ -29,6 +29,11 @@ log = structlog.get_logger(__name__)
 
 ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last ready message
 ACTIVE_REFRESH_SECONDS = 1.0
+# A busy worker (one that never waits for a wake-up token, which names a new tenant) reads
+# the active tenants this often, in the round trip of a dequeue: a tenant whose first message
+# arrives while every worker is busy with another tenant's flood waits at most this long to be
+# read, not a whole ACTIVE_REFRESH_SECONDS.
+ACTIVE_BUSY_REFRESH_SECONDS = 0.05
 ACTIVE_MARK_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
 FAST_WAIT_TENANTS = 16  # more tenants to read: wait, then dequeue (as many scripts per wake)
@@ -162,12 +167,15 @@ class RedisStreamsQueue:
 
     async def _active_tenants(self) -> list[str]:
         if time.monotonic() - self._active_at > ACTIVE_REFRESH_SECONDS:
-            now_ms = int(time.time() * 1000)
-            self._active = list(
-                await self.redis.zrangebyscore(self.keys.active, now_ms - ACTIVE_WINDOW_MS, "+inf")
-            )
+            self._active = list(await self._read_active(self.redis))
             self._active_at = time.monotonic()
         return self._active
+
+    def _read_active(self, client: Any) -> Any:
+        """The tenants with a message in the last ACTIVE_WINDOW_MS (a command, or a coroutine
+        for a client that is not a pipeline)."""
+        now_ms = int(time.time() * 1000)
+        return client.zrangebyscore(self.keys.active, now_ms - ACTIVE_WINDOW_MS, "+inf")
 
     async def dequeue(
         self,
@@ -242,6 +250,7 @@ class RedisStreamsQueue:
         min_idle = max(1, int(visibility_timeout * 1000))
 
         block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
+        refresh = wait is None and time.monotonic() - self._active_at > ACTIVE_BUSY_REFRESH_SECONDS
 
         def build(pipe: Any) -> None:
             if wait is not None:
@@ -261,9 +270,14 @@ class RedisStreamsQueue:
                         DEAD_LETTERS_MAX,
                     ],
                 )
+            if refresh:
+                self._read_active(pipe)
 
         if wait is None:
             replies = await self._execute(build)
+            if refresh:
+                self._active = list(replies.pop())
+                self._active_at = time.monotonic()
         else:
             try:
                 # On the deadline the call is cancelled and redis-py drops its connection.
