@@ -16,7 +16,9 @@ Each measurement is preceded by a warm-up of 50 tasks, not timed.
 
 With ``--producers K`` the throughput phase enqueues from K concurrent producers in the one
 process (K threads calling a blocking client, K coroutines awaiting an async one), N/K tasks
-each: an API server submitting for concurrent requests, rather than one loop.
+each: an API server submitting for concurrent requests, rather than one loop. A client's own
+connection pool may let fewer than K of them talk to its server at once (the library's
+default pool, as an application would have it).
 
 A module runs as ``python -m bench.peers.<system> --mode throughput|latency --n N
 --processes P`` and prints one JSON line: {"system", "mode", "n", "processes", "rate",
@@ -102,6 +104,13 @@ class Result:
         print(json.dumps(self.__dict__))
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["throughput", "latency"], default="throughput")
@@ -112,7 +121,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--producers",
-        type=int,
+        type=_positive,
         default=1,
         help="throughput mode: enqueue from this many concurrent producers of one process "
         "(threads for a blocking client, coroutines for an async one), as an API server "
@@ -210,14 +219,23 @@ def measure(
         if producers == 1:
             send_one_by_one(uid, count, pause)
             return
+        errors: list[BaseException] = []
+
+        def producer(share: int) -> None:
+            try:
+                send_one_by_one(uid, share, pause)
+            except BaseException as exc:  # re-raised below, not left to time out the wait
+                errors.append(exc)
+
         threads = [
-            threading.Thread(target=send_one_by_one, args=(uid, share, pause))
-            for share in shares(count, producers)
+            threading.Thread(target=producer, args=(share,)) for share in shares(count, producers)
         ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        if errors:
+            raise errors[0]
 
     if warm is not None:
         warm()
@@ -258,7 +276,8 @@ def _protocol(system: str, args: argparse.Namespace, send: Send) -> Result:
     # Warm-up, the same for every system: connections opened, code paths and caches hot.
     warm_uid = new_uid()
     try:
-        send(warm_uid, WARMUP_TASKS, 0.0, 1)
+        # As many producers as the timed phase will have: their connections open here.
+        send(warm_uid, WARMUP_TASKS, 0.0, args.producers if args.mode == "throughput" else 1)
         wait_done(warm_uid, WARMUP_TASKS, timeout=120)
     finally:
         cleanup(warm_uid)

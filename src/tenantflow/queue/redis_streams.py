@@ -30,10 +30,12 @@ log = structlog.get_logger(__name__)
 ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last ready message
 ACTIVE_REFRESH_SECONDS = 1.0
 # A busy worker (one that never waits for a wake-up token, which names a new tenant) reads
-# the active tenants this often, in the round trip of a dequeue: a tenant whose first message
-# arrives while every worker is busy with another tenant's flood waits at most this long to be
-# read, not a whole ACTIVE_REFRESH_SECONDS.
+# the tenants marked active since its last look this often, in the round trip of a dequeue: a
+# tenant whose first message arrives while every worker is busy with another tenant's flood
+# waits at most this long to be read, not a whole ACTIVE_REFRESH_SECONDS. (Only the tenants
+# marked since then: a reply of a few names, whatever the number of tenants.)
 ACTIVE_BUSY_REFRESH_SECONDS = 0.05
+ACTIVE_BUSY_OVERLAP_MS = 200  # marks made by clocks a little behind ours are not missed
 ACTIVE_MARK_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
 FAST_WAIT_TENANTS = 16  # more tenants to read: wait, then dequeue (as many scripts per wake)
@@ -70,6 +72,8 @@ class RedisStreamsQueue:
         }
         self._active: list[str] = []
         self._active_at = 0.0
+        self._newcomers_at = 0.0  # the busy path's last look at tenants marked since
+        self._newcomers_ms = 0  # ... and the time (ms, as marks are) it looked from
         self._rotation = 0
         self._marked: dict[str, float] = {}  # tenant -> when this process last marked it
         self._trimmed = -math.inf
@@ -166,16 +170,21 @@ class RedisStreamsQueue:
     # -- consuming ---------------------------------------------------------------------------
 
     async def _active_tenants(self) -> list[str]:
+        """The tenants with a message in the last ACTIVE_WINDOW_MS, read again once a
+        second; sorted, so that the round robin's rotation means the same list each time."""
         if time.monotonic() - self._active_at > ACTIVE_REFRESH_SECONDS:
-            self._active = list(await self._read_active(self.redis))
-            self._active_at = time.monotonic()
+            now_ms = int(time.time() * 1000)
+            self._active = sorted(
+                await self.redis.zrangebyscore(self.keys.active, now_ms - ACTIVE_WINDOW_MS, "+inf")
+            )
+            self._active_at = self._newcomers_at = time.monotonic()
+            self._newcomers_ms = now_ms
         return self._active
 
-    def _read_active(self, client: Any) -> Any:
-        """The tenants with a message in the last ACTIVE_WINDOW_MS (a command, or a coroutine
-        for a client that is not a pipeline)."""
-        now_ms = int(time.time() * 1000)
-        return client.zrangebyscore(self.keys.active, now_ms - ACTIVE_WINDOW_MS, "+inf")
+    def _add_active(self, tenants: Collection[str]) -> None:
+        new = set(tenants).difference(self._active)
+        if new:
+            self._active = sorted((*self._active, *new))
 
     async def dequeue(
         self,
@@ -250,7 +259,11 @@ class RedisStreamsQueue:
         min_idle = max(1, int(visibility_timeout * 1000))
 
         block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
-        refresh = wait is None and time.monotonic() - self._active_at > ACTIVE_BUSY_REFRESH_SECONDS
+        newcomers = (
+            wait is None and time.monotonic() - self._newcomers_at > ACTIVE_BUSY_REFRESH_SECONDS
+        )
+        look_ms = int(time.time() * 1000)
+        since_ms = self._newcomers_ms - ACTIVE_BUSY_OVERLAP_MS
 
         def build(pipe: Any) -> None:
             if wait is not None:
@@ -270,14 +283,15 @@ class RedisStreamsQueue:
                         DEAD_LETTERS_MAX,
                     ],
                 )
-            if refresh:
-                self._read_active(pipe)
+            if newcomers:
+                pipe.zrangebyscore(self.keys.active, since_ms, "+inf")
 
         if wait is None:
             replies = await self._execute(build)
-            if refresh:
-                self._active = list(replies.pop())
-                self._active_at = time.monotonic()
+            if newcomers:
+                self._add_active(replies.pop())
+                self._newcomers_at = time.monotonic()
+                self._newcomers_ms = look_ms
         else:
             try:
                 # On the deadline the call is cancelled and redis-py drops its connection.
@@ -289,8 +303,8 @@ class RedisStreamsQueue:
                 log.warning("queue wake-up wait failed", error=type(exc).__name__)
                 await asyncio.sleep(wait)
                 return []
-            if token is not None and token[1] not in self._active:
-                self._active = [*self._active, token[1]]
+            if token is not None:
+                self._add_active([token[1]])
         out: list[Message] = []
         for (tenant, _), flat in zip(plan, replies, strict=True):
             for i in range(0, len(flat), 6):
@@ -457,8 +471,8 @@ class RedisStreamsQueue:
             log.warning("queue wake-up wait failed", error=type(exc).__name__)
             await asyncio.sleep(timeout)
             return
-        if token is not None and token[1] not in self._active:
-            self._active = [*self._active, token[1]]
+        if token is not None:
+            self._add_active([token[1]])
 
     async def close(self) -> None:
         await self._blocking.aclose()
