@@ -529,3 +529,32 @@ async def test_a_store_failure_is_retried_not_taken_for_the_workflows_failure(
     assert box.label == "box-s:1.5"
     assert failures == []  # the failure happened, and the run still completed
     assert (await handle.describe()).status is RunStatus.COMPLETED
+
+
+async def test_a_stopping_worker_waits_for_its_platform_read_in_flight(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker reads the platform (tenants, licenses) in a thread every second. Stopped in
+    the middle of such a read, it returns only once the read is over, so that closing the
+    runtime right after closes every platform connection (one given back later would be
+    left open)."""
+    listing = runtime.registry.list
+    state = {"inside": 0, "reads": 0}
+
+    def slow_list() -> Any:
+        state["inside"] += 1
+        try:
+            time.sleep(0.5)
+            return listing()
+        finally:
+            state["inside"] -= 1
+            state["reads"] += 1
+
+    monkeypatch.setattr(runtime.registry, "list", slow_list)
+    async with running_worker(app, runtime):
+        # The first read is at start; the next, a second later, is the one interrupted.
+        deadline = time.monotonic() + 10
+        while state["reads"] < 1 or state["inside"] == 0:
+            assert time.monotonic() < deadline, state
+            await asyncio.sleep(0.01)
+    assert state["inside"] == 0  # no read left running when the worker is done

@@ -104,6 +104,7 @@ class Worker:
         # (not taken from) and licensed caps on runs in flight.
         self._paused: frozenset[str] = frozenset()
         self._caps: dict[str, int] = {}
+        self._metrics_at = 0.0  # the shared gauges' last refresh
 
     # -- ExecutionHost -----------------------------------------------------------------------
 
@@ -401,16 +402,28 @@ class Worker:
     # -- the platform's word on tenants ------------------------------------------------------
 
     async def _watch_platform(self) -> None:
-        refreshed = 0.0
         while True:
             await asyncio.sleep(PLATFORM_VIEW_SECONDS)
-            await self._refresh_platform_view()
-            if self.runtime.settings.metrics_port and time.monotonic() - refreshed > 5.0:
-                refreshed = time.monotonic()
-                try:
-                    await self.metrics.refresh(self.runtime, self.app.breakers)
-                except Exception as exc:
-                    log.warning("metrics refresh failed", error=type(exc).__name__)
+            tick = asyncio.ensure_future(self._platform_tick())
+            try:
+                await asyncio.shield(tick)
+            except asyncio.CancelledError:
+                # Stopping: the tick reads the platform in a thread, which cannot be
+                # interrupted. Let it finish and give its connection back before the runtime
+                # closes the platform's pool (a connection given back to a closed pool is
+                # never closed).
+                with contextlib.suppress(Exception):
+                    await tick
+                raise
+
+    async def _platform_tick(self) -> None:
+        await self._refresh_platform_view()
+        if self.runtime.settings.metrics_port and time.monotonic() - self._metrics_at > 5.0:
+            self._metrics_at = time.monotonic()
+            try:
+                await self.metrics.refresh(self.runtime, self.app.breakers)
+            except Exception as exc:
+                log.warning("metrics refresh failed", error=type(exc).__name__)
 
     async def _refresh_platform_view(self) -> None:
         """Which tenants are suspended, and each licensed tenant's cap on concurrent runs.
