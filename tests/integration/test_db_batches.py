@@ -4,6 +4,7 @@ sent as EXECUTEs of statements each connection prepared once."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -30,6 +31,7 @@ def url() -> Iterator[str]:
     url = with_database(POSTGRES_URL, name)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL)")
+        conn.execute("CREATE TABLE blobs (id integer PRIMARY KEY, data bytea NOT NULL)")
     try:
         yield url
     finally:
@@ -147,3 +149,17 @@ async def test_a_statement_the_server_cannot_prepare_is_sent_plain(db: PostgresD
     assert [s.split(" AS ", 1)[1] for s in (await prepared(db)).values()] == [
         "INSERT INTO items (id, name) VALUES ($1, $2) RETURNING id"
     ]
+
+
+async def test_a_large_binary_value_goes_as_a_parameter(db: PostgresDatabase) -> None:
+    """A lone durable statement with a large binary value sends it as a parameter (as itself),
+    not hex-encoded into the text; smaller ones take the prepared path."""
+    store = "INSERT INTO blobs (id, data) VALUES (?, ?) RETURNING length(data), md5(data)"
+    large = bytes(range(256)) * 1024  # 256 KiB
+    small = b"\x00\xff" * 10
+    assert await db.batched(store, (1, large)) == (len(large), hashlib.md5(large).hexdigest())
+    assert await prepared(db) == {}  # sent with its parameters, nothing prepared
+    assert await db.batched(store, (2, small)) == (len(small), hashlib.md5(small).hexdigest())
+    assert len(await prepared(db)) == 1
+    async with db.autocommit() as tx:
+        assert await tx.one("SELECT data FROM blobs WHERE id = 1") == (large,)

@@ -155,6 +155,13 @@ def _dollar_sql(sql: str) -> str:
     return "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], start=1)) + parts[-1]
 
 
+LARGE_BYTES = 64 * 1024  # a value this large goes as a parameter, not into the text
+
+
+def _has_large_bytes(params: Sequence[Any]) -> bool:
+    return any(isinstance(p, bytes) and len(p) >= LARGE_BYTES for p in params)
+
+
 @lru_cache(maxsize=MAX_PREPARED * 4)
 def _execute_sql(name: str, count: int) -> str:
     return f"EXECUTE {name}({', '.join(['%s'] * count)})" if count else f"EXECUTE {name}"
@@ -322,6 +329,11 @@ class PostgresDatabase:
         from psycopg.errors import InvalidSqlStatementName
 
         durable = any(item.durable for item in batch)
+        if len(batch) == 1 and durable and _has_large_bytes(batch[0].params):
+            # Its own transaction, with the values as parameters: a large binary value goes
+            # as itself, not hex-encoded into the text at twice its size.
+            cur = await conn.execute(_pg_sql(batch[0].sql), batch[0].params, prepare=False)
+            return [await cur.fetchone()]
         names = await self._prepared(conn, {item.sql for item in batch})
         client = AsyncClientCursor(conn)
         try:
