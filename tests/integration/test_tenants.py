@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
 
 from tenantflow import Runtime, Settings
 from tenantflow.platform.provision import PostgresProvisioner, sqlalchemy_url
+from tenantflow.platform.registry import TenantRegistry
 from tenantflow.store.migrate import alembic_config
 from tenantflow.store.schema import HEAD_REVISION
 from tests.conftest import settings_env
@@ -94,3 +101,35 @@ def test_tenant_ids_are_checked_whole() -> None:
         with pytest.raises(InvalidTenantIdError):
             check_tenant_id(bad)
     assert check_tenant_id("a" * 63) == "a" * 63
+
+
+def test_a_platform_connection_in_use_when_the_registry_closes_is_closed_on_return(
+    settings: Settings,
+) -> None:
+    """A thread reading the platform while the registry closes (a read nobody can interrupt)
+    gives its connection back to a disposed pool: it is closed then, not left open."""
+    registry = TenantRegistry(settings)
+    holding = threading.Event()
+    done = threading.Event()
+    used: list[Any] = []
+
+    def read() -> None:
+        with registry.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            used.append(conn.connection.dbapi_connection)
+            holding.set()
+            done.wait(10)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert holding.wait(10)
+    registry.close()
+    done.set()
+    reader.join(10)
+    assert len(used) == 1
+    connection = used[0]
+    if isinstance(connection, sqlite3.Connection):  # the embedded default
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            connection.cursor()
+    else:
+        assert connection.closed

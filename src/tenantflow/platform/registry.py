@@ -191,6 +191,16 @@ class TenantRegistry:
         url = settings.resolved_database_url()
         self.settings = settings
         self.engine = _platform_engine(url, settings.database_timeout_seconds)
+        self._closed = False
+
+        @sa.event.listens_for(self.engine, "checkin")
+        def _close_late_returns(dbapi_conn: Any, record: Any) -> None:
+            # A connection in use by a thread while the registry closed (a platform read the
+            # caller could not interrupt) comes back to a pool already disposed: close it
+            # rather than leave it open until the garbage collector finds it.
+            if self._closed and dbapi_conn is not None:
+                record.invalidate()
+
         self._provisioners: dict[str, Provisioner] = {}
         migrate_platform(self.engine)
         # The platform's own server holds tenants too, unless routing says otherwise.
@@ -437,6 +447,7 @@ class TenantRegistry:
             conn.execute(tenants_table.delete().where(tenants_table.c.id == tenant_id))
 
     def close(self) -> None:
+        self._closed = True
         self.engine.dispose()
 
 
