@@ -235,8 +235,9 @@ class PostgresDatabase:
             max_size=max_size,
             open=False,
             timeout=max(timeout, 1.0) if timeout > 0 else 30.0,  # waiting for a connection
-            # prepare_threshold None: psycopg prepares nothing of its own, and so never
-            # sends the DEALLOCATE ALL (after a rollback) that would drop ours as well.
+            # prepare_threshold None: psycopg prepares nothing of its own (a batch's text is
+            # unique anyway, its values are in it), and so never sends the DEALLOCATE ALL
+            # (after a rollback) that would drop ours as well.
             kwargs={"autocommit": True, "prepare_threshold": None, **pg_connect_args(timeout)},
             configure=self._configure,
             num_workers=1,
@@ -332,7 +333,7 @@ class PostgresDatabase:
         if len(batch) == 1 and durable and _has_large_bytes(batch[0].params):
             # Its own transaction, with the values as parameters: a large binary value goes
             # as itself, not hex-encoded into the text at twice its size.
-            cur = await conn.execute(_pg_sql(batch[0].sql), batch[0].params, prepare=False)
+            cur = await conn.execute(_pg_sql(batch[0].sql), batch[0].params)
             return [await cur.fetchone()]
         names = await self._prepared(conn, {item.sql for item in batch})
         client = AsyncClientCursor(conn)
@@ -345,9 +346,8 @@ class PostgresDatabase:
             )
             if not durable:
                 text = f"SET LOCAL synchronous_commit TO OFF;{text}"
-            # Never prepared by psycopg: each text is unique (its values are in it).
             try:
-                await client.execute(text, prepare=False)
+                await client.execute(text)
             except InvalidSqlStatementName:
                 # The session lost statements it had prepared (DEALLOCATE ALL, or a pooler
                 # in transaction mode that hands each transaction another server session).
@@ -390,7 +390,7 @@ class PostgresDatabase:
             if name is None:
                 continue
             try:
-                await conn.execute(f"PREPARE {name} AS {_dollar_sql(sql)}", prepare=False)
+                await conn.execute(f"PREPARE {name} AS {_dollar_sql(sql)}")
             except DuplicatePreparedStatement:
                 pass  # the same name is the same text: prepared already
             except (IndeterminateDatatype, AmbiguousParameter, AmbiguousFunction) as exc:
