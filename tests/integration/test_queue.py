@@ -249,3 +249,34 @@ async def test_an_idle_consumer_takes_a_message_as_it_arrives(make_queue: QueueF
 
     await producer.enqueue("new-tenant", "third")
     assert await take(0.3, 3.0) == ["third"]
+
+
+async def test_a_redis_connection_left_with_unread_replies_is_never_reused() -> None:
+    """The queue sends its commands on pooled connections directly (``_round_trip``): a wait
+    that is cancelled, or commands of which one fails, must not leave a reply on a connection
+    that the next caller would read as its own."""
+    import redis.asyncio as redis
+    from redis.exceptions import ResponseError
+
+    from tenantflow.queue.redis_streams import _round_trip
+
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True, max_connections=1)
+    key = f"tftest{uuid.uuid4().hex[:10]}:list"
+    try:
+        # A blocking wait cancelled at its deadline; its reply (a push that comes later)
+        # would otherwise be the next reply read on that connection.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await _round_trip(client, [("BLPOP", key, 5)])
+        await client.lpush(key, "late")
+        assert await _round_trip(client, [("PING",), ("LRANGE", key, 0, -1)]) == [
+            "PONG",
+            ["late"],
+        ]
+        # An error in the middle: every reply is read before it is raised.
+        with pytest.raises(ResponseError):
+            await _round_trip(client, [("PING",), ("INCR", key), ("ECHO", "after")])
+        assert await _round_trip(client, [("ECHO", "next")]) == ["next"]
+    finally:
+        await client.delete(key)
+        await client.aclose()
