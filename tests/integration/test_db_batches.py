@@ -57,7 +57,8 @@ async def prepared(db: PostgresDatabase) -> dict[str, str]:
 
 async def batch(db: PostgresDatabase, first: int, *, durable: bool = True) -> list[object]:
     """Two inserts and two renames submitted in one turn: the first insert goes at once (nothing
-    else is on its way), the other three follow it in one transaction."""
+    else is on its way), the other three in one transaction after it (``db`` has one
+    connection: the batch waits for it, so the rename finds the row inserted)."""
     rows = await asyncio.gather(
         db.batched(INSERT, (first, "a"), durable=durable),
         db.batched(INSERT, (first + 1, "b"), durable=durable),
@@ -93,18 +94,24 @@ async def test_batched_statements_are_prepared_once_per_connection(db: PostgresD
 async def test_a_lone_statement_goes_at_once_and_those_meanwhile_share_the_next_commit(
     url: str,
 ) -> None:
-    """With nothing on its way, a statement is sent at once rather than a turn of the event
-    loop later; the statements submitted while it is on its way share one transaction."""
+    """With nothing on its way, a statement is sent at once, before the caller's task yields
+    to the event loop, rather than a turn later; the statements submitted while it is on its
+    way share one transaction (the next batch)."""
     database = PostgresDatabase(url, max_size=2)
     xid = "SELECT txid_current() + ?"  # a transaction id of its own for each transaction
     try:
+        await database.batched(xid, (0,))  # the pool opens (from a batch: a fresh context)
+        # A callback of the very next turn finds the statement on its way, not waiting.
+        seen: list[tuple[int, int]] = []
+        asyncio.get_running_loop().call_soon(
+            lambda: seen.append((database._in_flight, len(database._batch)))
+        )
+        await database.batched(xid, (0,))
+        assert seen == [(1, 0)]
         rows = await asyncio.gather(*(database.batched(xid, (0,)) for _ in range(5)))
         ids = [row[0] if row else None for row in rows]
         assert ids[0] != ids[1]
         assert ids[1:] == [ids[1]] * 4
-        # Idle again: the next one alone, in a transaction of its own.
-        again = await database.batched(xid, (0,))
-        assert again is not None and again[0] not in ids
     finally:
         await database.close()
 

@@ -516,34 +516,31 @@ async def _round_trip(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[
     bookkeeping costs a fifth to a quarter of the CPU of a round trip (measured: 105-113
     against 136-156 us; a worker draining a backlog, 439-480 against 510-529 us per run).
     Every reply is read before an error reply is raised, so the connection stays in step; a
-    connection that fails or whose wait is cancelled is closed, never given back with replies
-    left unread on it. A connection error gets one more try on a fresh connection, as
-    redis-py's own retry would (a pooled connection to a Redis that restarted); what the first
-    try did may have happened, which the scripts tolerate (a second message is dropped by the
-    run's claim; a second acknowledgement does nothing)."""
+    connection that fails or whose wait is cancelled is closed (redis-py closes it too), never
+    given back with replies left unread on it. No retry, as with the pipeline (the client has
+    no retry configured): the commands may have run, and not every script may run twice (a
+    dequeue would strand the messages it took); the callers decide."""
+    packed = None
     pool = client.connection_pool
-    for attempt in (1, 2):
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # read whole: the rest still follows
-                    replies.append(exc)
-        except (RedisConnectionError, RedisTimeoutError):
+    conn = await pool.get_connection()
+    try:
+        packed = conn.pack_commands(commands)
+        await conn.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # read whole: the rest still follows
+                replies.append(exc)
+    except BaseException:
+        if packed is not None:  # sent, or on its way: the connection's state is unknown
             await conn.disconnect()
-            if attempt == 2:
-                raise
-            continue
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies
-    raise AssertionError("unreachable")
+        raise
+    finally:
+        # Shielded, as redis-py's pipeline does: a cancellation while the pool's lock is
+        # taken must not leave the connection counted in use for good.
+        await asyncio.shield(pool.release(conn))
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies

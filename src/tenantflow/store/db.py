@@ -246,7 +246,9 @@ class PostgresDatabase:
         self._opened = False
         self._batch: list[_Batched] = []
         self._flushing: set[asyncio.Task[None]] = set()
-        self._alone = 0  # statements sent at once, outside a batch (see ``batched``)
+        # Batches and lone statements on their way, until their callers are answered (see
+        # ``batched``).
+        self._in_flight = 0
         self._prepare = True
         # Which batched statements each connection has prepared (a connection that is
         # closed and collected leaves the map by itself).
@@ -276,23 +278,31 @@ class PostgresDatabase:
             yield _PgTx(conn)
 
     async def batched(self, sql: str, params: Sequence[Any], *, durable: bool = True) -> Row | None:
-        """Group commit: statements submitted in the same turn of the event loop share one
-        transaction, sent in one message, so a commit (and its WAL flush) serves many runs.
-        The transaction commits asynchronously only if none of its statements is durable."""
+        """Group commit: statements submitted while another batch is on its way, or in the
+        same turn of the event loop, share one transaction, sent in one message, so a commit
+        (and its WAL flush) serves many runs. A statement with nothing waiting and nothing on
+        its way goes alone, at once (see below); those submitted meanwhile form the next
+        batch, sent concurrently with it: statements of one turn get neither one transaction
+        nor an order between them (each caller awaits its own). The transaction commits
+        asynchronously only if none of its statements is durable.
+
+        A caller cancelled while its statement is on its way: a batch's transaction goes on
+        for the others; a lone statement is cancelled on the server (psycopg), so it may or
+        may not have committed, as with any interrupted statement."""
         future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
         item = _Batched(sql, params, future, durable)
-        if not self._batch and not self._flushing and not self._alone:
+        if self._opened and not self._batch and not self._in_flight:
             # Nothing waiting and nothing on its way: no statement to share this commit with,
             # so it goes at once, from the caller's task, two turns of the event loop sooner
-            # (measured: 0.05-0.1 ms less per commit on an idle process). Statements that
-            # come meanwhile form the next batch.
-            self._alone += 1
+            # (measured: 0.05-0.1 ms less per commit on an idle process). Not the first of
+            # all: the pool opens from a fresh context (its tasks keep the context they
+            # start in), not from a caller's run.
+            self._in_flight += 1
             try:
-                await self._open()
                 async with self.pool.connection() as conn:
                     return (await self._run_batch(conn, [item]))[0]
             finally:
-                self._alone -= 1
+                self._in_flight -= 1
         self._batch.append(item)
         if len(self._batch) == 1:
             # A fresh context: the group commit serves many runs, not the caller's.
@@ -301,35 +311,42 @@ class PostgresDatabase:
 
     def _start_flush(self) -> None:
         batch, self._batch = self._batch, []
+        self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._flush(batch))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
     async def _flush(self, batch: list[_Batched]) -> None:
+        outcomes: list[tuple[Row | None, Exception | None]]
         try:
             await self._open()
             async with self.pool.connection() as conn:
                 try:
-                    rows = await self._run_batch(conn, batch)
+                    outcomes = [(row, None) for row in await self._run_batch(conn, batch)]
                 except Exception:
                     if len(batch) == 1:
                         raise
                     # One statement failed the shared transaction (a deadlock between two
                     # batches, say): run each on its own so only the guilty one fails.
+                    outcomes = []
                     for item in batch:
                         try:
                             cur = await conn.execute(_pg_sql(item.sql), item.params)
-                            _settle(item.future, result=await cur.fetchone())
+                            outcomes.append((await cur.fetchone(), None))
                         except Exception as exc:
-                            _settle(item.future, error=exc)
-                    return
-            for item, row in zip(batch, rows, strict=True):
-                _settle(item.future, result=row)
+                            outcomes.append((None, exc))
         except BaseException as exc:
+            self._in_flight -= 1
             for item in batch:
                 _settle(item.future, error=exc)
             if not isinstance(exc, Exception):
                 raise
+            return
+        # Done before the callers resume (the task itself ends a turn later): the next
+        # statement of a caller that waited for this one finds nothing on its way.
+        self._in_flight -= 1
+        for item, (row, error) in zip(batch, outcomes, strict=True):
+            _settle(item.future, result=row, error=error)
 
     async def _run_batch(
         self, conn: AsyncConnection[Any], batch: list[_Batched], *, again: bool = False
