@@ -297,6 +297,12 @@ class platform_down:
                     moved.rename(f"{dst}{suffix}")
             if down:  # a connection attempt must fail, not create an empty database
                 path.mkdir()
+            else:
+                # A thread of the worker that connected between the rmdir and the rename
+                # created an empty database there, now replaced: its pooled connection would
+                # fail every read from then on (a CI run's "license has expired" after the
+                # platform was back). Connections made before now are dropped.
+                self.runtime.registry.engine.dispose()
             return
         import psycopg
         from psycopg import sql

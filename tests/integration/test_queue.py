@@ -280,3 +280,24 @@ async def test_a_redis_connection_left_with_unread_replies_is_never_reused() -> 
     finally:
         await client.delete(key)
         await client.aclose()
+
+
+async def test_scripts_the_server_lost_are_loaded_again() -> None:
+    """A Redis that restarted (or ran ``SCRIPT FLUSH``) no longer knows the scripts the queue
+    calls by SHA: the round trip that finds out loads them and is sent again, once."""
+    queue = RedisStreamsQueue(REDIS_URL, prefix=f"tftest{uuid.uuid4().hex[:10]}")
+    try:
+        await queue.enqueue("t", "before")
+        await queue.redis.script_flush()
+        await queue.enqueue("t", "after")  # ENQUEUE unknown: loaded, sent again
+        await queue.redis.script_flush()
+        got = await queue.dequeue("c", 5, 5.0)  # DEQUEUE unknown, behind nothing else
+        assert sorted(m.run_id for m in got) == ["after", "before"]
+        await queue.redis.script_flush()
+        await queue.ack(got)  # ACK unknown
+        assert await queue.dequeue("c", 5, 0.001) == []  # acknowledged: not reclaimed
+    finally:
+        keys = [k async for k in queue.redis.scan_iter(match=f"{queue.keys.prefix}:*")]
+        if keys:
+            await queue.redis.delete(*keys)
+        await queue.close()
