@@ -30,10 +30,15 @@ from tenantflow import Client, Runtime, Settings
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_cpu(stat: str) -> float:
+    """User + system CPU seconds from the text of a ``/proc/<pid>/stat``."""
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+        return _stat_cpu(f.read())
 
 
 def servers_cpu() -> dict[str, float]:
@@ -50,8 +55,7 @@ def servers_cpu() -> dict[str, float]:
         name = stat[stat.find("(") + 1 : stat.rfind(")")]
         key = "postgres" if name.startswith("postgres") else "redis" if "redis" in name else None
         if key is not None:
-            fields = stat.rpartition(")")[2].split()
-            out[key] += (int(fields[11]) + int(fields[12])) / TICKS
+            out[key] += _stat_cpu(stat)
     return out
 
 

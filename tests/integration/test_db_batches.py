@@ -55,6 +55,11 @@ async def prepared(db: PostgresDatabase) -> dict[str, str]:
     return {row[0]: row[1] for row in rows}
 
 
+async def items(db: PostgresDatabase) -> list[tuple[object, ...]]:
+    async with db.autocommit() as tx:
+        return await tx.all("SELECT id, name FROM items ORDER BY id")
+
+
 async def batch(db: PostgresDatabase, first: int, *, durable: bool = True) -> list[object]:
     """Two inserts and two renames submitted in one turn: the first insert goes at once (nothing
     else is on its way), the other three in one transaction after it (``db`` has one
@@ -80,15 +85,14 @@ async def test_batched_statements_are_prepared_once_per_connection(db: PostgresD
         "INSERT INTO items (id, name) VALUES ($1, $2) RETURNING id",
         "UPDATE items SET name = $1 WHERE id = $2 RETURNING name",
     ]
-    async with db.autocommit() as tx:
-        assert await tx.all("SELECT id, name FROM items ORDER BY id") == [
-            (1, "a1"),
-            (2, "b1"),
-            (10, "a10"),
-            (11, "b10"),
-            (20, "a20"),
-            (21, "b20"),
-        ]
+    assert await items(db) == [
+        (1, "a1"),
+        (2, "b1"),
+        (10, "a10"),
+        (11, "b10"),
+        (20, "a20"),
+        (21, "b20"),
+    ]
 
 
 async def test_a_lone_statement_goes_at_once_and_those_meanwhile_share_the_next_commit(
@@ -153,13 +157,7 @@ async def test_a_session_that_cannot_keep_prepared_statements_goes_on_plain(url:
             assert await batch(pooled, 10, durable=False) == [10, 11, "a10", "b10"]
         # Given up once, on the first batch; plain since (nothing prepared, nothing lost).
         assert [entry["event"] for entry in logs] == [GIVEN_UP]
-        async with pooled.autocommit() as tx:
-            assert await tx.all("SELECT id, name FROM items ORDER BY id") == [
-                (1, "alone"),
-                (2, "b1"),
-                (10, "a10"),
-                (11, "b10"),
-            ]
+        assert await items(pooled) == [(1, "alone"), (2, "b1"), (10, "a10"), (11, "b10")]
     finally:
         await pooled.close()
 
