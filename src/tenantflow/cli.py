@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tenantflow._extras import require
 from tenantflow.errors import TenantflowError
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
@@ -109,7 +110,7 @@ def dev(
         f"API on {url} (OpenAPI at {url}/docs); a worker runs alongside. Ctrl-C stops.",
         soft_wrap=True,
     )
-    _run_loop(serve(the_app, settings, port=port))
+    _run_loop(serve(the_app, settings, port=port), settings)
 
 
 @cli.command()
@@ -151,7 +152,7 @@ def worker(
         finally:
             await runtime.close()
 
-    _run_loop(main())
+    _run_loop(main(), settings)
 
 
 @runs_cli.command("list")
@@ -318,15 +319,20 @@ def tenants_list() -> None:
     console.print(table)
 
 
-def _run_loop(coro: Coroutine[Any, Any, None]) -> None:
-    """Run the worker's loop on uvloop when it is installed (``tenantflow[fast]``): the same
-    asyncio API with a faster loop; the standard loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
+def _run_loop(coro: Coroutine[Any, Any, None], settings: Settings) -> None:
+    """Run a long-lived loop on uvloop when it is installed (``tenantflow[fast]``) or asked
+    for: the same asyncio API with a faster loop; the standard loop otherwise."""
+    if settings.event_loop == "uvloop":
+        require("fast", "TENANTFLOW_EVENT_LOOP=uvloop")
+    if settings.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 def _run(coro: object) -> None:

@@ -26,6 +26,14 @@ class ConfigError(TenantflowError):
     """The configuration is invalid."""
 
 
+class MissingExtraError(ConfigError):
+    """The setting needs an optional dependency that is not installed."""
+
+
+class BackendUnavailableError(TenantflowError):
+    """A database or queue server did not answer."""
+
+
 class NotFoundError(TenantflowError):
     """The object does not exist."""
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from tenantflow._extras import require
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Envelope, Queue
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from tenantflow.platform.artifacts import PlatformArtifacts
     from tenantflow.platform.licensing import LicenseClaims
     from tenantflow.platform.service import Platform
+    from tenantflow.queue.redis_streams import RedisStreamsQueue
     from tenantflow.resilience.breaker import Breakers
     from tenantflow.resilience.bulkhead import Bulkheads
 
@@ -45,6 +47,7 @@ def open_queue(settings: Settings) -> Queue:
             tenant_max_inflight=settings.tenant_max_inflight,
         )
     if url.startswith(("redis://", "rediss://", "unix://")):
+        require("redis", "TENANTFLOW_QUEUE_URL=redis://…")
         from tenantflow.queue.redis_streams import RedisStreamsQueue
 
         return RedisStreamsQueue(
@@ -60,27 +63,34 @@ def open_queue(settings: Settings) -> Queue:
     )
 
 
+def redis_of(queue: Queue) -> RedisStreamsQueue | None:
+    """The Redis Streams queue whose client and keys the shared state of breakers, bulkheads
+    and rate limits use; None on the embedded default (each process keeps its own)."""
+    if queue.__class__.__name__ != "RedisStreamsQueue":  # by name: redis may not be installed
+        return None
+    from tenantflow.queue.redis_streams import RedisStreamsQueue
+
+    assert isinstance(queue, RedisStreamsQueue)
+    return queue
+
+
 def open_breakers(queue: Queue) -> Breakers:
     """Circuit breakers shared through Redis with the Redis queue; this process's own on the
     embedded default."""
     from tenantflow.resilience.breaker import Breakers, LocalBreakers, RedisBreakers
 
-    if queue.__class__.__name__ == "RedisStreamsQueue":  # by name: redis may not be installed
-        from tenantflow.queue.redis_streams import RedisStreamsQueue
-
-        assert isinstance(queue, RedisStreamsQueue)
-        return Breakers(RedisBreakers(queue.redis, queue.keys.breaker))
+    shared = redis_of(queue)
+    if shared is not None:
+        return Breakers(RedisBreakers(shared.redis, shared.keys.breaker))
     return Breakers(LocalBreakers())
 
 
 def open_bulkheads(queue: Queue) -> Bulkheads:
     from tenantflow.resilience.bulkhead import Bulkheads
 
-    if queue.__class__.__name__ == "RedisStreamsQueue":  # by name: redis may not be installed
-        from tenantflow.queue.redis_streams import RedisStreamsQueue
-
-        assert isinstance(queue, RedisStreamsQueue)
-        return Bulkheads(queue.redis, queue.keys.bulkhead)
+    shared = redis_of(queue)
+    if shared is not None:
+        return Bulkheads(shared.redis, shared.keys.bulkhead)
     return Bulkheads()
 
 

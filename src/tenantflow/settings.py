@@ -100,6 +100,11 @@ class Settings(BaseSettings):
         default=False,
         description="OpenTelemetry tracing (export configured by the standard OTEL_* variables).",
     )
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto",
+        description="The worker's and server's event loop: auto takes uvloop when installed "
+        "(tenantflow[fast]).",
+    )
     log_level: str = Field(default="INFO")
     log_format: str = Field(default="console", pattern="^(console|json)$")
 

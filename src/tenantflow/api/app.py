@@ -23,7 +23,7 @@ from tenantflow.api import platform as platform_routes
 from tenantflow.api import problems
 from tenantflow.api import runs as run_routes
 from tenantflow.api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
-from tenantflow.runtime import Runtime
+from tenantflow.runtime import Runtime, redis_of
 from tenantflow.sdk.app import App
 from tenantflow.settings import Settings
 from tenantflow.telemetry.metrics import CONTENT_TYPE
@@ -146,11 +146,9 @@ def _configure(runtime: Runtime, workflows: App) -> None:
 
 
 def _limiter(runtime: Runtime) -> RateLimiter:
-    from tenantflow.queue.redis_streams import RedisStreamsQueue
-
-    queue = runtime.queue
-    if isinstance(queue, RedisStreamsQueue):
-        return RedisRateLimiter(queue.redis, queue.keys.rate)
+    shared = redis_of(runtime.queue)
+    if shared is not None:
+        return RedisRateLimiter(shared.redis, shared.keys.rate)
     return LocalRateLimiter()
 
 

@@ -11,8 +11,6 @@ import hashlib
 import time
 from typing import Any, Protocol
 
-from redis.exceptions import NoScriptError
-
 GCRA = """
 -- KEYS[1] the tenant's rate key; ARGV: interval_ms, tolerance_ms. Returns "ok", or the
 -- milliseconds to wait (as a string: Lua numbers lose their fraction on the way out).
@@ -58,6 +56,8 @@ class RedisRateLimiter:
     async def check(self, tenant_id: str, rate: float, burst: int) -> float | None:
         interval = 1000.0 / rate
         args = [repr(interval), repr(interval * (burst - 1))]
+        from redis.exceptions import NoScriptError
+
         key = self.key_of(tenant_id)
         try:
             reply = await self.redis.evalsha(self._sha, 1, key, *args)

@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from tenantflow._extras import require
 from tenantflow.errors import (
     ConfigError,
     InvalidTenantIdError,
@@ -112,6 +113,12 @@ def _platform_engine(url: str, timeout: float) -> sa.Engine:
             conn.execute("PRAGMA busy_timeout = 30000")
 
         return engine
+    if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        raise ConfigError(
+            f"unsupported database URL scheme {url.split(':', 1)[0]!r}: "
+            "use sqlite:///path or postgresql://user@host:port/database"
+        )
+    require("postgres", "TENANTFLOW_DATABASE_URL=postgresql://…")
     _create_database_if_missing(url)
     from tenantflow.store.db import pg_connect_args, pg_session_limits
 

@@ -16,14 +16,20 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tenantflow._extras import require
 from tenantflow.errors import NotFoundError
 from tenantflow.queue import lua
 from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
 from tenantflow.queue.keys import GROUP, Keys
+
+try:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError:
+    require("redis", "the Redis Streams queue")  # the one line a user can act on
+    raise
 
 log = structlog.get_logger(__name__)
 

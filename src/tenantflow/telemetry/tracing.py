@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from tenantflow._extras import require
 from tenantflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -173,16 +174,12 @@ def _kind(kind: str) -> SpanKind:
 def _provider(given: Any, service: str) -> Any:
     """The provider to use: the one given, the application's, else one made here (and
     installed as the global one)."""
-    try:
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-    except ImportError as exc:
-        raise ConfigError(
-            "TENANTFLOW_TRACING is on but OpenTelemetry is not installed: "
-            "pip install 'tenantflow[tracing]'"
-        ) from exc
+    require("tracing", "TENANTFLOW_TRACING=true")
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
     if given is not None:
         return given
     installed = trace.get_tracer_provider()
@@ -194,13 +191,9 @@ def _provider(given: Any, service: str) -> Any:
     provider = TracerProvider(resource=resource)
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if exporter_name == "otlp":
-        try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError as exc:
-            raise ConfigError(
-                "OTLP export needs opentelemetry-exporter-otlp-proto-http: "
-                "pip install 'tenantflow[tracing]'"
-            ) from exc
+        require("otlp", "OTEL_TRACES_EXPORTER=otlp (the default)")
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     elif exporter_name == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
