@@ -44,6 +44,11 @@ async def run_demo(
 ) -> list[TenantSummary]:
     console = console or Console()
     runtime = Runtime(settings)
+    try:
+        await runtime.queue.ping()  # a queue that does not answer: fail now, not hang
+    except BaseException:
+        await runtime.close()
+        raise
     for tenant in TENANTS:
         runtime.registry.ensure(tenant, name=tenant.capitalize())
     client = Client(app, runtime=runtime)

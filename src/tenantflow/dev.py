@@ -53,15 +53,16 @@ def bootstrap(runtime: Runtime) -> Bootstrap:
     return made
 
 
-async def serve(app: App, settings: Settings, *, port: int | None = None) -> None:
-    """Serve the API and run a worker until SIGINT/SIGTERM."""
+async def serve(
+    app: App, settings: Settings, *, port: int | None = None, worker: bool = True
+) -> None:
+    """Serve the API, and with ``worker`` run a worker beside it, until SIGINT/SIGTERM."""
     import uvicorn
 
     from tenantflow.api.app import create_api
     from tenantflow.worker.worker import Worker
 
-    runtime = Runtime(settings)
-    worker = Worker(app, runtime)
+    runtime = await asyncio.to_thread(Runtime, settings)
     config = uvicorn.Config(
         create_api(app, runtime=runtime),
         host=settings.api_host,
@@ -70,13 +71,15 @@ async def serve(app: App, settings: Settings, *, port: int | None = None) -> Non
         lifespan="off",  # the runtime is this function's
     )
     server = _server_class()(config)
-    working = asyncio.create_task(worker.run())
+    running = Worker(app, runtime) if worker else None
+    working = asyncio.create_task(running.run()) if running else None
     try:
         await server.serve()  # returns on SIGINT/SIGTERM (uvicorn handles them)
     finally:
-        worker.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(working, settings.shutdown_grace_seconds + 5)
+        if running is not None and working is not None:
+            running.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(working, settings.shutdown_grace_seconds + 5)
         await runtime.close()
 
 

@@ -45,10 +45,12 @@ def test_demo_then_inspect_runs(tmp_path: Path) -> None:
 
     # The other tenant cannot see this run: its database does not hold it.
     other = tenantflow("runs", "show", run_ids[0], "--tenant", "globex", cwd=tmp_path)
-    assert other.returncode == 2 and "no run" in other.stdout
+    assert other.returncode == 2
+    assert other.stderr == f"error: no run {run_ids[0]} in tenant globex\n"
 
     missing = tenantflow("runs", "list", "--tenant", "nobody", cwd=tmp_path)
-    assert missing.returncode == 2 and "no tenant" in missing.stdout
+    assert missing.returncode == 2
+    assert missing.stderr == "error: no tenant 'nobody'\n"
 
 
 def test_demo_runs_unchanged_on_postgresql_and_redis(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tenantflow.platform.audit import AuditEntry
-from tenantflow.platform.identity import Role
+from tenantflow.platform.identity import ApiKey, Role, User
+from tenantflow.platform.registry import Tenant
 from tenantflow.sdk.serde import loads
 from tenantflow.store.records import RunRecord, StepRecord
 
@@ -152,6 +153,18 @@ class TenantOut(BaseModel):
     created_at: float
     revision: str | None
 
+    @staticmethod
+    def of(t: Tenant) -> TenantOut:
+        return TenantOut(
+            id=t.id,
+            name=t.name,
+            status=t.status.value,
+            plan=t.plan_id,
+            server=t.server_id,
+            created_at=t.created_at,
+            revision=t.revision,
+        )
+
 
 class ServerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -186,6 +199,12 @@ class UserOut(BaseModel):
     platform_admin: bool
     created_at: float
 
+    @staticmethod
+    def of(u: User) -> UserOut:
+        return UserOut(
+            id=u.id, email=u.email, platform_admin=u.is_platform_admin, created_at=u.created_at
+        )
+
 
 class MembershipIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -216,6 +235,18 @@ class ApiKeyOut(BaseModel):
     created_at: float
     revoked_at: float | None
     secret: str | None = Field(default=None, description="Shown once, at creation.")
+
+    @staticmethod
+    def of(k: ApiKey, secret: str | None = None) -> ApiKeyOut:
+        return ApiKeyOut(
+            id=k.id,
+            tenant=k.tenant_id,
+            name=k.name,
+            role=k.role,
+            created_at=k.created_at,
+            revoked_at=k.revoked_at,
+            secret=secret,
+        )
 
 
 class QuotasModel(BaseModel):

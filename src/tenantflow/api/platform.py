@@ -37,10 +37,10 @@ from tenantflow.api.models import (
     UserOut,
 )
 from tenantflow.errors import TenantNotFoundError
-from tenantflow.platform.identity import ApiKey, Membership, Role, User
+from tenantflow.platform.identity import Membership, Role
 from tenantflow.platform.keys import Jwks
 from tenantflow.platform.licensing import License, Plan, Quotas
-from tenantflow.platform.registry import DatabaseServer, Tenant, TenantStatus
+from tenantflow.platform.registry import DatabaseServer, TenantStatus
 from tenantflow.platform.service import Platform, Principal
 
 T = TypeVar("T")
@@ -54,39 +54,9 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def _tenant_out(t: Tenant) -> TenantOut:
-    return TenantOut(
-        id=t.id,
-        name=t.name,
-        status=t.status.value,
-        plan=t.plan_id,
-        server=t.server_id,
-        created_at=t.created_at,
-        revision=t.revision,
-    )
-
-
-def _user_out(u: User) -> UserOut:
-    return UserOut(
-        id=u.id, email=u.email, platform_admin=u.is_platform_admin, created_at=u.created_at
-    )
-
-
 def _membership_out(m: Membership) -> MembershipOut:
     return MembershipOut(
         user_id=m.user_id, tenant=m.tenant_id, role=m.role, created_at=m.created_at
-    )
-
-
-def _key_out(k: ApiKey, secret: str | None = None) -> ApiKeyOut:
-    return ApiKeyOut(
-        id=k.id,
-        tenant=k.tenant_id,
-        name=k.name,
-        role=k.role,
-        created_at=k.created_at,
-        revoked_at=k.revoked_at,
-        secret=secret,
     )
 
 
@@ -176,17 +146,17 @@ async def create_tenant(body: TenantIn, principal: PlatformAdmin, runtime: Runti
         name=body.name,
         plan_id=body.plan,
     )
-    return _tenant_out(tenant)
+    return TenantOut.of(tenant)
 
 
 @router.get("/tenants", response_model=list[TenantOut])
 async def list_tenants(principal: PlatformAdmin, runtime: RuntimeDep) -> list[TenantOut]:
-    return [_tenant_out(t) for t in await _run(runtime.registry.list)]
+    return [TenantOut.of(t) for t in await _run(runtime.registry.list)]
 
 
 @router.get("/tenants/{tenant_id}", response_model=TenantOut)
 async def show_tenant(tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
-    return _tenant_out(await _run(runtime.registry.get, tenant_id))
+    return TenantOut.of(await _run(runtime.registry.get, tenant_id))
 
 
 @router.patch("/tenants/{tenant_id}", response_model=TenantOut)
@@ -194,7 +164,7 @@ async def change_tenant(
     tenant_id: str, body: TenantPatch, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> TenantOut:
     """Move the tenant to another plan (a new license is issued)."""
-    return _tenant_out(
+    return TenantOut.of(
         await _run(runtime.platform.set_plan, principal.subject, tenant_id, body.plan)
     )
 
@@ -205,7 +175,7 @@ async def suspend_tenant(
 ) -> TenantOut:
     """Refuse the tenant's submits and stop workers taking its runs; nothing is lost."""
     platform: Platform = runtime.platform
-    return _tenant_out(
+    return TenantOut.of(
         await _run(platform.set_status, principal.subject, tenant_id, TenantStatus.SUSPENDED)
     )
 
@@ -213,7 +183,7 @@ async def suspend_tenant(
 @router.post("/tenants/{tenant_id}/resume", response_model=TenantOut)
 async def resume_tenant(tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
     platform: Platform = runtime.platform
-    return _tenant_out(
+    return TenantOut.of(
         await _run(platform.set_status, principal.subject, tenant_id, TenantStatus.ACTIVE)
     )
 
@@ -278,12 +248,12 @@ async def create_user(body: UserIn, principal: PlatformAdmin, runtime: RuntimeDe
         body.password,
         platform_admin=body.platform_admin,
     )
-    return _user_out(user)
+    return UserOut.of(user)
 
 
 @router.get("/users", response_model=list[UserOut])
 async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[UserOut]:
-    return [_user_out(u) for u in await _run(runtime.platform.identity.list_users)]
+    return [UserOut.of(u) for u in await _run(runtime.platform.identity.list_users)]
 
 
 @router.put("/tenants/{tenant_id}/memberships", response_model=MembershipOut)
@@ -324,7 +294,7 @@ async def create_api_key(
     key, secret = await _run(
         runtime.platform.create_api_key, principal.subject, tenant_id, body.name, body.role
     )
-    return _key_out(key, secret)
+    return ApiKeyOut.of(key, secret)
 
 
 @router.get("/tenants/{tenant_id}/api-keys", response_model=list[ApiKeyOut])
@@ -332,7 +302,7 @@ async def list_api_keys(
     tenant_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> list[ApiKeyOut]:
     _admin_of(principal, tenant_id)
-    return [_key_out(k) for k in await _run(runtime.platform.identity.api_keys, tenant_id)]
+    return [ApiKeyOut.of(k) for k in await _run(runtime.platform.identity.api_keys, tenant_id)]
 
 
 @router.delete("/tenants/{tenant_id}/api-keys/{key_id}", response_model=ApiKeyOut)
@@ -340,7 +310,7 @@ async def revoke_api_key(
     tenant_id: str, key_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> ApiKeyOut:
     _admin_of(principal, tenant_id)
-    return _key_out(
+    return ApiKeyOut.of(
         await _run(runtime.platform.revoke_api_key, principal.subject, tenant_id, key_id)
     )
 

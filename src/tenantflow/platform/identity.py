@@ -122,8 +122,7 @@ class Identity:
 
     def create_user(self, email: str, password: str, *, platform_admin: bool = False) -> User:
         email = normalize_email(email)
-        if len(password) < MIN_PASSWORD:
-            raise ValueError(f"a password has at least {MIN_PASSWORD} characters")
+        _check_password(password)
         user = User(
             id=str(uuid.uuid4()),
             email=email,
@@ -151,6 +150,27 @@ class Identity:
         if row is None:
             raise NotFoundError("no such user")
         return _user(row)
+
+    def user_by_email(self, email: str) -> User:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(users).where(users.c.email == normalize_email(email))
+            ).first()
+        if row is None:
+            raise NotFoundError("no user with this email")
+        return _user(row)
+
+    def set_password(self, user_id: str, password: str) -> None:
+        """Replace a user's password (a lost one: the old one is not needed)."""
+        _check_password(password)
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                users.update()
+                .where(users.c.id == user_id)
+                .values(password_hash=self.hasher.hash(password))
+            ).rowcount
+        if not changed:
+            raise NotFoundError("no such user")
 
     def list_users(self) -> list[User]:
         with self.engine.connect() as conn:
@@ -327,6 +347,11 @@ class Identity:
         if row.revoked_at is not None:
             raise AuthenticationError("this API key was revoked")
         return _key(row)
+
+
+def _check_password(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise ValueError(f"a password has at least {MIN_PASSWORD} characters")
 
 
 def _digest(secret: str) -> str:

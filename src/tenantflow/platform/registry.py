@@ -119,8 +119,9 @@ def _platform_engine(url: str, timeout: float) -> sa.Engine:
             "use sqlite:///path or postgresql://user@host:port/database"
         )
     require("postgres", "TENANTFLOW_DATABASE_URL=postgresql://…")
-    _create_database_if_missing(url)
     from tenantflow.store.db import pg_connect_args, pg_session_limits
+
+    _create_database_if_missing(url, pg_connect_args(timeout))
 
     engine = sa.create_engine(
         sqlalchemy_url(url),
@@ -141,14 +142,14 @@ def _platform_engine(url: str, timeout: float) -> sa.Engine:
     return engine
 
 
-def _create_database_if_missing(url: str) -> None:
+def _create_database_if_missing(url: str, connect_args: dict[str, Any]) -> None:
     import psycopg
     from psycopg import errors, sql
 
     from tenantflow.platform.provision import database_name, with_database
 
     name = database_name(url)
-    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as admin:
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True, **connect_args) as admin:
         if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             try:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

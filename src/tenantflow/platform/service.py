@@ -174,6 +174,13 @@ class Platform:
         )
         return user
 
+    def reset_password(self, actor: str, email: str, password: str) -> User:
+        """Give a user (a platform administrator who lost theirs, say) a new password."""
+        user = self.identity.user_by_email(email)
+        self.identity.set_password(user.id, password)
+        self.audit.record("user.password_reset", actor=actor, tenant_id=None, target=user.id)
+        return user
+
     def set_membership(self, actor: str, user_id: str, tenant_id: str, role: Role) -> Membership:
         tenant = self.registry.get(tenant_id)
         seats = None

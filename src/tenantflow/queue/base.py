@@ -144,4 +144,9 @@ class Queue(Protocol):
         backend may do in one go."""
         ...
 
+    async def ping(self) -> None:
+        """Return once the queue's server answers; raise its error if it does not within
+        the backend's timeout (the embedded queue always answers)."""
+        ...
+
     async def close(self) -> None: ...

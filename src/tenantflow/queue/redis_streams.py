@@ -476,6 +476,9 @@ class RedisStreamsQueue:
         if token is not None:
             self._add_active([token[1]])
 
+    async def ping(self) -> None:
+        await self.redis.ping()
+
     async def close(self) -> None:
         await self._blocking.aclose()
         await self.redis.aclose()

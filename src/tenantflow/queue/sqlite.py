@@ -18,6 +18,8 @@ from tenantflow import _sqlite
 from tenantflow.errors import NotFoundError
 from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
 
+SQLITE_MAX_INTEGER = 2**63 - 1
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -277,6 +279,10 @@ class SqliteQueue:
         ]
 
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
+        missing = NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
+        # Ids here are SQLite row ids: anything else names no dead letter, as a missing one.
+        if not dead_letter_id.isdigit() or int(dead_letter_id) > SQLITE_MAX_INTEGER:
+            raise missing
         with _sqlite.transaction(self._conn) as cur:
             row = cur.execute(
                 "DELETE FROM dead_letters WHERE id = ? AND tenant_id = ? "
@@ -284,7 +290,7 @@ class SqliteQueue:
                 (int(dead_letter_id), tenant_id),
             ).fetchone()
             if row is None:
-                raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
+                raise missing
             now = time.time()
             cur.execute(SQL_INSERT, (tenant_id, row[0], row[1], now, now, row[2]))
         self._wakeup.set()
@@ -339,6 +345,9 @@ class SqliteQueue:
         except TimeoutError:
             pass
         self._wakeup.clear()
+
+    async def ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         self._conn.close()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from tenantflow.backends import log_failure
 from tenantflow.queue.base import Envelope
 from tenantflow.runtime import Runtime
 from tenantflow.store.base import RunStore
@@ -62,9 +63,9 @@ class Maintenance:
             try:
                 async with self.runtime.router.borrowed(tenant.id) as store:
                     await self._sweep(tenant.id, store, now, report)
-            except Exception:
+            except Exception as exc:
                 # One tenant's trouble (its database away, say) must not stop the others.
-                log.exception("maintenance of a tenant failed", tenant=tenant.id)
+                log_failure(log, "maintenance of a tenant failed", exc, tenant=tenant.id)
         if report.relayed or report.reenqueued:
             log.info(
                 "maintenance",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from tenantflow.backends import log_failure
 from tenantflow.engine.executor import Execution, Outcome, OutcomeKind
 from tenantflow.errors import LicenseError, TenantNotFoundError, WorkflowNotRegisteredError
 from tenantflow.platform.registry import TenantStatus
@@ -157,11 +158,7 @@ class Worker:
                     # The queue is away (restarting, unreachable): keep the runs in flight
                     # going and try again, backing off, rather than die.
                     backoff = min(max(backoff * 2, poll), QUEUE_RETRY_MAX_SECONDS)
-                    log.warning(
-                        "dequeue failed; retrying",
-                        error=type(exc).__name__,
-                        retry_in=round(backoff, 2),
-                    )
+                    log_failure(log, "dequeue failed; retrying", exc, retry_in=round(backoff, 2))
                     await self._wait_any(asyncio.sleep(backoff), None)
                     continue
                 backoff = 0.0
@@ -456,8 +453,8 @@ class Worker:
             await asyncio.sleep(maintenance.interval)
             try:
                 await maintenance.run_once()
-            except Exception:
-                log.exception("maintenance failed")
+            except Exception as exc:
+                log_failure(log, "maintenance failed; next sweep soon", exc)
 
     # -- leases and cancellation -------------------------------------------------------------
 
@@ -472,8 +469,8 @@ class Worker:
                     await self._renew()
                 else:
                     await self._poll_cancellations()
-            except Exception:
-                log.exception("lease renewal failed")
+            except Exception as exc:
+                log_failure(log, "lease renewal failed", exc)
 
     def _executions_by_tenant(self) -> dict[str, dict[str, Execution]]:
         out: dict[str, dict[str, Execution]] = defaultdict(dict)
@@ -486,9 +483,9 @@ class Worker:
         messages = [item.message for item in self._inflight.values()]
         try:
             await self.runtime.queue.extend(messages, self.lease)
-        except Exception:
+        except Exception as exc:
             # The queue may be down or emptied; the database leases still matter most.
-            log.exception("queue lease renewal failed")
+            log_failure(log, "queue lease renewal failed", exc)
         until = time.time() + self.lease
         # Concurrently, each bounded: one slow tenant database must not let the others'
         # leases lapse.

@@ -1,0 +1,239 @@
+"""The platform plane from the command line: tenants, administrators and API keys, so that a
+production installation can be set up from nothing, and scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from tenantflow.api.models import ApiKeyOut, TenantOut, UserOut
+from tenantflow.cli._common import (
+    JsonOpt,
+    TenantOpt,
+    console,
+    print_json,
+    print_result,
+    print_table,
+    settings,
+    time_text,
+)
+from tenantflow.errors import ConfigError
+from tenantflow.platform.identity import MIN_PASSWORD, Role
+from tenantflow.runtime import Runtime
+
+tenants_cli = typer.Typer(help="Create, list and migrate tenants.")
+admin_cli = typer.Typer(help="Platform administrators: create the first, reset a password.")
+keys_cli = typer.Typer(help="API keys of a tenant: issue, list, revoke.")
+
+ACTOR = "cli"  # the audit log's actor of what these commands do
+PASSWORD_VARIABLE = "TENANTFLOW_ADMIN_PASSWORD"
+EmailArg = Annotated[str, typer.Argument(help="The administrator's email address.")]
+
+
+@contextlib.contextmanager
+def platform_runtime() -> Iterator[Runtime]:
+    """A runtime for one platform command (these are synchronous, as the platform plane's
+    service is), closed at the end of the block."""
+    runtime = Runtime(settings())
+    try:
+        yield runtime
+    finally:
+        asyncio.run(runtime.close())
+
+
+# -- tenants -----------------------------------------------------------------------------------
+
+
+@tenants_cli.command("create")
+def tenants_create(
+    tenant_id: Annotated[
+        str, typer.Argument(help="Lowercase letters, digits and '-', up to 63 characters.")
+    ],
+    name: Annotated[str | None, typer.Option(help="A display name (default: the id).")] = None,
+    plan: Annotated[str | None, typer.Option(help="The plan to license the tenant on.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a tenant and its database (recorded in the audit log, actor "cli")."""
+    with platform_runtime() as runtime:
+        tenant = runtime.platform.create_tenant(ACTOR, tenant_id, name=name, plan_id=plan)
+    print_result(TenantOut.of(tenant), as_json=as_json, line=f"created tenant {tenant.id}")
+
+
+@tenants_cli.command("list")
+def tenants_list(as_json: JsonOpt = False) -> None:
+    """List tenants."""
+    with platform_runtime() as runtime:
+        tenants = runtime.registry.list()
+    if as_json:
+        print_json({"tenants": [TenantOut.of(t) for t in tenants]})
+        return
+    print_table(
+        "tenants",
+        ("id", "name", "status", "plan", "created"),
+        (
+            [t.id, t.name, t.status.value, t.plan_id or "-", time_text(t.created_at)]
+            for t in tenants
+        ),
+    )
+
+
+@tenants_cli.command("migrate")
+def tenants_migrate(
+    parallel: Annotated[int, typer.Option(min=1, max=64, help="Databases at a time.")] = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bring every tenant database to the newest schema, in parallel batches."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with platform_runtime() as runtime:
+        total = len(runtime.registry.list())
+        with Progress(
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json,
+        ) as progress:
+            bar = progress.add_task("migrate", total=total)
+            report = runtime.registry.migrate_all(
+                parallel=parallel, progress=lambda _: progress.advance(bar)
+            )
+    if as_json:
+        print_json(
+            {
+                "migrated": sorted(report.migrated),
+                "at_head": sorted(report.at_head),
+                "failed": dict(sorted(report.failed.items())),
+            }
+        )
+    else:
+        console.print(
+            f"{len(report.migrated)} migrated, {len(report.at_head)} already at head, "
+            f"{len(report.failed)} failed"
+        )
+        for tenant_id, error in sorted(report.failed.items()):
+            console.print(f"[red]failed[/red] {tenant_id}: {error}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+# -- administrators ----------------------------------------------------------------------------
+
+
+def read_password() -> str:
+    """The new password: from ``TENANTFLOW_ADMIN_PASSWORD``, else asked for twice at a
+    terminal (not echoed), else the first line of standard input (for scripts)."""
+    password = os.environ.get(PASSWORD_VARIABLE)
+    if password is None:
+        if sys.stdin.isatty():
+            password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_PASSWORD:
+        raise ConfigError(
+            f"the password needs at least {MIN_PASSWORD} characters "
+            f"(give it in {PASSWORD_VARIABLE}, at the prompt, or on standard input)"
+        )
+    return password
+
+
+@admin_cli.command("create")
+def admin_create(
+    email: EmailArg,
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(help="Also make them tenant admin of this tenant (repeatable)."),
+    ] = None,
+) -> None:
+    """Create a platform administrator. The password comes from TENANTFLOW_ADMIN_PASSWORD,
+    a prompt, or standard input; it is never echoed or stored (only its hash)."""
+    password = read_password()
+    with platform_runtime() as runtime:
+        platform = runtime.platform
+        user = platform.create_user(ACTOR, email, password, platform_admin=True)
+        for tenant_id in tenant or []:
+            platform.set_membership(ACTOR, user.id, tenant_id, Role.TENANT_ADMIN)
+    console.print(
+        f"created platform administrator {user.email} ({user.id})", markup=False, soft_wrap=True
+    )
+
+
+@admin_cli.command("reset-password")
+def admin_reset_password(email: EmailArg) -> None:
+    """Set a new password for a user who lost theirs (recorded in the audit log). The
+    password comes as for `admin create`."""
+    password = read_password()
+    with platform_runtime() as runtime:
+        user = runtime.platform.reset_password(ACTOR, email, password)
+    print_result(None, as_json=False, line=f"password of {user.email} reset")
+
+
+@admin_cli.command("list")
+def admin_list(as_json: JsonOpt = False) -> None:
+    """List the platform administrators."""
+    with platform_runtime() as runtime:
+        admins = [u for u in runtime.platform.identity.list_users() if u.is_platform_admin]
+    if as_json:
+        print_json({"admins": [UserOut.of(u) for u in admins]})
+        return
+    print_table(
+        "platform administrators",
+        ("email", "id", "created"),
+        ([u.email, u.id, time_text(u.created_at)] for u in admins),
+    )
+
+
+# -- API keys ----------------------------------------------------------------------------------
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: TenantOpt,
+    name: Annotated[str, typer.Option(help="What the key is for, e.g. 'billing-service'.")],
+    role: Annotated[Role, typer.Option(help="What the key may do in the tenant.")] = Role.OPERATOR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue an API key for a tenant. Its secret is printed once; only its hash is kept."""
+    with platform_runtime() as runtime:
+        key, secret = runtime.platform.create_api_key(ACTOR, tenant, name, role)
+    print_result(
+        ApiKeyOut.of(key, secret),
+        as_json=as_json,
+        line=f"API key {key.id} of {tenant} ({role.value}), shown once:\n{secret}",
+    )
+
+
+@keys_cli.command("list")
+def keys_list(tenant: TenantOpt, as_json: JsonOpt = False) -> None:
+    """List a tenant's API keys (never their secrets)."""
+    with platform_runtime() as runtime:
+        runtime.registry.get(tenant)
+        keys = runtime.platform.identity.api_keys(tenant)
+    if as_json:
+        print_json({"keys": [ApiKeyOut.of(k) for k in keys]})
+        return
+    print_table(
+        f"API keys of {tenant}",
+        ("id", "name", "role", "created", "revoked"),
+        (
+            [k.id, k.name, k.role.value, time_text(k.created_at), time_text(k.revoked_at)]
+            for k in keys
+        ),
+    )
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (see `keys list`).")],
+    tenant: TenantOpt,
+) -> None:
+    """Revoke an API key: it can no longer be exchanged for a token."""
+    with platform_runtime() as runtime:
+        key = runtime.platform.revoke_api_key(ACTOR, tenant, key_id)
+    print_result(None, as_json=False, line=f"revoked API key {key.id} of {tenant}")
