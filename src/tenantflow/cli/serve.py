@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import structlog
@@ -65,7 +65,7 @@ def dev(app: AppOpt = DEFAULT_APP, port: PortOpt = None) -> None:
         f"API on {url} (OpenAPI at {url}/docs); a worker runs alongside. Ctrl-C stops.",
         soft_wrap=True,
     )
-    run_loop(serve(the_app, found, port=port), found)
+    run_loop(lambda: serve(the_app, found, port=port), found)
 
 
 def demo(
@@ -93,7 +93,7 @@ def api(app: AppOpt = DEFAULT_APP, port: PortOpt = None) -> None:
     the_app = load_app(app)
     url = f"http://{found.api_host}:{port or found.api_port}"
     console.print(describe(the_app, found, serving=f"api on {url}"), soft_wrap=True, markup=False)
-    run_loop(serve(the_app, found, port=port, worker=False), found)
+    run_loop(lambda: serve(the_app, found, port=port, worker=False), found)
 
 
 def worker(
@@ -125,7 +125,7 @@ def worker(
         finally:
             await runtime.close()
 
-    run_loop(main(), found)
+    run_loop(main, found)
 
 
 async def open_retrying(found: Settings) -> Runtime:
@@ -149,9 +149,9 @@ async def open_retrying(found: Settings) -> Runtime:
             delay = min(delay * 2, STARTUP_RETRY_MAX_SECONDS)
 
 
-def run_loop(coro: Coroutine[Any, Any, None], found: Settings) -> None:
-    """Run a long-lived loop on uvloop when it is installed (``tenantflow[fast]``) or asked
-    for: the same asyncio API with a faster loop; the standard loop otherwise."""
+def run_loop(main: Callable[[], Coroutine[Any, Any, None]], found: Settings) -> None:
+    """Run a long-lived ``main()`` on uvloop when it is installed (``tenantflow[fast]``) or
+    asked for: the same asyncio API with a faster loop; the standard loop otherwise."""
     if found.event_loop == "uvloop":
         require("fast", "TENANTFLOW_EVENT_LOOP=uvloop")
     if found.event_loop != "asyncio":
@@ -160,6 +160,6 @@ def run_loop(coro: Coroutine[Any, Any, None], found: Settings) -> None:
         except ImportError:
             pass
         else:
-            uvloop.run(coro)
+            uvloop.run(main())
             return
-    asyncio.run(coro)
+    asyncio.run(main())
