@@ -19,8 +19,8 @@ import pytest
 from tenantflow import Client, Runtime, Settings
 from tenantflow.resilience.breaker import BreakerState
 from tests.apps import breaking
+from tests.commands import free_port
 from tests.conftest import cleanup_production, production_settings
-from tests.integration.test_cli import free_port
 from tests.integration.test_crash import Workers
 
 pytestmark = pytest.mark.slow

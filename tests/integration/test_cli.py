@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.commands import free_port, tenantflow
+
 pytestmark = pytest.mark.slow
-
-
-def tenantflow(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "tenantflow", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_demo_then_inspect_runs(tmp_path: Path) -> None:
@@ -94,15 +83,6 @@ def test_demo_runs_unchanged_on_postgresql_and_redis(tmp_path: Path) -> None:
         assert not (tmp_path / ".tenantflow" / "tenants").exists()  # nothing went to SQLite
     finally:
         cleanup_production(settings)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def start_dev(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:

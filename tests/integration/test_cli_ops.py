@@ -3,7 +3,6 @@ the one-line errors of bad input and unreachable backends."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -19,43 +18,10 @@ import pytest
 import typer.main
 
 from tenantflow.cli import cli
+from tests.commands import ROOT, as_json, free_port, ok, tenantflow
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).parents[2]
 ADMIN_PASSWORD = "correct-horse-battery"
-
-
-def tenantflow(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The command as a user runs it, in ``cwd``, with only the TENANTFLOW_* given."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
-    base.update(COLUMNS="200", PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "tenantflow", *args],
-        cwd=cwd,
-        env=base,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
-def as_json(done: subprocess.CompletedProcess[str]) -> Any:
-    return json.loads(ok(done))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def test_every_option_and_argument_has_help() -> None:
@@ -223,33 +189,10 @@ def test_runs_started_signalled_and_cancelled_from_the_cli(tmp_path: Path) -> No
             )
         )
         assert (started["status"], started["result"]) == ("completed", "hello cli")
-        waiting = tenantflow(
-            "runs",
-            "start",
-            "approval",
-            "-t",
-            "acme",
-            "--args",
-            "[7]",
-            "--idempotency-key",
-            "o-7",
-            *app,
-            cwd=tmp_path,
-        )
-        run_id = ok(waiting).split()[0]
-        same = tenantflow(
-            "runs",
-            "start",
-            "approval",
-            "-t",
-            "acme",
-            "--args",
-            "[7]",
-            "--idempotency-key",
-            "o-7",
-            *app,
-            cwd=tmp_path,
-        )
+        keyed = ["runs", "start", "approval", "-t", "acme", "--args", "[7]"]
+        keyed += ["--idempotency-key", "o-7", *app]
+        run_id = ok(tenantflow(*keyed, cwd=tmp_path)).split()[0]
+        same = tenantflow(*keyed, cwd=tmp_path)
         assert ok(same).split()[0] == run_id  # the same key: the same run
         wait_status(tmp_path, run_id, "waiting")
         ok(

@@ -17,9 +17,9 @@ from tenantflow.api.app import create_api
 from tenantflow.platform.identity import Role
 from tenantflow.worker.worker import Worker
 from tests.apps import api as workflows
+from tests.commands import free_port
 from tests.conftest import running_worker
 from tests.integration.test_api import admin, member
-from tests.integration.test_cli import free_port
 from tests.integration.test_crash import Workers
 
 

@@ -33,9 +33,9 @@ from tenantflow.sdk.client import new_run_id
 from tenantflow.store.records import NewRun
 from tenantflow.telemetry.tracing import Tracing
 from tests.apps import traced
+from tests.commands import free_port
 from tests.conftest import running_worker
 from tests.integration.test_api import finished, member
-from tests.integration.test_cli import free_port
 from tests.integration.test_crash import Workers
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
