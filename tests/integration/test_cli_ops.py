@@ -40,6 +40,22 @@ def test_every_option_and_argument_has_help() -> None:
     assert missing == []
 
 
+def test_every_command_is_in_the_docs() -> None:
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    leaves = []
+
+    def visit(command: Any, path: str) -> None:
+        subs = getattr(command, "commands", {})
+        if not subs:
+            leaves.append(path)
+        for name, sub in subs.items():
+            visit(sub, f"{path} {name}")
+
+    visit(typer.main.get_command(cli), "tenantflow")
+    assert len(leaves) >= 20
+    assert [path for path in leaves if f"`{path}" not in doc] == []
+
+
 def test_a_production_installation_from_nothing(tmp_path: Path) -> None:
     """The platform admin, a tenant, a key, the key exchanged over HTTP, revoked, a lost
     password reset: all without `tenantflow dev`."""
