@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -111,3 +113,19 @@ async def running_worker(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
+
+
+def run_python(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """``python *args`` as a user runs it, with none of this process's TENANTFLOW_* or OTEL_*
+    variables (plus ``env``); its output, once it exited 0."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TENANTFLOW_", "OTEL_"))}
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
