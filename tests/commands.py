@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from tests.servers import free_port
+
 ROOT = Path(__file__).parents[1]
+__all__ = ["ROOT", "as_json", "free_port", "ok", "tenantflow"]
 
 
 def tenantflow(
@@ -37,10 +39,3 @@ def ok(done: subprocess.CompletedProcess[str]) -> str:
 
 def as_json(done: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(ok(done))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port

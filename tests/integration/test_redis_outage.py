@@ -6,11 +6,7 @@ The test starts a redis-server of its own on a free loopback port, so it can kil
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +14,7 @@ import pytest
 
 from tenantflow import App, Client, RunStatus, Runtime, Settings, WorkflowContext
 from tests.conftest import cleanup_production, production_settings, running_worker
+from tests.servers import OwnRedis
 
 pytestmark = pytest.mark.slow
 app = App("outage-tests")
@@ -34,64 +31,12 @@ async def job(ctx: WorkflowContext, i: int) -> int:
     return await work(i)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class OwnRedis:
-    def __init__(self, folder: Path) -> None:
-        self.port = free_port()
-        self.folder = folder
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is needed for this test"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server = OwnRedis(tmp_path)
     server.start()
     yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
+    server.stop(signal.SIGKILL)
 
 
 @pytest.fixture
@@ -114,7 +59,7 @@ async def test_runs_survive_redis_dying_and_coming_back_empty(
     async with running_worker(app, runtime) as worker:
         before = [await tenant.start(job, i) for i in range(20)]
         await asyncio.sleep(0.1)
-        own_redis.kill()  # mid-load
+        own_redis.stop(signal.SIGKILL)  # mid-load
         during = [await tenant.start(job, 100 + i) for i in range(10)]  # still accepted
         await asyncio.sleep(1.0)  # the worker keeps running without its queue
         own_redis.start()  # back, empty

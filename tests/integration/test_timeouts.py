@@ -21,7 +21,8 @@ from tenantflow.store.db import PostgresDatabase
 from tenantflow.store.sql import SqlRunStore
 from tests.apps import api as workflows
 from tests.conftest import cleanup_production, production_settings, running_worker
-from tests.integration.test_redis_outage import OwnRedis, own_redis
+from tests.integration.test_redis_outage import own_redis
+from tests.servers import OwnRedis
 
 __all__ = ["own_redis"]  # a fixture, used by name
 pytestmark = pytest.mark.slow

@@ -1,0 +1,134 @@
+"""Servers of a test's or a benchmark's own, on free loopback ports, stopped by process id:
+for what would disturb the machine's shared servers (restarts, kills, flushes, a thousand
+databases, a low ``max_connections``)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+LOOPBACK_NO_DISK = ("--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.05)
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster of its own (``initdb`` as the ``postgres`` user), trust auth."""
+
+    def __init__(self, folder: Path, *, settings: dict[str, str] | None = None) -> None:
+        self.folder = folder / "pgdata"
+        self.port = free_port()
+        self.settings = {"max_connections": "100", "fsync": "off", **(settings or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        assert found, "PostgreSQL's server binaries are needed (Debian's postgresql package)"
+        self.bin = Path(found[-1])
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, *command: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else [*command]
+
+    def start(self) -> None:
+        if not (self.folder / "PG_VERSION").exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                shutil.chown(self.folder.parent, "postgres")
+                shutil.chown(self.folder, "postgres")
+            subprocess.run(
+                self._as_postgres(
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.folder),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "--no-sync",
+                ),
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        options = ["-p", str(self.port), "-k", str(self.folder), "-c", "listen_addresses=127.0.0.1"]
+        for name, value in self.settings.items():
+            options += ["-c", f"{name}={value}"]
+        self.proc = subprocess.Popen(
+            self._as_postgres(str(self.bin / "postgres"), "-D", str(self.folder), *options),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, "postgres")
+
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> None:
+        """SIGINT: the fast shutdown; SIGKILL: a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            # runuser forwards nothing: signal the postmaster itself, found by its pid file.
+            pid_file = self.folder / "postmaster.pid"
+            pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else self.proc.pid
+            os.kill(pid, sig)
+            self.proc.wait(60)
+        self.proc = None
+
+    def __enter__(self) -> OwnPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class OwnRedis:
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is needed"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--dir", str(self.folder), *LOOPBACK_NO_DISK],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, "redis-server", 10)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def __enter__(self) -> OwnRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
