@@ -35,24 +35,14 @@ import httpx
 import psycopg
 from tests.servers import OwnPostgres, OwnRedis, free_port
 
-from tenantflow import App, Runtime, Settings, WorkflowContext
+from tenantflow import Runtime, Settings
 from tenantflow.platform.identity import Role
 from tenantflow.platform.provision import with_database
 
-app = App("tenancy")
 ROOT = Path(__file__).parents[1]
 METRICS_TOKEN = "bench-metrics-secret"
+APP = "bench.noisy:app"  # its one-step `job`, served by the processes
 PROCESSES = ("tf-api", "tf-worker-1", "tf-worker-2")
-
-
-@app.step
-async def noop(i: int) -> int:
-    return i
-
-
-@app.workflow
-async def job(ctx: WorkflowContext, i: int) -> int:
-    return await noop(i)
 
 
 @dataclass
@@ -161,7 +151,7 @@ class Installation:
         }
         for name, command in commands.items():
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "tenantflow", *command, "--app", "bench.tenancy:app"],
+                [sys.executable, "-m", "tenantflow", *command, "--app", APP],
                 env={**self.env, "PGAPPNAME": name},  # libpq names each process's sessions
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
