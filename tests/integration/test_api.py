@@ -214,6 +214,85 @@ async def test_errors_are_problem_documents(runtime: Runtime, http: httpx.AsyncC
     assert_problem(await http.get("/nowhere"), 404, "not-found")
 
 
+async def test_invalid_input_is_located_field_by_field(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+
+    async def refused(body: Any) -> tuple[str, list[dict[str, str]]]:
+        if isinstance(body, bytes):
+            json_headers = {**alice, "Content-Type": "application/json"}
+            reply = await http.post("/v1/runs", content=body, headers=json_headers)
+        else:
+            reply = await http.post("/v1/runs", json=body, headers=alice)
+        problem = assert_problem(reply, 422, "invalid-request")
+        return problem["detail"], problem["errors"]
+
+    not_int = "Input should be a valid integer, unable to parse string as an integer"
+    order = {"order_id": "1", "sku": "mug", "quantity": "lots", "amount_cents": 1}
+    # A workflow's arguments: located by parameter, then field.
+    assert await refused({"workflow": "fulfil_order", "args": [order]}) == (
+        f"order.quantity: {not_int}",
+        [{"loc": "order.quantity", "msg": not_int}],
+    )
+    partial = {"order_id": "1", "sku": "mug"}
+    assert await refused({"workflow": "fulfil_order", "kwargs": {"order": partial}}) == (
+        "order.quantity: Field required (and 1 more)",
+        [
+            {"loc": "order.quantity", "msg": "Field required"},
+            {"loc": "order.amount_cents", "msg": "Field required"},
+        ],
+    )
+    assert await refused({"workflow": "greet"}) == (
+        "name: required",
+        [{"loc": "name", "msg": "required"}],
+    )
+    assert await refused({"workflow": "greet", "args": ["a", "b"], "kwargs": {"colour": 1}}) == (
+        "args.1: the workflow takes 1 positional argument (and 1 more)",
+        [
+            {"loc": "args.1", "msg": "the workflow takes 1 positional argument"},
+            {"loc": "kwargs.colour", "msg": "the workflow has no such parameter"},
+        ],
+    )
+    # The request itself: located in the body, the query or a header.
+    assert await refused({"workflow": "greet", "args": ["x"], "priority": "high"}) == (
+        f"body.priority: {not_int}",
+        [{"loc": "body.priority", "msg": not_int}],
+    )
+    assert await refused(b'{"workflow": ') == (
+        "body: not valid JSON (at character 13)",
+        [{"loc": "body", "msg": "not valid JSON (at character 13)"}],
+    )
+    # Deliberate messages of the platform plane are named errors, shown as they are.
+    root = await admin(runtime, http)
+    bad_email = await http.post(
+        "/platform/v1/users", json={"email": "nobody", "password": PASSWORD}, headers=root
+    )
+    assert assert_problem(bad_email, 422, "invalid-request")["detail"] == "not an email address"
+
+
+async def test_a_stray_value_error_is_not_echoed() -> None:
+    """A ValueError that is not one of tenantflow's was written for developers (and may quote
+    the input): the answer is a 422 that says no more than that."""
+    from fastapi import FastAPI
+
+    from tenantflow.api import problems
+
+    api = FastAPI()
+    problems.install(api)
+
+    @api.get("/parse")
+    async def parse(value: str) -> int:
+        return int(value)
+
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as client:
+        reply = await client.get("/parse", params={"value": "secret-42"})
+    body = assert_problem(reply, 422, "invalid-request")
+    assert body["detail"] == "a value in the request is not valid"
+    assert "secret" not in reply.text
+
+
 async def test_tokens_verify_against_the_jwks_across_a_rotation(
     runtime: Runtime, http: httpx.AsyncClient
 ) -> None:
@@ -445,7 +524,12 @@ async def test_no_input_makes_the_api_fail(runtime: Runtime, http: httpx.AsyncCl
             {"workflow": st.sampled_from(["greet", "slow", "x"]), "args": JSON}
         ),
         segment=st.text(
-            st.characters(min_codepoint=33, exclude_characters="/?#%\x7f"), min_size=1, max_size=30
+            # No lone surrogates: no client can put one in a URL (httpx refuses to encode it).
+            st.characters(
+                min_codepoint=33, exclude_characters="/?#%\x7f", exclude_categories=["Cs"]
+            ),
+            min_size=1,
+            max_size=30,
         ),
         query=st.dictionaries(
             st.sampled_from(["status", "limit", "cursor", "workflow"]),

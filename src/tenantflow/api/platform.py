@@ -36,7 +36,7 @@ from tenantflow.api.models import (
     UserIn,
     UserOut,
 )
-from tenantflow.errors import TenantNotFoundError
+from tenantflow.errors import InvalidInputError, TenantNotFoundError
 from tenantflow.platform.identity import ApiKey, Membership, Role, User
 from tenantflow.platform.keys import Jwks
 from tenantflow.platform.licensing import License, Plan, Quotas
@@ -137,11 +137,11 @@ async def token(body: TokenRequest, runtime: RuntimeDep) -> TokenOut:
     platform = runtime.platform
     if body.grant_type == "password":
         if not body.email or body.password is None:
-            raise ValueError("the password grant needs email and password")
+            raise InvalidInputError("the password grant needs email and password")
         issued = await _run(platform.token_for_password, body.email, body.password, body.tenant)
     else:
         if not body.api_key:
-            raise ValueError("the api_key grant needs api_key")
+            raise InvalidInputError("the api_key grant needs api_key")
         issued = await _run(platform.token_for_api_key, body.api_key)
     return TokenOut(
         access_token=issued.access_token,
