@@ -189,6 +189,11 @@ class WorkflowCancelled(BaseException):
 class RunFinishedError(TenantflowError):
     """The run has already ended."""
 
+    def __init__(self, run_id: str, status: str, refused: str) -> None:
+        super().__init__(f"run {run_id} has ended ({status}); {refused}")
+        self.run_id = run_id
+        self.status = status
+
 
 # -- platform plane: identity, licensing, limits --------------------------------------------
 

@@ -81,6 +81,16 @@ async def finished(http: httpx.AsyncClient, headers: dict[str, str], run_id: str
         await asyncio.sleep(0.05)
 
 
+async def start(http: httpx.AsyncClient, headers: dict[str, str], workflow: str, *args: Any) -> str:
+    """Submit a run over HTTP; its id."""
+    reply = await http.post(
+        "/v1/runs", json={"workflow": workflow, "args": list(args)}, headers=headers
+    )
+    assert reply.status_code == 202, reply.text
+    run_id: str = reply.json()["id"]
+    return run_id
+
+
 def assert_problem(reply: httpx.Response, status: int, slug: str) -> dict[str, Any]:
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"].startswith("application/problem+json")
@@ -394,6 +404,35 @@ async def test_events_cancel_and_the_stream(runtime: Runtime, http: httpx.AsyncC
     root = await admin(runtime, http)
     audit = (await http.get("/platform/v1/audit", params={"tenant": "acme"}, headers=root)).json()
     assert ("run.cancelled", doomed) in [(e["action"], e["target"]) for e in audit["entries"]]
+
+
+async def test_cancel_of_an_ended_run_is_a_conflict(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    async with running_worker(workflows.app, runtime):
+        done = await start(http, alice, "greet", "x")
+        await finished(http, alice, done)
+        slow = await start(http, alice, "slow", 30)
+        while (await http.get(f"/v1/runs/{slow}", headers=alice)).json()["status"] != "running":
+            await asyncio.sleep(0.02)
+        for _ in range(2):  # asked twice while it is being cancelled: the same answer
+            cancelling = await http.post(f"/v1/runs/{slow}/cancel", headers=alice)
+            assert cancelling.status_code == 202, cancelling.text
+            assert cancelling.json()["cancel_requested"] is True
+        assert (await finished(http, alice, slow))["status"] == "cancelled"
+    for run_id, status in ((done, "completed"), (slow, "cancelled")):
+        refused = await http.post(f"/v1/runs/{run_id}/cancel", headers=alice)
+        body = assert_problem(refused, 409, "run-finished")
+        assert body["detail"] == f"run {run_id} has ended ({status}); it cannot be cancelled"
+    event = await http.post(f"/v1/runs/{done}/events/decision", json=True, headers=alice)
+    assert assert_problem(event, 409, "run-finished")["detail"] == (
+        f"run {done} has ended (completed); it takes no events"
+    )
+    root = await admin(runtime, http)
+    audit = (await http.get("/platform/v1/audit", params={"tenant": "acme"}, headers=root)).json()
+    # Only the accepted requests are in the audit log.
+    assert [e["target"] for e in audit["entries"] if e["action"] == "run.cancelled"] == [slow] * 2
 
 
 async def test_health_and_openapi(runtime: Runtime, http: httpx.AsyncClient) -> None:

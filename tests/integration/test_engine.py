@@ -17,6 +17,7 @@ from tenantflow import (
     RetryPolicy,
     RunCancelledError,
     RunFailedError,
+    RunFinishedError,
     RunStatus,
     Runtime,
     SerializationError,
@@ -390,6 +391,30 @@ async def test_cancel_of_a_waiting_run_is_immediate_and_cascades_to_children(
         assert await queued.cancel() in (RunStatus.CANCELLED, RunStatus.RUNNING)
         with pytest.raises(RunCancelledError):
             await queued.result(timeout=5)
+
+
+async def test_cancel_is_idempotent_while_cancelling_and_refused_once_ended(
+    runtime: Runtime,
+) -> None:
+    client = Client(app, runtime=runtime)
+    tenant = client.tenant("acme")
+    async with running_worker(app, runtime):
+        handle = await tenant.start(long_running)
+        await _wait_for(lambda: calls.get("long_step started") == 1)
+        assert await handle.cancel() is RunStatus.RUNNING
+        assert await handle.cancel() is RunStatus.RUNNING  # being cancelled: nothing changes
+        with pytest.raises(RunCancelledError):
+            await handle.result(timeout=5)
+        done = await tenant.start(kid, 2)
+        assert await done.result(timeout=10) == 4
+    for ended, status in ((handle, "cancelled"), (done, "completed")):
+        with pytest.raises(RunFinishedError) as refused:
+            await ended.cancel()
+        assert refused.value.status == status
+        assert (
+            str(refused.value) == f"run {ended.run_id} has ended ({status}); it cannot be cancelled"
+        )
+        assert (await ended.describe()).status.value == status  # untouched
 
 
 async def test_nondeterminism_is_detected_and_names_both_steps(runtime: Runtime) -> None:

@@ -127,6 +127,8 @@ async def list_runs(
 async def cancel_run(
     run_id: RunId, principal: Operator, runtime: RuntimeDep, app: AppDep
 ) -> RunOut:
+    """Request cancellation (see ``RunHandle.cancel``): asked again while the run is being
+    cancelled, nothing changes; a run that has ended answers 409 ``run-finished``."""
     handle = tenant_client(principal, runtime, app).handle(run_id)
     await handle.cancel()
     await _audit(runtime, principal, "run.cancelled", run_id)

@@ -200,9 +200,20 @@ class RunHandle(Generic[R]):
         raise RunFailedError(message, status=run.status.value, error_type=info.get("type"))
 
     async def cancel(self) -> RunStatus:
-        """Request cancellation. A run that no worker holds is cancelled at once; a running
-        one stops at its next step boundary (a running async step is interrupted). A saga is
-        woken to run its compensations first, and ends ``compensated``."""
+        """Request cancellation; returns the run's status after the request. A run that no
+        worker holds is cancelled at once; a running one stops at its next step boundary (a
+        running async step is interrupted). A saga is woken to run its compensations first,
+        and ends ``compensated``.
+
+        As in Temporal, a cancellation already requested is not requested again: cancelling a
+        run that is being cancelled (``cancel_requested``, not yet ended) changes nothing and
+        returns its status. A run that has ended (``completed``, ``failed``, ``cancelled``,
+        ``compensated``, ``needs_attention``) raises ``RunFinishedError`` (HTTP 409), as
+        sending it an event does: the caller learns that the cancel took no effect, say
+        because the run completed first. (Temporal's server answers that case with a silent
+        success; a cancel that raced a completion would then go unnoticed.) So a retried
+        cancel of a run that no worker held, which the first request ended at once, gets the
+        409 with the status ``cancelled``."""
         run, finished = await self._tenant.store.request_cancel(self.run_id, now=time.time())
         await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)
         return run.status

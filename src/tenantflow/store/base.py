@@ -121,7 +121,9 @@ class RunStore(Protocol):
         ...
 
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
-        """Ask a run (and its children) to stop; a run no worker holds is cancelled at once."""
+        """Ask a run (and its children) to stop; a run no worker holds is cancelled at once.
+        Asking again while it is being cancelled changes nothing; a run that has ended raises
+        ``RunFinishedError``."""
         ...
 
     async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> Finished:

@@ -729,21 +729,28 @@ class SqlRunStore:
             if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
             run = _run(self.tenant_id, row)
-            wake: list[OutboxEntry] = []
-            if run.status not in TERMINAL:
+            if run.status in TERMINAL:
+                raise RunFinishedError(run_id, run.status.value, "it cannot be cancelled")
+            first = not run.cancel_requested
+            if first:
                 await tx.run(
                     "UPDATE runs SET cancel_requested = TRUE, updated_at = ? WHERE id = ?",
                     (now, run_id),
                 )
-                if run.compensable and run.status is not RunStatus.RUNNING:
-                    # A saga with nobody running it: wake it, so that a worker replays it
-                    # and runs its compensations before it ends.
+            wake: list[OutboxEntry] = []
+            if run.status is RunStatus.RUNNING:
+                pass  # its worker stops it at the next step boundary
+            elif run.compensable:
+                # A saga with nobody running it: wake it, so that a worker replays it and runs
+                # its compensations before it ends. Only once: asked again, it may be between
+                # two compensations (a durable wait) that must not be cut short.
+                if first:
                     wake = [await self._requeue(tx, run_id, now)]
-                elif run.status is not RunStatus.RUNNING:
-                    wake = await self._finish(
-                        tx, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
-                    )
-                run = await self._get(tx, run_id) or run
+            else:
+                wake = await self._finish(
+                    tx, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
+                )
+            run = await self._get(tx, run_id) or run
         return run, Finished(wake=tuple(wake))
 
     async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> Finished:
@@ -752,7 +759,7 @@ class SqlRunStore:
             if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
             if RunStatus(row[0]) in TERMINAL:
-                raise RunFinishedError(f"run {run_id} has ended ({row[0]}); it takes no events")
+                raise RunFinishedError(run_id, row[0], "it takes no events")
             await tx.run(
                 "INSERT INTO events (run_id, name, payload, created_at) VALUES (?, ?, ?, ?)",
                 (run_id, name, payload, now),
