@@ -16,11 +16,16 @@ class TenantflowError(Exception):
     """A tenantflow error."""
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        super().__init__(message or self.default_message())
 
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+    @classmethod
+    def default_message(cls) -> str:
+        """The message of this error when none is given: its docstring's first paragraph."""
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
 
 class ConfigError(TenantflowError):
@@ -94,7 +99,7 @@ class InvalidArgumentsError(InvalidInputError):
 
 
 class InvalidCursorError(InvalidInputError):
-    """The cursor is not one this API gave out: pass the ``next_cursor`` of a previous page."""
+    """The cursor is not one this API gave out: pass the next_cursor of a previous page."""
 
 
 class EventPayloadError(InvalidInputError):

@@ -148,6 +148,48 @@ async def test_idempotency_key_and_pagination(runtime: Runtime, http: httpx.Asyn
     assert sorted(seen) == sorted(ids) and len(seen) == len(set(seen)) == 5
 
 
+async def test_a_cursor_this_api_did_not_give_out_is_refused(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    boss = await member(runtime, http, "boss@acme.test", "acme", Role.TENANT_ADMIN)
+    root = await admin(runtime, http)
+    await start(http, boss, "greet", "x")
+    expected = "not a cursor this API gave out: pass the next_cursor of a previous page"
+    for cursor in ("garbage", "0" * 31, "0" * 32 + ".", "../x"):
+        reply = await http.get("/v1/runs", params={"cursor": cursor}, headers=boss)
+        body = assert_problem(reply, 422, "invalid-request")
+        assert body["detail"] == f"query.cursor: {expected}"
+        assert body["errors"] == [{"loc": "query.cursor", "msg": expected}]
+    # A misspelt parameter is refused too, not ignored (which would answer the first page).
+    misspelt = await http.get("/v1/runs", params={"before": "garbage"}, headers=boss)
+    assert assert_problem(misspelt, 422, "invalid-request")["errors"] == [
+        {"loc": "query.before", "msg": "not a parameter of this route"}
+    ]
+    child = "0" * 32 + ".1.2"  # a child's id is a cursor like any other
+    assert (await http.get("/v1/runs", params={"cursor": child}, headers=boss)).status_code == 200
+    # The audit log's cursor is an entry id: a positive integer the id column can hold.
+    not_int = "Input should be a valid integer, unable to parse string as an integer"
+    too_big = "Input should be less than or equal to 2147483647"
+    for path, headers in (("/v1/audit", boss), ("/platform/v1/audit", root)):
+        for cursor, msg in (
+            ("garbage", not_int),
+            (str(2**31), too_big),
+            (str(2**64), too_big),
+            ("0", "Input should be greater than or equal to 1"),
+        ):
+            reply = await http.get(path, params={"cursor": cursor}, headers=headers)
+            body = assert_problem(reply, 422, "invalid-request")
+            assert body["detail"] == f"query.cursor: {msg}", (path, cursor)
+        assert (await http.get(path, params={"cursor": 2**31 - 1}, headers=headers)).json() == {
+            "entries": [],
+            "next_cursor": None,
+        }
+    # A dead letter's id that no backend could have made is a missing one, not an error.
+    for letter in ("garbage", str(2**64), "-1"):
+        reply = await http.post(f"/v1/dead-letters/{letter}/replay", headers=boss)
+        assert_problem(reply, 404, "not-found")
+
+
 async def test_another_tenants_run_is_not_found(runtime: Runtime, http: httpx.AsyncClient) -> None:
     alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
     mallory = await member(runtime, http, "mallory@globex.test", "globex", Role.TENANT_ADMIN)

@@ -14,6 +14,7 @@ from tenantflow import (
     App,
     ChildWorkflowError,
     Client,
+    InvalidCursorError,
     RetryPolicy,
     RunCancelledError,
     RunFailedError,
@@ -469,6 +470,11 @@ async def test_runs_are_listed_by_status_with_a_cursor(runtime: Runtime) -> None
             await h.result(timeout=10)
     assert await tenant.list_runs(status=RunStatus.QUEUED) == []
     assert len(await tenant.list_runs(status=RunStatus.COMPLETED)) == 5
+    with pytest.raises(InvalidCursorError) as refused:
+        await tenant.list_runs(before="garbage")
+    assert refused.value.issues == (
+        ("before", "not a cursor this API gave out: pass the next_cursor of a previous page"),
+    )
 
 
 async def test_each_tenant_sees_only_its_own_runs(runtime: Runtime) -> None:

@@ -12,9 +12,15 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
-from tenantflow.api.deps import CurrentPrincipal, PlatformAdmin, RuntimeDep
+from tenantflow.api.deps import (
+    AuditCursor,
+    CurrentPrincipal,
+    PlatformAdmin,
+    RuntimeDep,
+    known_query,
+)
 from tenantflow.api.models import (
     ApiKeyIn,
     ApiKeyOut,
@@ -45,7 +51,9 @@ from tenantflow.platform.service import Platform, Principal
 
 T = TypeVar("T")
 
-router = APIRouter(prefix="/platform/v1", tags=["platform plane"])
+router = APIRouter(
+    prefix="/platform/v1", tags=["platform plane"], dependencies=[Depends(known_query)]
+)
 wellknown = APIRouter(tags=["platform plane"])
 
 
@@ -390,7 +398,7 @@ async def platform_audit(
     runtime: RuntimeDep,
     tenant: Annotated[str | None, Query(max_length=63)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
-    cursor: int | None = None,
+    cursor: AuditCursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditPage:
     """Every tenant's entries, or one tenant's (``tenant``)."""

@@ -281,7 +281,7 @@ class SqliteQueue:
             row = cur.execute(
                 "DELETE FROM dead_letters WHERE id = ? AND tenant_id = ? "
                 "RETURNING run_id, priority, trace",
-                (int(dead_letter_id), tenant_id),
+                (_row_id(dead_letter_id), tenant_id),
             ).fetchone()
             if row is None:
                 raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
@@ -342,6 +342,14 @@ class SqliteQueue:
 
     async def close(self) -> None:
         self._conn.close()
+
+
+def _row_id(value: str) -> int:
+    """An id from outside as a rowid; a malformed one (not an integer SQLite can hold) is a
+    missing one (0, which no row has), as on Redis."""
+    if value.isascii() and value.isdigit() and int(value) < 2**63:
+        return int(value)
+    return 0
 
 
 def _w(weights: Mapping[str, int] | None, tenant: str) -> int:
