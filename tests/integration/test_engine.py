@@ -14,6 +14,7 @@ from tenantflow import (
     App,
     ChildWorkflowError,
     Client,
+    EventPayloadError,
     InvalidCursorError,
     RetryPolicy,
     RunCancelledError,
@@ -147,6 +148,21 @@ async def approval(ctx: WorkflowContext, timeout: float | None) -> Any:
     first = await ctx.wait_for_event("approve", timeout=timeout)
     second = await ctx.wait_for_event("approve", timeout=timeout)
     return [first, second]
+
+
+class Decision(BaseModel):
+    approved: bool
+    by: str
+
+
+@app.workflow
+async def typed_approval(ctx: WorkflowContext, timeout: float | None) -> list[Any]:
+    flag = await ctx.wait_for_event("flag", type=bool, timeout=timeout)
+    try:
+        decision = await ctx.wait_for_event("decision", type=Decision)
+    except EventPayloadError as exc:  # the workflow may handle a payload that does not fit
+        return [flag, str(exc)]
+    return [flag, type(decision).__name__, decision.approved, decision.by]
 
 
 @app.workflow
@@ -343,6 +359,24 @@ async def test_wait_for_event_times_out_with_none(runtime: Runtime) -> None:
     async with running_worker(app, runtime):
         handle = await client.tenant("acme").start(approval, 0.3)
         assert await handle.result(timeout=10) == [None, None]
+
+
+async def test_a_typed_wait_validates_the_payload_into_its_type(runtime: Runtime) -> None:
+    client = Client(app, runtime=runtime)
+    tenant = client.tenant("acme")
+    async with running_worker(app, runtime):
+        good = await tenant.start(typed_approval, 10.0)
+        await good.send_event("flag", "true")  # validated as bool: True
+        await _wait_status(good, RunStatus.WAITING)  # the second wait: replayed from here on
+        await good.send_event("decision", {"approved": 1, "by": "ann"})
+        assert await good.result(timeout=10) == [True, "Decision", True, "ann"]
+        bad = await tenant.start(typed_approval, 0.2)  # the flag times out: None
+        await bad.send_event("decision", {"approved": "perhaps"})
+        assert await bad.result(timeout=10) == [
+            None,
+            "the payload of event 'decision' does not fit Decision: approved: Input should be "
+            "a valid boolean, unable to interpret input (and 1 more)",
+        ]
 
 
 async def test_child_workflows_have_derived_ids_and_return_results(runtime: Runtime) -> None:
