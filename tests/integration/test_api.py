@@ -545,6 +545,10 @@ async def test_dead_letters_listed_and_replayed(runtime: Runtime, http: httpx.As
     letters = (await http.get("/v1/dead-letters", headers=alice)).json()
     assert [d["run_id"] for d in letters] == [run_id]
     assert letters[0]["deliveries"] >= queue.max_deliveries
+    assert letters[0]["reason"] == (
+        f"delivered {letters[0]['deliveries']} times without being acknowledged"
+    )
+    assert letters[0]["parked"] is False
     assert (await http.get("/v1/dead-letters", headers=bob)).json() == []
     missing = await http.post(f"/v1/dead-letters/{letters[0]['id']}/replay", headers=bob)
     assert_problem(missing, 404, "not-found")
@@ -558,6 +562,27 @@ async def test_dead_letters_listed_and_replayed(runtime: Runtime, http: httpx.As
     assert ("dead_letter.replayed", letters[0]["id"]) in [
         (e["action"], e["target"]) for e in audit["entries"]
     ]
+
+
+async def test_a_run_no_worker_can_execute_shows_why(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    from tenantflow import App
+
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    runtime.queue.max_deliveries = 1  # the first delivery is the last
+    run_id = await start(http, alice, "greet", "nobody")
+    async with running_worker(App("old-worker"), runtime):
+        while not (letters := (await http.get("/v1/dead-letters", headers=alice)).json()):
+            await asyncio.sleep(0.02)
+    reason = "workflow 'greet' is not registered in this worker's app 'old-worker'"
+    assert [(d["run_id"], d["reason"], d["parked"]) for d in letters] == [(run_id, reason, True)]
+    run = (await http.get(f"/v1/runs/{run_id}", headers=alice)).json()
+    assert run["status"] == "queued"
+    assert run["stuck_reason"] == (
+        f"{reason}; dead-lettered after 1 delivery: replay the dead letter once a worker has "
+        "the workflow"
+    )
 
 
 async def test_readyz_tells_the_truth(runtime: Runtime, http: httpx.AsyncClient) -> None:

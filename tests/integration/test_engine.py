@@ -553,6 +553,62 @@ async def _wait_for(condition: Any, timeout: float = 10) -> None:
         await asyncio.sleep(0.01)
 
 
+async def test_a_run_no_worker_can_execute_is_dead_lettered_with_its_reason(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's app has a workflow this worker's app lacks: the run is given back for a
+    worker that has it, and once every delivery has found none, parked with its reason instead
+    of going round for ever."""
+    from tenantflow.worker import worker as worker_module
+    from tenantflow.worker.maintenance import Maintenance
+
+    monkeypatch.setattr(worker_module, "UNREGISTERED_RETRY_SECONDS", 0.05)
+    queue = runtime.queue
+    queue.max_deliveries = 3
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    handle = await tenant.start(kid, 4)
+    reason = "workflow 'kid' is not registered in this worker's app 'old-worker'"
+    async with running_worker(App("old-worker"), runtime):
+        await _wait_for_async(lambda: queue.dead_letters("acme"))
+    (dead,) = await queue.dead_letters("acme")
+    assert (dead.run_id, dead.deliveries, dead.reason, dead.parked) == (
+        handle.run_id,
+        3,
+        reason,
+        True,
+    )
+    run = await handle.describe()
+    assert run.status is RunStatus.QUEUED
+    assert run.stuck_reason == (
+        f"{reason}; dead-lettered after 3 deliveries: replay the dead letter once a worker has "
+        "the workflow"
+    )
+    # The reconciler finds it stalled, but parked: it does not send it round again.
+    maintenance = Maintenance(runtime, "test-reconciler")
+    maintenance.grace = 0.0
+    await _wait_for_async(lambda: _ran(maintenance))
+    assert maintenance.totals.reenqueued == 0
+    assert await queue.live("acme", [handle.run_id]) == {handle.run_id}
+    # Once a worker has the workflow, replaying the dead letter runs it.
+    await queue.replay_dead_letter("acme", dead.id)
+    async with running_worker(app, runtime):
+        assert await handle.result(timeout=10) == 8
+    assert (await handle.describe()).stuck_reason is None
+    assert await queue.dead_letters("acme") == []
+
+
+async def _ran(maintenance: Any) -> bool:
+    report = await maintenance.run_once()
+    return bool(report.ran)
+
+
+async def _wait_for_async(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_duplicate_delivery_executes_once(runtime: Runtime) -> None:
     client = Client(app, runtime=runtime)
     handle = await client.tenant("acme").start(ship, Item(sku="d", qty=1))

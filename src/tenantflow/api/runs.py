@@ -254,10 +254,7 @@ async def list_dead_letters(
 ) -> list[DeadLetterOut]:
     assert principal.tenant_id is not None
     letters = await runtime.queue.dead_letters(principal.tenant_id, limit=limit)
-    return [
-        DeadLetterOut(id=d.id, run_id=d.run_id, deliveries=d.deliveries, failed_at=d.failed_at)
-        for d in letters
-    ]
+    return [DeadLetterOut.of(d) for d in letters]
 
 
 @router.post("/dead-letters/{dead_letter_id}/replay", status_code=202)

@@ -102,8 +102,11 @@ class RunStore(Protocol):
         to compensate. Raises ``LeaseLost`` if ``owner`` no longer holds it."""
         ...
 
-    async def release_run(self, run_id: str, *, owner: str, now: float) -> None:
-        """Give the run back (a worker shutting down): queued again, lease cleared."""
+    async def release_run(
+        self, run_id: str, *, owner: str, now: float, stuck_reason: str | None = None
+    ) -> None:
+        """Give the run back (a worker shutting down): queued again, lease cleared. With
+        ``stuck_reason``, the run says why no worker can take it (until one claims it)."""
         ...
 
     async def finish_run(
