@@ -277,6 +277,14 @@ def run_phase(
     return phase
 
 
+def _report_death(pg: OwnPostgres, home: Path) -> None:
+    """A benchmark's server that stops on its own says why (its log) before the figures fail."""
+    while pg.proc is not None and pg.proc.poll() is None:
+        time.sleep(1)
+    if pg.proc is not None:
+        print((home / "postgres.log").read_text()[-3000:], file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tenants", type=int, default=1000)
@@ -291,6 +299,8 @@ def main() -> None:
         home = Path(folder)
         pg_settings = {"max_connections": str(args.max_connections), "shared_buffers": "128MB"}
         with OwnPostgres(home, settings=pg_settings) as pg, OwnRedis(home) as redis:
+            watchdog = threading.Thread(target=_report_death, args=(pg, home), daemon=True)
+            watchdog.start()
             for label, tenants, active in (("small", 2, 0), ("large", args.tenants, args.active)):
                 phase = run_phase(
                     pg,

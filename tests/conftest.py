@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 
 from tenantflow import App, Runtime, Settings, Worker
+from tenantflow.store.schema import HEAD_REVISION
 
 POSTGRES_URL = os.environ.get(
     "TENANTFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("TENANTFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TEMPLATE = "tftest_template"  # migrated once, shared by every test's tenant databases
+# Migrated once, shared by every test's tenant databases; one per schema revision, so that
+# checkouts at different revisions testing against one server do not migrate it to and fro.
+TEMPLATE = f"tftest_template_{HEAD_REVISION}"
 
 
 def production_settings(tmp_path: Path, **overrides: object) -> Settings:

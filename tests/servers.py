@@ -75,11 +75,12 @@ class OwnPostgres:
         options = ["-p", str(self.port), "-k", str(self.folder), "-c", "listen_addresses=127.0.0.1"]
         for name, value in self.settings.items():
             options += ["-c", f"{name}={value}"]
-        self.proc = subprocess.Popen(
-            self._as_postgres(str(self.bin / "postgres"), "-D", str(self.folder), *options),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with (self.folder.parent / "postgres.log").open("ab") as log:  # why it stopped, if
+            self.proc = subprocess.Popen(
+                self._as_postgres(str(self.bin / "postgres"), "-D", str(self.folder), *options),
+                stdout=log,
+                stderr=log,
+            )
         _wait_for_port(self.port, "postgres")
 
     def stop(self, sig: signal.Signals = signal.SIGINT) -> None:

@@ -8,18 +8,24 @@ workflow, cancellation) derive from :class:`BaseException` instead, so that a ba
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 
 class TenantflowError(Exception):
     """A tenantflow error."""
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        super().__init__(message or self.default_message())
 
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+    @classmethod
+    def default_message(cls) -> str:
+        """The message of this error when none is given: its docstring's first paragraph."""
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
 
 class ConfigError(TenantflowError):
@@ -65,6 +71,50 @@ class TenantSuspendedError(TenantflowError):
 
 class SerializationError(TenantflowError):
     """The value cannot be stored as JSON."""
+
+
+class Issue(NamedTuple):
+    """One thing wrong with an input: where (a dotted path, ``order.quantity``, ``query.cursor``)
+    and what, in words meant for the caller."""
+
+    loc: str
+    msg: str
+
+
+class InvalidInputError(TenantflowError, ValueError):
+    """The input is not valid.
+
+    ``issues`` says where and what, field by field; the message defaults to the first of them.
+    (A ``ValueError`` too, so that code which caught the ``ValueError`` raised before keeps
+    working.)
+    """
+
+    def __init__(self, message: str | None = None, *, issues: Sequence[Issue] = ()) -> None:
+        self.issues = tuple(issues)
+        super().__init__(message or summarize(self.issues) or None)
+
+
+def summarize(issues: Sequence[Issue]) -> str:
+    """One line for a list of issues: the first, and how many more there are."""
+    if not issues:
+        return ""
+    first = f"{issues[0].loc}: {issues[0].msg}" if issues[0].loc else issues[0].msg
+    return first if len(issues) == 1 else f"{first} (and {len(issues) - 1} more)"
+
+
+class InvalidArgumentsError(InvalidInputError):
+    """The arguments do not fit the workflow's parameters."""
+
+
+class InvalidCursorError(InvalidInputError):
+    """The cursor is not one this API gave out: pass the next_cursor of a previous page."""
+
+
+class EventPayloadError(InvalidInputError):
+    """The payload of the event does not fit the type the workflow waits for.
+
+    Raised in the workflow at its ``wait_for_event``, on the first execution and on every
+    replay alike (the payload is checkpointed as it came)."""
 
 
 class IdempotencyConflictError(TenantflowError):
@@ -151,6 +201,11 @@ class WorkflowCancelled(BaseException):
 
 class RunFinishedError(TenantflowError):
     """The run has already ended."""
+
+    def __init__(self, run_id: str, status: str, refused: str) -> None:
+        super().__init__(f"run {run_id} has ended ({status}); {refused}")
+        self.run_id = run_id
+        self.status = status
 
 
 # -- platform plane: identity, licensing, limits --------------------------------------------

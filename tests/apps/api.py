@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from pydantic import BaseModel
+
 from tenantflow import App, WorkflowContext
 
 app = App("api-tests")
@@ -28,6 +30,18 @@ async def greet(ctx: WorkflowContext, name: str) -> str:
 async def slow(ctx: WorkflowContext, seconds: float) -> float:
     await pause(seconds)
     return seconds
+
+
+class Order(BaseModel):
+    order_id: str
+    sku: str
+    quantity: int
+    amount_cents: int
+
+
+@app.workflow
+async def fulfil_order(ctx: WorkflowContext, order: Order) -> str:
+    return await hello(order.sku)
 
 
 @app.workflow

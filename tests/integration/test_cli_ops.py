@@ -129,14 +129,20 @@ class serving:
     """``tenantflow api`` and ``tenantflow worker`` as two processes, the way production
     runs them; stopped with SIGTERM at the end of the block."""
 
-    def __init__(self, home: Path, port: int, app: str = "tests.apps.api:app") -> None:
-        self.home, self.port, self.app = home, port, app
+    def __init__(
+        self,
+        home: Path,
+        port: int,
+        app: str = "tests.apps.api:app",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.home, self.port, self.app, self.env = home, port, app, env or {}
         self.procs: list[subprocess.Popen[str]] = []
         self.output: list[str] = []
 
     def __enter__(self) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
-        env.update(COLUMNS="200", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env.update(COLUMNS="200", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self.env)
         for command in (["api", "--port", str(self.port)], ["worker"]):
             self.procs.append(
                 subprocess.Popen(
@@ -177,7 +183,8 @@ def test_api_and_worker_say_what_they_serve(tmp_path: Path) -> None:
     api, worker = server.output
     home = Path(".tenantflow")  # as the settings have it: relative to where it runs
     assert api.splitlines()[0] == (
-        f"api on http://127.0.0.1:{port}: app 'api-tests' (workflows: approval, greet, slow); "
+        f"api on http://127.0.0.1:{port}: app 'api-tests' "
+        "(workflows: approval, fulfil_order, greet, slow); "
         f"platform database sqlite:///{home / 'platform.db'}; queue sqlite:///{home / 'queue.db'}"
     )
     assert worker.splitlines()[0].startswith("worker: app 'api-tests' (workflows: approval,")
@@ -244,6 +251,35 @@ def test_runs_started_signalled_and_cancelled_from_the_cli(tmp_path: Path) -> No
     assert listed["next_cursor"] is None
     audit = as_json(tenantflow("status", "--json", cwd=tmp_path))
     assert audit["tenants"][0]["tenant_id"] == "acme"
+
+
+def test_a_run_no_worker_knows_is_dead_lettered_with_its_reason(tmp_path: Path) -> None:
+    ok(tenantflow("tenants", "create", "acme", cwd=tmp_path))
+    with serving(tmp_path, free_port(), env={"TENANTFLOW_MAX_DELIVERIES": "2"}):
+        # Submitted with an app that has the workflow; served by workers whose app has not.
+        start = ["runs", "start", "many_steps", "-t", "acme", "--args", "[1]"]
+        run_id = ok(tenantflow(*start, "--app", "tests.apps.durable:app", cwd=tmp_path)).split()[0]
+        deadline = time.monotonic() + 60
+        while not (
+            letters := as_json(
+                tenantflow("dead-letters", "list", "-t", "acme", "--json", cwd=tmp_path)
+            )["dead_letters"]
+        ):
+            assert time.monotonic() < deadline, "no dead letter"
+            time.sleep(0.5)
+    reason = "workflow 'many_steps' is not registered in this worker's app 'api-tests'"
+    assert [(d["run_id"], d["reason"], d["parked"]) for d in letters] == [(run_id, reason, True)]
+    table = ok(tenantflow("dead-letters", "list", "-t", "acme", cwd=tmp_path))
+    assert reason in table
+    shown = as_json(tenantflow("runs", "show", run_id, "-t", "acme", "--json", cwd=tmp_path))
+    assert (shown["status"], shown["stuck_reason"]) == (
+        "queued",
+        f"{reason}; dead-lettered after 2 deliveries: replay the dead letter once a worker has "
+        "the workflow",
+    )
+    ok(tenantflow("dead-letters", "replay", letters[0]["id"], "-t", "acme", cwd=tmp_path))
+    after = as_json(tenantflow("dead-letters", "list", "-t", "acme", "--json", cwd=tmp_path))
+    assert after["dead_letters"] == []
 
 
 def wait_status(home: Path, run_id: str, status: str) -> Any:

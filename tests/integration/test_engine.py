@@ -14,9 +14,12 @@ from tenantflow import (
     App,
     ChildWorkflowError,
     Client,
+    EventPayloadError,
+    InvalidCursorError,
     RetryPolicy,
     RunCancelledError,
     RunFailedError,
+    RunFinishedError,
     RunStatus,
     Runtime,
     SerializationError,
@@ -145,6 +148,21 @@ async def approval(ctx: WorkflowContext, timeout: float | None) -> Any:
     first = await ctx.wait_for_event("approve", timeout=timeout)
     second = await ctx.wait_for_event("approve", timeout=timeout)
     return [first, second]
+
+
+class Decision(BaseModel):
+    approved: bool
+    by: str
+
+
+@app.workflow
+async def typed_approval(ctx: WorkflowContext, timeout: float | None) -> list[Any]:
+    flag = await ctx.wait_for_event("flag", type=bool, timeout=timeout)
+    try:
+        decision = await ctx.wait_for_event("decision", type=Decision)
+    except EventPayloadError as exc:  # the workflow may handle a payload that does not fit
+        return [flag, str(exc)]
+    return [flag, type(decision).__name__, decision.approved, decision.by]
 
 
 @app.workflow
@@ -343,6 +361,24 @@ async def test_wait_for_event_times_out_with_none(runtime: Runtime) -> None:
         assert await handle.result(timeout=10) == [None, None]
 
 
+async def test_a_typed_wait_validates_the_payload_into_its_type(runtime: Runtime) -> None:
+    client = Client(app, runtime=runtime)
+    tenant = client.tenant("acme")
+    async with running_worker(app, runtime):
+        good = await tenant.start(typed_approval, 10.0)
+        await good.send_event("flag", "true")  # validated as bool: True
+        await _wait_status(good, RunStatus.WAITING)  # the second wait: replayed from here on
+        await good.send_event("decision", {"approved": 1, "by": "ann"})
+        assert await good.result(timeout=10) == [True, "Decision", True, "ann"]
+        bad = await tenant.start(typed_approval, 0.2)  # the flag times out: None
+        await bad.send_event("decision", {"approved": "perhaps"})
+        assert await bad.result(timeout=10) == [
+            None,
+            "the payload of event 'decision' does not fit Decision: approved: Input should be "
+            "a valid boolean, unable to interpret input (and 1 more)",
+        ]
+
+
 async def test_child_workflows_have_derived_ids_and_return_results(runtime: Runtime) -> None:
     client = Client(app, runtime=runtime)
     async with running_worker(app, runtime):
@@ -390,6 +426,30 @@ async def test_cancel_of_a_waiting_run_is_immediate_and_cascades_to_children(
         assert await queued.cancel() in (RunStatus.CANCELLED, RunStatus.RUNNING)
         with pytest.raises(RunCancelledError):
             await queued.result(timeout=5)
+
+
+async def test_cancel_is_idempotent_while_cancelling_and_refused_once_ended(
+    runtime: Runtime,
+) -> None:
+    client = Client(app, runtime=runtime)
+    tenant = client.tenant("acme")
+    async with running_worker(app, runtime):
+        handle = await tenant.start(long_running)
+        await _wait_for(lambda: calls.get("long_step started") == 1)
+        assert await handle.cancel() is RunStatus.RUNNING
+        assert await handle.cancel() is RunStatus.RUNNING  # being cancelled: nothing changes
+        with pytest.raises(RunCancelledError):
+            await handle.result(timeout=5)
+        done = await tenant.start(kid, 2)
+        assert await done.result(timeout=10) == 4
+    for ended, status in ((handle, "cancelled"), (done, "completed")):
+        with pytest.raises(RunFinishedError) as refused:
+            await ended.cancel()
+        assert refused.value.status == status
+        assert (
+            str(refused.value) == f"run {ended.run_id} has ended ({status}); it cannot be cancelled"
+        )
+        assert (await ended.describe()).status.value == status  # untouched
 
 
 async def test_nondeterminism_is_detected_and_names_both_steps(runtime: Runtime) -> None:
@@ -444,6 +504,11 @@ async def test_runs_are_listed_by_status_with_a_cursor(runtime: Runtime) -> None
             await h.result(timeout=10)
     assert await tenant.list_runs(status=RunStatus.QUEUED) == []
     assert len(await tenant.list_runs(status=RunStatus.COMPLETED)) == 5
+    with pytest.raises(InvalidCursorError) as refused:
+        await tenant.list_runs(before="garbage")
+    assert refused.value.issues == (
+        ("before", "not a cursor this API gave out: pass the next_cursor of a previous page"),
+    )
 
 
 async def test_each_tenant_sees_only_its_own_runs(runtime: Runtime) -> None:
@@ -486,6 +551,62 @@ async def _wait_for(condition: Any, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_a_run_no_worker_can_execute_is_dead_lettered_with_its_reason(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's app has a workflow this worker's app lacks: the run is given back for a
+    worker that has it, and once every delivery has found none, parked with its reason instead
+    of going round for ever."""
+    from tenantflow.worker import worker as worker_module
+    from tenantflow.worker.maintenance import Maintenance
+
+    monkeypatch.setattr(worker_module, "UNREGISTERED_RETRY_SECONDS", 0.05)
+    queue = runtime.queue
+    queue.max_deliveries = 3
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    handle = await tenant.start(kid, 4)
+    reason = "workflow 'kid' is not registered in this worker's app 'old-worker'"
+    async with running_worker(App("old-worker"), runtime):
+        await _wait_for_async(lambda: queue.dead_letters("acme"))
+    (dead,) = await queue.dead_letters("acme")
+    assert (dead.run_id, dead.deliveries, dead.reason, dead.parked) == (
+        handle.run_id,
+        3,
+        reason,
+        True,
+    )
+    run = await handle.describe()
+    assert run.status is RunStatus.QUEUED
+    assert run.stuck_reason == (
+        f"{reason}; dead-lettered after 3 deliveries: replay the dead letter once a worker has "
+        "the workflow"
+    )
+    # The reconciler finds it stalled, but parked: it does not send it round again.
+    maintenance = Maintenance(runtime, "test-reconciler")
+    maintenance.grace = 0.0
+    await _wait_for_async(lambda: _ran(maintenance))
+    assert maintenance.totals.reenqueued == 0
+    assert await queue.live("acme", [handle.run_id]) == {handle.run_id}
+    # Once a worker has the workflow, replaying the dead letter runs it.
+    await queue.replay_dead_letter("acme", dead.id)
+    async with running_worker(app, runtime):
+        assert await handle.result(timeout=10) == 8
+    assert (await handle.describe()).stuck_reason is None
+    assert await queue.dead_letters("acme") == []
+
+
+async def _ran(maintenance: Any) -> bool:
+    report = await maintenance.run_once()
+    return bool(report.ran)
+
+
+async def _wait_for_async(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_duplicate_delivery_executes_once(runtime: Runtime) -> None:

@@ -110,6 +110,8 @@ async def test_retry_later_and_dead_letter_after_max_deliveries(queue: Queue) ->
     assert await queue.dequeue("c", 10, 30) == []  # third failure: dead-lettered
     (dead,) = await queue.dead_letters("t")
     assert dead.run_id == "poison" and dead.deliveries == 3
+    assert dead.reason == "delivered 3 times without being acknowledged"
+    assert not dead.parked and await queue.live("t", ["poison"]) == set()  # a record, no hold
     assert await queue.dead_letters("other") == []
     with pytest.raises(NotFoundError):
         await queue.replay_dead_letter("other", dead.id)  # not another tenant's
@@ -124,7 +126,56 @@ async def test_a_message_redelivered_too_often_is_dead_lettered(queue: Queue) ->
         assert len(await queue.dequeue("c", 10, 0.05)) == 1
         await asyncio.sleep(0.08)
     assert await queue.dequeue("c", 10, 0.05) == []
-    assert [d.run_id for d in await queue.dead_letters("t")] == ["crashes-its-worker"]
+    (dead,) = await queue.dead_letters("t")
+    assert dead.run_id == "crashes-its-worker"
+    assert dead.reason == "delivered 3 times without being acknowledged"
+
+
+async def test_a_parked_dead_letter_holds_its_run_until_replayed(queue: Queue) -> None:
+    await queue.enqueue("t", "unknown-workflow")
+    (first,) = await queue.dequeue("c", 10, 0.05)
+    await asyncio.sleep(0.08)  # its lease ends: the next delivery is the current one
+    (second,) = await queue.dequeue("c", 10, 0.05)
+    await queue.dead_letter(first, "stale: not the current delivery")  # changes nothing
+    assert await queue.dead_letters("t") == []
+    await queue.dead_letter(second, "no worker knows it")
+    (dead,) = await queue.dead_letters("t")
+    assert (dead.run_id, dead.deliveries, dead.reason, dead.parked) == (
+        "unknown-workflow",
+        2,
+        "no worker knows it",
+        True,
+    )
+    assert await queue.dequeue("c", 10, 30) == []
+    # Parked: the reconciler finds the run live, and leaves it alone.
+    assert await queue.live("t", ["unknown-workflow"]) == {"unknown-workflow"}
+    await queue.replay_dead_letter("t", dead.id)
+    (replayed,) = await queue.dequeue("c", 10, 30)
+    assert replayed.deliveries == 1
+    assert await queue.live("t", ["unknown-workflow"]) == {"unknown-workflow"}
+    await queue.ack([replayed])
+    assert await queue.live("t", ["unknown-workflow"]) == set()
+
+
+async def test_trimmed_parked_dead_letters_release_their_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis keeps a bounded number of dead letters; one trimmed away no longer holds its run
+    (the embedded queue keeps them all)."""
+    from tenantflow.queue import redis_streams
+
+    monkeypatch.setattr(redis_streams, "DEAD_LETTERS_MAX", 2)
+    queue = RedisStreamsQueue(REDIS_URL, prefix=f"tftest{uuid.uuid4().hex[:10]}")
+    try:
+        for run in ("r1", "r2", "r3"):
+            await queue.enqueue("t", run)
+            (message,) = await queue.dequeue("c", 10, 30)
+            await queue.dead_letter(message, "parked")
+        assert [d.run_id for d in await queue.dead_letters("t")] == ["r2", "r3"]
+        assert await queue.live("t", ["r1", "r2", "r3"]) == {"r2", "r3"}
+    finally:
+        await queue.purge("t")
+        await queue.close()
 
 
 async def test_retry_later_without_counting_the_delivery(queue: Queue) -> None:

@@ -1,4 +1,5 @@
-"""Starting a workflow is checked against its signature by the type checker (ParamSpec)."""
+"""The type checker holds workflow code to its types: starting a workflow to its signature
+(ParamSpec), a typed wait for an event to the type it names."""
 
 from __future__ import annotations
 
@@ -35,14 +36,46 @@ async def use(tenant: TenantClient) -> None:
 """
 
 
-def test_start_and_steps_are_checked_against_signatures(tmp_path: Path) -> None:
+EVENTS = """
+from pydantic import BaseModel
+
+from tenantflow import App, WorkflowContext
+
+app = App("typing")
+
+
+class Decision(BaseModel):
+    approved: bool
+
+
+@app.workflow
+async def review(ctx: WorkflowContext, wait: float | None) -> None:
+    maybe: bool | None = await ctx.wait_for_event("approved", type=bool, timeout=60)
+    sure: bool = await ctx.wait_for_event("approved", type=bool)
+    model: Decision | None = await ctx.wait_for_event("d", type=Decision, timeout=wait)
+    anything: str = await ctx.wait_for_event("raw", timeout=1)  # untyped: Any, as before
+    wrong: bool = await ctx.wait_for_event("approved", type=bool, timeout=60)  # line 19: None
+    other: str = await ctx.wait_for_event("approved", type=bool)  # line 20: a bool
+    also: Decision = await ctx.wait_for_event("d", type=Decision, timeout=wait)  # line 21
+"""
+
+
+def _error_lines(tmp_path: Path, snippet: str) -> tuple[list[int], str]:
     source = tmp_path / "snippet.py"
-    source.write_text(textwrap.dedent(SNIPPET))
+    source.write_text(textwrap.dedent(snippet))
     stdout, _, status = api.run(
         ["--strict", "--no-incremental", "--cache-dir", str(tmp_path), str(source)]
     )
     assert status == 1, stdout
-    error_lines = sorted(
-        {int(line.split(":")[1]) for line in stdout.splitlines() if ": error:" in line}
-    )
-    assert error_lines == [22, 23, 24, 25], stdout
+    lines = {int(line.split(":")[1]) for line in stdout.splitlines() if ": error:" in line}
+    return sorted(lines), stdout
+
+
+def test_start_and_steps_are_checked_against_signatures(tmp_path: Path) -> None:
+    lines, stdout = _error_lines(tmp_path, SNIPPET)
+    assert lines == [22, 23, 24, 25], stdout
+
+
+def test_a_typed_wait_for_an_event_returns_its_type(tmp_path: Path) -> None:
+    lines, stdout = _error_lines(tmp_path, EVENTS)
+    assert lines == [19, 20, 21], stdout

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
-from tenantflow.errors import AuthenticationError, PermissionDeniedError
+from tenantflow.errors import AuthenticationError, InvalidInputError, Issue, PermissionDeniedError
 from tenantflow.platform.identity import Role
 from tenantflow.platform.keys import verify
 from tenantflow.platform.service import ACCESS_TYP, Principal, principal_from_claims
@@ -32,6 +34,33 @@ def get_app(request: Request) -> App:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 AppDep = Annotated[App, Depends(get_app)]
+
+# Audit entry ids, the audit log's cursor: the column is an INTEGER (32 bits on PostgreSQL),
+# so a larger number is refused here rather than by the database.
+AuditCursor = Annotated[int | None, Query(ge=1, le=2**31 - 1)]
+
+
+async def known_query(request: Request) -> None:
+    """Refuse a query parameter the route does not take, rather than ignore it: a misspelt
+    cursor or filter (``?before=`` for ``?cursor=``) must not answer an unfiltered first
+    page."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    unknown = sorted(set(request.query_params) - _query_names(route.dependant))
+    if unknown:
+        raise InvalidInputError(
+            issues=[Issue(f"query.{name}", "not a parameter of this route") for name in unknown]
+        )
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters of a route and of all its dependencies (under a microsecond: not
+    worth a cache)."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
 
 
 def _bearer(request: Request) -> str:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tenantflow.platform.audit import AuditEntry
 from tenantflow.platform.identity import ApiKey, Role, User
 from tenantflow.platform.registry import Tenant
+from tenantflow.queue.base import DeadLetter
 from tenantflow.sdk.serde import loads
 from tenantflow.store.records import RunRecord, StepRecord
 
@@ -60,6 +61,11 @@ class RunOut(BaseModel):
     parent_id: str | None
     recoveries: int
     cancel_requested: bool
+    stuck_reason: str | None = Field(
+        default=None,
+        description="Why no worker can take this queued run (its workflow is in no worker's "
+        "app); cleared when one claims it.",
+    )
     result: Any = None
     error: dict[str, Any] | None = None
     steps: list[StepOut] | None = None
@@ -78,6 +84,7 @@ class RunOut(BaseModel):
             parent_id=run.parent_id,
             recoveries=run.recoveries,
             cancel_requested=run.cancel_requested,
+            stuck_reason=run.stuck_reason,
             result=loads(run.result),
             error=run.error_info,
             steps=None if steps is None else [StepOut.of(s) for s in steps],
@@ -108,6 +115,24 @@ class DeadLetterOut(BaseModel):
     run_id: str
     deliveries: int
     failed_at: float
+    reason: str | None = Field(
+        description="Why it was dead-lettered; null for one stored before reasons were kept."
+    )
+    parked: bool = Field(
+        description="Its run waits for a replay; otherwise the reconciler has enqueued the run "
+        "again if it still needed a message."
+    )
+
+    @staticmethod
+    def of(letter: DeadLetter) -> DeadLetterOut:
+        return DeadLetterOut(
+            id=letter.id,
+            run_id=letter.run_id,
+            deliveries=letter.deliveries,
+            failed_at=letter.failed_at,
+            reason=letter.reason,
+            parked=letter.parked,
+        )
 
 
 class TokenRequest(BaseModel):

@@ -12,9 +12,15 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
-from tenantflow.api.deps import CurrentPrincipal, PlatformAdmin, RuntimeDep
+from tenantflow.api.deps import (
+    AuditCursor,
+    CurrentPrincipal,
+    PlatformAdmin,
+    RuntimeDep,
+    known_query,
+)
 from tenantflow.api.models import (
     ApiKeyIn,
     ApiKeyOut,
@@ -36,7 +42,7 @@ from tenantflow.api.models import (
     UserIn,
     UserOut,
 )
-from tenantflow.errors import TenantNotFoundError
+from tenantflow.errors import InvalidInputError, TenantNotFoundError
 from tenantflow.platform.identity import Membership, Role
 from tenantflow.platform.keys import Jwks
 from tenantflow.platform.licensing import License, Plan, Quotas
@@ -45,7 +51,9 @@ from tenantflow.platform.service import Platform, Principal
 
 T = TypeVar("T")
 
-router = APIRouter(prefix="/platform/v1", tags=["platform plane"])
+router = APIRouter(
+    prefix="/platform/v1", tags=["platform plane"], dependencies=[Depends(known_query)]
+)
 wellknown = APIRouter(tags=["platform plane"])
 
 
@@ -107,11 +115,11 @@ async def token(body: TokenRequest, runtime: RuntimeDep) -> TokenOut:
     platform = runtime.platform
     if body.grant_type == "password":
         if not body.email or body.password is None:
-            raise ValueError("the password grant needs email and password")
+            raise InvalidInputError("the password grant needs email and password")
         issued = await _run(platform.token_for_password, body.email, body.password, body.tenant)
     else:
         if not body.api_key:
-            raise ValueError("the api_key grant needs api_key")
+            raise InvalidInputError("the api_key grant needs api_key")
         issued = await _run(platform.token_for_api_key, body.api_key)
     return TokenOut(
         access_token=issued.access_token,
@@ -360,7 +368,7 @@ async def platform_audit(
     runtime: RuntimeDep,
     tenant: Annotated[str | None, Query(max_length=63)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
-    cursor: int | None = None,
+    cursor: AuditCursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditPage:
     """Every tenant's entries, or one tenant's (``tenant``)."""

@@ -1,11 +1,15 @@
 """Errors over HTTP: RFC 9457 ``application/problem+json`` with a stable ``type`` per kind.
 
 Messages are the exceptions' own, which never carry secrets or another tenant's data; an
-unexpected error answers a bare 500 and is logged, never echoed.
+unexpected error answers a bare 500 and is logged, never echoed. A 422 says what is wrong in one
+line (``detail``) and field by field (``errors``: ``loc``, a dotted path such as
+``body.priority``, ``query.cursor`` or, for a workflow's arguments, ``order.quantity``; and
+``msg``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -16,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tenantflow import errors
+from tenantflow.sdk.serde import issues_of
 
 log = structlog.get_logger(__name__)
 
@@ -38,10 +43,10 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.ConflictError, 409, "conflict"),
     (errors.RunFinishedError, 409, "run-finished"),
     (errors.NotFoundError, 404, "not-found"),
+    (errors.InvalidInputError, 422, "invalid-request"),
     (errors.InvalidTenantIdError, 422, "invalid-request"),
     (errors.SerializationError, 422, "invalid-request"),
     (errors.ConfigError, 422, "invalid-request"),
-    (ValueError, 422, "invalid-request"),
 ]
 
 _TITLES = {
@@ -107,16 +112,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ValueError)
     async def _value(request: Request, exc: ValueError) -> JSONResponse:
-        return _known(exc)
+        # Not one of ours (those are InvalidInputError): its text was written for developers
+        # and may quote the input, so it is logged, not echoed.
+        log.warning("request refused on a ValueError", path=request.url.path, exc_info=exc)
+        return problem(422, "invalid-request", "a value in the request is not valid")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Field paths and messages only: the offending input itself is not echoed.
-        issues = [
-            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()
-        ]
-        return problem(422, "invalid-request", "the request is not valid", errors=issues)
+        issues = issues_of(_readable(e) for e in exc.errors())
+        return problem(422, "invalid-request", errors.summarize(issues), errors=_listed(issues))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -142,5 +147,20 @@ def _known(exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(retry_after)))}
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    detail = str(exc) or None
-    return problem(status, slug, detail, headers=headers)
+    extra = {}
+    if isinstance(exc, errors.InvalidInputError) and exc.issues:
+        extra["errors"] = _listed(exc.issues)
+    return problem(status, slug, str(exc) or None, headers=headers, **extra)
+
+
+def _listed(issues: Sequence[errors.Issue]) -> list[dict[str, str]]:
+    return [{"loc": i.loc, "msg": i.msg} for i in issues]
+
+
+def _readable(error: Mapping[str, Any]) -> Mapping[str, Any]:
+    """FastAPI's error for a body that is not JSON, located at the body, not at a position."""
+    if error.get("type") == "json_invalid":
+        position = error["loc"][-1] if len(error.get("loc", ())) > 1 else None
+        where = f" (at character {position})" if isinstance(position, int) else ""
+        return {"loc": ("body",), "msg": f"not valid JSON{where}"}
+    return error

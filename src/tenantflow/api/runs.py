@@ -18,10 +18,12 @@ from fastapi.responses import StreamingResponse
 
 from tenantflow.api.deps import (
     AppDep,
+    AuditCursor,
     Operator,
     RuntimeDep,
     TenantAdmin,
     Viewer,
+    known_query,
     tenant_client,
 )
 from tenantflow.api.models import (
@@ -41,6 +43,7 @@ from tenantflow.errors import (
 )
 from tenantflow.platform.service import Principal
 from tenantflow.runtime import Runtime
+from tenantflow.sdk.client import check_cursor
 from tenantflow.store.records import RunStatus
 
 # No control characters in anything used as a key or compared in a query (PostgreSQL refuses
@@ -69,7 +72,9 @@ async def rate_limit(request: Request, principal: Viewer, runtime: RuntimeDep) -
         raise RateLimitedError(retry_after=wait)
 
 
-router = APIRouter(prefix="/v1", tags=["tenant plane"], dependencies=[Depends(rate_limit)])
+router = APIRouter(
+    prefix="/v1", tags=["tenant plane"], dependencies=[Depends(rate_limit), Depends(known_query)]
+)
 
 
 @router.post("/runs", status_code=202, response_model=RunOut)
@@ -113,7 +118,9 @@ async def list_runs(
     cursor: Annotated[str | None, Query(max_length=255, pattern=PLAIN)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunPage:
-    """Newest first. ``next_cursor`` is the cursor of the next page, None on the last."""
+    """Newest first. ``next_cursor`` is the cursor of the next page, None on the last; a
+    cursor this API did not give out is a 422."""
+    check_cursor(cursor, "query.cursor")
     client = tenant_client(principal, runtime, app)
     runs = await client.list_runs(status=status, workflow=workflow, limit=limit + 1, before=cursor)
     page = runs[:limit]
@@ -127,6 +134,8 @@ async def list_runs(
 async def cancel_run(
     run_id: RunId, principal: Operator, runtime: RuntimeDep, app: AppDep
 ) -> RunOut:
+    """Request cancellation (see ``RunHandle.cancel``): asked again while the run is being
+    cancelled, nothing changes; a run that has ended answers 409 ``run-finished``."""
     handle = tenant_client(principal, runtime, app).handle(run_id)
     await handle.cancel()
     await _audit(runtime, principal, "run.cancelled", run_id)
@@ -245,10 +254,7 @@ async def list_dead_letters(
 ) -> list[DeadLetterOut]:
     assert principal.tenant_id is not None
     letters = await runtime.queue.dead_letters(principal.tenant_id, limit=limit)
-    return [
-        DeadLetterOut(id=d.id, run_id=d.run_id, deliveries=d.deliveries, failed_at=d.failed_at)
-        for d in letters
-    ]
+    return [DeadLetterOut.of(d) for d in letters]
 
 
 @router.post("/dead-letters/{dead_letter_id}/replay", status_code=202)
@@ -268,7 +274,7 @@ async def tenant_audit(
     principal: TenantAdmin,
     runtime: RuntimeDep,
     action: Annotated[str | None, Query(max_length=64, pattern=PLAIN)] = None,
-    cursor: int | None = None,
+    cursor: AuditCursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditPage:
     entries = await asyncio.to_thread(

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tenantflow.api.models import DeadLetterOut
 from tenantflow.cli._common import (
     JsonOpt,
     TenantOpt,
@@ -71,11 +72,11 @@ def dead_list(
 
     letters = run(main())
     if as_json:
-        print_json({"dead_letters": [dataclasses.asdict(d) for d in letters]})
+        print_json({"dead_letters": [DeadLetterOut.of(d) for d in letters]})
         return
     print_table(
         f"dead letters of {tenant}",
-        ("id", "run", "deliveries", "failed", "reason"),
+        ("id", "run", "deliveries", "failed", "waits for replay", "reason"),
         (
             [
                 d.id,
@@ -87,10 +88,6 @@ def dead_list(
             for d in letters
         ),
     )
-
-
-def _reason(letter: Any) -> str:
-    return getattr(letter, "reason", None) or "-"
 
 
 @dead_cli.command("replay")

@@ -13,20 +13,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
+from pydantic import ValidationError
 
 from tenantflow.errors import (
     BulkheadFullError,
     ChildWorkflowError,
     CircuitOpenError,
+    EventPayloadError,
     NonDeterminismError,
     StepFailedError,
     StepTimeoutError,
     WorkflowCancelled,
     WorkflowSuspended,
     WorkflowTimeoutError,
+    summarize,
 )
 from tenantflow.sdk.context import StepContext, WorkflowContext, _step, _workflow
-from tenantflow.sdk.serde import dumps, loads
+from tenantflow.sdk.serde import adapter_for, dumps, issues_of, loads
 from tenantflow.store.base import LeaseLost, RunStore
 from tenantflow.store.records import (
     TERMINAL,
@@ -113,6 +116,26 @@ def encode_input(
     return dumps(
         {"args": list(args), "kwargs": kwargs}, what=f"the input of workflow {workflow.name!r}"
     )
+
+
+def _event_payload(name: str, payload: bytes | None, as_type: type[Any] | None) -> Any:
+    """An event's checkpointed payload (None: the wait timed out), validated into ``as_type``.
+    A payload that does not fit raises ``EventPayloadError`` in the workflow, the same on every
+    replay, since the payload is checkpointed as it came."""
+    if payload is None:
+        return None
+    value = loads(payload)
+    if as_type is None:
+        return value
+    try:
+        return adapter_for(as_type).validate_python(value)
+    except ValidationError as exc:
+        issues = issues_of(exc.errors(include_url=False))
+        what = getattr(as_type, "__name__", repr(as_type))
+        raise EventPayloadError(
+            f"the payload of event {name!r} does not fit {what}: {summarize(issues)}",
+            issues=issues,
+        ) from None
 
 
 def error_info(exc: BaseException) -> bytes:
@@ -605,12 +628,14 @@ class Execution:
             return
         await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=wake_at))
 
-    async def wait_for_event(self, name: str, timeout: float | None) -> Any:
+    async def wait_for_event(
+        self, name: str, timeout: float | None, as_type: type[Any] | None = None
+    ) -> Any:
         await self._flush()
         await self._persist_compensable()
         seq, checkpoint = self._next(name, StepKind.EVENT)
         if checkpoint is not None and checkpoint.status is StepStatus.COMPLETED:
-            return loads(checkpoint.output)
+            return _event_payload(name, checkpoint.output, as_type)
         deadline = time.time() + timeout if timeout is not None else None
         while True:
             got = await self._io(
@@ -619,7 +644,7 @@ class Execution:
                 )
             )
             if got.received:
-                return loads(got.payload)
+                return _event_payload(name, got.payload, as_type)
             if got.timed_out:
                 return None
             await self._suspend(Wait(kind=WaitKind.EVENT, wake_at=got.deadline, event_name=name))

@@ -25,6 +25,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from tenantflow.errors import (
     AuthenticationError,
     ConflictError,
+    InvalidInputError,
     NotFoundError,
     SeatLimitError,
     TenantNotFoundError,
@@ -79,7 +80,7 @@ class ApiKey:
 def normalize_email(email: str) -> str:
     email = email.strip().lower()
     if not EMAIL.fullmatch(email):
-        raise ValueError("not an email address")
+        raise InvalidInputError("not an email address")
     return email
 
 
@@ -182,7 +183,7 @@ class Identity:
         which part was wrong otherwise."""
         try:
             email = normalize_email(email)
-        except ValueError:
+        except InvalidInputError:
             email = ""
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(users).where(users.c.email == email)).first()
@@ -351,7 +352,7 @@ class Identity:
 
 def _check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD:
-        raise ValueError(f"a password has at least {MIN_PASSWORD} characters")
+        raise InvalidInputError(f"a password has at least {MIN_PASSWORD} characters")
 
 
 def _digest(secret: str) -> str:

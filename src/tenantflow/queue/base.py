@@ -10,7 +10,14 @@ run's lease in the database decides who executes it. Semantics every backend kee
   Redis Streams a message is reclaimed once idle for the *reclaiming* consumer's timeout.
 - A message whose lease ends without ``ack`` is delivered again (at least once). Every delivery
   counts; a message delivered ``max_deliveries`` times and still not acknowledged moves to the
-  dead letters instead of being delivered again.
+  dead letters instead of being delivered again, with the reason "delivered N times without
+  being acknowledged". Such a dead letter is a record, not a hold: its run has no live message,
+  so if the database says the run still needs one, the reconciler enqueues it again (a database
+  outage that made every delivery fail must not leave runs behind).
+- ``dead_letter`` moves a delivery to the dead letters at once, with the consumer's reason,
+  *parked*: the message stays live (``live``), so the reconciler leaves its run alone until
+  the dead letter is replayed. For a run no consumer can execute, which would otherwise go
+  round for ever.
 - ``ack`` and ``retry_later`` act only on the current delivery (its receipt): a late
   acknowledgement from a worker whose lease already ended changes nothing.
 - Tenants with ready messages are served round robin within each dequeue, and a tenant never
@@ -52,6 +59,11 @@ class DeadLetter:
     run_id: str
     deliveries: int
     failed_at: float
+    # Why it was dead-lettered: the consumer's reason ("workflow 'x' is not registered in this
+    # worker's app 'y'"), or "delivered N times without being acknowledged". None only for a
+    # dead letter stored before reasons were kept.
+    reason: str | None = None
+    parked: bool = False  # its run counts as live until it is replayed (see ``dead_letter``)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +117,11 @@ class Queue(Protocol):
         lettering."""
         ...
 
+    async def dead_letter(self, message: Message, reason: str) -> None:
+        """Move this delivery to the dead letters now, parked, with ``reason``; nothing if it
+        is no longer the current delivery."""
+        ...
+
     async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]: ...
 
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None: ...
@@ -118,7 +135,8 @@ class Queue(Protocol):
         ...
 
     async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
-        """Which of these runs have a message (ready, in flight or delayed)."""
+        """Which of these runs have a message (ready, in flight, delayed, or parked in the dead
+        letters)."""
         ...
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:

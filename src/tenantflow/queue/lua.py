@@ -6,8 +6,9 @@ Key layout (``keys.TenantKeys``), the same for every script:
                       tp (the W3C traceparent of the run's origin; absent when not traced)
     KEYS[2] delayed   ZSET member "uid|run|p|d", or "uid|run|p|d|tp" with a trace; score = due
                       time (ms)
-    KEYS[3] live      HASH run -> live messages of that run
-    KEYS[4] dead      dead-letter stream (capped)
+    KEYS[3] live      HASH run -> live messages of that run (a parked dead letter counts)
+    KEYS[4] dead      dead-letter stream (capped): fields run, p, deliveries, at, tp, reason,
+                      parked ('1': it holds its run's live count until replayed)
     KEYS[5] seq       INCR counter for delayed members
 A delivery's receipt is (consumer, Redis delivery count); ack, retry and extend act only when the
 pending entry still belongs to that consumer with that count, so a late call from a consumer
@@ -35,6 +36,33 @@ local function owned(group, id, consumer, count)
   local p = redis.pcall('XPENDING', KEYS[1], group, id, id, 1)
   if type(p) ~= 'table' or p.err then return false end
   return #p == 1 and p[1][2] == consumer and tonumber(p[1][4]) == tonumber(count)
+end
+-- The fields of an entry that this delivery (consumer, count) still owns; nil if it does not,
+-- or if the entry is gone (then its pending entry is acknowledged).
+local function owned_entry(group, id, consumer, count)
+  if not owned(group, id, consumer, count) then return nil end
+  local entry = redis.call('XRANGE', KEYS[1], id, id)
+  if #entry == 0 then
+    redis.call('XACK', KEYS[1], group, id)
+    return nil
+  end
+  return entry[1][2]
+end
+-- Moves entry id of the stream to the dead letters. Trimmed one entry at a time rather than
+-- with MAXLEN ~, so that a parked letter trimmed away gives up its run's live count.
+local function dead_letter(group, id, run, p, deliveries, tp, reason, parked, maxlen)
+  if redis.call('XLEN', KEYS[4]) >= tonumber(maxlen) then
+    local oldest = redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 1)
+    if #oldest == 1 then
+      if field(oldest[1][2], 'parked') == '1' then forget(field(oldest[1][2], 'run')) end
+      redis.call('XDEL', KEYS[4], oldest[1][1])
+    end
+  end
+  redis.call('XADD', KEYS[4], '*', 'run', run, 'p', p, 'deliveries', deliveries,
+             'at', now_ms(), 'tp', tp or '', 'reason', reason, 'parked', parked)
+  redis.call('XACK', KEYS[1], group, id)
+  redis.call('XDEL', KEYS[1], id)
+  if parked ~= '1' then forget(run) end
 end
 local function put(run, p, d, delay, tp)
   tp = tp or ''
@@ -84,12 +112,10 @@ local group, consumer = ARGV[1], ARGV[2]
 local count, min_idle, max_deliveries = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local cap, dead_maxlen = tonumber(ARGV[6]), ARGV[7]
 local now = now_ms()
-local function dead_letter(id, run, p, deliveries, at, tp)
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', dead_maxlen, '*', 'run', run, 'p', p,
-             'deliveries', deliveries, 'at', at, 'tp', tp or '')
-  redis.call('XACK', KEYS[1], group, id)
-  redis.call('XDEL', KEYS[1], id)
-  forget(run)
+local function exhausted(id, run, p, deliveries, tp)
+  local times = deliveries == 1 and ' time' or ' times'
+  local reason = 'delivered ' .. deliveries .. times .. ' without being acknowledged'
+  dead_letter(group, id, run, p, deliveries, tp, reason, '0', dead_maxlen)
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 500)
 for _, member in ipairs(due) do
@@ -111,7 +137,7 @@ for _, pe in ipairs(idle) do
     local run, p, d = field(fields, 'run'), field(fields, 'p'), tonumber(field(fields, 'd'))
     local tp = field(fields, 'tp') or ''
     if deliveries + d >= max_deliveries then
-      dead_letter(id, run, p, deliveries + d, now, tp)
+      exhausted(id, run, p, deliveries + d, tp)
     else
       local claimed = redis.call('XCLAIM', KEYS[1], group, consumer, min_idle, id)
       if #claimed == 1 then
@@ -138,7 +164,7 @@ if room > 0 then
       local run, p, d = field(fields, 'run'), field(fields, 'p'), tonumber(field(fields, 'd'))
       local tp = field(fields, 'tp') or ''
       if d >= max_deliveries then
-        dead_letter(entry[1], run, p, d, now, tp)
+        exhausted(entry[1], run, p, d, tp)
       else
         table.insert(out, entry[1]); table.insert(out, run)
         table.insert(out, p); table.insert(out, d + 1); table.insert(out, 1)
@@ -176,12 +202,10 @@ RETRY_LATER = (
     COMMON
     + """
 local group, consumer, id = ARGV[1], ARGV[2], ARGV[3]
-if not owned(group, id, consumer, ARGV[4]) then return 0 end
-local entry = redis.call('XRANGE', KEYS[1], id, id)
+local fields = owned_entry(group, id, consumer, ARGV[4])
+if not fields then return 0 end
 redis.call('XACK', KEYS[1], group, id)
 redis.call('XDEL', KEYS[1], id)
-if #entry == 0 then return 0 end
-local fields = entry[1][2]
 local d = 0
 if ARGV[6] == '1' then d = tonumber(field(fields, 'd')) + tonumber(ARGV[4]) end
 return put(field(fields, 'run'), field(fields, 'p'), d, tonumber(ARGV[5]), field(fields, 'tp'))
@@ -202,6 +226,21 @@ return 1
 """
 )
 
+# ARGV: group, consumer, id, count, reason, dead_maxlen. Moves an owned entry to the dead
+# letters, parked (its run keeps its live count). Returns 1 if it did.
+DEAD_LETTER = (
+    COMMON
+    + """
+local group, consumer, id = ARGV[1], ARGV[2], ARGV[3]
+local fields = owned_entry(group, id, consumer, ARGV[4])
+if not fields then return 0 end
+local deliveries = tonumber(field(fields, 'd')) + tonumber(ARGV[4])
+dead_letter(group, id, field(fields, 'run'), field(fields, 'p'), deliveries, field(fields, 'tp'),
+            ARGV[5], '1', ARGV[6])
+return 1
+"""
+)
+
 # ARGV: dead-letter id. Moves it back to the stream as a fresh message.
 REPLAY = (
     COMMON
@@ -210,7 +249,8 @@ local entry = redis.call('XRANGE', KEYS[4], ARGV[1], ARGV[1])
 if #entry == 0 then return 0 end
 local fields = entry[1][2]
 redis.call('XDEL', KEYS[4], ARGV[1])
-redis.call('HINCRBY', KEYS[3], field(fields, 'run'), 1)
+-- A parked letter still holds the live count the new message takes over.
+if field(fields, 'parked') ~= '1' then redis.call('HINCRBY', KEYS[3], field(fields, 'run'), 1) end
 put(field(fields, 'run'), field(fields, 'p'), 0, 0, field(fields, 'tp'))
 return 1
 """

@@ -71,7 +71,15 @@ class RedisStreamsQueue:
         self.tenant_max_inflight = tenant_max_inflight
         self._sources = {
             name: getattr(lua, name)
-            for name in ("ENQUEUE", "DEQUEUE", "ACK", "RETRY_LATER", "EXTEND", "REPLAY")
+            for name in (
+                "ENQUEUE",
+                "DEQUEUE",
+                "ACK",
+                "RETRY_LATER",
+                "EXTEND",
+                "DEAD_LETTER",
+                "REPLAY",
+            )
         }
         self._sha = {
             name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()
@@ -380,6 +388,17 @@ class RedisStreamsQueue:
 
     # -- dead letters, inspection ------------------------------------------------------------
 
+    async def dead_letter(self, message: Message, reason: str) -> None:
+        consumer, count = self._receipt(message)
+        await self._execute(
+            lambda pipe: self._eval(
+                pipe,
+                "DEAD_LETTER",
+                self.keys.tenant(message.tenant_id).all(),
+                [GROUP, consumer, message.id, count, reason, DEAD_LETTERS_MAX],
+            )
+        )
+
     async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
         entries = await self.redis.xrange(self.keys.tenant(tenant_id).dead, count=limit)
         return [
@@ -389,6 +408,8 @@ class RedisStreamsQueue:
                 run_id=fields["run"],
                 deliveries=int(fields["deliveries"]),
                 failed_at=int(fields["at"]) / 1000,
+                reason=fields.get("reason") or None,  # absent from letters of earlier versions
+                parked=fields.get("parked") == "1",
             )
             for entry_id, fields in entries
         ]

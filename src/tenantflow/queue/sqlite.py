@@ -46,9 +46,23 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     priority INTEGER NOT NULL,
     deliveries INTEGER NOT NULL,
     failed_at REAL NOT NULL,
-    trace TEXT
+    trace TEXT,
+    reason TEXT,
+    parked INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS ix_dead_letters_tenant ON dead_letters (tenant_id, id);
+"""
+# Columns added since the first queue files, for files made before them.
+ADDED_COLUMNS = (
+    ("messages", "trace", "TEXT"),
+    ("dead_letters", "trace", "TEXT"),
+    ("dead_letters", "reason", "TEXT"),
+    ("dead_letters", "parked", "INTEGER NOT NULL DEFAULT 0"),
+)
+# After the columns exist (in an old file, only once they were added).
+INDEXES = """
+CREATE INDEX IF NOT EXISTS ix_dead_letters_parked ON dead_letters (tenant_id, run_id)
+    WHERE parked = 1;
 """
 
 # Tenants with any message, without scanning the messages (a loose index scan).
@@ -64,6 +78,12 @@ SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL
 SQL_READY_OF_TENANT = (
     "SELECT id, run_id, priority, deliveries, trace FROM messages "
     "WHERE tenant_id = ? AND available_at <= ? ORDER BY priority DESC, available_at, id LIMIT ?"
+)
+
+SQL_DEAD_LETTER = (
+    "INSERT INTO dead_letters (id, tenant_id, run_id, priority, deliveries, failed_at, trace, "
+    "reason, parked) SELECT id, tenant_id, run_id, priority, deliveries, ?, trace, ?, ? "
+    "FROM messages WHERE id = ?"
 )
 
 SQL_INSERT = (
@@ -88,14 +108,15 @@ class SqliteQueue:
         self.tenant_max_inflight = tenant_max_inflight
         self._conn = _sqlite.connect(path, synchronous=synchronous)
         self._conn.executescript(SCHEMA)
-        for table in ("messages", "dead_letters"):  # queue files made before traces were kept
+        for table, column, kind in ADDED_COLUMNS:
             columns = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
-            if "trace" not in columns:
+            if column not in columns:
                 try:
-                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN trace TEXT")
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 except sqlite3.OperationalError as exc:  # another process added it first
                     if "duplicate column" not in str(exc):
                         raise
+        self._conn.executescript(INDEXES)
         self._rotation = 0
         self._wakeup = asyncio.Event()
 
@@ -177,12 +198,9 @@ class SqliteQueue:
             until = now + visibility_timeout
             for tenant, (mid, run_id, priority, deliveries, trace) in picked:
                 if deliveries >= self.max_deliveries:
-                    cur.execute(
-                        "INSERT INTO dead_letters (id, tenant_id, run_id, priority, deliveries, "
-                        "failed_at, trace) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (mid, tenant, run_id, priority, deliveries, now, trace),
-                    )
-                    cur.execute("DELETE FROM messages WHERE id = ?", (mid,))
+                    times = "time" if deliveries == 1 else "times"
+                    reason = f"delivered {deliveries} {times} without being acknowledged"
+                    _dead_letter(cur, mid, reason, parked=False, now=now)
                     continue
                 receipt = f"{consumer}:{secrets.token_hex(6)}"
                 cur.execute(
@@ -265,15 +283,30 @@ class SqliteQueue:
             cur.execute("DELETE FROM messages WHERE tenant_id = ?", (tenant_id,))
             cur.execute("DELETE FROM dead_letters WHERE tenant_id = ?", (tenant_id,))
 
+    async def dead_letter(self, message: Message, reason: str) -> None:
+        with _sqlite.transaction(self._conn) as cur:
+            current = cur.execute(
+                "SELECT 1 FROM messages WHERE id = ? AND receipt = ?",
+                (int(message.id), message.receipt),
+            ).fetchone()
+            if current is not None:
+                _dead_letter(cur, int(message.id), reason, parked=True, now=time.time())
+
     async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
         rows = self._conn.execute(
-            "SELECT id, run_id, deliveries, failed_at FROM dead_letters WHERE tenant_id = ? "
-            "ORDER BY id LIMIT ?",
+            "SELECT id, run_id, deliveries, failed_at, reason, parked FROM dead_letters "
+            "WHERE tenant_id = ? ORDER BY id LIMIT ?",
             (tenant_id, limit),
         ).fetchall()
         return [
             DeadLetter(
-                id=str(r[0]), tenant_id=tenant_id, run_id=r[1], deliveries=r[2], failed_at=r[3]
+                id=str(r[0]),
+                tenant_id=tenant_id,
+                run_id=r[1],
+                deliveries=r[2],
+                failed_at=r[3],
+                reason=r[4],
+                parked=bool(r[5]),
             )
             for r in rows
         ]
@@ -287,7 +320,7 @@ class SqliteQueue:
             row = cur.execute(
                 "DELETE FROM dead_letters WHERE id = ? AND tenant_id = ? "
                 "RETURNING run_id, priority, trace",
-                (int(dead_letter_id), tenant_id),
+                (_row_id(dead_letter_id), tenant_id),
             ).fetchone()
             if row is None:
                 raise missing
@@ -315,8 +348,10 @@ class SqliteQueue:
             return set()
         marks = ",".join("?" * len(run_ids))
         rows = self._conn.execute(
-            f"SELECT DISTINCT run_id FROM messages WHERE tenant_id = ? AND run_id IN ({marks})",
-            (tenant_id, *run_ids),
+            f"SELECT run_id FROM messages WHERE tenant_id = ? AND run_id IN ({marks}) UNION "
+            f"SELECT run_id FROM dead_letters WHERE tenant_id = ? AND parked = 1 "
+            f"AND run_id IN ({marks})",
+            (tenant_id, *run_ids, tenant_id, *run_ids),
         ).fetchall()
         return {r[0] for r in rows}
 
@@ -351,6 +386,21 @@ class SqliteQueue:
 
     async def close(self) -> None:
         self._conn.close()
+
+
+def _dead_letter(
+    cur: sqlite3.Cursor, message_id: int, reason: str, *, parked: bool, now: float
+) -> None:
+    cur.execute(SQL_DEAD_LETTER, (now, reason, parked, message_id))
+    cur.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+
+def _row_id(value: str) -> int:
+    """An id from outside as a rowid; a malformed one (not an integer SQLite can hold) is a
+    missing one (0, which no row has), as on Redis."""
+    if value.isascii() and value.isdigit() and int(value) < 2**63:
+        return int(value)
+    return 0
 
 
 def _w(weights: Mapping[str, int] | None, tenant: str) -> int:

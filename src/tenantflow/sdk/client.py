@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from types import TracebackType
@@ -10,6 +11,8 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from tenantflow.engine.executor import encode_input
 from tenantflow.errors import (
+    InvalidCursorError,
+    Issue,
     NotEntitledError,
     ResultTimeoutError,
     RunCancelledError,
@@ -30,6 +33,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# A run id as new_run_id makes it, or a child's: its parent's id and the call's position.
+RUN_ID = re.compile(r"[0-9a-f]{32}(\.[0-9]+)*")
+CURSOR_EXPECTED = "not a cursor this API gave out: pass the next_cursor of a previous page"
+
 _last_id_time = [0, 0]  # (milliseconds, counter) of the last id made by this process
 
 
@@ -47,6 +54,13 @@ def new_run_id() -> str:
         counter = 0
     _last_id_time[:] = [millis, counter]
     return f"{millis:012x}{counter:04x}{uuid.uuid4().hex[:16]}"
+
+
+def check_cursor(cursor: str | None, loc: str = "before") -> None:
+    """A cursor of the run list is the id of the last run of a page (``next_cursor``): any
+    other value raises ``InvalidCursorError`` rather than answer a first page."""
+    if cursor is not None and not RUN_ID.fullmatch(cursor):
+        raise InvalidCursorError(issues=[Issue(loc, CURSOR_EXPECTED)])
 
 
 class Client:
@@ -141,6 +155,8 @@ class TenantClient:
         limit: int = 50,
         before: str | None = None,
     ) -> list[RunRecord]:
+        """Newest first; ``before`` is the id of the last run of the previous page."""
+        check_cursor(before)
         return await self.store.list_runs(
             status=status, workflow=workflow, limit=limit, before=before
         )
@@ -200,9 +216,20 @@ class RunHandle(Generic[R]):
         raise RunFailedError(message, status=run.status.value, error_type=info.get("type"))
 
     async def cancel(self) -> RunStatus:
-        """Request cancellation. A run that no worker holds is cancelled at once; a running
-        one stops at its next step boundary (a running async step is interrupted). A saga is
-        woken to run its compensations first, and ends ``compensated``."""
+        """Request cancellation; returns the run's status after the request. A run that no
+        worker holds is cancelled at once; a running one stops at its next step boundary (a
+        running async step is interrupted). A saga is woken to run its compensations first,
+        and ends ``compensated``.
+
+        As in Temporal, a cancellation already requested is not requested again: cancelling a
+        run that is being cancelled (``cancel_requested``, not yet ended) changes nothing and
+        returns its status. A run that has ended (``completed``, ``failed``, ``cancelled``,
+        ``compensated``, ``needs_attention``) raises ``RunFinishedError`` (HTTP 409), as
+        sending it an event does: the caller learns that the cancel took no effect, say
+        because the run completed first. (Temporal's server answers that case with a silent
+        success; a cancel that raced a completion would then go unnoticed.) So a retried
+        cancel of a run that no worker held, which the first request ended at once, gets the
+        409 with the status ``cancelled``."""
         run, finished = await self._tenant.store.request_cancel(self.run_id, now=time.time())
         await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)
         return run.status

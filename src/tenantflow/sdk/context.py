@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tenantflow.errors import ConfigError
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 _workflow: ContextVar[WorkflowContext | None] = ContextVar("tenantflow_workflow", default=None)
 _step: ContextVar[StepContext | None] = ContextVar("tenantflow_step", default=None)
@@ -55,13 +56,34 @@ class WorkflowContext:
         resumes after ``seconds`` even if every worker restarts meanwhile."""
         await self._execution.sleep(seconds)
 
-    async def wait_for_event(self, name: str, *, timeout: float | None = None) -> Any:
+    @overload
+    async def wait_for_event(self, name: str, *, timeout: float | None = None) -> Any: ...
+
+    @overload
+    async def wait_for_event(self, name: str, *, type: type[T], timeout: None = None) -> T: ...
+
+    @overload
+    async def wait_for_event(
+        self, name: str, *, type: type[T], timeout: float | None
+    ) -> T | None: ...
+
+    async def wait_for_event(
+        self, name: str, *, type: type[Any] | None = None, timeout: float | None = None
+    ) -> Any:
         """Wait durably for an event sent to this run (``handle.send_event(name, payload)``).
 
         Events are consumed in the order they were sent, one per wait. Returns the payload, or
         ``None`` when ``timeout`` seconds pass first.
+
+        With ``type`` (a class: ``bool``, a Pydantic model, a dataclass...), the payload is
+        validated into it, as a step's arguments are decoded from their annotations, and the
+        type checker knows the result: ``type=bool`` gives a ``bool``, or ``bool | None`` with
+        a ``timeout``. A payload that does not fit raises :class:`EventPayloadError` here (the
+        workflow may catch it; the event is consumed either way). Without ``type`` the payload
+        is the plain JSON value (``Any``). (Temporal's Python SDK decodes by the annotations of
+        a signal handler; DBOS's ``recv`` returns ``Any``.)
         """
-        return await self._execution.wait_for_event(name, timeout)
+        return await self._execution.wait_for_event(name, timeout, type)
 
     async def run_child(self, workflow: Workflow[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Start a child workflow in this tenant and wait durably for its result.

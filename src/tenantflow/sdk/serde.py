@@ -8,14 +8,14 @@ enums encode natively; on the way back, the type hints of the workflow or step d
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, get_type_hints
 
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from tenantflow.errors import SerializationError
+from tenantflow.errors import InvalidArgumentsError, Issue, SerializationError
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
@@ -43,6 +43,9 @@ def loads(data: bytes | str | None) -> Any:
 
 
 _PASSTHROUGH = {Any, inspect.Parameter.empty, None, type(None), object}
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_BY_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
 class TypedCodec:
@@ -68,26 +71,60 @@ class TypedCodec:
     def check_input(self, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Check JSON arguments against the signature and every parameter's type (strictly:
         unlike ``decode_args``, plain ``int``/``str``/... are checked too). For input from
-        outside, before it is accepted; raises ``SerializationError`` saying what is wrong."""
+        outside, before it is accepted; raises ``InvalidArgumentsError`` whose issues locate
+        each problem by parameter (``order.quantity``), or by position or keyword where no
+        parameter takes the value (``args.2``, ``kwargs.colour``)."""
         try:
             bound = self.signature.bind(*([None] if self._skip_first else []), *args, **kwargs)
-        except TypeError as exc:
-            raise SerializationError(f"the arguments do not fit: {exc}") from None
+        except TypeError:
+            raise InvalidArgumentsError(issues=self._binding_issues(args, kwargs)) from None
+        issues: list[Issue] = []
         for name, value in bound.arguments.items():
             hint = self._hints.get(name)
             if hint is None or hint in _PASSTHROUGH:
                 continue
-            values = value if self._kinds[name] is inspect.Parameter.VAR_POSITIONAL else [value]
-            if self._kinds[name] is inspect.Parameter.VAR_KEYWORD:
-                values = list(value.values())
-            adapter = _adapter_cached(hint)
-            assert adapter is not None
-            for item in values:
+            kind = self._kinds[name]
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                items = [(f"{name}.{i}", v) for i, v in enumerate(value)]
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                items = [(str(k), v) for k, v in value.items()]
+            else:
+                items = [(name, value)]
+            adapter = adapter_for(hint)
+            for loc, item in items:
                 try:
                     adapter.validate_python(item)
                 except ValidationError as exc:
-                    issues = "; ".join(str(e["msg"]) for e in exc.errors())
-                    raise SerializationError(f"argument {name!r}: {issues}") from None
+                    issues.extend(issues_of(exc.errors(include_url=False), loc))
+        if issues:
+            raise InvalidArgumentsError(issues=issues)
+
+    def _binding_issues(self, args: list[Any], kwargs: dict[str, Any]) -> list[Issue]:
+        """What makes these arguments fail to bind, in words for the caller (Python's own
+        ``TypeError`` speaks of a function the caller never sees)."""
+        kinds = self._kinds
+        positional = [n for n in self.param_names if kinds[n] in _POSITIONAL]
+        by_keyword = {n for n in self.param_names if kinds[n] in _BY_KEYWORD}
+        issues: list[Issue] = []
+        if inspect.Parameter.VAR_POSITIONAL not in kinds.values():
+            issues += [
+                Issue(
+                    f"args.{i}",
+                    f"the workflow takes {_count(len(positional), 'positional argument')}",
+                )
+                for i in range(len(positional), len(args))
+            ]
+        given = set(positional[: len(args)])
+        for key in kwargs:
+            if key in given and key in by_keyword:
+                issues.append(Issue(f"kwargs.{key}", "given by position too"))
+            elif key not in by_keyword and inspect.Parameter.VAR_KEYWORD not in kinds.values():
+                issues.append(Issue(f"kwargs.{key}", "the workflow has no such parameter"))
+        for name in self.param_names:
+            required = self.signature.parameters[name].default is inspect.Parameter.empty
+            if required and kinds[name] not in _VARIADIC and name not in given | kwargs.keys():
+                issues.append(Issue(name, "required"))
+        return issues or [Issue("", "the arguments do not fit the workflow's parameters")]
 
     def decode_return(self, value: Any) -> Any:
         return _validate(self.returns, value)
@@ -116,16 +153,35 @@ def _validate(adapter: TypeAdapter[Any] | None, value: Any) -> Any:
         raise SerializationError(f"stored value does not match its type: {exc}") from None
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def issues_of(errors: Iterable[Mapping[str, Any]], prefix: str = "") -> list[Issue]:
+    """Pydantic's errors (``ValidationError.errors()``) as issues located under ``prefix``.
+    Its messages name what was expected, never the input itself, so they may be shown to the
+    caller."""
+    return [
+        Issue(".".join([*([prefix] if prefix else []), *(str(p) for p in e["loc"])]), e["msg"])
+        for e in errors
+    ]
+
+
 @lru_cache(maxsize=1024)
-def _adapter_cached(hint: Any) -> TypeAdapter[Any] | None:
+def _adapter_cached(hint: Any) -> TypeAdapter[Any]:
     return TypeAdapter(hint)
+
+
+def adapter_for(hint: Any) -> TypeAdapter[Any]:
+    """A (cached) validator of ``hint``."""
+    try:
+        return _adapter_cached(hint)
+    except TypeError:  # an unhashable hint cannot be cached
+        return TypeAdapter(hint)
 
 
 def _adapter(hint: Any) -> TypeAdapter[Any] | None:
     if hint in _PASSTHROUGH or hint in (int, str, float, bool, dict, list):
         # JSON already gives these; skipping validation keeps the hot path lean.
         return None
-    try:
-        return _adapter_cached(hint)
-    except TypeError:  # an unhashable hint cannot be cached
-        return TypeAdapter(hint)
+    return adapter_for(hint)

@@ -102,8 +102,11 @@ class RunStore(Protocol):
         to compensate. Raises ``LeaseLost`` if ``owner`` no longer holds it."""
         ...
 
-    async def release_run(self, run_id: str, *, owner: str, now: float) -> None:
-        """Give the run back (a worker shutting down): queued again, lease cleared."""
+    async def release_run(
+        self, run_id: str, *, owner: str, now: float, stuck_reason: str | None = None
+    ) -> None:
+        """Give the run back (a worker shutting down): queued again, lease cleared. With
+        ``stuck_reason``, the run says why no worker can take it (until one claims it)."""
         ...
 
     async def finish_run(
@@ -121,7 +124,9 @@ class RunStore(Protocol):
         ...
 
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
-        """Ask a run (and its children) to stop; a run no worker holds is cancelled at once."""
+        """Ask a run (and its children) to stop; a run no worker holds is cancelled at once.
+        Asking again while it is being cancelled changes nothing; a run that has ended raises
+        ``RunFinishedError``."""
         ...
 
     async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> Finished:

@@ -71,6 +71,9 @@ class RunRecord:
     executions: int
     cancel_requested: bool
     compensable: bool = False  # registered a compensation (a saga)
+    # Why no worker can take this queued run (its workflow is in no worker's app); cleared
+    # when one claims it.
+    stuck_reason: str | None = None
 
     @property
     def error_info(self) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 
 metadata = sa.MetaData()
 
@@ -36,6 +36,7 @@ runs = sa.Table(
     sa.Column("cancel_requested", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("compensable", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("trace", sa.Text),
+    sa.Column("stuck_reason", sa.Text),  # why no worker can take it (a queued run only)
     sa.Index("ix_runs_status", "status", "id"),
     sa.Index("ix_runs_parent", "parent_id"),
 )

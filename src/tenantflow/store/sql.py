@@ -40,8 +40,9 @@ from tenantflow.store.records import (
 RUN_COLUMNS = (
     "id, workflow, status, input, result, error, idempotency_key, parent_id, priority, "
     "created_at, updated_at, started_at, finished_at, deadline, wake_at, recoveries, "
-    "executions, cancel_requested, compensable"
+    "executions, cancel_requested, compensable, stuck_reason"
 )
+RUN_WIDTH = RUN_COLUMNS.count(",") + 1  # columns read after them follow at this index
 STEP_COLUMNS = "run_id, seq, name, kind, status, output, error, attempts, started_at, finished_at"
 
 SQL_TOUCH_OWNED = (
@@ -72,7 +73,7 @@ SQL_CLAIM_READ = (
 SQL_CLAIM = (
     "UPDATE runs SET status = 'running', lease_owner = ?, lease_until = ?, recoveries = ?, "
     "executions = executions + 1, started_at = COALESCE(started_at, ?), deadline = ?, "
-    f"wake_at = NULL, updated_at = ? WHERE id = ? RETURNING {RUN_COLUMNS}"
+    f"wake_at = NULL, stuck_reason = NULL, updated_at = ? WHERE id = ? RETURNING {RUN_COLUMNS}"
 )
 SQL_STEPS_OF_RUN = f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY seq"
 SQL_FINISH = (
@@ -114,8 +115,8 @@ SQL_COUNT_RUN = (
 SQL_CLAIM_QUEUED = (
     "UPDATE runs SET status = 'running', lease_owner = ?, lease_until = ?, "
     "executions = executions + 1, started_at = COALESCE(started_at, ?), "
-    "deadline = COALESCE(deadline, ? + timeout), wake_at = NULL, updated_at = ? "
-    "WHERE id = ? AND status = 'queued' AND (deadline IS NULL OR deadline > ?) "
+    "deadline = COALESCE(deadline, ? + timeout), wake_at = NULL, stuck_reason = NULL, "
+    "updated_at = ? WHERE id = ? AND status = 'queued' AND (deadline IS NULL OR deadline > ?) "
     f"RETURNING {RUN_COLUMNS}"
 )
 
@@ -178,6 +179,7 @@ def _run(tenant_id: str, row: Sequence[Any]) -> RunRecord:
         executions=row[16],
         cancel_requested=bool(row[17]),
         compensable=bool(row[18]),
+        stuck_reason=row[19],
     )
 
 
@@ -455,7 +457,7 @@ class SqlRunStore:
             if row is None:
                 return Claim(outcome=ClaimOutcome.DROP)
             run = _run(self.tenant_id, row)
-            lease_until, timeout, max_recoveries = row[19], row[20], row[21]
+            lease_until, timeout, max_recoveries = row[RUN_WIDTH : RUN_WIDTH + 3]
             status = run.status
             if status in TERMINAL:
                 return Claim(outcome=ClaimOutcome.DROP, run=run)
@@ -672,12 +674,15 @@ class SqlRunStore:
             )
         return SuspendOutcome.SUSPENDED
 
-    async def release_run(self, run_id: str, *, owner: str, now: float) -> None:
+    async def release_run(
+        self, run_id: str, *, owner: str, now: float, stuck_reason: str | None = None
+    ) -> None:
         async with self.db.transaction() as tx:
             await tx.run(
                 "UPDATE runs SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
-                "updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running'",
-                (now, run_id, owner),
+                "stuck_reason = ?, updated_at = ? "
+                "WHERE id = ? AND lease_owner = ? AND status = 'running'",
+                (stuck_reason, now, run_id, owner),
             )
 
     async def finish_run(
@@ -729,21 +734,28 @@ class SqlRunStore:
             if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
             run = _run(self.tenant_id, row)
-            wake: list[OutboxEntry] = []
-            if run.status not in TERMINAL:
+            if run.status in TERMINAL:
+                raise RunFinishedError(run_id, run.status.value, "it cannot be cancelled")
+            first = not run.cancel_requested
+            if first:
                 await tx.run(
                     "UPDATE runs SET cancel_requested = TRUE, updated_at = ? WHERE id = ?",
                     (now, run_id),
                 )
-                if run.compensable and run.status is not RunStatus.RUNNING:
-                    # A saga with nobody running it: wake it, so that a worker replays it
-                    # and runs its compensations before it ends.
+            wake: list[OutboxEntry] = []
+            if run.status is RunStatus.RUNNING:
+                pass  # its worker stops it at the next step boundary
+            elif run.compensable:
+                # A saga with nobody running it: wake it, so that a worker replays it and runs
+                # its compensations before it ends. Only once: asked again, it may be between
+                # two compensations (a durable wait) that must not be cut short.
+                if first:
                     wake = [await self._requeue(tx, run_id, now)]
-                elif run.status is not RunStatus.RUNNING:
-                    wake = await self._finish(
-                        tx, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
-                    )
-                run = await self._get(tx, run_id) or run
+            else:
+                wake = await self._finish(
+                    tx, run_id, RunStatus.CANCELLED, None, CANCELLED_ERROR, now
+                )
+            run = await self._get(tx, run_id) or run
         return run, Finished(wake=tuple(wake))
 
     async def send_event(self, run_id: str, name: str, payload: bytes, *, now: float) -> Finished:
@@ -752,7 +764,7 @@ class SqlRunStore:
             if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
             if RunStatus(row[0]) in TERMINAL:
-                raise RunFinishedError(f"run {run_id} has ended ({row[0]}); it takes no events")
+                raise RunFinishedError(run_id, row[0], "it takes no events")
             await tx.run(
                 "INSERT INTO events (run_id, name, payload, created_at) VALUES (?, ?, ?, ?)",
                 (run_id, name, payload, now),

@@ -304,14 +304,7 @@ class Worker:
             workflow = self.app.get_workflow(claim.run.workflow)
         except WorkflowNotRegisteredError:
             self._running.discard(key)
-            log.error(
-                "workflow not registered in this worker; run given back",
-                tenant=message.tenant_id,
-                run=message.run_id,
-                workflow=claim.run.workflow,
-            )
-            await store.release_run(claim.run.id, owner=self.owner, now=time.time())
-            await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
+            await self._unregistered(message, store, claim.run.workflow)
             return
         try:
             execution = Execution(
@@ -333,6 +326,30 @@ class Worker:
             if outcome.status.value in FAILED_STATUSES:
                 mark_error(span, outcome.status.value)
         await self._settle(message, outcome, claim.run.workflow)
+
+    async def _unregistered(self, message: Message, store: RunStore, workflow: str) -> None:
+        """A run of a workflow this worker's app lacks: give it back, for a worker that has it
+        (a rolling deployment). Once every delivery has found none, park it with the reason,
+        the run visibly stuck and its message in the dead letters, rather than let it go round
+        for ever; replaying the dead letter once a worker has the workflow runs it."""
+        queue = self.runtime.queue
+        reason = f"workflow {workflow!r} is not registered in this worker's app {self.app.name!r}"
+        fields = {"tenant": message.tenant_id, "run": message.run_id, "workflow": workflow}
+        if message.deliveries < queue.max_deliveries:
+            log.error("workflow not registered in this worker; run given back", **fields)
+            await store.release_run(message.run_id, owner=self.owner, now=time.time())
+            await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
+            return
+        log.error("workflow not registered in this worker; run dead-lettered", **fields)
+        n = message.deliveries
+        stuck = (
+            f"{reason}; dead-lettered after {n} deliver{'y' if n == 1 else 'ies'}: replay the "
+            "dead letter once a worker has the workflow"
+        )
+        await store.release_run(
+            message.run_id, owner=self.owner, now=time.time(), stuck_reason=stuck
+        )
+        await queue.dead_letter(message, reason)
 
     def _ack(self, message: Message) -> None:
         """Acknowledge soon: acknowledgements of one turn of the loop go in one round trip.
