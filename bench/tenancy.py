@@ -71,6 +71,13 @@ class ConnectionWatch(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self._watch()
+            except psycopg.OperationalError:  # a server full of connections: try again
+                time.sleep(0.2)
+
+    def _watch(self) -> None:
         with psycopg.connect(self.url, autocommit=True, application_name="bench") as conn:
             while not self.stopped.wait(0.2):
                 rows = conn.execute(
@@ -196,6 +203,17 @@ def start_latencies(install: Installation, tenant_id: str, run_ids: list[str]) -
     return asyncio.run(read())
 
 
+def timed(client: httpx.Client, path: str, token: str | None = None) -> float:
+    """Milliseconds to answer ``path`` (-1: no answer within two minutes)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    t = time.perf_counter()
+    try:
+        client.get(path, headers=headers, timeout=120)
+    except httpx.TimeoutException:
+        return -1.0
+    return round(1000 * (time.perf_counter() - t), 1)
+
+
 def run_phase(
     pg: OwnPostgres,
     redis: OwnRedis,
@@ -252,12 +270,8 @@ def run_phase(
         time.sleep(0.05)
     for _ in range(3):  # each after the readiness cache has expired
         time.sleep(16)
-        t = time.perf_counter()
-        client.get("/readyz")
-        phase.readyz_ms.append(round(1000 * (time.perf_counter() - t), 1))
-        t = time.perf_counter()
-        client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
-        phase.metrics_ms.append(round(1000 * (time.perf_counter() - t), 1))
+        phase.readyz_ms.append(timed(client, "/readyz"))
+        phase.metrics_ms.append(timed(client, "/metrics", METRICS_TOKEN))
     stop_load.set()
     loader.join(120)
     phase.connections_peak = watch.peak()
