@@ -118,7 +118,7 @@ async def test_a_run_end_to_end(runtime: Runtime, http: httpx.AsyncClient) -> No
     listed = (await http.get("/v1/runs", headers=alice)).json()
     assert [r["id"] for r in listed["runs"]] == [run_id]
     workflows_listed = (await http.get("/v1/workflows", headers=alice)).json()
-    assert {"name": "greet", "parameters": ["name"]} in workflows_listed
+    assert ("greet", ["name"]) in [(w["name"], w["parameters"]) for w in workflows_listed]
 
 
 async def test_idempotency_key_and_pagination(runtime: Runtime, http: httpx.AsyncClient) -> None:
@@ -280,7 +280,8 @@ async def test_invalid_input_is_located_field_by_field(
         problem = assert_problem(reply, 422, "invalid-request")
         return problem["detail"], problem["errors"]
 
-    not_int = "Input should be a valid integer, unable to parse string as an integer"
+    # Arguments are JSON, taken strictly as their schema says ("lots" and "7" are no integer).
+    not_int = "Input should be a valid integer"
     order = {"order_id": "1", "sku": "mug", "quantity": "lots", "amount_cents": 1}
     # A workflow's arguments: located by parameter, then field.
     assert await refused({"workflow": "fulfil_order", "args": [order]}) == (

@@ -15,13 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tenantflow import __version__
+from tenantflow.api import openapi, problems
 from tenantflow.api import platform as platform_routes
-from tenantflow.api import problems
 from tenantflow.api import runs as run_routes
+from tenantflow.api.deps import BearerCredentials
+from tenantflow.api.models import Readiness
 from tenantflow.api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
 from tenantflow.runtime import Runtime, redis_of
 from tenantflow.sdk.app import App
@@ -53,12 +56,18 @@ def create_api(
             if own_runtime:
                 await rt.close()
 
-    api = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from files fastapi-offline ships, served by
+    # this app: FastAPI's own pages fetch them from a CDN, which a closed network never reaches.
+    api = FastAPIOffline(
         title="tenantflow",
         version=__version__,
         lifespan=lifespan,
         description="Durable workflows for many tenants: the tenant plane and the platform plane.",
+        static_url="/docs/assets",
+        # No validator badge: it would send the document to an outside service.
+        swagger_ui_parameters={"validatorUrl": None},
     )
+    openapi.install(api, workflows)
     api.state.workflows = workflows
     if runtime is not None:  # usable without the lifespan (tests drive the app directly)
         _configure(runtime, workflows)
@@ -91,13 +100,18 @@ def create_api(
 
     api.add_middleware(TraceRequests)  # outermost: the span covers the whole request
 
-    @api.get("/metrics", tags=["health"])
-    async def metrics(request: Request) -> Response:
+    @api.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses=problems.responses(401, 403),
+    )
+    async def metrics(request: Request, credentials: BearerCredentials) -> Response:
         """Prometheus metrics of this process, and the shared gauges (queues, dead letters,
         breakers). For the scraper (``Authorization: Bearer $TENANTFLOW_METRICS_TOKEN``) or a
         platform admin: tenant ids are in the labels."""
         rt: Runtime = request.app.state.runtime
-        await _authorize_scrape(request, rt)
+        await _authorize_scrape(request, rt, credentials)
         await rt.metrics.refresh(rt, workflows.breakers)
         return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE)
 
@@ -106,7 +120,12 @@ def create_api(
         """The process is alive and serving."""
         return {"status": "ok"}
 
-    @api.get("/readyz", tags=["health"])
+    @api.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "A check failed."}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         """Ready when the platform database answers and its migrations are at head, and the
         queue answers; 503 with the failing checks otherwise."""
@@ -125,7 +144,9 @@ def create_api(
     return api
 
 
-async def _authorize_scrape(request: Request, runtime: Runtime) -> None:
+async def _authorize_scrape(
+    request: Request, runtime: Runtime, credentials: BearerCredentials
+) -> None:
     import hmac
 
     from tenantflow.api.deps import get_principal
@@ -135,7 +156,7 @@ async def _authorize_scrape(request: Request, runtime: Runtime) -> None:
     header = request.headers.get("authorization", "")
     if secret and hmac.compare_digest(header.encode(), f"Bearer {secret}".encode()):
         return
-    principal = await get_principal(request, runtime)
+    principal = await get_principal(request, runtime, credentials)
     if not principal.platform_admin:
         raise PermissionDeniedError("metrics are for the scraper and platform admins")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query, Request, Security
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tenantflow.errors import AuthenticationError, InvalidInputError, Issue, PermissionDeniedError
 from tenantflow.platform.identity import Role
@@ -63,18 +64,25 @@ def _query_names(dependant: Dependant) -> set[str]:
     return names
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthenticationError("an access token is needed (Authorization: Bearer ...)")
-    return token.strip()
+# Declared through FastAPI's security class so that the OpenAPI document carries the scheme
+# (Swagger UI's Authorize button); a missing token is refused below, as a problem document.
+BEARER = HTTPBearer(
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="An access token from `POST /platform/v1/token`.",
+    auto_error=False,
+)
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 
 
-async def get_principal(request: Request, runtime: RuntimeDep) -> Principal:
+async def get_principal(
+    request: Request, runtime: RuntimeDep, credentials: BearerCredentials
+) -> Principal:
     import jwt
 
-    token = _bearer(request)
+    if credentials is None:
+        raise AuthenticationError("an access token is needed (Authorization: Bearer ...)")
+    token = credentials.credentials
     try:
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.PyJWTError:

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tenantflow.platform.audit import AuditEntry
 from tenantflow.platform.identity import ApiKey, Role, User
-from tenantflow.platform.registry import Tenant
+from tenantflow.platform.registry import TENANT_ID, Tenant
 from tenantflow.queue.base import DeadLetter
-from tenantflow.sdk.serde import loads
+from tenantflow.sdk.serde import loads, whole
 from tenantflow.store.records import RunRecord, StepRecord
+
+# No control characters in anything used as a key, compared in a query or stored as text
+# (PostgreSQL refuses NUL in text): such input is malformed, a 422 on every backend alike.
+PLAIN = r"^[^\x00-\x1f\x7f]*$"
+PlainText = Annotated[str, Field(pattern=PLAIN)]
+TENANT_ID_PATTERN = f"^{TENANT_ID.pattern}$"
+# Python's whitespace (``str.isspace``) spelled out, so that the pattern means in the document
+# what it means to the server, which strips it from an email before checking the rest.
+_SPACE = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_EMAIL_PART = rf"[^@{_SPACE}\x00-\x1f\x7f]"
+EMAIL_PATTERN = rf"^[{_SPACE}]*{_EMAIL_PART}{{1,64}}@{_EMAIL_PART}{{1,255}}[{_SPACE}]*$"
+
+INT32_MAX = 2**31 - 1  # the platform database's integer columns
+# Numbers and flags of a body are taken strictly, as the document's JSON Schema says: "yes" is
+# not a boolean, true is not a number (Pydantic's lax mode would take both); 900.0 is 900.
+# The bounds go before the validator, so that the document shows them.
+Priority = Annotated[int, Field(strict=True, ge=-1000, le=1000), BeforeValidator(whole)]
+Count = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX), BeforeValidator(whole)]
+Positive = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX), BeforeValidator(whole)]
 
 
 class StartRun(BaseModel):
@@ -20,7 +39,7 @@ class StartRun(BaseModel):
     workflow: str = Field(min_length=1, max_length=255)
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    priority: int = Field(default=0, ge=-1000, le=1000)
+    priority: Priority = 0
 
 
 class StepOut(BaseModel):
@@ -99,6 +118,19 @@ class RunPage(BaseModel):
 class WorkflowOut(BaseModel):
     name: str
     parameters: list[str]
+    input_schema: dict[str, Any] = Field(
+        description='JSON Schema of the run\'s input, ``{"args": [...], "kwargs": {...}}`` '
+        "as in ``POST /v1/runs``, from the workflow's signature and type hints."
+    )
+    output_schema: dict[str, Any] = Field(description="JSON Schema of the run's result.")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unready"]
+    checks: dict[str, str] = Field(description="Each check: ``ok``, or what is wrong.")
+    progress: dict[str, int] | None = Field(
+        default=None, description="The stuck-run detector's counts (when ready)."
+    )
 
 
 class BreakerOut(BaseModel):
@@ -138,13 +170,35 @@ class DeadLetterOut(BaseModel):
 class TokenRequest(BaseModel):
     """``grant_type`` ``password`` (email, password, tenant) or ``api_key`` (api_key)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # What the token endpoint requires of each grant, as it checks it.
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "properties": {
+                        "grant_type": {"const": "password"},
+                        "email": {"type": "string", "minLength": 1},
+                        "password": {"type": "string"},
+                    },
+                    "required": ["email", "password"],
+                },
+                {
+                    "properties": {
+                        "grant_type": {"const": "api_key"},
+                        "api_key": {"type": "string", "minLength": 1},
+                    },
+                    "required": ["api_key"],
+                },
+            ]
+        },
+    )
 
     grant_type: str = Field(pattern="^(password|api_key)$")
-    email: str | None = None
+    email: PlainText | None = None
     password: str | None = Field(default=None, max_length=1024)
-    tenant: str | None = None
-    api_key: str | None = Field(default=None, max_length=256)
+    tenant: PlainText | None = None
+    api_key: PlainText | None = Field(default=None, max_length=256)
 
 
 class TokenOut(BaseModel):
@@ -158,15 +212,15 @@ class TokenOut(BaseModel):
 class TenantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=63)
-    name: str | None = Field(default=None, max_length=255)
-    plan: str | None = None
+    id: str = Field(pattern=TENANT_ID_PATTERN)
+    name: PlainText | None = Field(default=None, max_length=255)
+    plan: PlainText | None = None
 
 
 class TenantPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    plan: str | None = None
+    plan: PlainText | None = None
 
 
 class TenantOut(BaseModel):
@@ -194,14 +248,16 @@ class TenantOut(BaseModel):
 class ServerIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=63)
-    url: str = Field(min_length=1, max_length=2048, description="A secret: never shown again.")
+    id: PlainText = Field(min_length=1, max_length=63)
+    url: PlainText = Field(
+        min_length=1, max_length=2048, description="A secret: never shown again."
+    )
 
 
 class ServerPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    accepting: bool
+    accepting: bool = Field(strict=True)
 
 
 class ServerOut(BaseModel):
@@ -213,9 +269,10 @@ class ServerOut(BaseModel):
 class UserIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    email: str = Field(max_length=320)
+    # The pattern is published; the identity layer checks it, with a message for people.
+    email: str = Field(max_length=320, json_schema_extra={"pattern": EMAIL_PATTERN})
     password: str = Field(min_length=8, max_length=1024)
-    platform_admin: bool = False
+    platform_admin: bool = Field(default=False, strict=True)
 
 
 class UserOut(BaseModel):
@@ -234,7 +291,7 @@ class UserOut(BaseModel):
 class MembershipIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str
+    user_id: PlainText = Field(max_length=255)
     role: Role
 
 
@@ -248,7 +305,7 @@ class MembershipOut(BaseModel):
 class ApiKeyIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=255)
+    name: PlainText = Field(min_length=1, max_length=255)
     role: Role
 
 
@@ -277,18 +334,18 @@ class ApiKeyOut(BaseModel):
 class QuotasModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    runs_per_month: int | None = Field(default=None, ge=0)
-    concurrent_runs: int | None = Field(default=None, ge=1)
-    seats: int | None = Field(default=None, ge=0)
-    requests_per_second: float | None = Field(default=None, gt=0)
+    runs_per_month: Count | None = None
+    concurrent_runs: Positive | None = None
+    seats: Count | None = None
+    requests_per_second: float | None = Field(default=None, gt=0, strict=True)
 
 
 class PlanIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=63, pattern="^[a-z0-9][a-z0-9-]*$")
-    name: str = Field(min_length=1, max_length=255)
-    entitlements: list[str] = Field(default_factory=lambda: ["*"])
+    name: PlainText = Field(min_length=1, max_length=255)
+    entitlements: list[PlainText] = Field(default_factory=lambda: ["*"])
     quotas: QuotasModel = Field(default_factory=QuotasModel)
 
 

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query
+from fastapi import Path as PathParam
 
+from tenantflow.api import problems
 from tenantflow.api.deps import (
     AuditCursor,
     CurrentPrincipal,
@@ -22,6 +24,8 @@ from tenantflow.api.deps import (
     known_query,
 )
 from tenantflow.api.models import (
+    PLAIN,
+    TENANT_ID_PATTERN,
     ApiKeyIn,
     ApiKeyOut,
     AuditPage,
@@ -48,11 +52,20 @@ from tenantflow.platform.keys import Jwks
 from tenantflow.platform.licensing import License, Plan, Quotas
 from tenantflow.platform.registry import DatabaseServer, TenantStatus
 from tenantflow.platform.service import Platform, Principal
+from tenantflow.runtime import Runtime
 
 T = TypeVar("T")
 
+# Only a valid tenant id can name a tenant; the other ids are plain text (see PLAIN).
+TenantId = Annotated[str, PathParam(pattern=TENANT_ID_PATTERN)]
+Key = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
+
+# Every route may refuse its caller: /token the credentials, the others the token.
 router = APIRouter(
-    prefix="/platform/v1", tags=["platform plane"], dependencies=[Depends(known_query)]
+    prefix="/platform/v1",
+    tags=["platform plane"],
+    dependencies=[Depends(known_query)],
+    responses=problems.responses(401, 403),
 )
 wellknown = APIRouter(tags=["platform plane"])
 
@@ -108,7 +121,7 @@ def _admin_of(principal: Principal, tenant_id: str) -> None:
 # -- token and keys --------------------------------------------------------------------------
 
 
-@router.post("/token", response_model=TokenOut)
+@router.post("/token", response_model=TokenOut, responses=problems.responses(400, 413, 422))
 async def token(body: TokenRequest, runtime: RuntimeDep) -> TokenOut:
     """Exchange a password (for one tenant, or the platform plane for a platform admin) or
     an API key for a short-lived access token."""
@@ -135,7 +148,7 @@ async def jwks(runtime: RuntimeDep) -> Jwks:
     return await _run(runtime.platform.jwks)
 
 
-@router.post("/keys/rotate")
+@router.post("/keys/rotate", responses=problems.responses(413))
 async def rotate_keys(principal: PlatformAdmin, runtime: RuntimeDep) -> dict[str, str]:
     kid = await _run(runtime.platform.rotate_keys, principal.subject)
     runtime.artifacts.invalidate_keys()
@@ -144,8 +157,15 @@ async def rotate_keys(principal: PlatformAdmin, runtime: RuntimeDep) -> dict[str
 
 # -- tenants ---------------------------------------------------------------------------------
 
+ACTION = problems.responses(404, 413, 422)  # of a POST that acts on one tenant
 
-@router.post("/tenants", status_code=201, response_model=TenantOut)
+
+@router.post(
+    "/tenants",
+    status_code=201,
+    response_model=TenantOut,
+    responses=problems.responses(400, 404, 409, 413, 422),
+)
 async def create_tenant(body: TenantIn, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
     tenant = await _run(
         runtime.platform.create_tenant,
@@ -162,14 +182,22 @@ async def list_tenants(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Te
     return [TenantOut.of(t) for t in await _run(runtime.registry.list)]
 
 
-@router.get("/tenants/{tenant_id}", response_model=TenantOut)
-async def show_tenant(tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
+@router.get(
+    "/tenants/{tenant_id}", response_model=TenantOut, responses=problems.responses(404, 422)
+)
+async def show_tenant(
+    tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
+) -> TenantOut:
     return TenantOut.of(await _run(runtime.registry.get, tenant_id))
 
 
-@router.patch("/tenants/{tenant_id}", response_model=TenantOut)
+@router.patch(
+    "/tenants/{tenant_id}",
+    response_model=TenantOut,
+    responses=problems.responses(400, 404, 413, 422),
+)
 async def change_tenant(
-    tenant_id: str, body: TenantPatch, principal: PlatformAdmin, runtime: RuntimeDep
+    tenant_id: TenantId, body: TenantPatch, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> TenantOut:
     """Move the tenant to another plan (a new license is issued)."""
     return TenantOut.of(
@@ -177,28 +205,31 @@ async def change_tenant(
     )
 
 
-@router.post("/tenants/{tenant_id}/suspend", response_model=TenantOut)
+@router.post("/tenants/{tenant_id}/suspend", response_model=TenantOut, responses=ACTION)
 async def suspend_tenant(
-    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+    tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> TenantOut:
     """Refuse the tenant's submits and stop workers taking its runs; nothing is lost."""
+    return await _set_status(runtime, principal, tenant_id, TenantStatus.SUSPENDED)
+
+
+@router.post("/tenants/{tenant_id}/resume", response_model=TenantOut, responses=ACTION)
+async def resume_tenant(
+    tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
+) -> TenantOut:
+    return await _set_status(runtime, principal, tenant_id, TenantStatus.ACTIVE)
+
+
+async def _set_status(
+    runtime: Runtime, principal: Principal, tenant_id: str, status: TenantStatus
+) -> TenantOut:
     platform: Platform = runtime.platform
-    return TenantOut.of(
-        await _run(platform.set_status, principal.subject, tenant_id, TenantStatus.SUSPENDED)
-    )
+    return TenantOut.of(await _run(platform.set_status, principal.subject, tenant_id, status))
 
 
-@router.post("/tenants/{tenant_id}/resume", response_model=TenantOut)
-async def resume_tenant(tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
-    platform: Platform = runtime.platform
-    return TenantOut.of(
-        await _run(platform.set_status, principal.subject, tenant_id, TenantStatus.ACTIVE)
-    )
-
-
-@router.post("/tenants/{tenant_id}/offboard")
+@router.post("/tenants/{tenant_id}/offboard", responses=ACTION)
 async def offboard_tenant(
-    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+    tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> dict[str, str]:
     """Export the tenant's data to an archive, then drop its database."""
     await runtime.forget(tenant_id)
@@ -219,7 +250,12 @@ def _server_out(s: DatabaseServer) -> ServerOut:
     return ServerOut(id=s.id, accepting=s.accepting, tenants=s.tenants)
 
 
-@router.post("/servers", status_code=201, response_model=ServerOut)
+@router.post(
+    "/servers",
+    status_code=201,
+    response_model=ServerOut,
+    responses=problems.responses(400, 409, 413, 422),
+)
 async def add_server(body: ServerIn, principal: PlatformAdmin, runtime: RuntimeDep) -> ServerOut:
     """Register a database server new tenants may be placed on (the one with the fewest
     tenants among those accepting is picked). Its URL is never shown again."""
@@ -233,9 +269,13 @@ async def list_servers(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Se
     return [_server_out(s) for s in await _run(runtime.registry.servers)]
 
 
-@router.patch("/servers/{server_id}", response_model=ServerOut)
+@router.patch(
+    "/servers/{server_id}",
+    response_model=ServerOut,
+    responses=problems.responses(400, 404, 413, 422),
+)
 async def change_server(
-    server_id: str, body: ServerPatch, principal: PlatformAdmin, runtime: RuntimeDep
+    server_id: Key, body: ServerPatch, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> ServerOut:
     return _server_out(
         await _run(
@@ -247,7 +287,12 @@ async def change_server(
 # -- users, memberships, API keys ------------------------------------------------------------
 
 
-@router.post("/users", status_code=201, response_model=UserOut)
+@router.post(
+    "/users",
+    status_code=201,
+    response_model=UserOut,
+    responses=problems.responses(400, 409, 413, 422),
+)
 async def create_user(body: UserIn, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
     user = await _run(
         runtime.platform.create_user,
@@ -264,9 +309,13 @@ async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[User
     return [UserOut.of(u) for u in await _run(runtime.platform.identity.list_users)]
 
 
-@router.put("/tenants/{tenant_id}/memberships", response_model=MembershipOut)
+@router.put(
+    "/tenants/{tenant_id}/memberships",
+    response_model=MembershipOut,
+    responses=problems.responses(400, 404, 409, 413, 422),
+)
 async def set_membership(
-    tenant_id: str, body: MembershipIn, principal: CurrentPrincipal, runtime: RuntimeDep
+    tenant_id: TenantId, body: MembershipIn, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> MembershipOut:
     """Add a user to the tenant, or change their role; beyond the plan's seats, a 409."""
     _admin_of(principal, tenant_id)
@@ -276,26 +325,39 @@ async def set_membership(
     return _membership_out(membership)
 
 
-@router.get("/tenants/{tenant_id}/memberships", response_model=list[MembershipOut])
+@router.get(
+    "/tenants/{tenant_id}/memberships",
+    response_model=list[MembershipOut],
+    responses=problems.responses(404, 422),
+)
 async def list_memberships(
-    tenant_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+    tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> list[MembershipOut]:
     _admin_of(principal, tenant_id)
     found = await _run(runtime.platform.identity.memberships, tenant_id=tenant_id)
     return [_membership_out(m) for m in found]
 
 
-@router.delete("/tenants/{tenant_id}/memberships/{user_id}", status_code=204)
+@router.delete(
+    "/tenants/{tenant_id}/memberships/{user_id}",
+    status_code=204,
+    responses=problems.responses(404, 422),
+)
 async def remove_membership(
-    tenant_id: str, user_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+    tenant_id: TenantId, user_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> None:
     _admin_of(principal, tenant_id)
     await _run(runtime.platform.remove_membership, principal.subject, user_id, tenant_id)
 
 
-@router.post("/tenants/{tenant_id}/api-keys", status_code=201, response_model=ApiKeyOut)
+@router.post(
+    "/tenants/{tenant_id}/api-keys",
+    status_code=201,
+    response_model=ApiKeyOut,
+    responses=problems.responses(400, 404, 413, 422),
+)
 async def create_api_key(
-    tenant_id: str, body: ApiKeyIn, principal: CurrentPrincipal, runtime: RuntimeDep
+    tenant_id: TenantId, body: ApiKeyIn, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> ApiKeyOut:
     """A new key; its secret is in this answer and nowhere else, ever."""
     _admin_of(principal, tenant_id)
@@ -305,17 +367,25 @@ async def create_api_key(
     return ApiKeyOut.of(key, secret)
 
 
-@router.get("/tenants/{tenant_id}/api-keys", response_model=list[ApiKeyOut])
+@router.get(
+    "/tenants/{tenant_id}/api-keys",
+    response_model=list[ApiKeyOut],
+    responses=problems.responses(404, 422),
+)
 async def list_api_keys(
-    tenant_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+    tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> list[ApiKeyOut]:
     _admin_of(principal, tenant_id)
     return [ApiKeyOut.of(k) for k in await _run(runtime.platform.identity.api_keys, tenant_id)]
 
 
-@router.delete("/tenants/{tenant_id}/api-keys/{key_id}", response_model=ApiKeyOut)
+@router.delete(
+    "/tenants/{tenant_id}/api-keys/{key_id}",
+    response_model=ApiKeyOut,
+    responses=problems.responses(404, 422),
+)
 async def revoke_api_key(
-    tenant_id: str, key_id: str, principal: CurrentPrincipal, runtime: RuntimeDep
+    tenant_id: TenantId, key_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> ApiKeyOut:
     _admin_of(principal, tenant_id)
     return ApiKeyOut.of(
@@ -326,7 +396,12 @@ async def revoke_api_key(
 # -- plans and licenses ----------------------------------------------------------------------
 
 
-@router.post("/plans", status_code=201, response_model=PlanOut)
+@router.post(
+    "/plans",
+    status_code=201,
+    response_model=PlanOut,
+    responses=problems.responses(400, 409, 413, 422),
+)
 async def create_plan(body: PlanIn, principal: PlatformAdmin, runtime: RuntimeDep) -> PlanOut:
     plan = await _run(
         runtime.platform.create_plan,
@@ -344,16 +419,25 @@ async def list_plans(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Plan
     return [_plan_out(p) for p in await _run(runtime.platform.licensing.list_plans)]
 
 
-@router.post("/tenants/{tenant_id}/licenses", status_code=201, response_model=LicenseOut)
+@router.post(
+    "/tenants/{tenant_id}/licenses",
+    status_code=201,
+    response_model=LicenseOut,
+    responses=problems.responses(404, 409, 413, 422),
+)
 async def issue_license(
-    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+    tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> LicenseOut:
     return _license_out(await _run(runtime.platform.issue_license, principal.subject, tenant_id))
 
 
-@router.get("/tenants/{tenant_id}/licenses", response_model=list[LicenseOut])
+@router.get(
+    "/tenants/{tenant_id}/licenses",
+    response_model=list[LicenseOut],
+    responses=problems.responses(404, 422),
+)
 async def list_licenses(
-    tenant_id: str, principal: PlatformAdmin, runtime: RuntimeDep
+    tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> list[LicenseOut]:
     await _run(runtime.registry.get, tenant_id)
     return [_license_out(x) for x in await _run(runtime.platform.licensing.history, tenant_id)]
@@ -362,12 +446,12 @@ async def list_licenses(
 # -- audit -----------------------------------------------------------------------------------
 
 
-@router.get("/audit", response_model=AuditPage)
+@router.get("/audit", response_model=AuditPage, responses=problems.responses(422))
 async def platform_audit(
     principal: PlatformAdmin,
     runtime: RuntimeDep,
-    tenant: Annotated[str | None, Query(max_length=63)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
+    tenant: Annotated[str | None, Query(max_length=63, pattern=PLAIN)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=PLAIN)] = None,
     cursor: AuditCursor = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditPage:

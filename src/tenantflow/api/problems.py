@@ -16,6 +16,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,6 +64,62 @@ _TITLES = {
     500: "Internal error",
     503: "Unavailable",
 }
+
+
+class Issue(BaseModel):
+    """One thing wrong with a request: where (``loc``, a dotted path to the value:
+    ``args.0.quantity``, ``body.priority``, ``query.cursor``) and what."""
+
+    loc: str
+    msg: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document, as every error answer carries it."""
+
+    # RFC 9457 lets a problem type add members of its own.
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(pattern=f"^{TYPE_PREFIX}", examples=[f"{TYPE_PREFIX}not-found"])
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str | None = None
+    errors: list[Issue] | None = Field(
+        default=None, description="What is wrong with the request (invalid-request only)."
+    )
+
+
+# What each documented status means across the API; a route lists the ones it can answer.
+_MEANINGS = {
+    400: "The body cannot be read: it is not UTF-8 (`http-error`).",
+    401: "No valid access token (`unauthenticated`, `invalid-token`).",
+    403: "The token's role or scope does not allow this, or the tenant's license does not "
+    "(`forbidden`, `not-entitled`, `license-invalid`).",
+    404: "Not found, or not visible to this caller (`not-found`).",
+    409: "Conflicts with the current state (`conflict`, `idempotency-conflict`, "
+    "`tenant-suspended`, `run-finished`, `seats-exhausted`).",
+    413: "The body exceeds the configured limit (`too-large`).",
+    422: "The request is not valid: its parameters or body (`invalid-request`).",
+    429: "The tenant's request rate or monthly quota is used up (`rate-limited`, "
+    "`quota-exceeded`); `Retry-After` says when to try again.",
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+    429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+}
+PROBLEM_SCHEMA = {"$ref": f"#/components/schemas/{Problem.__name__}"}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route or router that may answer these problem statuses."""
+    return {
+        status: {
+            "description": _MEANINGS[status],
+            "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}},
+            **({"headers": _HEADERS[status]} if status in _HEADERS else {}),
+        }
+        for status in statuses
+    }
 
 
 def problem(

@@ -15,7 +15,9 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
+from pydantic import WithJsonSchema
 
+from tenantflow.api import problems
 from tenantflow.api.deps import (
     AppDep,
     AuditCursor,
@@ -27,6 +29,7 @@ from tenantflow.api.deps import (
     tenant_client,
 )
 from tenantflow.api.models import (
+    PLAIN,
     AuditPage,
     BreakerOut,
     DeadLetterOut,
@@ -35,6 +38,8 @@ from tenantflow.api.models import (
     StartRun,
     WorkflowOut,
 )
+from tenantflow.api.openapi import JSON_VALUE_REF
+from tenantflow.api.schemas import self_contained
 from tenantflow.errors import (
     NotFoundError,
     RateLimitedError,
@@ -43,12 +48,9 @@ from tenantflow.errors import (
 )
 from tenantflow.platform.service import Principal
 from tenantflow.runtime import Runtime
-from tenantflow.sdk.client import check_cursor
+from tenantflow.sdk.client import RUN_ID, check_cursor
 from tenantflow.store.records import RunStatus
 
-# No control characters in anything used as a key or compared in a query (PostgreSQL refuses
-# NUL in text): such input is malformed, a 422.
-PLAIN = r"^[^\x00-\x1f\x7f]*$"
 RunId = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
 
 STREAM_POLL_SECONDS = 0.2
@@ -73,18 +75,28 @@ async def rate_limit(request: Request, principal: Viewer, runtime: RuntimeDep) -
 
 
 router = APIRouter(
-    prefix="/v1", tags=["tenant plane"], dependencies=[Depends(rate_limit), Depends(known_query)]
+    prefix="/v1",
+    tags=["tenant plane"],
+    dependencies=[Depends(rate_limit), Depends(known_query)],
+    responses=problems.responses(401, 403, 429),
 )
 
 
-@router.post("/runs", status_code=202, response_model=RunOut)
+@router.post(
+    "/runs",
+    status_code=202,
+    response_model=RunOut,
+    responses=problems.responses(400, 404, 409, 413, 422),
+)
 async def start_run(
     body: StartRun,
     response: Response,
     principal: Operator,
     runtime: RuntimeDep,
     app: AppDep,
-    idempotency_key: Annotated[str | None, Header(max_length=255, pattern=PLAIN)] = None,
+    idempotency_key: Annotated[
+        str | None, Header(min_length=1, max_length=255, pattern=PLAIN)
+    ] = None,
 ) -> RunOut:
     """Submit a run; 202 Accepted with its ``Location``. The same ``Idempotency-Key`` again
     returns the first run; with another input it is a 409."""
@@ -101,21 +113,24 @@ async def start_run(
     return RunOut.of(await handle.describe())
 
 
-@router.get("/runs/{run_id}", response_model=RunOut)
+@router.get("/runs/{run_id}", response_model=RunOut, responses=problems.responses(404, 422))
 async def get_run(run_id: RunId, principal: Viewer, runtime: RuntimeDep, app: AppDep) -> RunOut:
     handle = tenant_client(principal, runtime, app).handle(run_id)
     run = await handle.describe()
     return RunOut.of(run, await handle.steps())
 
 
-@router.get("/runs", response_model=RunPage)
+@router.get("/runs", response_model=RunPage, responses=problems.responses(422))
 async def list_runs(
     principal: Viewer,
     runtime: RuntimeDep,
     app: AppDep,
     status: RunStatus | None = None,
     workflow: Annotated[str | None, Query(max_length=255, pattern=PLAIN)] = None,
-    cursor: Annotated[str | None, Query(max_length=255, pattern=PLAIN)] = None,
+    # The pattern is published, and checked by check_cursor for its clearer message.
+    cursor: Annotated[
+        str | None, Query(max_length=255, json_schema_extra={"pattern": f"^{RUN_ID.pattern}$"})
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> RunPage:
     """Newest first. ``next_cursor`` is the cursor of the next page, None on the last; a
@@ -130,7 +145,12 @@ async def list_runs(
     )
 
 
-@router.post("/runs/{run_id}/cancel", status_code=202, response_model=RunOut)
+@router.post(
+    "/runs/{run_id}/cancel",
+    status_code=202,
+    response_model=RunOut,
+    responses=problems.responses(404, 413, 422),
+)
 async def cancel_run(
     run_id: RunId, principal: Operator, runtime: RuntimeDep, app: AppDep
 ) -> RunOut:
@@ -142,24 +162,38 @@ async def cancel_run(
     return RunOut.of(await handle.describe())
 
 
-@router.post("/runs/{run_id}/events/{name}", status_code=202)
+@router.post(
+    "/runs/{run_id}/events/{name}",
+    status_code=202,
+    responses=problems.responses(400, 404, 409, 413, 422),
+)
 async def send_event(
     run_id: RunId,
     name: Annotated[str, PathParam(max_length=255, pattern=PLAIN)],
     principal: Operator,
     runtime: RuntimeDep,
     app: AppDep,
-    payload: Annotated[Any, Body()] = None,
+    payload: Annotated[Any, Body(), WithJsonSchema({"$ref": JSON_VALUE_REF})] = None,
 ) -> dict[str, str]:
     """Deliver an event (the JSON body) to the run's ``ctx.wait_for_event(name)``."""
     await tenant_client(principal, runtime, app).handle(run_id).send_event(name, payload)
     return {"run_id": run_id, "event": name}
 
 
-@router.get("/runs/{run_id}/stream")
+class EventStream(StreamingResponse):
+    """Server-sent events; as the route's ``response_class``, the document names the type."""
+
+    media_type = "text/event-stream"
+
+
+@router.get(
+    "/runs/{run_id}/stream",
+    response_class=EventStream,
+    responses=problems.responses(404, 422),
+)
 async def stream_run(
     run_id: RunId, request: Request, principal: Viewer, runtime: RuntimeDep, app: AppDep
-) -> StreamingResponse:
+) -> EventStream:
     """Server-sent events as the run changes: ``run`` (its state) and ``step`` (each new
     checkpoint), until it ends."""
     handle = tenant_client(principal, runtime, app).handle(run_id)
@@ -194,11 +228,7 @@ async def stream_run(
             except RunNotFoundError:
                 return
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return EventStream(events(), headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 def _dump(value: Any) -> bytes:
@@ -213,10 +243,19 @@ def _sse(event: str, data: bytes) -> bytes:
 
 @router.get("/workflows", response_model=list[WorkflowOut])
 async def list_workflows(principal: Viewer, app: AppDep) -> list[WorkflowOut]:
-    return [
-        WorkflowOut(name=w.name, parameters=list(w.codec.param_names))
-        for w in sorted(app.workflows.values(), key=lambda w: w.name)
-    ]
+    """The registered workflows, with the JSON Schemas of their input and result."""
+    out = []
+    for w in sorted(app.workflows.values(), key=lambda w: w.name):
+        described = self_contained(w)
+        out.append(
+            WorkflowOut(
+                name=w.name,
+                parameters=list(w.codec.param_names),
+                input_schema=described.input,
+                output_schema=described.output,
+            )
+        )
+    return out
 
 
 @router.get("/breakers", response_model=list[BreakerOut])
@@ -246,7 +285,7 @@ async def list_breakers(principal: Viewer, runtime: RuntimeDep, app: AppDep) -> 
     return out
 
 
-@router.get("/dead-letters", response_model=list[DeadLetterOut])
+@router.get("/dead-letters", response_model=list[DeadLetterOut], responses=problems.responses(422))
 async def list_dead_letters(
     principal: Viewer,
     runtime: RuntimeDep,
@@ -257,7 +296,11 @@ async def list_dead_letters(
     return [DeadLetterOut.of(d) for d in letters]
 
 
-@router.post("/dead-letters/{dead_letter_id}/replay", status_code=202)
+@router.post(
+    "/dead-letters/{dead_letter_id}/replay",
+    status_code=202,
+    responses=problems.responses(404, 413, 422),
+)
 async def replay_dead_letter(
     dead_letter_id: Annotated[str, PathParam(max_length=64, pattern=PLAIN)],
     principal: Operator,
@@ -269,7 +312,7 @@ async def replay_dead_letter(
     return {"replayed": dead_letter_id}
 
 
-@router.get("/audit", response_model=AuditPage)
+@router.get("/audit", response_model=AuditPage, responses=problems.responses(422))
 async def tenant_audit(
     principal: TenantAdmin,
     runtime: RuntimeDep,

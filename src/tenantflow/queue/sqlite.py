@@ -314,7 +314,8 @@ class SqliteQueue:
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
         missing = NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
         # Ids here are SQLite row ids: anything else names no dead letter, as a missing one.
-        if not dead_letter_id.isdigit() or int(dead_letter_id) > SQLITE_MAX_INTEGER:
+        number = dead_letter_id.isascii() and dead_letter_id.isdigit()  # "²".isdigit() too
+        if not number or int(dead_letter_id) > SQLITE_MAX_INTEGER:
             raise missing
         with _sqlite.transaction(self._conn) as cur:
             row = cur.execute(

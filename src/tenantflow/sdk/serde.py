@@ -18,6 +18,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from tenantflow.errors import InvalidArgumentsError, Issue, SerializationError
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+# The integers orjson encodes: a wider one cannot be stored.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 
 
 def _default(value: Any) -> Any:
@@ -40,6 +42,18 @@ def dumps(value: Any, *, what: str = "value") -> bytes:
 
 def loads(data: bytes | str | None) -> Any:
     return None if data is None else orjson.loads(data)
+
+
+def whole(value: Any) -> Any:
+    """``value`` with each JSON number that has no fraction (``900.0``) as an int: JSON
+    Schema counts it an integer, Pydantic's strict mode would not."""
+    if isinstance(value, float) and value.is_integer() and INT_MIN <= value <= INT_MAX:
+        return int(value)
+    if isinstance(value, list):
+        return [whole(v) for v in value]
+    if isinstance(value, dict):
+        return {k: whole(v) for k, v in value.items()}
+    return value
 
 
 _PASSTHROUGH = {Any, inspect.Parameter.empty, None, type(None), object}
@@ -67,6 +81,7 @@ class TypedCodec:
         self._hints = {p.name: hints.get(p.name, Any) for p in params}
         self._skip_first = skip_first
         self.returns: TypeAdapter[Any] | None = _adapter(hints.get("return", Any))
+        self.return_hint: Any = hints.get("return", Any)
 
     def check_input(self, args: list[Any], kwargs: dict[str, Any]) -> None:
         """Check JSON arguments against the signature and every parameter's type (strictly:
@@ -93,7 +108,10 @@ class TypedCodec:
             adapter = adapter_for(hint)
             for loc, item in items:
                 try:
-                    adapter.validate_python(item)
+                    # Strictly, as JSON: what the published JSON Schema says ("7" is no int,
+                    # true no number); lax mode would pass both on, unconverted, to the run.
+                    encoded = dumps(whole(item), what=f"argument {name!r}")
+                    adapter.validate_json(encoded, strict=True)
                 except ValidationError as exc:
                     issues.extend(issues_of(exc.errors(include_url=False), loc))
         if issues:
@@ -125,6 +143,15 @@ class TypedCodec:
             if required and kinds[name] not in _VARIADIC and name not in given | kwargs.keys():
                 issues.append(Issue(name, "required"))
         return issues or [Issue("", "the arguments do not fit the workflow's parameters")]
+
+    def checked_parameters(self) -> list[tuple[inspect.Parameter, Any]]:
+        """The caller's parameters in order, each with the type ``check_input`` holds its
+        values to (``Any`` where it checks nothing)."""
+        return [
+            (p, Any if self._hints[p.name] in _PASSTHROUGH else self._hints[p.name])
+            for p in self.signature.parameters.values()
+            if p.name in self._kinds
+        ]
 
     def decode_return(self, value: Any) -> Any:
         return _validate(self.returns, value)
