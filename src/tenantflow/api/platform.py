@@ -65,7 +65,7 @@ router = APIRouter(
     prefix="/platform/v1",
     tags=["platform plane"],
     dependencies=[Depends(known_query)],
-    responses=problems.responses(401, 403),
+    responses=problems.responses(401, 403, 422),
 )
 wellknown = APIRouter(tags=["platform plane"])
 
@@ -121,7 +121,7 @@ def _admin_of(principal: Principal, tenant_id: str) -> None:
 # -- token and keys --------------------------------------------------------------------------
 
 
-@router.post("/token", response_model=TokenOut, responses=problems.responses(400, 413, 422))
+@router.post("/token", response_model=TokenOut, responses=problems.responses(400, 413))
 async def token(body: TokenRequest, runtime: RuntimeDep) -> TokenOut:
     """Exchange a password (for one tenant, or the platform plane for a platform admin) or
     an API key for a short-lived access token."""
@@ -157,14 +157,14 @@ async def rotate_keys(principal: PlatformAdmin, runtime: RuntimeDep) -> dict[str
 
 # -- tenants ---------------------------------------------------------------------------------
 
-ACTION = problems.responses(404, 413, 422)  # of a POST that acts on one tenant
+ACTION = problems.responses(404, 413)  # of a POST that acts on one tenant
 
 
 @router.post(
     "/tenants",
     status_code=201,
     response_model=TenantOut,
-    responses=problems.responses(400, 404, 409, 413, 422),
+    responses=problems.responses(400, 404, 409, 413),
 )
 async def create_tenant(body: TenantIn, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
     tenant = await _run(
@@ -182,9 +182,7 @@ async def list_tenants(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Te
     return [TenantOut.of(t) for t in await _run(runtime.registry.list)]
 
 
-@router.get(
-    "/tenants/{tenant_id}", response_model=TenantOut, responses=problems.responses(404, 422)
-)
+@router.get("/tenants/{tenant_id}", response_model=TenantOut, responses=problems.responses(404))
 async def show_tenant(
     tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> TenantOut:
@@ -194,7 +192,7 @@ async def show_tenant(
 @router.patch(
     "/tenants/{tenant_id}",
     response_model=TenantOut,
-    responses=problems.responses(400, 404, 413, 422),
+    responses=problems.responses(400, 404, 413),
 )
 async def change_tenant(
     tenant_id: TenantId, body: TenantPatch, principal: PlatformAdmin, runtime: RuntimeDep
@@ -254,7 +252,7 @@ def _server_out(s: DatabaseServer) -> ServerOut:
     "/servers",
     status_code=201,
     response_model=ServerOut,
-    responses=problems.responses(400, 409, 413, 422),
+    responses=problems.responses(400, 409, 413),
 )
 async def add_server(body: ServerIn, principal: PlatformAdmin, runtime: RuntimeDep) -> ServerOut:
     """Register a database server new tenants may be placed on (the one with the fewest
@@ -272,7 +270,7 @@ async def list_servers(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Se
 @router.patch(
     "/servers/{server_id}",
     response_model=ServerOut,
-    responses=problems.responses(400, 404, 413, 422),
+    responses=problems.responses(400, 404, 413),
 )
 async def change_server(
     server_id: Key, body: ServerPatch, principal: PlatformAdmin, runtime: RuntimeDep
@@ -291,7 +289,7 @@ async def change_server(
     "/users",
     status_code=201,
     response_model=UserOut,
-    responses=problems.responses(400, 409, 413, 422),
+    responses=problems.responses(400, 409, 413),
 )
 async def create_user(body: UserIn, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
     user = await _run(
@@ -312,7 +310,7 @@ async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[User
 @router.put(
     "/tenants/{tenant_id}/memberships",
     response_model=MembershipOut,
-    responses=problems.responses(400, 404, 409, 413, 422),
+    responses=problems.responses(400, 404, 409, 413),
 )
 async def set_membership(
     tenant_id: TenantId, body: MembershipIn, principal: CurrentPrincipal, runtime: RuntimeDep
@@ -328,7 +326,7 @@ async def set_membership(
 @router.get(
     "/tenants/{tenant_id}/memberships",
     response_model=list[MembershipOut],
-    responses=problems.responses(404, 422),
+    responses=problems.responses(404),
 )
 async def list_memberships(
     tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
@@ -341,7 +339,7 @@ async def list_memberships(
 @router.delete(
     "/tenants/{tenant_id}/memberships/{user_id}",
     status_code=204,
-    responses=problems.responses(404, 422),
+    responses=problems.responses(404),
 )
 async def remove_membership(
     tenant_id: TenantId, user_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
@@ -354,7 +352,7 @@ async def remove_membership(
     "/tenants/{tenant_id}/api-keys",
     status_code=201,
     response_model=ApiKeyOut,
-    responses=problems.responses(400, 404, 413, 422),
+    responses=problems.responses(400, 404, 413),
 )
 async def create_api_key(
     tenant_id: TenantId, body: ApiKeyIn, principal: CurrentPrincipal, runtime: RuntimeDep
@@ -370,7 +368,7 @@ async def create_api_key(
 @router.get(
     "/tenants/{tenant_id}/api-keys",
     response_model=list[ApiKeyOut],
-    responses=problems.responses(404, 422),
+    responses=problems.responses(404),
 )
 async def list_api_keys(
     tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
@@ -382,7 +380,7 @@ async def list_api_keys(
 @router.delete(
     "/tenants/{tenant_id}/api-keys/{key_id}",
     response_model=ApiKeyOut,
-    responses=problems.responses(404, 422),
+    responses=problems.responses(404),
 )
 async def revoke_api_key(
     tenant_id: TenantId, key_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
@@ -400,7 +398,7 @@ async def revoke_api_key(
     "/plans",
     status_code=201,
     response_model=PlanOut,
-    responses=problems.responses(400, 409, 413, 422),
+    responses=problems.responses(400, 409, 413),
 )
 async def create_plan(body: PlanIn, principal: PlatformAdmin, runtime: RuntimeDep) -> PlanOut:
     plan = await _run(
@@ -423,7 +421,7 @@ async def list_plans(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Plan
     "/tenants/{tenant_id}/licenses",
     status_code=201,
     response_model=LicenseOut,
-    responses=problems.responses(404, 409, 413, 422),
+    responses=problems.responses(404, 409, 413),
 )
 async def issue_license(
     tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
@@ -434,7 +432,7 @@ async def issue_license(
 @router.get(
     "/tenants/{tenant_id}/licenses",
     response_model=list[LicenseOut],
-    responses=problems.responses(404, 422),
+    responses=problems.responses(404),
 )
 async def list_licenses(
     tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
@@ -446,7 +444,7 @@ async def list_licenses(
 # -- audit -----------------------------------------------------------------------------------
 
 
-@router.get("/audit", response_model=AuditPage, responses=problems.responses(422))
+@router.get("/audit", response_model=AuditPage)
 async def platform_audit(
     principal: PlatformAdmin,
     runtime: RuntimeDep,

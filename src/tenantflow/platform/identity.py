@@ -32,7 +32,8 @@ from tenantflow.errors import (
 )
 from tenantflow.platform.schema import api_keys, memberships, tenants, users
 
-EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
+# No whitespace, and no control character either (PostgreSQL refuses NUL in text).
+EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}")
 MIN_PASSWORD = 8
 API_KEY = re.compile(r"tfk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
