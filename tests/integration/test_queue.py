@@ -415,6 +415,28 @@ async def test_the_ready_set_holds_the_tenants_with_messages_to_deliver() -> Non
         await queue.close()
 
 
+async def test_tenants_of_an_earlier_version_are_adopted() -> None:
+    """Messages made ready before the ready set existed (their tenants only in ``tf:active``)
+    are found by the first dequeue of a queue of this version."""
+    prefix = f"tftest{uuid.uuid4().hex[:10]}"
+    old, new = (
+        RedisStreamsQueue(REDIS_URL, prefix=prefix),
+        RedisStreamsQueue(REDIS_URL, prefix=prefix),
+    )
+    try:
+        await old.enqueue("t", "r1")
+        await old.redis.delete(old.keys.ready)  # as an earlier version left it
+        await old.redis.zadd(old.keys.active, {"t": 1})
+        assert [m.run_id for m in await new.dequeue("c", 5, 30)] == ["r1"]
+        assert await new.redis.exists(new.keys.active) == 0
+    finally:
+        keys = [k async for k in old.redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await old.redis.delete(*keys)
+        await old.close()
+        await new.close()
+
+
 def _count_round_trips(queue: Queue) -> Callable[[], int]:
     """How many round trips to Redis the queue has made since (0 for other queues)."""
     if not isinstance(queue, RedisStreamsQueue):

@@ -79,12 +79,13 @@ local function dead_letter(group, id, run, p, deliveries, tp, reason, parked, ma
   redis.call('XDEL', K[1], id)
   if parked ~= '1' then forget(run) end
 end
--- A tenant entering the ready set takes the pass at its front: served next, ahead of those
--- already served (they moved on), without a credit for the time it had nothing.
+-- A tenant entering the ready set goes just ahead of its front (a fraction of a turn, so
+-- it wins the tie with a flood at the front): served next, without a credit for the time it
+-- had nothing.
 local function enter()
   if not redis.call('ZSCORE', K[6], T) then
     local front = redis.call('ZRANGE', K[6], 0, 0, 'WITHSCORES')
-    redis.call('ZADD', K[6], front[2] or 0, T)
+    redis.call('ZADD', K[6], (tonumber(front[2]) or 0) - 1 / 1024, T)
   end
 end
 local function look_at(at)

@@ -40,6 +40,7 @@ DEAD_LETTERS_MAX = 100_000
 # cap move behind, so this bounds a call's work, not who gets served.
 DISPATCH_LOOK = 16
 WAKE_TRIM_SECONDS = 1.0
+TELL_REREAD_SECONDS = 10.0  # caps and weights: how often the shared hashes are read back
 BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
 
@@ -85,6 +86,7 @@ class RedisStreamsQueue:
             (self.keys.caps, self.keys.weights)
         )
         self._told_from: dict[str, Mapping[str, int] | None] = {}
+        self._told_at = time.monotonic()
         self._adopted = False
         self._next_look: float | None = None  # monotonic time of the next look due
         self._trimmed = -math.inf
@@ -210,14 +212,18 @@ class RedisStreamsQueue:
 
     async def _tell(self, pipe: Commands, key: str, wanted: Mapping[str, int] | None) -> None:
         """Bring a shared hash (caps, weights) to ``wanted``, writing only what changed since
-        this process last wrote it; the dispatch script reads the tenants it serves from it."""
+        this process last wrote it; the dispatch script reads the tenants it serves from it.
+        Read back now and then: another process's differing view must not stand for good."""
+        if time.monotonic() - self._told_at > TELL_REREAD_SECONDS:
+            self._told = dict.fromkeys(self._told)
+            self._told_at = time.monotonic()
         if self._told_from.get(key, {}) is wanted and self._told[key] is not None:
             return
         told = self._told[key]
         if told is None:  # what other processes wrote before us
             raw = await self.redis.hgetall(key)
             told = {t: int(v) for t, v in raw.items()}
-        wanted = wanted or {}
+        given, wanted = wanted, wanted or {}
         changed = {t: v for t, v in wanted.items() if told.get(t) != v}
         gone = [t for t in told if t not in wanted]
         if changed:
@@ -225,7 +231,7 @@ class RedisStreamsQueue:
         if gone:
             pipe.hdel(key, gone)
         self._told[key] = dict(wanted)
-        self._told_from[key] = wanted
+        self._told_from[key] = given
 
     async def _dequeue(
         self,
