@@ -408,6 +408,12 @@ async def test_the_ready_set_holds_the_tenants_with_messages_to_deliver() -> Non
         (again,) = await queue.dequeue("c", 5, 0.3)
         assert again.run_id == "d1" and again.deliveries == 2
         await queue.ack([again])
+
+        await queue.enqueue("gone", "g1")
+        await queue.redis.delete(queue.keys.tenant("gone").stream)  # purged while ready
+        assert await queue.dequeue("c", 5, 30) == []
+        assert await ready() == set()
+        assert await queue.redis.exists(queue.keys.tenant("gone").stream) == 0
     finally:
         keys = [k async for k in queue.redis.scan_iter(match=f"{queue.keys.prefix}:*")]
         if keys:

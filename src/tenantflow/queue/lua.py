@@ -204,6 +204,8 @@ end
 -- cap. Returns how many it took and how many are left undelivered.
 local function visit(want, cap)
   promote()
+  -- A tenant purged while ready: nothing to read, and no empty stream to leave behind.
+  if redis.call('EXISTS', K[1]) == 0 then return 0, 0 end
   redis.pcall('XGROUP', 'CREATE', K[1], group, '0', 'MKSTREAM')
   local taken = 0
   local idle = redis.call('XPENDING', K[1], group, 'IDLE', min_idle, '-', '+', want)
