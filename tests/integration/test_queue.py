@@ -8,11 +8,12 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tenantflow.errors import NotFoundError
-from tenantflow.queue.base import Queue
+from tenantflow.queue.base import Envelope, Queue
 from tenantflow.queue.redis_streams import RedisStreamsQueue
 from tenantflow.queue.sqlite import SqliteQueue
 from tests.conftest import REDIS_URL
@@ -302,6 +303,161 @@ async def test_an_idle_consumer_takes_a_message_as_it_arrives(make_queue: QueueF
     assert await take(0.3, 3.0) == ["third"]
 
 
+async def _recently_active(queue: Queue, tenants: int) -> None:
+    """Each of ``tenants`` tenants had a run, delivered and acknowledged: active, now idle."""
+    await queue.enqueue_many({f"old{i:04d}": [Envelope(run_id="r")] for i in range(tenants)})
+    while batch := await queue.dequeue("c", 100, 30):
+        await queue.ack(batch)
+
+
+async def test_a_new_tenant_is_served_in_one_call_however_many_were_active(
+    make_queue: QueueFactory,
+) -> None:
+    """Dispatch costs the same with 500 tenants recently active: a newcomer's first message
+    comes with the first dequeue (on Redis, in one round trip), and so does the first
+    message of a tenant that was active before."""
+    queue = make_queue()
+    await _recently_active(queue, 500)
+    await queue.enqueue("newcomer", "n0")
+    trips = _count_round_trips(queue)
+    assert [m.run_id for m in await queue.dequeue("c", 10, 30)] == ["n0"]
+    assert trips() in (0, 1)  # 0: the embedded queue makes none
+    await queue.enqueue("old0250", "again")
+    assert [m.tenant_id for m in await queue.dequeue("c", 10, 30)] == ["old0250"]
+
+
+async def test_an_idle_consumer_takes_a_new_tenant_at_once_among_many(
+    make_queue: QueueFactory,
+) -> None:
+    consumer, producer = make_queue(), make_queue()
+    await _recently_active(consumer, 500)
+    clock = asyncio.get_running_loop().time
+
+    async def later() -> float:
+        await asyncio.sleep(0.2)
+        await producer.enqueue("newcomer", "n0")
+        return clock()
+
+    sending = asyncio.create_task(later())
+    started = clock()
+    got: list[str] = []
+    while not got and clock() - started < 3:  # a spare token may end a wait early
+        got = [m.run_id for m in await consumer.wait_and_dequeue(2.0, "c", 5, 30)]
+    taken = clock()
+    sent = await sending
+    assert got == ["n0"]
+    if isinstance(consumer, RedisStreamsQueue):  # woken by the token, not the timeout
+        assert taken - sent < 0.1
+
+
+async def test_weights_share_a_batch(queue: Queue) -> None:
+    for i in range(30):
+        await queue.enqueue("gold", f"g{i}")
+        await queue.enqueue("free", f"f{i}")
+    batch = await queue.dequeue("c", 8, 30, weights={"gold": 3})
+    assert Counter(m.tenant_id for m in batch) == {"gold": 6, "free": 2}
+
+
+async def test_a_tenant_at_its_cap_does_not_hold_up_the_others(make_queue: QueueFactory) -> None:
+    """More tenants at their cap than a dequeue looks at beyond its free slots: they move
+    behind, and the others are served within a few calls."""
+    queue = make_queue()
+    capped = [f"capped{i:02d}" for i in range(40)]
+    caps = dict.fromkeys(capped, 1)
+    for tenant in capped:
+        await queue.enqueue(tenant, "a")
+        await queue.enqueue(tenant, "b")
+    first = await queue.dequeue("c", 100, 30, caps=caps)
+    assert Counter(m.tenant_id for m in first) == dict.fromkeys(capped, 1)
+    await queue.enqueue("free", "f0")
+    for _ in range(5):
+        batch = await queue.dequeue("c", 2, 30, caps=caps)
+        if batch:
+            break
+    assert [m.run_id for m in batch] == ["f0"]
+    await queue.ack([m for m in first if m.tenant_id == "capped07"])
+    got = await queue.dequeue("c", 100, 30, caps=caps)
+    assert [(m.tenant_id, m.run_id) for m in got] == [("capped07", "b")]
+
+
+async def test_the_ready_set_holds_the_tenants_with_messages_to_deliver() -> None:
+    """Redis: a tenant enters the ready set with its message and leaves once drained; a
+    delayed message enters it when due, and a lease that lapses finds its tenant again."""
+    queue = RedisStreamsQueue(REDIS_URL, prefix=f"tftest{uuid.uuid4().hex[:10]}")
+
+    async def ready() -> set[str]:
+        return set(await queue.redis.zrange(queue.keys.ready, 0, -1))
+
+    try:
+        await queue.enqueue("t", "r1")
+        await queue.enqueue("t", "r2")
+        assert await ready() == {"t"}
+        assert len(await queue.dequeue("c", 1, 30)) == 1
+        assert await ready() == {"t"}  # one left
+        (second,) = await queue.dequeue("c", 5, 30)
+        assert await ready() == set()  # drained, though in flight
+        await queue.ack([second])
+
+        await queue.enqueue("later", "d1", delay=0.2)
+        assert await ready() == set()
+        assert await queue.dequeue("c", 5, 30) == []
+        await asyncio.sleep(0.25)
+        (due,) = await queue.dequeue("c", 5, 0.3)
+        assert due.run_id == "d1" and await ready() == set()
+        await asyncio.sleep(0.35)  # its lease lapses: found again through the due set
+        (again,) = await queue.dequeue("c", 5, 0.3)
+        assert again.run_id == "d1" and again.deliveries == 2
+        await queue.ack([again])
+
+        await queue.enqueue("gone", "g1")
+        await queue.redis.delete(queue.keys.tenant("gone").stream)  # purged while ready
+        assert await queue.dequeue("c", 5, 30) == []
+        assert await ready() == set()
+        assert await queue.redis.exists(queue.keys.tenant("gone").stream) == 0
+    finally:
+        keys = [k async for k in queue.redis.scan_iter(match=f"{queue.keys.prefix}:*")]
+        if keys:
+            await queue.redis.delete(*keys)
+        await queue.close()
+
+
+async def test_tenants_of_an_earlier_version_are_adopted() -> None:
+    """Messages made ready before the ready set existed (their tenants only in ``tf:active``)
+    are found by the first dequeue of a queue of this version."""
+    prefix = f"tftest{uuid.uuid4().hex[:10]}"
+    old, new = (
+        RedisStreamsQueue(REDIS_URL, prefix=prefix),
+        RedisStreamsQueue(REDIS_URL, prefix=prefix),
+    )
+    try:
+        await old.enqueue("t", "r1")
+        await old.redis.delete(old.keys.ready)  # as an earlier version left it
+        await old.redis.zadd(old.keys.active, {"t": 1})
+        assert [m.run_id for m in await new.dequeue("c", 5, 30)] == ["r1"]
+        assert await new.redis.exists(new.keys.active) == 0
+    finally:
+        keys = [k async for k in old.redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await old.redis.delete(*keys)
+        await old.close()
+        await new.close()
+
+
+def _count_round_trips(queue: Queue) -> Callable[[], int]:
+    """How many round trips to Redis the queue has made since (0 for other queues)."""
+    if not isinstance(queue, RedisStreamsQueue):
+        return lambda: 0
+    calls = [0]
+    execute = queue._execute
+
+    async def counted(*args: Any, **kwargs: Any) -> list[Any]:
+        calls[0] += 1
+        return await execute(*args, **kwargs)
+
+    queue._execute = counted  # type: ignore[method-assign]  # counted, then the real one
+    return lambda: calls[0]
+
+
 async def test_a_redis_connection_left_with_unread_replies_is_never_reused() -> None:
     """The queue sends its commands on pooled connections directly (``_round_trip``): a wait
     that is cancelled, or commands of which one fails, must not leave a reply on a connection
@@ -342,7 +498,7 @@ async def test_scripts_the_server_lost_are_loaded_again() -> None:
         await queue.redis.script_flush()
         await queue.enqueue("t", "after")  # ENQUEUE unknown: loaded, sent again
         await queue.redis.script_flush()
-        got = await queue.dequeue("c", 5, 5.0)  # DEQUEUE unknown, behind nothing else
+        got = await queue.dequeue("c", 5, 5.0)  # DISPATCH unknown, behind nothing else
         assert sorted(m.run_id for m in got) == ["after", "before"]
         await queue.redis.script_flush()
         await queue.ack(got)  # ACK unknown

@@ -20,8 +20,10 @@ run's lease in the database decides who executes it. Semantics every backend kee
   round for ever.
 - ``ack`` and ``retry_later`` act only on the current delivery (its receipt): a late
   acknowledgement from a worker whose lease already ended changes nothing.
-- Tenants with ready messages are served round robin within each dequeue, and a tenant never
-  has more than ``tenant_max_inflight`` messages in flight (0: no cap), across all consumers.
+- Tenants with ready messages are served round robin (weighted) across dequeues, a tenant
+  newly ready among the first; a tenant never has more than ``tenant_max_inflight`` messages
+  in flight (0: no cap), across all consumers, and one at its cap does not hold up the others.
+  A dequeue's work is bounded by its free slots, not by how many tenants exist or were active.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Every Redis key and channel tenantflow uses, in one place.
 
-Each tenant's keys share the hash tag ``{t:<tenant>}``, so they live in one slot and the Lua
-scripts that change several of them at once also work on Redis Cluster. Only ``active``,
-``wake`` and the locks span tenants, and no script touches them together with a tenant's
-keys.
+Each tenant's keys share the hash tag ``{t:<tenant>}``, so they live in one slot. The ready
+and due sets span tenants and every script of a tenant's queue changes them together with the
+tenant's keys (so that a tenant enters the ready set atomically with its message): on Redis
+Cluster the queue needs one hash tag for all (a prefix such as ``{tf}``), one shard; see
+``lua``. ``wake``, the locks and the rest span tenants and no script touches them together
+with a tenant's keys.
 """
 
 from __future__ import annotations
@@ -39,9 +41,34 @@ class Keys:
             seq=f"{tag}:seq",
         )
 
+    def queue(self, tenant_id: str) -> list[str]:
+        """The keys of a tenant's queue scripts: its own, then the ready and due sets."""
+        return [*self.tenant(tenant_id).all(), self.ready, self.due]
+
+    @property
+    def ready(self) -> str:
+        """Sorted set: tenant -> its pass in the round robin, while it has messages ready."""
+        return f"{self.prefix}:ready"
+
+    @property
+    def due(self) -> str:
+        """Sorted set: tenant -> when (ms) it needs a look: a delayed message due, or a lease
+        of its that may lapse."""
+        return f"{self.prefix}:due"
+
+    @property
+    def caps(self) -> str:
+        """Hash: tenant -> its cap on messages in flight, as the consumers were last told."""
+        return f"{self.prefix}:caps"
+
+    @property
+    def weights(self) -> str:
+        """Hash: tenant -> its share in the round robin (default 1)."""
+        return f"{self.prefix}:weights"
+
     @property
     def active(self) -> str:
-        """Sorted set: tenant -> the latest time (ms) it had, or will have, a ready message."""
+        """Sorted set of tenants kept by earlier versions; adopted into ``due``, then gone."""
         return f"{self.prefix}:active"
 
     @property

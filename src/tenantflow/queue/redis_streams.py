@@ -1,9 +1,11 @@
 """The production queue: Redis Streams, one stream per tenant, a consumer group per stream.
 
-See ``keys`` for the layout and ``lua`` for the scripts. A worker reads tenants with ready
-messages in a rotating order, each tenant up to its share of the free slots (deficit round
-robin, weighted), so one tenant's flood cannot starve another; the per-tenant cap on messages
-in flight counts the group's pending entries, so it holds across all workers.
+See ``keys`` for the layout and ``lua`` for the scripts. A tenant is in the ready set while it
+has messages to deliver; one script call serves the tenants at its front, each up to its share
+of the free slots (weighted round robin on a pass per tenant), so one tenant's flood cannot
+starve another, and a dequeue costs the same however many tenants exist or were active. The
+per-tenant cap on messages in flight counts the group's pending entries, so it holds across
+all workers.
 """
 
 from __future__ import annotations
@@ -33,18 +35,12 @@ except ImportError:
 
 log = structlog.get_logger(__name__)
 
-ACTIVE_WINDOW_MS = 3_600_000  # a tenant stays polled this long after its last ready message
-ACTIVE_REFRESH_SECONDS = 1.0
-# A busy worker (one that never waits for a wake-up token, which names a new tenant) reads
-# the tenants marked active since its last look this often, in the round trip of a dequeue: a
-# tenant whose first message arrives while every worker is busy with another tenant's flood
-# waits at most this long to be read, not a whole ACTIVE_REFRESH_SECONDS. (Only the tenants
-# marked since then: a reply of a few names, whatever the number of tenants.)
-ACTIVE_BUSY_REFRESH_SECONDS = 0.05
-ACTIVE_BUSY_OVERLAP_MS = 200  # marks made by clocks a little behind ours are not missed
-ACTIVE_MARK_SECONDS = 1.0
 DEAD_LETTERS_MAX = 100_000
-FAST_WAIT_TENANTS = 16  # more tenants to read: wait, then dequeue (as many scripts per wake)
+# Tenants a dequeue may look at beyond its free slots: skipped (paused) ones or ones at their
+# cap move behind, so this bounds a call's work, not who gets served.
+DISPATCH_LOOK = 16
+WAKE_TRIM_SECONDS = 1.0
+TELL_REREAD_SECONDS = 10.0  # caps and weights: how often the shared hashes are read back
 BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
 
@@ -73,23 +69,26 @@ class RedisStreamsQueue:
             name: getattr(lua, name)
             for name in (
                 "ENQUEUE",
-                "DEQUEUE",
+                "DISPATCH",
                 "ACK",
                 "RETRY_LATER",
                 "EXTEND",
                 "DEAD_LETTER",
                 "REPLAY",
+                "ADOPT",
             )
         }
         self._sha = {
             name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()
         }
-        self._active: list[str] = []
-        self._active_at = 0.0
-        self._newcomers_at = 0.0  # the busy path's last look at tenants marked since
-        self._newcomers_ms = 0  # ... and the time (ms, as marks are) it looked from
-        self._rotation = 0
-        self._marked: dict[str, float] = {}  # tenant -> when this process last marked it
+        # What this process last wrote to the caps and weights hashes (None: not read yet).
+        self._told: dict[str, dict[str, int] | None] = dict.fromkeys(
+            (self.keys.caps, self.keys.weights)
+        )
+        self._told_from: dict[str, Mapping[str, int] | None] = {}
+        self._told_at = time.monotonic()
+        self._adopted = False
+        self._next_look: float | None = None  # monotonic time of the next look due
         self._trimmed = -math.inf
         # Blocking waits get a client (and connections) of their own; each wait has its own
         # deadline (its block time plus the command timeout), set around the call.
@@ -109,13 +108,12 @@ class RedisStreamsQueue:
         priority: int = 0,
         trace: str | None = None,
     ) -> str:
-        keys = self.keys.tenant(tenant_id).all()
+        keys = self.keys.queue(tenant_id)
         delay_ms = max(0, int(delay * 1000))
 
-        # One round trip: the script, the tenant's activity mark, the wake-up.
+        # One round trip: the script, the wake-up.
         def build(pipe: Commands) -> None:
-            self._eval(pipe, "ENQUEUE", keys, [delay_ms, run_id, priority, trace or ""])
-            pipe.zadd_gt(self.keys.active, {tenant_id: int(time.time() * 1000) + delay_ms})
+            self._eval(pipe, "ENQUEUE", keys, [tenant_id, delay_ms, run_id, priority, trace or ""])
             if delay_ms == 0:
                 self._wake(pipe, tenant_id)
 
@@ -128,29 +126,22 @@ class RedisStreamsQueue:
             return
 
         now = time.monotonic()
-        # Marking a tenant active once a second is enough (workers refresh their list of
-        # active tenants as often, and a wake-up token names its tenant meanwhile).
-        unmarked = [t for t in batch if now - self._marked.get(t, -math.inf) > ACTIVE_MARK_SECONDS]
-        trim = now - self._trimmed > ACTIVE_MARK_SECONDS
+        trim = now - self._trimmed > WAKE_TRIM_SECONDS
 
         # One round trip for the whole batch: per tenant one script call, and one wake-up
         # token per message (up to the cap), so as many idle workers wake as there is work.
         def build(pipe: Commands) -> None:
             for tenant, runs in batch.items():
-                args: list[Any] = [0]
+                args: list[Any] = [tenant, 0]
                 for envelope in runs:
                     args.extend((envelope.run_id, envelope.priority, envelope.trace or ""))
-                self._eval(pipe, "ENQUEUE", self.keys.tenant(tenant).all(), args)
-            if unmarked:
-                pipe.zadd_gt(self.keys.active, dict.fromkeys(unmarked, int(time.time() * 1000)))
+                self._eval(pipe, "ENQUEUE", self.keys.queue(tenant), args)
             tokens = [t for tenant, runs in batch.items() for t in [tenant] * len(runs)]
             pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
             if trim:  # tokens nobody took (every worker busy) are capped
                 pipe.ltrim(self.keys.wake, 0, WAKE_TOKENS_MAX - 1)
 
         await self._execute(build)
-        for tenant in unmarked:
-            self._marked[tenant] = now
         if trim:
             self._trimmed = now
 
@@ -181,23 +172,6 @@ class RedisStreamsQueue:
 
     # -- consuming ---------------------------------------------------------------------------
 
-    async def _active_tenants(self) -> list[str]:
-        """The tenants with a message in the last ACTIVE_WINDOW_MS, read again once a
-        second; sorted, so that the round robin's rotation means the same list each time."""
-        if time.monotonic() - self._active_at > ACTIVE_REFRESH_SECONDS:
-            now_ms = int(time.time() * 1000)
-            self._active = sorted(
-                await self.redis.zrangebyscore(self.keys.active, now_ms - ACTIVE_WINDOW_MS, "+inf")
-            )
-            self._active_at = self._newcomers_at = time.monotonic()
-            self._newcomers_ms = now_ms
-        return self._active
-
-    def _add_active(self, tenants: Collection[str]) -> None:
-        new = set(tenants).difference(self._active)
-        if new:
-            self._active = sorted((*self._active, *new))
-
     async def dequeue(
         self,
         consumer: str,
@@ -223,19 +197,41 @@ class RedisStreamsQueue:
         caps: Mapping[str, int] | None = None,
         skip: Collection[str] = (),
     ) -> list[Message]:
-        """``wait`` then ``dequeue``, in one round trip when the tenants to read are known:
-        the dequeue scripts are pipelined behind the blocking wait, and Redis runs them the
-        moment a wake-up token (or the timeout) unblocks it. An idle worker saves the round
-        trip between being woken and asking for the message."""
-        tenants = [t for t in await self._active_tenants() if t not in skip]
-        if max_messages <= 0 or not tenants or len(tenants) > FAST_WAIT_TENANTS:
+        """``wait`` then ``dequeue``, in one round trip: the dispatch script is pipelined behind
+        the blocking wait, and Redis runs it the moment a wake-up token (or the timeout)
+        unblocks it. The wait ends no later than the next look due (a delayed message, a
+        lease that may lapse), so those are taken on time too."""
+        if max_messages <= 0:
             await self.wait(timeout)
-            return await self.dequeue(
-                consumer, max_messages, visibility_timeout, weights=weights, caps=caps, skip=skip
-            )
+            return []
+        if self._next_look is not None:
+            timeout = min(timeout, self._next_look - time.monotonic())
         return await self._dequeue(
             consumer, max_messages, visibility_timeout, weights, caps, skip, wait=timeout
         )
+
+    async def _tell(self, pipe: Commands, key: str, wanted: Mapping[str, int] | None) -> None:
+        """Bring a shared hash (caps, weights) to ``wanted``, writing only what changed since
+        this process last wrote it; the dispatch script reads the tenants it serves from it.
+        Read back now and then: another process's differing view must not stand for good."""
+        if time.monotonic() - self._told_at > TELL_REREAD_SECONDS:
+            self._told = dict.fromkeys(self._told)
+            self._told_at = time.monotonic()
+        if self._told_from.get(key, {}) is wanted and self._told[key] is not None:
+            return
+        told = self._told[key]
+        if told is None:  # what other processes wrote before us
+            raw = await self.redis.hgetall(key)
+            told = {t: int(v) for t, v in raw.items()}
+        given, wanted = wanted, wanted or {}
+        changed = {t: v for t, v in wanted.items() if told.get(t) != v}
+        gone = [t for t in told if t not in wanted]
+        if changed:
+            pipe.hset(key, changed)
+        if gone:
+            pipe.hdel(key, gone)
+        self._told[key] = dict(wanted)
+        self._told_from[key] = given
 
     async def _dequeue(
         self,
@@ -250,88 +246,75 @@ class RedisStreamsQueue:
     ) -> list[Message]:
         if max_messages <= 0:
             return []
-        tenants = [t for t in await self._active_tenants() if t not in skip]
-        if not tenants:
-            return []
-        # Deficit round robin: start one tenant further each call; each tenant may take its
-        # weighted share of the free slots, at least one.
-        self._rotation = (self._rotation + 1) % len(tenants)
-        order = tenants[self._rotation :] + tenants[: self._rotation]
-        total_weight = sum((weights or {}).get(t, 1) for t in order)
-        plan: list[tuple[str, int]] = []
-        budget = max_messages
-        for tenant in order:
-            if budget <= 0:
-                break
-            weight = (weights or {}).get(tenant, 1)
-            share = max(1, math.floor(max_messages * weight / total_weight))
-            share = min(share, budget)
-            plan.append((tenant, share))
-            budget -= share
+        if not self._adopted:
+            await self._execute(
+                lambda pipe: self._eval(pipe, "ADOPT", [self.keys.active, self.keys.due], [])
+            )
+            self._adopted = True
+        told = Commands()
+        await self._tell(told, self.keys.caps, caps)
+        await self._tell(told, self.keys.weights, weights)
         min_idle = max(1, int(visibility_timeout * 1000))
-
         block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
-        newcomers = (
-            wait is None and time.monotonic() - self._newcomers_at > ACTIVE_BUSY_REFRESH_SECONDS
-        )
-        look_ms = int(time.time() * 1000)
-        since_ms = self._newcomers_ms - ACTIVE_BUSY_OVERLAP_MS
 
         def build(pipe: Commands) -> None:
             if wait is not None:
                 pipe.blpop(self.keys.wake, block)
-            for tenant, share in plan:
-                self._eval(
-                    pipe,
-                    "DEQUEUE",
-                    self.keys.tenant(tenant).all(),
-                    [
-                        GROUP,
-                        consumer,
-                        share,
-                        min_idle,
-                        self.max_deliveries,
-                        (caps or {}).get(tenant, self.tenant_max_inflight),
-                        DEAD_LETTERS_MAX,
-                    ],
-                )
-            if newcomers:
-                pipe.zrangebyscore(self.keys.active, since_ms, "+inf")
+            pipe.sent.extend(told.sent)
+            self._eval(
+                pipe,
+                "DISPATCH",
+                [self.keys.ready, self.keys.due, self.keys.caps, self.keys.weights],
+                [
+                    self.keys.prefix,
+                    GROUP,
+                    consumer,
+                    max_messages,
+                    min_idle,
+                    self.max_deliveries,
+                    self.tenant_max_inflight,
+                    DEAD_LETTERS_MAX,
+                    DISPATCH_LOOK,
+                    *skip,
+                ],
+            )
 
-        if wait is None:
-            replies = await self._execute(build)
-            if newcomers:
-                self._add_active(replies.pop())
-                self._newcomers_at = time.monotonic()
-                self._newcomers_ms = look_ms
-        else:
-            try:
-                # On the deadline the call is cancelled and redis-py drops its connection.
-                async with asyncio.timeout(block + self._timeout):
-                    token, *replies = await self._execute(build, client=self._blocking)
-            except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
-                # Redis away: behave as a poll. (A script's error goes to the caller, whose
-                # retries back off.)
-                log.warning("queue wake-up wait failed", error=type(exc).__name__)
-                await asyncio.sleep(wait)
-                return []
-            if token is not None:
-                self._add_active([token[1]])
+        try:
+            if wait is None:
+                replies = await self._execute(build)
+            else:
+                try:
+                    # On the deadline the call is cancelled and redis-py drops its connection.
+                    async with asyncio.timeout(block + self._timeout):
+                        replies = await self._execute(build, client=self._blocking)
+                except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
+                    # Redis away: behave as a poll. (A script's error goes to the caller,
+                    # whose retries back off.)
+                    log.warning("queue wake-up wait failed", error=type(exc).__name__)
+                    self._told = dict.fromkeys(self._told)
+                    await asyncio.sleep(wait)
+                    return []
+        except BaseException:
+            self._told = dict.fromkeys(self._told)  # unknown whether they were written
+            raise
+        now_ms, next_ms, *flat = replies[-1]
+        self._next_look = (
+            None if int(next_ms) < 0 else time.monotonic() + (int(next_ms) - int(now_ms)) / 1000
+        )
         out: list[Message] = []
-        for (tenant, _), flat in zip(plan, replies, strict=True):
-            for i in range(0, len(flat), 6):
-                entry_id, run_id, priority, deliveries, count, trace = flat[i : i + 6]
-                out.append(
-                    Message(
-                        id=entry_id,
-                        tenant_id=tenant,
-                        run_id=run_id,
-                        priority=int(priority),
-                        deliveries=int(deliveries),
-                        receipt=f"{consumer}|{count}",
-                        trace=trace or None,
-                    )
+        for i in range(0, len(flat), 7):
+            tenant, entry_id, run_id, priority, deliveries, count, trace = flat[i : i + 7]
+            out.append(
+                Message(
+                    id=entry_id,
+                    tenant_id=tenant,
+                    run_id=run_id,
+                    priority=int(priority),
+                    deliveries=int(deliveries),
+                    receipt=f"{consumer}|{count}",
+                    trace=trace or None,
                 )
+            )
         return out
 
     @staticmethod
@@ -340,16 +323,12 @@ class RedisStreamsQueue:
         return consumer, count
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
-        # Also keeps the tenants marked active: a run longer than the activity window whose
-        # worker then dies must still be reclaimed.
-        await self._per_tenant("EXTEND", messages, mark_active=True)
+        await self._per_tenant("EXTEND", messages)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         await self._per_tenant("ACK", messages)
 
-    async def _per_tenant(
-        self, script: str, messages: Sequence[Message], *, mark_active: bool = False
-    ) -> None:
+    async def _per_tenant(self, script: str, messages: Sequence[Message]) -> None:
         """One script call per tenant for a batch of deliveries, all in one round trip."""
         if not messages:
             return
@@ -359,9 +338,7 @@ class RedisStreamsQueue:
                 args: list[Any] = [GROUP, self._receipt(group[0])[0]]
                 for m in group:
                     args.extend((m.id, self._receipt(m)[1]))
-                self._eval(pipe, script, self.keys.tenant(tenant).all(), args)
-                if mark_active:
-                    pipe.zadd_gt(self.keys.active, {tenant: int(time.time() * 1000)})
+                self._eval(pipe, script, self.keys.queue(tenant), args)
 
         await self._execute(build)
 
@@ -375,12 +352,17 @@ class RedisStreamsQueue:
             self._eval(
                 pipe,
                 "RETRY_LATER",
-                self.keys.tenant(message.tenant_id).all(),
-                [GROUP, consumer, message.id, count, delay_ms, "1" if count_delivery else "0"],
+                self.keys.queue(message.tenant_id),
+                [
+                    message.tenant_id,
+                    GROUP,
+                    consumer,
+                    message.id,
+                    count,
+                    delay_ms,
+                    "1" if count_delivery else "0",
+                ],
             )
-            # Marking the tenant active is harmless even if the script found the delivery
-            # no longer ours.
-            pipe.zadd_gt(self.keys.active, {message.tenant_id: int(time.time() * 1000) + delay_ms})
             if delay_ms == 0:
                 self._wake(pipe, message.tenant_id)
 
@@ -394,7 +376,7 @@ class RedisStreamsQueue:
             lambda pipe: self._eval(
                 pipe,
                 "DEAD_LETTER",
-                self.keys.tenant(message.tenant_id).all(),
+                self.keys.queue(message.tenant_id),
                 [GROUP, consumer, message.id, count, reason, DEAD_LETTERS_MAX],
             )
         )
@@ -415,12 +397,12 @@ class RedisStreamsQueue:
         ]
 
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
+        def build(pipe: Commands) -> None:
+            self._eval(pipe, "REPLAY", self.keys.queue(tenant_id), [tenant_id, dead_letter_id])
+            self._wake(pipe, tenant_id)
+
         try:
-            (done,) = await self._execute(
-                lambda pipe: self._eval(
-                    pipe, "REPLAY", self.keys.tenant(tenant_id).all(), [dead_letter_id]
-                )
-            )
+            done = (await self._execute(build))[0]
         except Exception as exc:  # a malformed id is a missing one
             if "Invalid stream ID" in str(exc):
                 done = 0
@@ -428,12 +410,6 @@ class RedisStreamsQueue:
                 raise
         if not done:
             raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
-
-        def build(pipe: Commands) -> None:
-            pipe.zadd_gt(self.keys.active, {tenant_id: int(time.time() * 1000)})
-            self._wake(pipe, tenant_id)
-
-        await self._execute(build)
 
     async def depth(self, tenant_id: str) -> int:
         keys = self.keys.tenant(tenant_id)
@@ -460,9 +436,9 @@ class RedisStreamsQueue:
         keys = self.keys.tenant(tenant_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*keys.all(), self.keys.rate(tenant_id))
-            pipe.zrem(self.keys.active, tenant_id)
+            for key in (self.keys.ready, self.keys.due, self.keys.active):
+                pipe.zrem(key, tenant_id)
             await pipe.execute()
-        self._active = [t for t in self._active if t != tenant_id]
 
     async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
@@ -489,13 +465,10 @@ class RedisStreamsQueue:
             block = min(max(timeout, 0.001), BLOCK_MAX_SECONDS)
             # On the deadline the call is cancelled and redis-py drops its connection.
             async with asyncio.timeout(block + self._timeout):
-                token = await self._blocking.blpop([self.keys.wake], timeout=block)
+                await self._blocking.blpop([self.keys.wake], timeout=block)
         except Exception as exc:  # Redis away: behave as a poll
             log.warning("queue wake-up wait failed", error=type(exc).__name__)
             await asyncio.sleep(timeout)
-            return
-        if token is not None:
-            self._add_active([token[1]])
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -521,10 +494,11 @@ class Commands:
     def evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:
         self.sent.append(("EVALSHA", sha, len(keys), *keys, *args))
 
-    def zadd_gt(self, key: str, members: Mapping[str, int]) -> None:
-        """Set each member's score, only where it is greater than the one it has."""
-        pairs = [item for member, score in members.items() for item in (score, member)]
-        self.sent.append(("ZADD", key, "GT", *pairs))
+    def hset(self, key: str, mapping: Mapping[str, int]) -> None:
+        self.sent.append(("HSET", key, *(item for pair in mapping.items() for item in pair)))
+
+    def hdel(self, key: str, fields: Sequence[str]) -> None:
+        self.sent.append(("HDEL", key, *fields))
 
     def lpush(self, key: str, *values: str) -> None:
         self.sent.append(("LPUSH", key, *values))
@@ -534,9 +508,6 @@ class Commands:
 
     def blpop(self, key: str, timeout: float) -> None:
         self.sent.append(("BLPOP", key, timeout))
-
-    def zrangebyscore(self, key: str, low: float | str, high: float | str) -> None:
-        self.sent.append(("ZRANGEBYSCORE", key, low, high))
 
 
 async def _round_trip(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS ix_messages_ready ON messages (tenant_id, priority DESC, available_at);
 CREATE INDEX IF NOT EXISTS ix_messages_run ON messages (tenant_id, run_id);
+CREATE INDEX IF NOT EXISTS ix_messages_due ON messages (tenant_id, available_at);
 CREATE TABLE IF NOT EXISTS locks (
     name TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
@@ -65,8 +66,9 @@ CREATE INDEX IF NOT EXISTS ix_dead_letters_parked ON dead_letters (tenant_id, ru
     WHERE parked = 1;
 """
 
-# Tenants with any message, without scanning the messages (a loose index scan).
-SQL_TENANTS = """
+# Tenants with a ready message: a loose index scan over the tenants with any message, each
+# looked up by its earliest ``available_at`` (index probes, not a scan of the messages).
+SQL_READY_TENANTS = """
 WITH RECURSIVE t(tenant_id) AS (
     SELECT MIN(tenant_id) FROM messages
     UNION ALL
@@ -74,7 +76,9 @@ WITH RECURSIVE t(tenant_id) AS (
     FROM t WHERE t.tenant_id IS NOT NULL
 )
 SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL
+    AND (SELECT MIN(available_at) FROM messages m WHERE m.tenant_id = t.tenant_id) <= ?
 """
+DISPATCH_LOOK = 16  # tenants one dequeue may look at beyond its free slots (as on Redis)
 SQL_READY_OF_TENANT = (
     "SELECT id, run_id, priority, deliveries, trace FROM messages "
     "WHERE tenant_id = ? AND available_at <= ? ORDER BY priority DESC, available_at, id LIMIT ?"
@@ -117,7 +121,10 @@ class SqliteQueue:
                     if "duplicate column" not in str(exc):
                         raise
         self._conn.executescript(INDEXES)
-        self._rotation = 0
+        # Tenant -> the dequeue that last served it here: the least recently served go first,
+        # and a tenant new to the ready set before all.
+        self._served: dict[str, int] = {}
+        self._turn = 0
         self._wakeup = asyncio.Event()
 
     async def enqueue(
@@ -167,20 +174,22 @@ class SqliteQueue:
         now = time.time()
         out: list[Message] = []
         with _sqlite.transaction(self._conn) as cur:
-            tenants = [r[0] for r in cur.execute(SQL_TENANTS).fetchall() if r[0] not in skip]
-            if not tenants:
+            ready_now = [r[0] for r in cur.execute(SQL_READY_TENANTS, (now,)) if r[0] not in skip]
+            if not ready_now:
+                self._served.clear()
                 return []
-            # Round robin: start each dequeue one tenant further, take turns one message at a
-            # time, so a tenant with a flood gets no more than its share of this batch.
-            self._rotation = (self._rotation + 1) % len(tenants)
-            order = tenants[self._rotation :] + tenants[: self._rotation]
-            ready = {
-                t: cur.execute(
-                    SQL_READY_OF_TENANT,
-                    (t, now, self._room(cur, t, now, max_messages, (caps or {}).get(t))),
-                ).fetchall()
-                for t in order
-            }
+            # Round robin: the least recently served tenants first, taking turns one message
+            # (times its weight) at a time, so a flood gets no more than its share of a batch.
+            self._served = {t: self._served[t] for t in ready_now if t in self._served}
+            self._turn += 1
+            order = sorted(ready_now, key=lambda t: self._served.get(t, -1))
+            order = order[: max_messages + DISPATCH_LOOK]
+            ready = {}
+            for t in order:
+                room = self._room(cur, t, now, max_messages, (caps or {}).get(t))
+                if room == 0:  # at its cap: ready still, but behind the others
+                    self._served[t] = self._turn
+                ready[t] = cur.execute(SQL_READY_OF_TENANT, (t, now, room)).fetchall()
             picked: list[tuple[str, tuple[int, str, int, int, str | None]]] = []
             depth = 0
             while len(picked) < max_messages and any(
@@ -196,6 +205,8 @@ class SqliteQueue:
                             picked.append((tenant, row))
                 depth += 1
             until = now + visibility_timeout
+            for tenant, _ in picked:
+                self._served[tenant] = self._turn
             for tenant, (mid, run_id, priority, deliveries, trace) in picked:
                 if deliveries >= self.max_deliveries:
                     times = "time" if deliveries == 1 else "times"
