@@ -40,7 +40,7 @@ from tenantflow.platform.provision import (
 )
 from tenantflow.platform.schema import PLATFORM_HEAD, database_servers
 from tenantflow.platform.schema import tenants as tenants_table
-from tenantflow.settings import Settings
+from tenantflow.settings import PLATFORM_CONNECTIONS, Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.schema import HEAD_REVISION
 
@@ -102,7 +102,7 @@ def _tenant(row: Any) -> Tenant:
     )
 
 
-def _platform_engine(url: str, timeout: float) -> sa.Engine:
+def _platform_engine(url: str, timeout: float, wait: float) -> sa.Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -125,8 +125,10 @@ def _platform_engine(url: str, timeout: float) -> sa.Engine:
 
     engine = sa.create_engine(
         sqlalchemy_url(url),
+        # Its share of the process's connection budget (the tenant stores have the rest).
         pool_size=2,
-        max_overflow=4,
+        max_overflow=PLATFORM_CONNECTIONS - 2,
+        pool_timeout=wait,
         pool_pre_ping=True,
         connect_args=pg_connect_args(timeout),
     )
@@ -198,7 +200,9 @@ class TenantRegistry:
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
         self.settings = settings
-        self.engine = _platform_engine(url, settings.database_timeout_seconds)
+        self.engine = _platform_engine(
+            url, settings.database_timeout_seconds, settings.database_wait_seconds
+        )
         self._closed = False
 
         @sa.event.listens_for(self.engine, "checkin")
@@ -462,16 +466,28 @@ class TenantRegistry:
 class TenantRouter:
     """Resolves a tenant id to its run store.
 
-    Stores are kept in an LRU of at most ``max_open_tenant_dbs``, each with a small pool, so a
-    thousand tenants never mean a thousand open pools. An evicted store is closed a little
-    later, when operations that already hold it have finished.
+    Stores are kept in an LRU of at most ``max_open_tenant_dbs``. On PostgreSQL their
+    connections all come from one budget (``database_connections`` less the platform
+    database's share), so the connections of a process do not grow with the tenants it
+    touches. An evicted store is closed at once: its idle connections give their slots back,
+    and an operation that still holds it gets connections as before, closed after use. An
+    evicted SQLite store is closed a little later, when operations that hold it have finished
+    (its connection cannot be reopened under them).
     """
 
-    CLOSE_DELAY = 30.0
+    SQLITE_CLOSE_DELAY = 30.0
 
     def __init__(self, registry: TenantRegistry) -> None:
+        from tenantflow.store.pgpool import ConnectionBudget
+
         self.registry = registry
         self.settings = registry.settings
+        self.budget = ConnectionBudget(
+            self.settings.database_connections - PLATFORM_CONNECTIONS,
+            wait=self.settings.database_wait_seconds,
+        )
+        sqlite = registry.engine.dialect.name == "sqlite"
+        self._close_delay = self.SQLITE_CLOSE_DELAY if sqlite else 0.0
         self._stores: OrderedDict[str, RunStore] = OrderedDict()
         self._tenants: dict[str, tuple[float, Tenant]] = {}
         self._pins: dict[str, int] = {}
@@ -577,6 +593,7 @@ class TenantRouter:
                 url,
                 max_size=self.settings.tenant_pool_size,
                 timeout=self.settings.database_timeout_seconds,
+                budget=self.budget,
             ),
         )
 
@@ -587,7 +604,8 @@ class TenantRouter:
             return  # no loop: nothing async was opened
 
         async def close() -> None:
-            await asyncio.sleep(self.CLOSE_DELAY)
+            if self._close_delay:
+                await asyncio.sleep(self._close_delay)
             await store.close()
 
         task = loop.create_task(close())
