@@ -30,7 +30,9 @@ async def adder(ctx: WorkflowContext, a: int) -> int:
 
 async def test_a_crash_between_commit_and_publish_loses_nothing(runtime: Runtime) -> None:
     store = runtime.router.store("acme")
-    # Commit the run and its outbox record, then "crash": never publish.
+    # Mark the tenant's work and commit the run with its outbox record, as a submit does,
+    # then "crash": never publish.
+    await runtime.note_work("acme")
     run, created, outbox = await store.create_run(
         NewRun(id=new_run_id(), workflow="adder", input=encode_input(adder, (41,), {})),
         now=time.time(),

@@ -9,6 +9,7 @@ records which database holds each one (the routing table).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import enum
 import multiprocessing
@@ -38,7 +39,7 @@ from tenantflow.platform.provision import (
     SqliteProvisioner,
     sqlalchemy_url,
 )
-from tenantflow.platform.schema import PLATFORM_HEAD, database_servers
+from tenantflow.platform.schema import PLATFORM_HEAD, active_tenants, database_servers
 from tenantflow.platform.schema import tenants as tenants_table
 from tenantflow.settings import PLATFORM_CONNECTIONS, Settings
 from tenantflow.store.base import RunStore
@@ -456,7 +457,47 @@ class TenantRegistry:
         tenant = self.get(tenant_id)
         self.provisioner_for(tenant.server_id).drop_database(tenant_id)
         with self.engine.begin() as conn:
+            conn.execute(active_tenants.delete().where(active_tenants.c.tenant_id == tenant_id))
             conn.execute(tenants_table.delete().where(tenants_table.c.id == tenant_id))
+
+    # -- which tenants have work -------------------------------------------------------------
+
+    def mark_active(self, tenant_id: str, now: float) -> None:
+        """Record that the tenant may have unfinished runs from ``now`` on (see
+        ``active_tenants`` in the schema)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        statement = insert(active_tenants).values(tenant_id=tenant_id, marked_at=now)
+        # Never moved back (a process whose clock is behind).
+        later = sa.case((active_tenants.c.marked_at < now, now), else_=active_tenants.c.marked_at)
+        statement = statement.on_conflict_do_update(
+            index_elements=[active_tenants.c.tenant_id], set_={"marked_at": later}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(statement)
+
+    def active_tenants(self) -> builtins.list[tuple[str, float]]:
+        """The marked tenants and when each was last marked."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(active_tenants.c.tenant_id, active_tenants.c.marked_at).order_by(
+                    active_tenants.c.tenant_id
+                )
+            ).all()
+        return [(r.tenant_id, r.marked_at) for r in rows]
+
+    def clear_active(self, tenant_id: str, *, marked_before: float) -> bool:
+        """Drop the tenant's mark unless it was renewed at ``marked_before`` or later."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                active_tenants.delete().where(
+                    active_tenants.c.tenant_id == tenant_id,
+                    active_tenants.c.marked_at < marked_before,
+                )
+            )
+        return bool(done.rowcount)
 
     def close(self) -> None:
         self._closed = True
