@@ -13,6 +13,8 @@ from tenantflow.engine.executor import encode_input
 from tenantflow.sdk.client import new_run_id
 from tenantflow.store.records import NewRun
 from tenantflow.store.sql import SqlRunStore
+from tenantflow.worker import maintenance
+from tenantflow.worker.maintenance import Maintenance
 from tests.conftest import running_worker
 
 app = App("outbox-tests")
@@ -86,6 +88,30 @@ async def test_runs_survive_the_queue_losing_everything(runtime: Runtime) -> Non
     assert results == [i + 1 for i in range(20)]
     assert worker.stats.reenqueued >= 20
     assert await tenant.list_runs(status=RunStatus.COMPLETED, limit=100) != []
+
+
+async def test_a_tenant_keeps_its_mark_while_a_run_is_unfinished(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sweeps visit only tenants marked with work; a mark due to go stays while the tenant has
+    an unfinished run, so a run whose message the queue lost is still found. Then it goes."""
+    monkeypatch.setattr(maintenance, "MARK_CLEAR_SECONDS", 0.0)  # every mark is due at once
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    handle = await tenant.start(adder, 1)
+    await runtime.published()
+    await wipe_queue(runtime)
+    sweeps = Maintenance(runtime, "test")
+    report = await sweeps.run_once()
+    assert report.ran and report.tenants == 1 and report.cleared == 0  # globex: not visited
+    assert [t for t, _ in runtime.registry.active_tenants()] == ["acme"]
+    async with running_worker(app, runtime):
+        assert await handle.result(timeout=60) == 2
+    deadline = time.monotonic() + 10
+    while runtime.registry.active_tenants():
+        assert time.monotonic() < deadline, "the mark of a tenant with nothing left stayed"
+        await sweeps.run_once()  # the worker's lock may hold it off for a moment
+        await asyncio.sleep(0.2)
+    assert (await sweeps.run_once()).tenants == 0
 
 
 async def wipe_queue(runtime: Runtime) -> None:
