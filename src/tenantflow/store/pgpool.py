@@ -40,27 +40,20 @@ class ConnectionBudget:
         self._owner: dict[AsyncConnection[Any], ConnectionPool] = {}  # open connections
         self._closing: set[asyncio.Task[None]] = set()
 
-    @property
-    def waiting(self) -> int:
-        return sum(1 for _, future in self._waiters if not future.done())
-
     async def _checkout(self, pool: ConnectionPool, deadline: float) -> AsyncConnection[Any]:
         if not self._waiters:
-            while pool.idle:
+            if pool.idle:
                 conn = pool.idle.pop()
                 del self._idle[conn]
-                if _usable(conn):
-                    return conn
-                await self._replace(conn)
-                return await self._connect(pool)
+                return conn if _usable(conn) else await self._reopen(pool, conn)
             if self.open < self.limit:
-                self._take()
-                return await self._connect(pool)
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+                return await self._reopen(pool, None)
             if self._idle:
                 victim, owner = self._idle.popitem(last=False)
                 owner.idle.remove(victim)
-                await self._replace(victim)
-                return await self._connect(pool)
+                return await self._reopen(pool, victim)
         # Every connection is busy (or others wait already): wait for one to be handed over.
         future: asyncio.Future[AsyncConnection[Any] | None] = (
             asyncio.get_running_loop().create_future()
@@ -81,29 +74,20 @@ class ConnectionBudget:
             if isinstance(exc, TimeoutError):
                 raise DatabaseBusyError() from None
             raise
-        if handed is not None:
-            if handed in pool.conns and _usable(handed):
-                return handed
-            await self._replace(handed)
-        return await self._connect(pool)
+        if handed is not None and handed in pool.conns and _usable(handed):
+            return handed
+        return await self._reopen(pool, handed)
 
-    def _take(self) -> None:
-        self.open += 1
-        self.peak = max(self.peak, self.open)
-
-    async def _replace(self, conn: AsyncConnection[Any]) -> None:
-        """Close ``conn``, whose slot the caller takes over (the count stays)."""
-        self._forget(conn)
-        await _close(conn)
-
-    def _forget(self, conn: AsyncConnection[Any]) -> None:
-        owner = self._owner.pop(conn, None)
-        if owner is not None:
-            owner.conns.discard(conn)
-
-    async def _connect(self, pool: ConnectionPool) -> AsyncConnection[Any]:
-        """Open a connection in a slot already taken; the slot is given back on failure."""
+    async def _reopen(
+        self, pool: ConnectionPool, old: AsyncConnection[Any] | None
+    ) -> AsyncConnection[Any]:
+        """In a slot already taken, close ``old`` (another database's, or one not usable)
+        before opening a connection for ``pool``: the server never sees more than the
+        budget. The slot is handed on if this fails."""
         try:
+            if old is not None:
+                self._forget(old)
+                await _close(old)
             conn = await pool.connect()
         except BaseException:
             self._hand_on(None)
@@ -112,13 +96,16 @@ class ConnectionBudget:
         pool.conns.add(conn)
         return conn
 
+    def _forget(self, conn: AsyncConnection[Any]) -> None:
+        owner = self._owner.pop(conn, None)
+        if owner is not None:
+            owner.conns.discard(conn)
+
     def checkin(self, pool: ConnectionPool, conn: AsyncConnection[Any]) -> None:
         """A connection comes back: to the first waiter, else idle; closed instead if it is
-        not usable or its pool is closed (its slot alone goes on)."""
+        not usable or its pool is closed (its slot goes on once it is)."""
         if pool.closed or not _usable(conn):
-            self._forget(conn)
-            self._close_soon(conn)
-            self._hand_on(None)
+            self._retire(conn)
         else:
             self._hand_on(conn)
 
@@ -144,24 +131,31 @@ class ConnectionBudget:
         if owner is not None and not owner.closed and _usable(conn):
             owner.idle.append(conn)
             self._idle[conn] = owner
-            return
-        self._forget(conn)
-        self._close_soon(conn)
-        self.open -= 1
+        else:
+            self._retire(conn)
 
     def release_idle(self, pool: ConnectionPool) -> None:
         """Close a pool's idle connections, handing their slots on."""
         while pool.idle:
             conn = pool.idle.pop()
             self._idle.pop(conn, None)
-            self._forget(conn)
-            self._close_soon(conn)
-            self._hand_on(None)
+            self._retire(conn)
 
-    def _close_soon(self, conn: AsyncConnection[Any]) -> None:
+    def _retire(self, conn: AsyncConnection[Any]) -> None:
+        """Close ``conn``, then hand its slot on (not before: the server would see one more
+        than the budget meanwhile)."""
+        self._forget(conn)
         if conn.closed:
+            self._hand_on(None)
             return
-        task = asyncio.get_running_loop().create_task(_close(conn))
+
+        async def close() -> None:
+            try:
+                await _close(conn)
+            finally:
+                self._hand_on(None)
+
+        task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
