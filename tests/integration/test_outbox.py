@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+import sqlalchemy
 
 from tenantflow import App, Client, RunStatus, Runtime, WorkflowContext
 from tenantflow.engine.executor import encode_input
@@ -112,6 +113,28 @@ async def test_a_tenant_keeps_its_mark_while_a_run_is_unfinished(
         await sweeps.run_once()  # the worker's lock may hold it off for a moment
         await asyncio.sleep(0.2)
     assert (await sweeps.run_once()).tenants == 0
+
+
+async def test_a_mark_that_failed_is_made_later(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The platform database away at submit: the run is accepted and the mark follows."""
+    monkeypatch.setattr("tenantflow.runtime.MARK_RETRY_SECONDS", 0.05)
+    mark = runtime.registry.mark_active
+    failures = iter([True, True])
+
+    def flaky(tenant_id: str, now: float) -> None:
+        if next(failures, False):
+            raise sqlalchemy.exc.OperationalError("mark", {}, ConnectionError("platform away"))
+        mark(tenant_id, now)
+
+    monkeypatch.setattr(runtime.registry, "mark_active", flaky)
+    await Client(app, runtime=runtime).tenant("acme").start(adder, 1)
+    deadline = time.monotonic() + 5
+    while not runtime.registry.active_tenants():
+        assert time.monotonic() < deadline, "the failed mark was never made"
+        await asyncio.sleep(0.05)
+    assert [t for t, _ in runtime.registry.active_tenants()] == ["acme"]
 
 
 async def wipe_queue(runtime: Runtime) -> None:
