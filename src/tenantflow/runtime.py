@@ -40,9 +40,9 @@ OUTBOX_FLUSH_SECONDS = 0.05
 # it only once older than CLEAR and the tenant has nothing unfinished. Safe as long as a run is
 # committed within CLEAR - REMARK of the mark it relied on: ``TenantClient.start`` marks again
 # after a commit that took longer than SLOW_SUBMIT.
-MARK_REMARK_SECONDS = 30.0
-MARK_CLEAR_SECONDS = 120.0
-MARK_SLOW_SUBMIT_SECONDS = 30.0
+MARK_REMARK_SECONDS = 20.0
+MARK_CLEAR_SECONDS = 60.0
+MARK_SLOW_SUBMIT_SECONDS = 20.0
 MARK_RETRY_SECONDS = 2.0
 
 

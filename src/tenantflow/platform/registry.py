@@ -510,10 +510,11 @@ class TenantRouter:
     Stores are kept in an LRU of at most ``max_open_tenant_dbs``. On PostgreSQL their
     connections all come from one budget (``database_connections`` less the platform
     database's share), so the connections of a process do not grow with the tenants it
-    touches. An evicted store is closed at once: its idle connections give their slots back,
-    and an operation that still holds it gets connections as before, closed after use. An
-    evicted SQLite store is closed a little later, when operations that hold it have finished
-    (its connection cannot be reopened under them).
+    touches. An evicted store is closed at once: its idle connections stay with the budget
+    (for the tenant's next store, or closed to make room for another tenant's), and an
+    operation that still holds it works as before. An evicted SQLite store is closed a little
+    later, when operations that hold it have finished (its connection cannot be reopened
+    under them).
     """
 
     SQLITE_CLOSE_DELAY = 30.0
@@ -580,10 +581,12 @@ class TenantRouter:
     async def forget(self, tenant_id: str) -> None:
         """Close the tenant's store now and drop what is cached of it (its database is about
         to go away)."""
-        self._tenants.pop(tenant_id, None)
+        cached = self._tenants.pop(tenant_id, None)
         store = self._stores.pop(tenant_id, None)
         if store is not None:
             await store.close()
+        if cached is not None:
+            self.budget.discard(cached[1].database_url)
 
     @contextlib.contextmanager
     def pinned(self, tenant_id: str) -> Iterator[RunStore]:
@@ -662,3 +665,4 @@ class TenantRouter:
         for store in self._stores.values():
             await store.close()
         self._stores.clear()
+        await self.budget.close()

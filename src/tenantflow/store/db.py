@@ -225,8 +225,7 @@ def pg_session_limits(timeout: float) -> list[str]:
 class PostgresDatabase:
     """Connections to one tenant database (psycopg 3): at most ``max_size`` in use at once,
     drawn from ``budget``, the process's connection budget shared with its other databases
-    (without one: a budget of ``max_size`` of its own). ``wait``: how long a caller waits for
-    a connection of its own budget."""
+    (without one: a budget of ``max_size`` of its own)."""
 
     dialect = "postgresql"
 
@@ -249,9 +248,11 @@ class PostgresDatabase:
             "prepare_threshold": None,
             **pg_connect_args(timeout),
         }
+        # Without a budget, one of its own, closed with it.
+        self._own_budget = budget is None
         if budget is None:
             budget = ConnectionBudget(max_size, wait=max(timeout, 1.0) if timeout > 0 else 30.0)
-        self.pool = ConnectionPool(budget, self._connect, max_size=max_size)
+        self.pool = ConnectionPool(budget, conninfo, self._connect, max_size=max_size)
         self._session_sql = pg_session_limits(timeout)
         self._batch: list[_Batched] = []
         self._flushing: set[asyncio.Task[None]] = set()
@@ -443,7 +444,10 @@ class PostgresDatabase:
     async def close(self) -> None:
         for task in list(self._flushing):
             await task
-        await self.pool.close()
+        # A shared budget keeps the idle connections, for the next store of this database
+        # (or another's, when it is full); a caller still holding this one keeps working.
+        if self._own_budget:
+            await self.pool.budget.close()
 
 
 @dataclass(frozen=True, slots=True)

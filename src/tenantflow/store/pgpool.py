@@ -2,16 +2,20 @@
 
 A process may reach hundreds of tenant databases; each one's pool draws its connections from
 one :class:`ConnectionBudget`, so the process never holds more than the budget, however many
-tenants it touches. A pool holds nothing while its tenant is idle (no minimum size), and when
-the budget is full a new connection takes the place of the least recently used idle one, of
-whichever database. A caller that finds every connection busy waits its turn (first come,
-first served) up to the budget's ``wait``, then gets :class:`DatabaseBusyError`.
+tenants it touches. Idle connections belong to the budget, by database: a pool holds nothing
+while its tenant is idle, a store closed and opened again (evicted from the router's cache, a
+sweep's) finds its database's idle connections still there, and when the budget is full a new
+connection takes the place of the least recently used idle one, of whichever database. Idle
+connections are closed after ``IDLE_SECONDS``. A caller that finds every connection busy waits
+its turn (first come, first served) up to the budget's ``wait``, then gets
+:class:`DatabaseBusyError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +24,8 @@ from tenantflow.errors import DatabaseBusyError
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
+
+IDLE_SECONDS = 60.0
 
 
 class ConnectionBudget:
@@ -32,33 +38,34 @@ class ConnectionBudget:
         self.wait = wait
         self.open = 0
         self.peak = 0
-        # Idle connections of every pool, least recently returned first: the ones to close
-        # when another database needs the room.
-        self._idle: OrderedDict[AsyncConnection[Any], ConnectionPool] = OrderedDict()
-        self._waiters: deque[tuple[ConnectionPool, asyncio.Future[AsyncConnection[Any] | None]]]
+        # Idle connections of every database, least recently returned first (the ones to
+        # close when another database needs the room), with their database and since when.
+        self._idle: OrderedDict[AsyncConnection[Any], tuple[str, float]] = OrderedDict()
+        self._idle_of: dict[str, list[AsyncConnection[Any]]] = {}  # most recent last
+        self._database: dict[AsyncConnection[Any], str] = {}  # of every open connection
+        self._waiters: deque[tuple[str, asyncio.Future[AsyncConnection[Any] | None]]]
         self._waiters = deque()
-        self._owner: dict[AsyncConnection[Any], ConnectionPool] = {}  # open connections
         self._closing: set[asyncio.Task[None]] = set()
+        self._expiry: asyncio.TimerHandle | None = None
 
-    async def _checkout(self, pool: ConnectionPool, deadline: float) -> AsyncConnection[Any]:
+    async def checkout(self, pool: ConnectionPool, deadline: float) -> AsyncConnection[Any]:
+        self._expire()
         if not self._waiters:
-            if pool.idle:
-                conn = pool.idle.pop()
-                del self._idle[conn]
+            idle = self._idle_of.get(pool.database)
+            if idle:
+                conn = self._take_idle(idle[-1])
                 return conn if _usable(conn) else await self._reopen(pool, conn)
             if self.open < self.limit:
                 self.open += 1
                 self.peak = max(self.peak, self.open)
                 return await self._reopen(pool, None)
             if self._idle:
-                victim, owner = self._idle.popitem(last=False)
-                owner.idle.remove(victim)
-                return await self._reopen(pool, victim)
+                return await self._reopen(pool, self._take_idle(next(iter(self._idle))))
         # Every connection is busy (or others wait already): wait for one to be handed over.
         future: asyncio.Future[AsyncConnection[Any] | None] = (
             asyncio.get_running_loop().create_future()
         )
-        entry = (pool, future)
+        entry = (pool.database, future)
         self._waiters.append(entry)
         try:
             async with asyncio.timeout_at(deadline):
@@ -74,9 +81,52 @@ class ConnectionBudget:
             if isinstance(exc, TimeoutError):
                 raise DatabaseBusyError() from None
             raise
-        if handed is not None and handed in pool.conns and _usable(handed):
+        if handed is not None and self._database.get(handed) == pool.database and _usable(handed):
             return handed
         return await self._reopen(pool, handed)
+
+    def checkin(self, conn: AsyncConnection[Any]) -> None:
+        """A connection comes back: to the first waiter, else idle; closed instead if it is
+        not usable (its slot goes on once it is)."""
+        if _usable(conn):
+            self._hand_on(conn)
+        else:
+            self._retire(conn)
+
+    def discard(self, database: str) -> None:
+        """Close the idle connections of ``database`` (it is going away)."""
+        for conn in list(self._idle_of.get(database, ())):
+            self._retire(self._take_idle(conn))
+
+    async def close(self) -> None:
+        """Close every idle connection. (The budget stays usable: a connection in use now
+        becomes idle when it comes back.)"""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for conn in list(self._idle):
+            self._retire(self._take_idle(conn))
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+    def _take_idle(self, conn: AsyncConnection[Any]) -> AsyncConnection[Any]:
+        database, _ = self._idle.pop(conn)
+        idle = self._idle_of[database]
+        idle.remove(conn)
+        if not idle:
+            del self._idle_of[database]
+        return conn
+
+    def _expire(self) -> None:
+        self._expiry = None
+        cutoff = time.monotonic() - IDLE_SECONDS
+        while self._idle:
+            conn, (_, since) = next(iter(self._idle.items()))
+            if since > cutoff:
+                # A process gone quiet closes its connections too, without a caller's help.
+                self._expiry = asyncio.get_running_loop().call_later(since - cutoff, self._expire)
+                break
+            self._retire(self._take_idle(conn))
 
     async def _reopen(
         self, pool: ConnectionPool, old: AsyncConnection[Any] | None
@@ -86,65 +136,39 @@ class ConnectionBudget:
         budget. The slot is handed on if this fails."""
         try:
             if old is not None:
-                self._forget(old)
+                self._database.pop(old, None)
                 await _close(old)
             conn = await pool.connect()
         except BaseException:
             self._hand_on(None)
             raise
-        self._owner[conn] = pool
-        pool.conns.add(conn)
+        self._database[conn] = pool.database
         return conn
-
-    def _forget(self, conn: AsyncConnection[Any]) -> None:
-        owner = self._owner.pop(conn, None)
-        if owner is not None:
-            owner.conns.discard(conn)
-
-    def checkin(self, pool: ConnectionPool, conn: AsyncConnection[Any]) -> None:
-        """A connection comes back: to the first waiter, else idle; closed instead if it is
-        not usable or its pool is closed (its slot goes on once it is)."""
-        if pool.closed or not _usable(conn):
-            self._retire(conn)
-        else:
-            self._hand_on(conn)
-
-    def _next_waiter(
-        self,
-    ) -> tuple[ConnectionPool, asyncio.Future[AsyncConnection[Any] | None]] | None:
-        while self._waiters and self._waiters[0][1].done():
-            self._waiters.popleft()
-        return self._waiters[0] if self._waiters else None
 
     def _hand_on(self, conn: AsyncConnection[Any] | None) -> None:
         """Give a slot (with the connection in it, or None) to the first waiter, else free
         it: a waiter of another database closes the connection and opens its own."""
-        waiter = self._next_waiter()
-        if waiter is not None:
-            self._waiters.popleft()
-            waiter[1].set_result(conn)
-            return
+        while self._waiters:
+            _, future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(conn)
+                return
         if conn is None:
             self.open -= 1
             return
-        owner = self._owner.get(conn)
-        if owner is not None and not owner.closed and _usable(conn):
-            owner.idle.append(conn)
-            self._idle[conn] = owner
-        else:
+        database = self._database.get(conn)
+        if database is None or not _usable(conn):
             self._retire(conn)
-
-    def release_idle(self, pool: ConnectionPool) -> None:
-        """Close a pool's idle connections, handing their slots on."""
-        while pool.idle:
-            conn = pool.idle.pop()
-            self._idle.pop(conn, None)
-            self._retire(conn)
+            return
+        self._idle[conn] = (database, time.monotonic())
+        self._idle_of.setdefault(database, []).append(conn)
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._expire)
 
     def _retire(self, conn: AsyncConnection[Any]) -> None:
         """Close ``conn``, then hand its slot on (not before: the server would see one more
         than the budget meanwhile)."""
-        self._forget(conn)
+        self._database.pop(conn, None)
         if conn.closed:
             self._hand_on(None)
             return
@@ -158,11 +182,6 @@ class ConnectionBudget:
         task = asyncio.get_running_loop().create_task(close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
-
-    async def closed(self) -> None:
-        """Wait until connections being closed are."""
-        while self._closing:
-            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
 
 async def _close(conn: AsyncConnection[Any]) -> None:
@@ -178,21 +197,20 @@ def _usable(conn: AsyncConnection[Any]) -> bool:
 
 
 class ConnectionPool:
-    """Connections to one database, at most ``max_size`` in use at once, drawn from a
-    budget."""
+    """Connections to ``database`` (its conninfo), at most ``max_size`` in use at once by
+    this pool, drawn from a budget."""
 
     def __init__(
         self,
         budget: ConnectionBudget,
+        database: str,
         connect: Callable[[], Awaitable[AsyncConnection[Any]]],
         *,
         max_size: int,
     ) -> None:
         self.budget = budget
+        self.database = database
         self.connect = connect
-        self.idle: list[AsyncConnection[Any]] = []  # the most recently returned last
-        self.conns: set[AsyncConnection[Any]] = set()
-        self.closed = False
         self._in_use = asyncio.Semaphore(max_size)
 
     @contextlib.asynccontextmanager
@@ -204,18 +222,10 @@ class ConnectionPool:
         except TimeoutError:
             raise DatabaseBusyError() from None
         try:
-            conn = await self.budget._checkout(self, deadline)
+            conn = await self.budget.checkout(self, deadline)
             try:
                 yield conn
             finally:
-                self.budget.checkin(self, conn)
+                self.budget.checkin(conn)
         finally:
             self._in_use.release()
-
-    async def close(self) -> None:
-        """Close the idle connections now, and those in use when they come back. A caller that
-        still holds the store afterwards gets a connection as before (closed after its use):
-        a store evicted from the router's cache may be closed at once."""
-        self.closed = True
-        self.budget.release_idle(self)
-        await self.budget.closed()
