@@ -47,6 +47,7 @@ class ConnectionBudget:
         self._waiters = deque()
         self._closing: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
+        self._closed = False
 
     async def checkout(self, pool: ConnectionPool, deadline: float) -> AsyncConnection[Any]:
         self._expire()
@@ -99,8 +100,9 @@ class ConnectionBudget:
             self._retire(self._take_idle(conn))
 
     async def close(self) -> None:
-        """Close every idle connection. (The budget stays usable: a connection in use now
-        becomes idle when it comes back.)"""
+        """Close every idle connection, and from now on each connection when it comes back
+        (the budget stays usable, for callers that still hold a store)."""
+        self._closed = True
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -157,7 +159,7 @@ class ConnectionBudget:
             self.open -= 1
             return
         database = self._database.get(conn)
-        if database is None or not _usable(conn):
+        if database is None or self._closed or not _usable(conn):
             self._retire(conn)
             return
         self._idle[conn] = (database, time.monotonic())
