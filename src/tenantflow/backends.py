@@ -18,6 +18,7 @@ _UNAVAILABLE = {
     "psycopg": ("OperationalError", "PoolTimeout", "ConnectionTimeout"),
     "psycopg_pool": ("PoolTimeout", "PoolClosed"),
     "sqlalchemy": ("OperationalError", "TimeoutError"),
+    "tenantflow": ("DatabaseBusyError",),
     "redis": ("ConnectionError", "TimeoutError", "BusyLoadingError", "InvalidResponse"),
 }
 _MISSING = re.compile(r'(database|role) "[^"]*" does not exist')

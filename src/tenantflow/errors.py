@@ -40,6 +40,14 @@ class BackendUnavailableError(TenantflowError):
     """A database or queue server did not answer."""
 
 
+class DatabaseBusyError(BackendUnavailableError):
+    """Every database connection of this process is in use: try again shortly."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFoundError(TenantflowError):
     """The object does not exist."""
 

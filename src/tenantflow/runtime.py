@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import Sequence
 from contextvars import Context
 from typing import TYPE_CHECKING, Any
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from tenantflow._extras import require
+from tenantflow.backends import log_failure
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Envelope, Queue
@@ -33,6 +36,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 OUTBOX_FLUSH_SECONDS = 0.05
+# A tenant's mark of work (see ``note_work``) is renewed when older than REMARK; a sweep drops
+# it only once older than CLEAR and the tenant has nothing unfinished. Safe as long as a run is
+# committed within CLEAR - REMARK of the mark it relied on: ``TenantClient.start`` marks again
+# after a commit that took longer than SLOW_SUBMIT.
+MARK_REMARK_SECONDS = 20.0
+MARK_CLEAR_SECONDS = 60.0
+MARK_SLOW_SUBMIT_SECONDS = 20.0
+MARK_RETRY_SECONDS = 2.0
 
 
 def open_queue(settings: Settings) -> Queue:
@@ -115,6 +126,10 @@ class Runtime:
         self._publisher: asyncio.Task[None] | None = None
         self._platform: Platform | None = None
         self._artifacts: PlatformArtifacts | None = None
+        self._marked: dict[str, float] = {}  # tenant -> when this process last marked it
+        self._marking: dict[str, asyncio.Future[None]] = {}
+        self._unmarked: set[str] = set()  # marks that failed, retried by _mark_again
+        self._remarker: asyncio.Task[None] | None = None
 
     # -- the platform plane, as this process sees it -----------------------------------------
 
@@ -147,6 +162,49 @@ class Runtime:
         if artifacts.needs_refresh(tenant_id):
             return await asyncio.to_thread(artifacts.license, tenant_id)
         return artifacts.license(tenant_id)
+
+    async def note_work(self, tenant_id: str, *, again: bool = False) -> None:
+        """Mark the tenant as one with work, in the platform database, before a run of it is
+        created: background sweeps visit only marked tenants, so a run whose message the queue
+        lost is still found. Written at most every ``MARK_REMARK_SECONDS`` per tenant and
+        process (``again``: now). The platform database away: logged, and the run goes on
+        (its message is published as usual) while the mark is retried in the background."""
+        now = time.time()
+        if not again and now - self._marked.get(tenant_id, -math.inf) < MARK_REMARK_SECONDS:
+            return
+        pending = self._marking.get(tenant_id)
+        if pending is None:
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(self.registry.mark_active, tenant_id, now)
+            )
+            self._marking[tenant_id] = pending
+            pending.add_done_callback(lambda _: self._marking.pop(tenant_id, None))
+        try:
+            await asyncio.shield(pending)
+        except Exception as exc:
+            log_failure(log, "marking the tenant's work failed; retrying", exc, tenant=tenant_id)
+            self._unmarked.add(tenant_id)
+            if self._remarker is None or self._remarker.done():
+                self._remarker = asyncio.get_running_loop().create_task(
+                    self._mark_again(), context=Context()
+                )
+            return
+        self._marked[tenant_id] = max(now, self._marked.get(tenant_id, now))
+
+    async def _mark_again(self) -> None:
+        while self._unmarked:
+            await asyncio.sleep(MARK_RETRY_SECONDS)
+            await self._retry_marks()
+
+    async def _retry_marks(self) -> Exception | None:
+        """Mark the tenants whose mark failed; the error if the platform is still away."""
+        for tenant_id in list(self._unmarked):
+            try:
+                await asyncio.to_thread(self.registry.mark_active, tenant_id, time.time())
+            except Exception as exc:
+                return exc
+            self._unmarked.discard(tenant_id)
+        return None
 
     def publish_soon(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> asyncio.Future[None]:
         """Publish outbox records to the queue in the background, then forget them; the
@@ -236,6 +294,15 @@ class Runtime:
                 log.exception("outbox cleanup failed; the relay will republish", tenant=tenant_id)
 
     async def close(self) -> None:
+        if self._remarker is not None and not self._remarker.done():
+            # One last try; marks still failing are logged (a sweep may miss those tenants'
+            # runs only if the queue loses their messages as well).
+            self._remarker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._remarker
+            failed = await self._retry_marks()
+            if failed is not None:
+                log_failure(log, "tenants' work left unmarked", failed, tenants=len(self._unmarked))
         await self.published()
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()

@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tenantflow.errors import ConfigError
 
+# The platform database's share of ``database_connections`` (its pool's size and overflow).
+PLATFORM_CONNECTIONS = 4
+
 
 class Settings(BaseSettings):
     """Settings of a tenantflow process.
@@ -34,6 +37,18 @@ class Settings(BaseSettings):
     )
     max_open_tenant_dbs: int = Field(default=32, ge=1, description="Tenant stores kept open.")
     tenant_pool_size: int = Field(default=2, ge=1, description="Connections per tenant pool.")
+    database_connections: int = Field(
+        default=32,
+        ge=PLATFORM_CONNECTIONS + 1,
+        description="PostgreSQL connections of a process in total, tenant databases and the "
+        "platform database together, however many tenants.",
+    )
+    database_wait_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a PostgreSQL connection when the budget is in use; then "
+        "DatabaseBusyError (HTTP 503).",
+    )
     queue_prefix: str = Field(
         default="tf", pattern="^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key."
     )

@@ -7,12 +7,15 @@ import asyncio
 import time
 
 import pytest
+import sqlalchemy
 
 from tenantflow import App, Client, RunStatus, Runtime, WorkflowContext
 from tenantflow.engine.executor import encode_input
 from tenantflow.sdk.client import new_run_id
 from tenantflow.store.records import NewRun
 from tenantflow.store.sql import SqlRunStore
+from tenantflow.worker import maintenance
+from tenantflow.worker.maintenance import Maintenance
 from tests.conftest import running_worker
 
 app = App("outbox-tests")
@@ -30,7 +33,9 @@ async def adder(ctx: WorkflowContext, a: int) -> int:
 
 async def test_a_crash_between_commit_and_publish_loses_nothing(runtime: Runtime) -> None:
     store = runtime.router.store("acme")
-    # Commit the run and its outbox record, then "crash": never publish.
+    # Mark the tenant's work and commit the run with its outbox record, as a submit does,
+    # then "crash": never publish.
+    await runtime.note_work("acme")
     run, created, outbox = await store.create_run(
         NewRun(id=new_run_id(), workflow="adder", input=encode_input(adder, (41,), {})),
         now=time.time(),
@@ -84,6 +89,52 @@ async def test_runs_survive_the_queue_losing_everything(runtime: Runtime) -> Non
     assert results == [i + 1 for i in range(20)]
     assert worker.stats.reenqueued >= 20
     assert await tenant.list_runs(status=RunStatus.COMPLETED, limit=100) != []
+
+
+async def test_a_tenant_keeps_its_mark_while_a_run_is_unfinished(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sweeps visit only tenants marked with work; a mark due to go stays while the tenant has
+    an unfinished run, so a run whose message the queue lost is still found. Then it goes."""
+    monkeypatch.setattr(maintenance, "MARK_CLEAR_SECONDS", 0.0)  # every mark is due at once
+    tenant = Client(app, runtime=runtime).tenant("acme")
+    handle = await tenant.start(adder, 1)
+    await runtime.published()
+    await wipe_queue(runtime)
+    sweeps = Maintenance(runtime, "test")
+    report = await sweeps.run_once()
+    assert report.ran and report.tenants == 1 and report.cleared == 0  # globex: not visited
+    assert [t for t, _ in runtime.registry.active_tenants()] == ["acme"]
+    async with running_worker(app, runtime):
+        assert await handle.result(timeout=60) == 2
+    deadline = time.monotonic() + 10
+    while runtime.registry.active_tenants():
+        assert time.monotonic() < deadline, "the mark of a tenant with nothing left stayed"
+        await sweeps.run_once()  # the worker's lock may hold it off for a moment
+        await asyncio.sleep(0.2)
+    assert (await sweeps.run_once()).tenants == 0
+
+
+async def test_a_mark_that_failed_is_made_later(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The platform database away at submit: the run is accepted and the mark follows."""
+    monkeypatch.setattr("tenantflow.runtime.MARK_RETRY_SECONDS", 0.05)
+    mark = runtime.registry.mark_active
+    failures = iter([True, True])
+
+    def flaky(tenant_id: str, now: float) -> None:
+        if next(failures, False):
+            raise sqlalchemy.exc.OperationalError("mark", {}, ConnectionError("platform away"))
+        mark(tenant_id, now)
+
+    monkeypatch.setattr(runtime.registry, "mark_active", flaky)
+    await Client(app, runtime=runtime).tenant("acme").start(adder, 1)
+    deadline = time.monotonic() + 5
+    while not runtime.registry.active_tenants():
+        assert time.monotonic() < deadline, "the failed mark was never made"
+        await asyncio.sleep(0.05)
+    assert [t for t, _ in runtime.registry.active_tenants()] == ["acme"]
 
 
 async def wipe_queue(runtime: Runtime) -> None:

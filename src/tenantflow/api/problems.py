@@ -48,6 +48,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.InvalidTenantIdError, 422, "invalid-request"),
     (errors.SerializationError, 422, "invalid-request"),
     (errors.ConfigError, 422, "invalid-request"),
+    (errors.DatabaseBusyError, 503, "database-busy"),
 ]
 
 _TITLES = {
@@ -160,6 +161,12 @@ def install(app: FastAPI) -> None:
         return problem(422, "invalid-request", "a value the database cannot store")
 
     app.add_exception_handler(sa_exc.DataError, _data)
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _platform_busy(request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        # The platform database's pool, which is a share of the connection budget, is full.
+        return _known(errors.DatabaseBusyError())
+
     try:
         import psycopg
     except ImportError:  # the PostgreSQL driver is an extra
@@ -200,7 +207,7 @@ def _known(exc: Exception) -> JSONResponse:
     status, slug = found
     headers = None
     retry_after = getattr(exc, "retry_after", None)
-    if status == 429 and retry_after is not None:
+    if status in (429, 503) and retry_after is not None:
         headers = {"Retry-After": str(max(1, round(retry_after)))}
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}

@@ -9,6 +9,7 @@ records which database holds each one (the routing table).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import enum
 import multiprocessing
@@ -38,9 +39,9 @@ from tenantflow.platform.provision import (
     SqliteProvisioner,
     sqlalchemy_url,
 )
-from tenantflow.platform.schema import PLATFORM_HEAD, database_servers
+from tenantflow.platform.schema import PLATFORM_HEAD, active_tenants, database_servers
 from tenantflow.platform.schema import tenants as tenants_table
-from tenantflow.settings import Settings
+from tenantflow.settings import PLATFORM_CONNECTIONS, Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.schema import HEAD_REVISION
 
@@ -102,7 +103,7 @@ def _tenant(row: Any) -> Tenant:
     )
 
 
-def _platform_engine(url: str, timeout: float) -> sa.Engine:
+def _platform_engine(url: str, timeout: float, wait: float) -> sa.Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -125,8 +126,10 @@ def _platform_engine(url: str, timeout: float) -> sa.Engine:
 
     engine = sa.create_engine(
         sqlalchemy_url(url),
+        # Its share of the process's connection budget (the tenant stores have the rest).
         pool_size=2,
-        max_overflow=4,
+        max_overflow=PLATFORM_CONNECTIONS - 2,
+        pool_timeout=wait,
         pool_pre_ping=True,
         connect_args=pg_connect_args(timeout),
     )
@@ -198,7 +201,9 @@ class TenantRegistry:
     def __init__(self, settings: Settings) -> None:
         url = settings.resolved_database_url()
         self.settings = settings
-        self.engine = _platform_engine(url, settings.database_timeout_seconds)
+        self.engine = _platform_engine(
+            url, settings.database_timeout_seconds, settings.database_wait_seconds
+        )
         self._closed = False
 
         @sa.event.listens_for(self.engine, "checkin")
@@ -452,7 +457,47 @@ class TenantRegistry:
         tenant = self.get(tenant_id)
         self.provisioner_for(tenant.server_id).drop_database(tenant_id)
         with self.engine.begin() as conn:
+            conn.execute(active_tenants.delete().where(active_tenants.c.tenant_id == tenant_id))
             conn.execute(tenants_table.delete().where(tenants_table.c.id == tenant_id))
+
+    # -- which tenants have work -------------------------------------------------------------
+
+    def mark_active(self, tenant_id: str, now: float) -> None:
+        """Record that the tenant may have unfinished runs from ``now`` on (see
+        ``active_tenants`` in the schema)."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        statement = insert(active_tenants).values(tenant_id=tenant_id, marked_at=now)
+        # Never moved back (a process whose clock is behind).
+        later = sa.case((active_tenants.c.marked_at < now, now), else_=active_tenants.c.marked_at)
+        statement = statement.on_conflict_do_update(
+            index_elements=[active_tenants.c.tenant_id], set_={"marked_at": later}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(statement)
+
+    def active_tenants(self) -> builtins.list[tuple[str, float]]:
+        """The marked tenants and when each was last marked."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(active_tenants.c.tenant_id, active_tenants.c.marked_at).order_by(
+                    active_tenants.c.tenant_id
+                )
+            ).all()
+        return [(r.tenant_id, r.marked_at) for r in rows]
+
+    def clear_active(self, tenant_id: str, *, marked_before: float) -> bool:
+        """Drop the tenant's mark unless it was renewed at ``marked_before`` or later."""
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                active_tenants.delete().where(
+                    active_tenants.c.tenant_id == tenant_id,
+                    active_tenants.c.marked_at < marked_before,
+                )
+            )
+        return bool(done.rowcount)
 
     def close(self) -> None:
         self._closed = True
@@ -462,16 +507,29 @@ class TenantRegistry:
 class TenantRouter:
     """Resolves a tenant id to its run store.
 
-    Stores are kept in an LRU of at most ``max_open_tenant_dbs``, each with a small pool, so a
-    thousand tenants never mean a thousand open pools. An evicted store is closed a little
-    later, when operations that already hold it have finished.
+    Stores are kept in an LRU of at most ``max_open_tenant_dbs``. On PostgreSQL their
+    connections all come from one budget (``database_connections`` less the platform
+    database's share), so the connections of a process do not grow with the tenants it
+    touches. An evicted store is closed at once: its idle connections stay with the budget
+    (for the tenant's next store, or closed to make room for another tenant's), and an
+    operation that still holds it works as before. An evicted SQLite store is closed a little
+    later, when operations that hold it have finished (its connection cannot be reopened
+    under them).
     """
 
-    CLOSE_DELAY = 30.0
+    SQLITE_CLOSE_DELAY = 30.0
 
     def __init__(self, registry: TenantRegistry) -> None:
+        from tenantflow.store.pgpool import ConnectionBudget
+
         self.registry = registry
         self.settings = registry.settings
+        self.budget = ConnectionBudget(
+            self.settings.database_connections - PLATFORM_CONNECTIONS,
+            wait=self.settings.database_wait_seconds,
+        )
+        sqlite = registry.engine.dialect.name == "sqlite"
+        self._close_delay = self.SQLITE_CLOSE_DELAY if sqlite else 0.0
         self._stores: OrderedDict[str, RunStore] = OrderedDict()
         self._tenants: dict[str, tuple[float, Tenant]] = {}
         self._pins: dict[str, int] = {}
@@ -523,10 +581,12 @@ class TenantRouter:
     async def forget(self, tenant_id: str) -> None:
         """Close the tenant's store now and drop what is cached of it (its database is about
         to go away)."""
-        self._tenants.pop(tenant_id, None)
+        cached = self._tenants.pop(tenant_id, None)
         store = self._stores.pop(tenant_id, None)
         if store is not None:
             await store.close()
+        if cached is not None:
+            self.budget.discard(cached[1].database_url)
 
     @contextlib.contextmanager
     def pinned(self, tenant_id: str) -> Iterator[RunStore]:
@@ -577,6 +637,7 @@ class TenantRouter:
                 url,
                 max_size=self.settings.tenant_pool_size,
                 timeout=self.settings.database_timeout_seconds,
+                budget=self.budget,
             ),
         )
 
@@ -587,7 +648,8 @@ class TenantRouter:
             return  # no loop: nothing async was opened
 
         async def close() -> None:
-            await asyncio.sleep(self.CLOSE_DELAY)
+            if self._close_delay:
+                await asyncio.sleep(self._close_delay)
             await store.close()
 
         task = loop.create_task(close())
@@ -603,3 +665,4 @@ class TenantRouter:
         for store in self._stores.values():
             await store.close()
         self._stores.clear()
+        await self.budget.close()

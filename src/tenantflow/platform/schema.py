@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-PLATFORM_HEAD = "p0001"
+PLATFORM_HEAD = "p0002"
 
 metadata = sa.MetaData()
 
@@ -35,6 +35,16 @@ tenants = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("database_url", sa.Text, nullable=False, unique=True),  # a secret
     sa.Column("revision", sa.String(32)),
+)
+
+# Tenants that may have unfinished runs or outbox records: the ones background sweeps visit.
+# Marked before a run is created (again when the mark is getting old), removed by a sweep
+# that finds the tenant with nothing unfinished and a mark old enough (see maintenance.py).
+active_tenants = sa.Table(
+    "active_tenants",
+    metadata,
+    sa.Column("tenant_id", sa.String(63), primary_key=True),
+    sa.Column("marked_at", sa.Float, nullable=False),
 )
 
 users = sa.Table(

@@ -21,7 +21,7 @@ from tenantflow.errors import (
     TenantSuspendedError,
 )
 from tenantflow.platform.registry import TenantStatus, check_tenant_id
-from tenantflow.runtime import Runtime
+from tenantflow.runtime import MARK_SLOW_SUBMIT_SECONDS, Runtime
 from tenantflow.sdk.app import App, Workflow
 from tenantflow.sdk.serde import dumps, loads
 from tenantflow.settings import Settings
@@ -119,6 +119,9 @@ class TenantClient:
             quota = license.quotas.runs_per_month
         payload = encode_input(workflow, args, kwargs)
         options = workflow.start_options
+        # Before the run exists: sweeps must know the tenant has work (see ``note_work``).
+        await runtime.note_work(self.tenant_id)
+        marked = time.monotonic()
         tracing = runtime.tracing
         with tracing.span(
             f"submit {workflow.name}",
@@ -141,6 +144,9 @@ class TenantClient:
             set_attributes(span, {"tenantflow.run": run.id, "tenantflow.created": created})
         if created:
             runtime.metrics.submitted(workflow.name, self.tenant_id)
+            if time.monotonic() - marked > MARK_SLOW_SUBMIT_SECONDS:
+                # The mark relied on may have been dropped by a sweep meanwhile.
+                await runtime.note_work(self.tenant_id, again=True)
         runtime.publish_soon(self.tenant_id, outbox)  # committed: the message may follow
         return RunHandle(self, run.id, workflow)
 

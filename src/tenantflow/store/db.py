@@ -27,7 +27,8 @@ from tenantflow import _sqlite
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
-    from psycopg_pool import AsyncConnectionPool
+
+    from tenantflow.store.pgpool import ConnectionBudget
 
 log = structlog.get_logger(__name__)
 
@@ -222,28 +223,37 @@ def pg_session_limits(timeout: float) -> list[str]:
 
 
 class PostgresDatabase:
-    """A small pool of connections to one tenant database (psycopg 3)."""
+    """Connections to one tenant database (psycopg 3): at most ``max_size`` in use at once,
+    drawn from ``budget``, the process's connection budget shared with its other databases
+    (without one: a budget of ``max_size`` of its own)."""
 
     dialect = "postgresql"
 
-    def __init__(self, conninfo: str, *, max_size: int = 4, timeout: float = 30.0) -> None:
-        from psycopg_pool import AsyncConnectionPool
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        max_size: int = 4,
+        timeout: float = 30.0,
+        budget: ConnectionBudget | None = None,
+    ) -> None:
+        from tenantflow.store.pgpool import ConnectionBudget, ConnectionPool
 
-        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            conninfo,
-            min_size=1,
-            max_size=max_size,
-            open=False,
-            timeout=max(timeout, 1.0) if timeout > 0 else 30.0,  # waiting for a connection
-            # prepare_threshold None: psycopg prepares nothing of its own (a batch's text is
-            # unique anyway, its values are in it), and so never sends the DEALLOCATE ALL
-            # (after a rollback) that would drop ours as well.
-            kwargs={"autocommit": True, "prepare_threshold": None, **pg_connect_args(timeout)},
-            configure=self._configure,
-            num_workers=1,
-        )
+        self._conninfo = conninfo
+        # prepare_threshold None: psycopg prepares nothing of its own (a batch's text is
+        # unique anyway, its values are in it), and so never sends the DEALLOCATE ALL (after
+        # a rollback) that would drop ours as well.
+        self._connect_args: dict[str, Any] = {
+            "autocommit": True,
+            "prepare_threshold": None,
+            **pg_connect_args(timeout),
+        }
+        # Without a budget, one of its own, closed with it.
+        self._own_budget = budget is None
+        if budget is None:
+            budget = ConnectionBudget(max_size, wait=max(timeout, 1.0) if timeout > 0 else 30.0)
+        self.pool = ConnectionPool(budget, conninfo, self._connect, max_size=max_size)
         self._session_sql = pg_session_limits(timeout)
-        self._opened = False
         self._batch: list[_Batched] = []
         self._flushing: set[asyncio.Task[None]] = set()
         # Batches and lone statements on their way, until their callers are answered (see
@@ -256,24 +266,25 @@ class PostgresDatabase:
             weakref.WeakKeyDictionary()
         )
 
-    async def _configure(self, conn: AsyncConnection[Any]) -> None:
-        for statement in self._session_sql:
-            await conn.execute(statement)
+    async def _connect(self) -> AsyncConnection[Any]:
+        from psycopg import AsyncConnection
 
-    async def _open(self) -> None:
-        if not self._opened:
-            self._opened = True
-            await self.pool.open()
+        conn = await AsyncConnection.connect(self._conninfo, **self._connect_args)
+        try:
+            for statement in self._session_sql:
+                await conn.execute(statement)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
-        await self._open()
         async with self.pool.connection() as conn, conn.transaction():
             yield _PgTx(conn)
 
     @contextlib.asynccontextmanager
     async def autocommit(self) -> AsyncIterator[Tx]:
-        await self._open()
         async with self.pool.connection() as conn:
             yield _PgTx(conn)
 
@@ -291,12 +302,10 @@ class PostgresDatabase:
         may not have committed, as with any interrupted statement."""
         future: asyncio.Future[Row | None] = asyncio.get_running_loop().create_future()
         item = _Batched(sql, params, future, durable)
-        if self._opened and not self._batch and not self._in_flight:
+        if not self._batch and not self._in_flight:
             # Nothing waiting and nothing on its way: no statement to share this commit with,
             # so it goes at once, from the caller's task, two turns of the event loop sooner
-            # (measured: 0.05-0.1 ms less per commit on an idle process). Not the first of
-            # all: the pool opens from a fresh context (its tasks keep the context they
-            # start in), not from a caller's run.
+            # (measured: 0.05-0.1 ms less per commit on an idle process).
             self._in_flight += 1
             try:
                 async with self.pool.connection() as conn:
@@ -319,7 +328,6 @@ class PostgresDatabase:
     async def _flush(self, batch: list[_Batched]) -> None:
         outcomes: list[tuple[Row | None, Exception | None]]
         try:
-            await self._open()
             async with self.pool.connection() as conn:
                 try:
                     outcomes = [(row, None) for row in await self._run_batch(conn, batch)]
@@ -436,8 +444,10 @@ class PostgresDatabase:
     async def close(self) -> None:
         for task in list(self._flushing):
             await task
-        if self._opened:
-            await self.pool.close()
+        # A shared budget keeps the idle connections, for the next store of this database
+        # (or another's, when it is full); a caller still holding this one keeps working.
+        if self._own_budget:
+            await self.pool.budget.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,6 +80,7 @@ SQL_FINISH = (
     "UPDATE runs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, "
     "lease_owner = NULL, lease_until = NULL, wake_at = NULL WHERE id = ? RETURNING parent_id"
 )
+_UNFINISHED = ", ".join(f"'{s.value}'" for s in RunStatus if s not in TERMINAL)
 SQL_WAKE = (
     "UPDATE runs SET status = 'queued', wake_at = NULL, updated_at = ? "
     "WHERE id = ? AND status = 'waiting' RETURNING id, priority"
@@ -814,6 +815,14 @@ class SqlRunStore:
                 (cutoff, cutoff, cutoff, limit),
             )
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def has_unfinished(self) -> bool:
+        async with self.db.autocommit() as tx:
+            row = await tx.one(
+                f"SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ({_UNFINISHED})) "
+                "OR EXISTS (SELECT 1 FROM outbox)"
+            )
+        return bool(row and row[0])
 
     async def stuck_runs(self, *, before: float) -> tuple[int, float | None]:
         """How many runs are queued or running without progress since ``before``, and when

@@ -1,5 +1,8 @@
 """The outbox relay and the reconciler: one process at a time across the cluster (a lock in the
-queue backend with a TTL) sweeps every tenant.
+queue backend with a TTL) sweeps the tenants that may have work: those marked in the platform
+database (``Runtime.note_work``, before a run is created). A tenant found with nothing
+unfinished, and a mark older than ``MARK_CLEAR_SECONDS``, loses its mark; so an idle tenant
+costs nothing, and one with an unfinished run keeps its mark whatever the queue lost.
 
 - Relay: outbox records older than a few seconds were never published (the process died
   between commit and publish): publish them now.
@@ -10,14 +13,17 @@ queue backend with a TTL) sweeps every tenant.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from dataclasses import dataclass
 
 import structlog
 
 from tenantflow.backends import log_failure
+from tenantflow.errors import TenantNotFoundError
 from tenantflow.queue.base import Envelope
-from tenantflow.runtime import Runtime
+from tenantflow.runtime import MARK_CLEAR_SECONDS, Runtime
 from tenantflow.store.base import RunStore
 
 log = structlog.get_logger(__name__)
@@ -31,6 +37,7 @@ class MaintenanceReport:
     relayed: int = 0
     reenqueued: int = 0
     tenants: int = 0
+    cleared: int = 0
     ran: bool = False
 
 
@@ -58,14 +65,25 @@ class Maintenance:
             return report
         report.ran = True
         now = time.time()
-        for tenant in self.runtime.registry.list():
+        # Taken before any tenant is looked at: a mark renewed after it is never dropped.
+        clear_before = now - MARK_CLEAR_SECONDS
+        registry = self.runtime.registry
+        for tenant_id, marked_at in await asyncio.to_thread(registry.active_tenants):
             report.tenants += 1
             try:
-                async with self.runtime.router.borrowed(tenant.id) as store:
-                    await self._sweep(tenant.id, store, now, report)
+                async with self.runtime.router.borrowed(tenant_id) as store:
+                    await self._sweep(tenant_id, store, now, report)
+                    idle = marked_at < clear_before and not await store.has_unfinished()
+                if idle and await asyncio.to_thread(
+                    registry.clear_active, tenant_id, marked_before=clear_before
+                ):
+                    report.cleared += 1
+            except TenantNotFoundError:
+                # Offboarded meanwhile: its mark goes with it.
+                await asyncio.to_thread(registry.clear_active, tenant_id, marked_before=math.inf)
             except Exception as exc:
                 # One tenant's trouble (its database away, say) must not stop the others.
-                log_failure(log, "maintenance of a tenant failed", exc, tenant=tenant.id)
+                log_failure(log, "maintenance of a tenant failed", exc, tenant=tenant_id)
         if report.relayed or report.reenqueued:
             log.info(
                 "maintenance",
