@@ -24,6 +24,20 @@ pytestmark = pytest.mark.slow
 ADMIN_PASSWORD = "correct-horse-battery"
 
 
+def in_background(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """The command running on, as a user starts a server; its output read at the end."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
+    base.update(COLUMNS="200", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tenantflow", *args],
+        cwd=cwd,
+        env=base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def test_every_option_and_argument_has_help() -> None:
     root = typer.main.get_command(cli)
     missing = []
@@ -141,18 +155,9 @@ class serving:
         self.output: list[str] = []
 
     def __enter__(self) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
-        env.update(COLUMNS="200", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self.env)
         for command in (["api", "--port", str(self.port)], ["worker"]):
             self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "tenantflow", *command, "--app", self.app],
-                    cwd=self.home,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
+                in_background(*command, "--app", self.app, cwd=self.home, env=self.env)
             )
         base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
@@ -423,20 +428,13 @@ def test_a_redis_that_does_not_answer_fails_within_the_timeout(
 
 def test_a_worker_keeps_retrying_with_one_line_per_back_off(tmp_path: Path) -> None:
     closed = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
-    env.update(
-        COLUMNS="200",
-        PYTHONUNBUFFERED="1",
-        TENANTFLOW_QUEUE_URL=f"redis://127.0.0.1:{closed}/0",
-        TENANTFLOW_RECONCILE_INTERVAL="0.5",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tenantflow", "worker"],
+    proc = in_background(
+        "worker",
         cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        env={
+            "TENANTFLOW_QUEUE_URL": f"redis://127.0.0.1:{closed}/0",
+            "TENANTFLOW_RECONCILE_INTERVAL": "0.5",
+        },
     )
     time.sleep(5)
     proc.send_signal(signal.SIGTERM)
@@ -452,20 +450,8 @@ def test_a_worker_keeps_retrying_with_one_line_per_back_off(tmp_path: Path) -> N
 
 def test_a_worker_started_before_its_database_waits_for_it(tmp_path: Path) -> None:
     closed = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTFLOW_")}
-    env.update(
-        COLUMNS="200",
-        PYTHONUNBUFFERED="1",
-        TENANTFLOW_DATABASE_URL=f"postgresql://tf:s3cret@127.0.0.1:{closed}/platform",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tenantflow", "worker"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    url = f"postgresql://tf:s3cret@127.0.0.1:{closed}/platform"
+    proc = in_background("worker", cwd=tmp_path, env={"TENANTFLOW_DATABASE_URL": url})
     time.sleep(3)
     assert proc.poll() is None  # still waiting, not exited
     proc.send_signal(signal.SIGTERM)
