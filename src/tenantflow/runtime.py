@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from tenantflow.queue.redis_streams import RedisStreamsQueue
     from tenantflow.resilience.breaker import Breakers
     from tenantflow.resilience.bulkhead import Bulkheads
+    from tenantflow.telemetry.health import HealthMonitor
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +131,16 @@ class Runtime:
         self._marking: dict[str, asyncio.Future[None]] = {}
         self._unmarked: set[str] = set()  # marks that failed, retried by _mark_again
         self._remarker: asyncio.Task[None] | None = None
+        self._health: HealthMonitor | None = None
+
+    @property
+    def health(self) -> HealthMonitor:
+        """The stuck-run detector's latest survey, refreshed in the background once asked."""
+        if self._health is None:
+            from tenantflow.telemetry.health import HealthMonitor
+
+            self._health = HealthMonitor(self)
+        return self._health
 
     # -- the platform plane, as this process sees it -----------------------------------------
 
@@ -294,6 +305,8 @@ class Runtime:
                 log.exception("outbox cleanup failed; the relay will republish", tenant=tenant_id)
 
     async def close(self) -> None:
+        if self._health is not None:
+            await self._health.close()
         if self._remarker is not None and not self._remarker.done():
             # One last try; marks still failing are logged (a sweep may miss those tenants'
             # runs only if the queue loses their messages as well).

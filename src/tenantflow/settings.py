@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     queue_lag_seconds: float = Field(
         default=60, gt=0, description="A tenant's oldest unacknowledged message this old is lag."
     )
+    health_refresh_seconds: float = Field(
+        default=15,
+        gt=0,
+        description="How often a process surveys stuck runs and queues for /readyz and metrics.",
+    )
     metrics_per_tenant: bool = Field(
         default=True, description="A tenant label on run and queue metrics (cardinality)."
     )

@@ -22,6 +22,7 @@ from tenantflow.platform.identity import Role
 from tenantflow.platform.provision import with_database
 from tenantflow.store.db import PostgresDatabase
 from tenantflow.store.sql import SqlRunStore
+from tenantflow.telemetry.health import survey
 from tenantflow.worker.maintenance import Maintenance
 from tests.apps import api as workflows
 from tests.conftest import running_worker
@@ -164,27 +165,36 @@ def sessions(url: str, prefix: str) -> dict[str, int]:
     return {name: int(count) for name, count in rows}
 
 
+@pytest.mark.parametrize("sweep", ["maintenance", "survey"])
 async def test_sweeps_open_no_session_to_idle_tenants(
-    own_pg: OwnPostgres, make_runtime: MakeRuntime
+    own_pg: OwnPostgres, make_runtime: MakeRuntime, sweep: str
 ) -> None:
-    runtime = make_runtime("sweep")
+    """The relay and reconciler, and the stuck-run detector's survey (behind /readyz, the
+    gauges and `tenantflow status`), read only the database of the tenant with work."""
+    runtime = make_runtime(sweep, stuck_run_seconds=0.5)
     for i in range(10):
         runtime.registry.create(f"idle{i}")
     runtime.registry.create("busy")
     handle = await Client(workflows.app, runtime=runtime).tenant("busy").start(workflows.greet, "x")
     await runtime.router.close()  # its sessions end: the counts below are of the sweeps alone
     await asyncio.sleep(1.5)
-    before = sessions(own_pg.url, "sweep_tenant_")
+    before = sessions(own_pg.url, f"{sweep}_tenant_")
     sweeps = Maintenance(runtime, "test")
     for _ in range(5):
-        report = await sweeps.run_once()
-        assert report.ran and report.tenants == 1
+        if sweep == "maintenance":
+            report = await sweeps.run_once()
+            assert report.ran and report.tenants == 1
+        else:
+            found = {t.tenant_id: t for t in await survey(runtime)}
+            assert len(found) == 11 and found["busy"].stuck_runs == 1  # queued, no worker
+            assert found["busy"].queue_depth == 1
+            assert sum(t.stuck_runs + t.queue_depth for t in found.values()) == 2
         await runtime.router.close()  # a new session for each sweep, if any were made
     await asyncio.sleep(1.5)
-    after = sessions(own_pg.url, "sweep_tenant_")
+    after = sessions(own_pg.url, f"{sweep}_tenant_")
     assert set(before) == set(after) and len(after) == 11
     opened = {name: after[name] - before[name] for name in after}
-    assert opened.pop("sweep_tenant_busy") >= 1
+    assert opened.pop(f"{sweep}_tenant_busy") >= 1
     assert set(opened.values()) == {0}, opened
     async with running_worker(workflows.app, runtime):
         assert await handle.result(timeout=30) == "hello x"

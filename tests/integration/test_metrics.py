@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -147,6 +148,59 @@ async def test_the_stuck_run_detector(runtime: Runtime) -> None:
                 ("tenantflow_queue_oldest_message_age_seconds", frozenset({("tenant", "acme")}))
             ]
             assert lag >= 0.4
+    finally:
+        await watched.close()
+
+
+async def test_probes_and_scrapes_never_wait_for_a_survey(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The survey behind /readyz's counts and the shared gauges runs in the background: with
+    one that takes seconds (a thousand tenants, a database slow to answer), /readyz answers
+    within its bound (without counts until the first survey is in) and /metrics at once, and
+    neither starts a survey of its own."""
+    from tenantflow.telemetry import health
+
+    real = health.survey
+    calls = 0
+
+    async def slow(rt: Runtime, **kwargs: Any) -> list[health.TenantHealth]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3.0)
+        return await real(rt, **kwargs)
+
+    monkeypatch.setattr(health, "survey", slow)
+    watched = Runtime(
+        runtime.settings.model_copy(
+            update={"metrics_token": "m", "health_refresh_seconds": 60, "stuck_run_seconds": 0.1}
+        )
+    )
+    try:
+        await Client(workflows.app, runtime=watched).tenant("acme").start(workflows.greet, "x")
+        await watched.published()
+        transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=watched))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as http:
+            for _ in range(3):
+                began = time.monotonic()
+                ready = await http.get("/readyz")
+                assert time.monotonic() - began < 1.0
+                assert ready.status_code == 200, ready.text
+                assert "progress" not in ready.json()  # the first survey is not in yet
+                began = time.monotonic()
+                scraped = await http.get("/metrics", headers={"Authorization": "Bearer m"})
+                assert time.monotonic() - began < 1.0
+                assert scraped.status_code == 200
+            assert calls == 1  # the background one, started by the first probe
+            deadline = time.monotonic() + 10
+            while "progress" not in (ready := (await http.get("/readyz")).json()):
+                assert time.monotonic() < deadline, "the first survey never came in"
+                await asyncio.sleep(0.1)
+            assert ready["progress"]["stuck_runs"] == 1
+            assert 0 <= ready["progress_age_seconds"] < 10
+            got = samples((await http.get("/metrics", headers={"Authorization": "Bearer m"})).text)
+            assert got[("tenantflow_stuck_runs", frozenset({("tenant", "acme")}))] == 1
+            assert calls == 1
     finally:
         await watched.close()
 

@@ -102,6 +102,28 @@ async def test_extend_keeps_the_lease(queue: Queue) -> None:
     assert await queue.dequeue("b", 10, 0.2) == []
 
 
+async def test_stats_of_many_tenants_in_one_call(queue: Queue) -> None:
+    """What the health survey reads: each tenant's depth (ready, delayed and in flight), dead
+    letters and oldest message, for 600 tenants at once (more than one pipelined batch)."""
+    await queue.enqueue("poison", "p")
+    for _ in range(3):  # max_deliveries 3
+        (taken,) = await queue.dequeue("c", 10, 30)
+        await queue.retry_later(taken, 0)
+    assert await queue.dequeue("c", 10, 30) == []  # dead-lettered as it came up again
+    tenants = ["poison", *(f"t{i}" for i in range(600))]
+    await queue.enqueue_many({t: [Envelope(f"{t}-run")] for t in tenants[1:301]})
+    await queue.enqueue("t0", "later", delay=60)
+    assert len(await queue.dequeue("c", 100, 30)) == 100  # in flight: still counted
+    found = await queue.stats_many(tenants)
+    assert set(found) == set(tenants)
+    assert found["poison"].dead_letters == 1 and found["poison"].depth == 0
+    assert found["t0"].depth == 2 and found["t0"].oldest_at is not None
+    assert sum(s.depth for s in found.values()) == 301
+    assert all(s.depth == 0 and s.oldest_at is None for s in (found[t] for t in tenants[301:]))
+    for tenant in ("poison", "t0", "t599"):
+        assert found[tenant] == await queue.stats(tenant)
+
+
 async def test_retry_later_and_dead_letter_after_max_deliveries(queue: Queue) -> None:
     await queue.enqueue("t", "poison")
     for delivery in range(1, 4):

@@ -129,7 +129,12 @@ class Readiness(BaseModel):
     status: Literal["ready", "unready"]
     checks: dict[str, str] = Field(description="Each check: ``ok``, or what is wrong.")
     progress: dict[str, int] | None = Field(
-        default=None, description="The stuck-run detector's counts (when ready)."
+        default=None,
+        description="The stuck-run detector's counts (when ready), from the latest background "
+        "survey; absent until the first one has finished.",
+    )
+    progress_age_seconds: float | None = Field(
+        default=None, description="How long ago the survey behind ``progress`` started."
     )
 
 

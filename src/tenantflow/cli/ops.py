@@ -18,6 +18,7 @@ from tenantflow.cli._common import (
     run,
     runtime_of,
     settings,
+    stderr,
     time_text,
 )
 from tenantflow.telemetry.health import TenantHealth
@@ -27,16 +28,30 @@ dead_cli = typer.Typer(help="Messages that could not be delivered: list them, re
 
 def status(as_json: JsonOpt = False) -> None:
     """Per tenant: stuck runs, queue depth and lag, dead letters (the stuck-run detector).
-    Exits 1 when a run is stuck or a queue lags."""
+    Exits 1 when a run is stuck, a queue lags or a tenant database does not answer."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from tenantflow.telemetry.health import survey
 
     found = settings()
+    # Only the tenants with work have their database read; the bar shows that walk.
+    bar = Progress(
+        TextColumn("reading tenant databases"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        transient=True,
+    )
+    task = bar.add_task("survey", total=None)
 
     async def main() -> list[Any]:
         async with runtime_of(found, queue=True) as runtime:
-            return await survey(runtime)
+            return await survey(
+                runtime, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
 
-    tenants = run(main())
+    with bar:
+        tenants = run(main())
     if as_json:
         print_json({"tenants": [dataclasses.asdict(t) for t in tenants]})
     else:
@@ -46,7 +61,7 @@ def status(as_json: JsonOpt = False) -> None:
         )
         columns = ("tenant", "stuck runs", "oldest stuck", "queue", "lag", "dead letters")
         print_table(title, columns, (_health_row(t) for t in tenants))
-    if any(t.stuck_runs or t.lagging for t in tenants):
+    if any(t.stuck_runs or t.lagging or not t.reachable for t in tenants):
         raise typer.Exit(1)
 
 
@@ -54,6 +69,8 @@ def _health_row(t: TenantHealth) -> list[str]:
     oldest = "-" if t.oldest_stuck_seconds is None else f"{t.oldest_stuck_seconds:.0f} s"
     lag = f"{t.queue_lag_seconds:.1f} s" + (" [red]LAG[/red]" if t.lagging else "")
     stuck = f"[red]{t.stuck_runs}[/red]" if t.stuck_runs else "0"
+    if not t.reachable:
+        stuck = "[red]database away[/red]"
     return [t.tenant_id, stuck, oldest, str(t.queue_depth), lag, str(t.dead_letters)]
 
 

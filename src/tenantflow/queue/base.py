@@ -132,6 +132,10 @@ class Queue(Protocol):
 
     async def stats(self, tenant_id: str) -> QueueStats: ...
 
+    async def stats_many(self, tenant_ids: Sequence[str]) -> dict[str, QueueStats]:
+        """``stats`` of each of these tenants, in a bounded number of round trips."""
+        ...
+
     async def purge(self, tenant_id: str) -> None:
         """Forget everything of a tenant: messages, dead letters (an offboarded tenant)."""
         ...

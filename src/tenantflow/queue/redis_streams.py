@@ -43,6 +43,7 @@ WAKE_TRIM_SECONDS = 1.0
 TELL_REREAD_SECONDS = 10.0  # caps and weights: how often the shared hashes are read back
 BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
+STATS_BATCH = 256  # tenants per pipelined round trip of stats_many
 
 
 class RedisStreamsQueue:
@@ -420,17 +421,27 @@ class RedisStreamsQueue:
         return int(stream) + int(delayed)
 
     async def stats(self, tenant_id: str) -> QueueStats:
-        keys = self.keys.tenant(tenant_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.stream)
-            pipe.zcard(keys.delayed)
-            pipe.xlen(keys.dead)
-            pipe.xrange(keys.stream, count=1)  # acknowledged entries are deleted: the oldest
-            stream, delayed, dead, first = await pipe.execute()
-        oldest = int(first[0][0].split("-")[0]) / 1000 if first else None
-        return QueueStats(
-            depth=int(stream) + int(delayed), dead_letters=int(dead), oldest_at=oldest
-        )
+        return (await self.stats_many([tenant_id]))[tenant_id]
+
+    async def stats_many(self, tenant_ids: Sequence[str]) -> dict[str, QueueStats]:
+        out: dict[str, QueueStats] = {}
+        for start in range(0, len(tenant_ids), STATS_BATCH):
+            batch = tenant_ids[start : start + STATS_BATCH]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for tenant_id in batch:
+                    keys = self.keys.tenant(tenant_id)
+                    pipe.xlen(keys.stream)
+                    pipe.zcard(keys.delayed)
+                    pipe.xlen(keys.dead)
+                    pipe.xrange(keys.stream, count=1)  # acknowledged entries are deleted
+                replies = await pipe.execute()
+            for i, tenant_id in enumerate(batch):
+                stream, delayed, dead, first = replies[4 * i : 4 * i + 4]
+                oldest = int(first[0][0].split("-")[0]) / 1000 if first else None
+                out[tenant_id] = QueueStats(
+                    depth=int(stream) + int(delayed), dead_letters=int(dead), oldest_at=oldest
+                )
+        return out
 
     async def purge(self, tenant_id: str) -> None:
         keys = self.keys.tenant(tenant_id)

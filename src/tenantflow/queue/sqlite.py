@@ -281,13 +281,25 @@ class SqliteQueue:
             self._wakeup.set()
 
     async def stats(self, tenant_id: str) -> QueueStats:
-        depth, oldest = self._conn.execute(
-            "SELECT COUNT(*), MIN(enqueued_at) FROM messages WHERE tenant_id = ?", (tenant_id,)
-        ).fetchone()
-        (dead,) = self._conn.execute(
-            "SELECT COUNT(*) FROM dead_letters WHERE tenant_id = ?", (tenant_id,)
-        ).fetchone()
-        return QueueStats(depth=int(depth), dead_letters=int(dead), oldest_at=oldest)
+        return (await self.stats_many([tenant_id]))[tenant_id]
+
+    async def stats_many(self, tenant_ids: Sequence[str]) -> dict[str, QueueStats]:
+        messages = {
+            tenant: (int(depth), oldest)
+            for tenant, depth, oldest in self._conn.execute(
+                "SELECT tenant_id, COUNT(*), MIN(enqueued_at) FROM messages GROUP BY tenant_id"
+            )
+        }
+        dead = dict(
+            self._conn.execute("SELECT tenant_id, COUNT(*) FROM dead_letters GROUP BY tenant_id")
+        )
+        out = {}
+        for tenant_id in tenant_ids:
+            depth, oldest = messages.get(tenant_id, (0, None))
+            out[tenant_id] = QueueStats(
+                depth=depth, dead_letters=int(dead.get(tenant_id, 0)), oldest_at=oldest
+            )
+        return out
 
     async def purge(self, tenant_id: str) -> None:
         with _sqlite.transaction(self._conn) as cur:

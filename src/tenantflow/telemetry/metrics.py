@@ -5,9 +5,10 @@ Every process (API, each worker) serves its metrics (the API at ``/metrics``, a 
 over the instances it scrapes. With ``PROMETHEUS_MULTIPROC_DIR`` set (prometheus-client's
 multi-process mode), the processes of one host write their values to files there and each of
 them serves the host's total: one scrape of any of them adds up all. Gauges of shared state
-(queue depth and oldest message per tenant, dead letters, stuck runs, breaker states) are read
-from the queue and the breakers when refreshed, on each scrape of the API and every few
-seconds in a worker; every process reads the same value, so they are never summed (the most
+(queue depth and oldest message per tenant, dead letters, stuck runs, breaker states) are set
+by the process's background survey (``runtime.health``, every
+``TENANTFLOW_HEALTH_REFRESH_SECONDS``), never on a scrape's path: a scrape serves what the
+last survey found. Every process reads the same value, so they are never summed (the most
 recent one is served).
 
 The ``tenant`` label can be switched off (``TENANTFLOW_METRICS_PER_TENANT=false``) to bound
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 if TYPE_CHECKING:
     from tenantflow.runtime import Runtime
+    from tenantflow.telemetry.health import TenantHealth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -130,12 +132,18 @@ class Metrics:
         self.redeliveries.labels(*self.tenant(tenant_id)).inc()
 
     async def refresh(self, runtime: Runtime, breakers: Iterable[str] = ()) -> None:
-        """Read the shared state: queues of every tenant, and the named breakers."""
-        from tenantflow.resilience.breaker import BreakerState
+        """Survey the shared state now (queues and stuck runs of every tenant, the named
+        breakers) and set the gauges. The API and workers do it in the background
+        (``runtime.health``); this is for a caller that wants the figures at once."""
         from tenantflow.telemetry.health import survey
 
+        self.record(await survey(runtime))
+        await self.record_breakers(runtime, breakers)
+
+    def record(self, tenants: Iterable[TenantHealth]) -> None:
+        """Set the gauges of shared tenant state from a survey."""
         totals = {"depth": 0.0, "dead": 0.0, "age": 0.0, "stuck": 0.0}
-        for t in await survey(runtime):
+        for t in tenants:
             if self.per_tenant:
                 self.queue_depth.labels(t.tenant_id).set(t.queue_depth)
                 self.dead_letters.labels(t.tenant_id).set(t.dead_letters)
@@ -150,6 +158,10 @@ class Metrics:
             self.dead_letters.labels("*").set(totals["dead"])
             self.oldest_age.labels("*").set(totals["age"])
             self.stuck_runs.labels("*").set(totals["stuck"])
+
+    async def record_breakers(self, runtime: Runtime, breakers: Iterable[str]) -> None:
+        from tenantflow.resilience.breaker import BreakerState
+
         for name in breakers:
             state = (await runtime.breakers.status(name)).state
             for candidate in BreakerState:

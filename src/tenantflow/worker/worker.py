@@ -105,7 +105,6 @@ class Worker:
         # (not taken from) and licensed caps on runs in flight.
         self._paused: frozenset[str] = frozenset()
         self._caps: dict[str, int] = {}
-        self._metrics_at = 0.0  # the shared gauges' last refresh
 
     # -- ExecutionHost -----------------------------------------------------------------------
 
@@ -401,7 +400,7 @@ class Worker:
 
     def _serve_metrics(self) -> None:
         """With ``metrics_port`` set, serve /metrics from a thread (prometheus-client's
-        server); the shared gauges are refreshed along with the platform view."""
+        server); the shared gauges are set by the runtime's background survey."""
         settings = self.runtime.settings
         if settings.metrics_port:
             from prometheus_client import start_http_server
@@ -412,6 +411,8 @@ class Worker:
                 registry=self.metrics.serving_registry(),
             )
             log.info("metrics served", port=settings.metrics_port)
+            self.runtime.health.watch_breakers(self.app.breakers)
+            self.runtime.health.start()
 
     # -- the platform's word on tenants ------------------------------------------------------
 
@@ -432,12 +433,6 @@ class Worker:
 
     async def _platform_tick(self) -> None:
         await self._refresh_platform_view()
-        if self.runtime.settings.metrics_port and time.monotonic() - self._metrics_at > 5.0:
-            self._metrics_at = time.monotonic()
-            try:
-                await self.metrics.refresh(self.runtime, self.app.breakers)
-            except Exception as exc:
-                log.warning("metrics refresh failed", error=type(exc).__name__)
 
     async def _refresh_platform_view(self) -> None:
         """Which tenants are suspended, and each licensed tenant's cap on concurrent runs.
