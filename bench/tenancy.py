@@ -9,7 +9,8 @@ so, over HTTP). In each, a tenant with no traffic so far submits ``--probe-runs`
 a time: their start latency (``started_at - created_at``) is the figure the targets compare.
 Also measured in each: PostgreSQL connections of each process (peak and steady, from
 ``pg_stat_activity`` by ``application_name``), new PostgreSQL sessions per second while idle
-(``pg_stat_database.sessions``), ``/readyz`` and ``/metrics`` response times under the load,
+(``pg_stat_database.sessions``: in the 30 s after the load, and once no run came for longer
+than a tenant stays marked), ``/readyz`` and ``/metrics`` every 2 s for 48 s under the load,
 ``5xx`` answers, and the workers' RSS. Extra settings for the processes: ``--env NAME=VALUE``.
 """
 
@@ -38,6 +39,7 @@ from tests.servers import OwnPostgres, OwnRedis, free_port
 from tenantflow import Runtime, Settings
 from tenantflow.platform.identity import Role
 from tenantflow.platform.provision import with_database
+from tenantflow.runtime import MARK_CLEAR_SECONDS
 
 ROOT = Path(__file__).parents[1]
 METRICS_TOKEN = "bench-metrics-secret"
@@ -53,9 +55,13 @@ class Phase:
     probe_p99_ms: float = 0.0
     connections_peak: dict[str, int] = field(default_factory=dict)
     connections_steady: dict[str, int] = field(default_factory=dict)
+    sessions_per_s_after_load: float = 0.0  # the minute after: marked tenants still swept
     idle_sessions_per_s: float = 0.0
     readyz_ms: list[float] = field(default_factory=list)
     metrics_ms: list[float] = field(default_factory=list)
+    readyz_max_ms: float = 0.0
+    health_not_ok: int = 0  # /readyz or /metrics answers other than 200
+    metrics_max_ms: float = 0.0
     server_errors: int = 0
     worker_rss_mb: list[float] = field(default_factory=list)
     setup_s: float = 0.0
@@ -98,6 +104,12 @@ def sessions(url: str) -> int:
     with psycopg.connect(url, autocommit=True, application_name="bench") as conn:
         row = conn.execute("SELECT sum(sessions) FROM pg_stat_database").fetchone()
     return int(row[0] or 0) if row else 0
+
+
+def new_sessions_per_s(url: str, seconds: float) -> float:
+    before, t = sessions(url), time.monotonic()
+    time.sleep(seconds)
+    return round((sessions(url) - before) / (time.monotonic() - t), 2)
 
 
 def rss_mb(pid: int) -> float:
@@ -203,15 +215,15 @@ def start_latencies(install: Installation, tenant_id: str, run_ids: list[str]) -
     return asyncio.run(read())
 
 
-def timed(client: httpx.Client, path: str, token: str | None = None) -> float:
-    """Milliseconds to answer ``path`` (-1: no answer within two minutes)."""
+def timed(client: httpx.Client, path: str, token: str | None = None) -> tuple[float, int]:
+    """Milliseconds to answer ``path`` (-1: no answer within two minutes), and the status."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     t = time.perf_counter()
     try:
-        client.get(path, headers=headers, timeout=120)
+        status = client.get(path, headers=headers, timeout=120).status_code
     except httpx.TimeoutException:
-        return -1.0
-    return round(1000 * (time.perf_counter() - t), 1)
+        return -1.0, 0
+    return round(1000 * (time.perf_counter() - t), 1), status
 
 
 def run_phase(
@@ -268,18 +280,26 @@ def run_phase(
         if run_id:
             probe_ids.append(run_id)
         time.sleep(0.05)
-    for _ in range(3):  # each after the readiness cache has expired
-        time.sleep(16)
-        phase.readyz_ms.append(timed(client, "/readyz"))
-        phase.metrics_ms.append(timed(client, "/metrics", METRICS_TOKEN))
+    until = time.monotonic() + 48  # three background surveys, under the load
+    while time.monotonic() < until:
+        for path, token, into in (
+            ("/readyz", None, phase.readyz_ms),
+            ("/metrics", METRICS_TOKEN, phase.metrics_ms),
+        ):
+            ms, status = timed(client, path, token)
+            into.append(ms)
+            phase.health_not_ok += status != 200
+        time.sleep(2)
+    phase.readyz_max_ms, phase.metrics_max_ms = max(phase.readyz_ms), max(phase.metrics_ms)
     stop_load.set()
     loader.join(120)
     phase.connections_peak = watch.peak()
     phase.connections_steady = watch.steady()
     time.sleep(10)  # the load's last runs finish
-    before, t = sessions(pg.url), time.monotonic()
-    time.sleep(30)
-    phase.idle_sessions_per_s = round((sessions(pg.url) - before) / (time.monotonic() - t), 2)
+    phase.sessions_per_s_after_load = new_sessions_per_s(pg.url, 30)
+    # Idle: no run for longer than a tenant keeps its mark (MARK_CLEAR_SECONDS) and a sweep.
+    time.sleep(max(0.0, MARK_CLEAR_SECONDS + 15 - 40))
+    phase.idle_sessions_per_s = new_sessions_per_s(pg.url, 30)
     phase.worker_rss_mb = [rss_mb(install.procs[p].pid) for p in ("tf-worker-1", "tf-worker-2")]
     watch.stopped.set()
     install.stop()

@@ -24,7 +24,6 @@ EXTRA_MODULES = (
     "redis",
     "hiredis",
     "psycopg",
-    "psycopg_pool",
     "psycopg_binary",
     "uvloop",
     "opentelemetry.sdk",

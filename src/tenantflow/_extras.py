@@ -8,7 +8,7 @@ import importlib.util
 from tenantflow.errors import MissingExtraError
 
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "postgres": ("psycopg", "psycopg_pool"),
+    "postgres": ("psycopg",),
     "redis": ("redis",),
     "tracing": ("opentelemetry.sdk",),
     # Part of the tracing extra; needed only when spans are exported over OTLP.

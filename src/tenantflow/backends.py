@@ -16,7 +16,6 @@ DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "rediss": 
 # Connection trouble, as each driver names it; anything else is not "unavailable".
 _UNAVAILABLE = {
     "psycopg": ("OperationalError", "PoolTimeout", "ConnectionTimeout"),
-    "psycopg_pool": ("PoolTimeout", "PoolClosed"),
     "sqlalchemy": ("OperationalError", "TimeoutError"),
     "tenantflow": ("DatabaseBusyError",),
     "redis": ("ConnectionError", "TimeoutError", "BusyLoadingError", "InvalidResponse"),

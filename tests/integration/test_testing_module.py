@@ -150,7 +150,7 @@ def missing(*modules: str) -> str:
 
 
 # The extras are installed here; the hook makes them missing, as in a base install.
-EXTRAS = ("redis", "hiredis", "psycopg", "psycopg_pool", "uvloop", "opentelemetry")
+EXTRAS = ("redis", "hiredis", "psycopg", "uvloop", "opentelemetry")
 BASE_INSTALL_SCRIPT = (
     missing(*EXTRAS)
     + f"""

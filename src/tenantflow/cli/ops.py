@@ -34,24 +34,27 @@ def status(as_json: JsonOpt = False) -> None:
     from tenantflow.telemetry.health import survey
 
     found = settings()
-    # Only the tenants with work have their database read; the bar shows that walk.
+    # Only the tenants with work have their database read; the bar shows that walk, on a
+    # terminal (a script reading stderr gets errors alone).
     bar = Progress(
         TextColumn("reading tenant databases"),
         BarColumn(),
         MofNCompleteColumn(),
         console=stderr,
         transient=True,
+        disable=not stderr.is_terminal,
     )
     task = bar.add_task("survey", total=None)
 
     async def main() -> list[Any]:
         async with runtime_of(found, queue=True) as runtime:
-            return await survey(
-                runtime, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
+            with bar:
+                return await survey(
+                    runtime,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                )
 
-    with bar:
-        tenants = run(main())
+    tenants = run(main())
     if as_json:
         print_json({"tenants": [dataclasses.asdict(t) for t in tenants]})
     else:
