@@ -288,3 +288,28 @@ async def test_a_bulkhead_is_shared_by_processes(runtime: Runtime) -> None:
         assert await runtime.bulkheads.in_use("partner") == 0
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize("backend", ["production"])  # on the embedded default: per process
+async def test_a_lost_bulkhead_slot_comes_back_when_its_lease_ends(runtime: Runtime) -> None:
+    """Slots taken by a process that died (never given back) are held until their leases end
+    on the Redis clock, then go to the next callers; giving one back late frees nothing else."""
+    bulkheads = runtime.bulkheads
+    bulkheads.configure("lost", BulkheadConfig(max_concurrent=2, lease_seconds=0.5))
+    lost = [await bulkheads.take("lost") for _ in range(2)]
+    taken = time.monotonic()
+    with pytest.raises(BulkheadFullError) as full:
+        await bulkheads.take("lost")
+    assert 0 < full.value.retry_after <= 0.5
+    assert await bulkheads.in_use("lost") == 2
+    await asyncio.sleep(taken + 0.55 - time.monotonic())
+    assert await bulkheads.in_use("lost") == 0
+    again = [await bulkheads.take("lost") for _ in range(2)]
+    for slot in lost:
+        await bulkheads.give_back(slot)
+    assert await bulkheads.in_use("lost") == 2
+    with pytest.raises(BulkheadFullError):
+        await bulkheads.take("lost")
+    for slot in again:
+        await bulkheads.give_back(slot)
+    assert await bulkheads.in_use("lost") == 0
