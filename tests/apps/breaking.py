@@ -13,7 +13,12 @@ from tenantflow.resilience.breaker import BreakerConfig
 app = App("breaker-tests")
 URL_ENV = "TENANTFLOW_TEST_DEPENDENCY_URL"
 CONFIG = BreakerConfig(
-    window_size=10, minimum_calls=10, failure_rate=50.0, wait_open=2.0, half_open_calls=2
+    window_size=10,
+    minimum_calls=10,
+    failure_rate=50.0,
+    wait_open=2.0,
+    half_open_calls=2,
+    probe_timeout=2.0,  # a probe's slot is a lease of 3 s
 )
 app.breaker("dependency", CONFIG)
 

@@ -1,11 +1,13 @@
 """Circuit breakers, on both backends: opening on the failure rate and the slow-call rate in
 count- and time-based windows, waiting while open, a limited number of half-open probes
-counted across processes, the local fallback without Redis, and a step that waits out an open
-breaker without using up its retries."""
+counted across processes, probes' slots as leases (a lost probe frees its slot when its lease
+ends; a late answer is not counted), the local fallback without Redis, a step that waits out
+an open breaker without using up its retries, and bulkhead slots' leases."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -26,9 +28,11 @@ from tenantflow.resilience.breaker import (
     Breakers,
     BreakerState,
     LocalBreakers,
+    Permit,
     RedisBreakers,
     WindowType,
 )
+from tenantflow.runtime import redis_of
 from tests.conftest import running_worker
 
 SMALL = BreakerConfig(
@@ -134,11 +138,85 @@ async def test_probes_are_counted_across_processes(runtime: Runtime) -> None:
         await other.close()
 
 
+LEASED = dataclasses.replace(SMALL, probe_timeout=0.1)  # leases of 1.1 s: timeout plus margin
+
+
+async def half_open_probes(breakers: Breakers, name: str) -> tuple[Permit, Permit]:
+    """Trip ``name`` (configured as LEASED), wait it out, and take both of its probe slots."""
+    breakers.configure(name, LEASED)
+    await outcomes(breakers, name, True, True, True, True)
+    await asyncio.sleep(LEASED.wait_open + 0.05)
+    first, second = await breakers.acquire(name), await breakers.acquire(name)
+    assert first.probe and second.probe
+    return first, second
+
+
+async def after_lease(permit: Permit) -> None:
+    await asyncio.sleep(permit.started + LEASED.probe_lease + 0.05 - time.monotonic())
+
+
+async def test_a_lost_probe_frees_its_slot_when_its_lease_ends(runtime: Runtime) -> None:
+    """Two probes are let through and never answer (their worker died): until their leases
+    end nothing else is let through, then the next callers get their slots, and their
+    answers close the breaker."""
+    breakers = runtime.breakers
+    first, _ = await half_open_probes(breakers, "lost")
+    shared = redis_of(runtime.queue)
+    if shared is not None:  # the lease ends on the Redis clock
+        _, _, probes = shared.keys.breaker("lost")
+        seconds, micros = await shared.redis.time()
+        lease_end = await shared.redis.zscore(probes, first.probe)
+        expected = seconds * 1000 + micros // 1000 + LEASED.probe_lease * 1000
+        assert abs(lease_end - expected) < 100, (lease_end, expected)
+    while time.monotonic() < first.started + LEASED.probe_lease - 0.15:
+        with pytest.raises(CircuitOpenError) as refused:
+            await breakers.acquire("lost")
+        assert refused.value.retry_after == 1.0
+        await asyncio.sleep(0.1)
+    assert (await breakers.status("lost")).state is BreakerState.HALF_OPEN
+    await after_lease(first)
+    again = [await breakers.acquire("lost") for _ in range(2)]
+    assert all(p.probe for p in again)
+    with pytest.raises(CircuitOpenError):
+        await breakers.acquire("lost")
+    for permit in again:
+        await breakers.record(permit, failed=False)
+    assert (await breakers.status("lost")).state is BreakerState.CLOSED
+
+
+async def test_a_probe_that_answers_after_its_lease_is_not_counted(runtime: Runtime) -> None:
+    """Two probes answer after their leases ended and their slots went to two others: the
+    late failure does not reopen the breaker, nor take a slot; the new probes' successes close
+    it; the late success that comes after does not count in the closed breaker's window."""
+    breakers = runtime.breakers
+    late_failure, late_success = await half_open_probes(breakers, "late")
+    await after_lease(late_success)
+    first, second = await breakers.acquire("late"), await breakers.acquire("late")
+    assert first.probe and second.probe
+    await breakers.record(late_failure, failed=True)
+    assert (await breakers.status("late")).state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpenError):  # its slot was given to a probe still in flight
+        await breakers.acquire("late")
+    await breakers.record(first, failed=False)
+    await breakers.record(second, failed=False)
+    assert (await breakers.status("late")).state is BreakerState.CLOSED
+    await breakers.record(late_success, failed=False)
+    status = await breakers.status("late")
+    assert status.state is BreakerState.CLOSED and status.calls == 0
+
+
+def test_the_probe_timeout_is_a_positive_number_of_seconds() -> None:
+    assert BreakerConfig().probe_lease == 61.0
+    for wrong in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="probe timeout"):
+            BreakerConfig(probe_timeout=wrong)
+
+
 async def test_without_redis_each_process_falls_back_to_its_own(runtime: Runtime) -> None:
     import redis.asyncio as redis
 
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    breakers = Breakers(RedisBreakers(unreachable, lambda name: (f"x:{name}", f"y:{name}")))
+    breakers = Breakers(RedisBreakers(unreachable, lambda name: (f"x:{name}", f"y:{name}", "z")))
     try:
         breakers.configure("payments", SMALL)
         await outcomes(breakers, "payments", True, True, True, True)
@@ -288,3 +366,28 @@ async def test_a_bulkhead_is_shared_by_processes(runtime: Runtime) -> None:
         assert await runtime.bulkheads.in_use("partner") == 0
     finally:
         await other.close()
+
+
+@pytest.mark.parametrize("backend", ["production"])  # on the embedded default: per process
+async def test_a_lost_bulkhead_slot_comes_back_when_its_lease_ends(runtime: Runtime) -> None:
+    """Slots taken by a process that died (never given back) are held until their leases end
+    on the Redis clock, then go to the next callers; giving one back late frees nothing else."""
+    bulkheads = runtime.bulkheads
+    bulkheads.configure("lost", BulkheadConfig(max_concurrent=2, lease_seconds=0.5))
+    lost = [await bulkheads.take("lost") for _ in range(2)]
+    taken = time.monotonic()
+    with pytest.raises(BulkheadFullError) as full:
+        await bulkheads.take("lost")
+    assert 0 < full.value.retry_after <= 0.5
+    assert await bulkheads.in_use("lost") == 2
+    await asyncio.sleep(taken + 0.55 - time.monotonic())
+    assert await bulkheads.in_use("lost") == 0
+    again = [await bulkheads.take("lost") for _ in range(2)]
+    for slot in lost:
+        await bulkheads.give_back(slot)
+    assert await bulkheads.in_use("lost") == 2
+    with pytest.raises(BulkheadFullError):
+        await bulkheads.take("lost")
+    for slot in again:
+        await bulkheads.give_back(slot)
+    assert await bulkheads.in_use("lost") == 0

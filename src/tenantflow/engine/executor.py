@@ -397,7 +397,7 @@ class Execution:
                         await self.host.breakers.record(permit, failed=True)
                     raise
                 except BaseException:
-                    if permit is not None and permit.probe:  # a probe must be answered
+                    if permit is not None and permit.probe:  # free its slot before its lease ends
                         await self.host.breakers.record(permit, failed=True)
                     raise
                 if permit is not None:

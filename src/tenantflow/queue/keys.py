@@ -81,10 +81,11 @@ class Keys:
         """The tenant's request-rate state (``api.ratelimit``), under its hash tag."""
         return f"{self.prefix}:{{t:{tenant_id}}}:rate"
 
-    def breaker(self, name: str) -> tuple[str, str]:
-        """A circuit breaker's state hash and its sliding window, under one hash tag."""
+    def breaker(self, name: str) -> tuple[str, str, str]:
+        """A circuit breaker's state hash, its sliding window and its half-open probes' leases
+        (a sorted set scored by lease end), under one hash tag."""
         tag = f"{self.prefix}:{{b:{name}}}"
-        return f"{tag}:state", f"{tag}:window"
+        return f"{tag}:state", f"{tag}:window", f"{tag}:probes"
 
     def bulkhead(self, name: str) -> str:
         """A bulkhead's holders (a sorted set scored by lease end)."""

@@ -5,6 +5,12 @@ A breaker guards one dependency (``"payments"``), optionally per tenant. It is `
 ``wait_open`` seconds) or ``half_open`` (a limited number of probe calls go through; their
 outcomes close it again or reopen it). The defaults are Resilience4j's.
 
+A half-open probe holds its slot on a lease of ``probe_timeout`` plus ``PROBE_LEASE_MARGIN``
+seconds: a probe that has not answered by then (its process was killed, or the call hangs)
+loses the slot to the next caller, so a lost probe delays recovery by at most its lease and
+never wedges the breaker half-open. An answer that comes after its lease is not counted,
+whatever it says: the slot went to another probe, whose answer counts instead.
+
 With the Redis queue the state lives in Redis and changes only through the scripts below, on
 the Redis clock, so every process sees one breaker and the half-open probes are counted across
 all of them. When Redis cannot be reached, each process falls back to a breaker of its own
@@ -16,7 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
+import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -26,12 +33,17 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from tenantflow.errors import CircuitOpenError
+from tenantflow.resilience.scripts import NOW_MS, Script
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 SHARED_TIMEOUT_SECONDS = 0.25
 RETRY_SHARED_SECONDS = 2.0
+# A probe's lease is its timeout plus this: the Redis round trips around the call (bounded by
+# SHARED_TIMEOUT_SECONDS each) and the step's own bookkeeping must not make a healthy probe late.
+PROBE_LEASE_MARGIN = 1.0
+HALF_OPEN_FULL_RETRY = 1.0  # a caller refused by a full half-open breaker asks again this soon
 
 
 class BreakerState(enum.StrEnum):
@@ -57,20 +69,30 @@ class BreakerConfig:
     slow_call_seconds: float = 60.0
     wait_open: float = 60.0
     half_open_calls: int = 10
+    # Not Resilience4j's (it waits for a probe for ever): how long a half-open probe is waited
+    # for. A call as long as slow_call_seconds's default is slow already.
+    probe_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.window_size < 1 or self.minimum_calls < 1 or self.half_open_calls < 1:
             raise ValueError("window size, minimum calls and half-open calls are at least 1")
         if not (0 < self.failure_rate <= 100 and 0 < self.slow_call_rate <= 100):
             raise ValueError("rates are percentages in (0, 100]")
+        if not (0 < self.probe_timeout < math.inf):
+            raise ValueError("the probe timeout is a positive number of seconds")
+
+    @property
+    def probe_lease(self) -> float:
+        """Seconds a half-open probe holds its slot without answering."""
+        return self.probe_timeout + PROBE_LEASE_MARGIN
 
 
 @dataclass(frozen=True)
 class Permit:
-    """Leave to make one call; ``probe`` if it is one of the half-open probes."""
+    """Leave to make one call; ``probe`` is the id of its half-open probe slot, if it is one."""
 
     name: str
-    probe: bool
+    probe: str | None
     started: float
 
 
@@ -85,13 +107,16 @@ class BreakerStatus:
 
 
 class BreakerBackend(Protocol):
-    async def acquire(self, name: str, config: BreakerConfig) -> tuple[bool, float]:
-        """(allowed and whether as a probe) or (False, seconds to wait)."""
+    async def acquire(self, name: str, config: BreakerConfig, probe: str) -> tuple[bool, float]:
+        """(True, 1.0): let through as the half-open probe ``probe``, on its lease; (True, 0.0):
+        an ordinary call; (False, seconds to wait): refused."""
         ...
 
     async def record(
-        self, name: str, config: BreakerConfig, *, probe: bool, failed: bool, slow: bool
-    ) -> None: ...
+        self, name: str, config: BreakerConfig, *, probe: str | None, failed: bool, slow: bool
+    ) -> None:
+        """Count a call's outcome; a probe's only while it holds its lease."""
+        ...
 
     async def status(self, name: str, config: BreakerConfig) -> BreakerStatus: ...
 
@@ -104,8 +129,8 @@ class _Local:
     state: BreakerState = BreakerState.CLOSED
     opened_at: float = 0.0
     calls: deque[tuple[float, bool, bool]] = field(default_factory=deque)  # (at, failed, slow)
-    probes_issued: int = 0
-    probes: list[tuple[bool, bool]] = field(default_factory=list)
+    leases: dict[str, float] = field(default_factory=dict)  # probe in flight -> its lease end
+    probes: list[tuple[bool, bool]] = field(default_factory=list)  # answers: (failed, slow)
 
 
 class LocalBreakers:
@@ -126,24 +151,29 @@ class LocalBreakers:
             while b.calls and b.calls[0][0] <= now - config.window_size:
                 b.calls.popleft()
 
-    async def acquire(self, name: str, config: BreakerConfig) -> tuple[bool, float]:
+    async def acquire(self, name: str, config: BreakerConfig, probe: str) -> tuple[bool, float]:
         b, now = self._get(name), self.clock()
         if b.state is BreakerState.OPEN:
             if now - b.opened_at < config.wait_open:
                 return False, config.wait_open - (now - b.opened_at)
-            b.state, b.probes_issued, b.probes = BreakerState.HALF_OPEN, 0, []
+            b.state, b.leases, b.probes = BreakerState.HALF_OPEN, {}, []
         if b.state is BreakerState.HALF_OPEN:
-            if b.probes_issued >= config.half_open_calls:
-                return False, 1.0
-            b.probes_issued += 1
+            b.leases = {p: end for p, end in b.leases.items() if end > now}  # reclaim lost ones
+            if len(b.probes) + len(b.leases) >= config.half_open_calls:
+                return False, HALF_OPEN_FULL_RETRY
+            b.leases[probe] = now + config.probe_lease
             return True, 1.0
         return True, 0.0
 
     async def record(
-        self, name: str, config: BreakerConfig, *, probe: bool, failed: bool, slow: bool
+        self, name: str, config: BreakerConfig, *, probe: str | None, failed: bool, slow: bool
     ) -> None:
         b, now = self._get(name), self.clock()
-        if b.state is BreakerState.HALF_OPEN and probe:
+        if probe is not None:
+            lease_end = b.leases.pop(probe, None)
+            if b.state is not BreakerState.HALF_OPEN or lease_end is None or lease_end <= now:
+                _late_probe(name, config)
+                return
             b.probes.append((failed, slow))
             if len(b.probes) >= config.half_open_calls:
                 if _trips(config, len(b.probes), *_counts(b.probes)):
@@ -151,6 +181,7 @@ class LocalBreakers:
                 else:
                     b.state = BreakerState.CLOSED
                 b.calls.clear()
+                b.leases.clear()
             return
         if b.state is not BreakerState.CLOSED:
             return  # a call let through before the breaker opened: it no longer counts
@@ -181,6 +212,15 @@ class LocalBreakers:
         )
 
 
+def _late_probe(name: str, config: BreakerConfig) -> None:
+    log.warning(
+        "a half-open probe answered after its lease: not counted (its slot went to another "
+        "probe); if the dependency's calls take this long, raise the breaker's probe_timeout",
+        breaker=name,
+        probe_lease=config.probe_lease,
+    )
+
+
 def _counts(outcomes: list[tuple[bool, bool]]) -> tuple[int, int]:
     return sum(1 for f, _ in outcomes if f), sum(1 for _, s in outcomes if s)
 
@@ -194,15 +234,16 @@ def _trips(config: BreakerConfig, calls: int, failures: int, slow: int) -> bool:
 
 # -- the shared breaker (Redis) ----------------------------------------------------------------
 
-# KEYS[1] the breaker's hash: state, opened_at (ms), probes_issued, probe_n, probe_f, probe_s
+# KEYS[1] the breaker's hash: state, opened_at (ms), and while half-open the probes' answers
+#         so far: probe_n (how many), probe_f (failed), probe_s (slow)
 # KEYS[2] its window: a list of "f|s" outcomes (count-based) or a hash second -> "n|f|s"
 #         (time-based)
+# KEYS[3] the half-open probes in flight: a sorted set, member = probe id, score = the end of
+#         its lease (ms); a lease that has ended frees its slot for the next caller
 # Times are the Redis clock's. Each script is one atomic change of one breaker.
-_COMMON = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+_COMMON = (
+    NOW_MS
+    + """
 local function trips(calls, failures, slow, failure_rate, slow_rate)
   return (100 * failures / calls >= failure_rate) or (100 * slow / calls >= slow_rate)
 end
@@ -231,9 +272,11 @@ local function window(kind, size, now)
   return calls, failures, slow
 end
 """
+)
 
-# ARGV: wait_open_ms, half_open_calls. Returns {allowed (0/1), probe (0/1), retry_after_ms}.
-ACQUIRE = (
+# ARGV: wait_open_ms, half_open_calls, probe id, probe lease ms, retry ms when the half-open
+# slots are taken. Returns {allowed (0/1), probe (0/1), retry_after_ms}.
+ACQUIRE = Script(
     _COMMON
     + """
 local now = now_ms()
@@ -241,37 +284,44 @@ local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 if state == 'open' then
   local waited = now - tonumber(redis.call('HGET', KEYS[1], 'opened_at'))
   if waited < tonumber(ARGV[1]) then return {0, 0, tonumber(ARGV[1]) - waited} end
-  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probes_issued', 0, 'probe_n', 0,
-             'probe_f', 0, 'probe_s', 0)
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe_n', 0, 'probe_f', 0, 'probe_s', 0)
+  redis.call('DEL', KEYS[3])
   state = 'half_open'
 end
 if state == 'half_open' then
-  if tonumber(redis.call('HGET', KEYS[1], 'probes_issued')) >= tonumber(ARGV[2]) then
-    return {0, 0, 1000}
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- the leases of lost probes end
+  local answered = tonumber(redis.call('HGET', KEYS[1], 'probe_n') or '0')
+  if answered + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then
+    return {0, 0, tonumber(ARGV[5])}
   end
-  redis.call('HINCRBY', KEYS[1], 'probes_issued', 1)
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) + 1000)
   return {1, 1, 0}
 end
 return {1, 0, 0}
 """
 )
 
-# ARGV: probe, failed, slow (0/1), window type, window size, minimum calls, failure rate,
-#       slow rate, half-open calls. Returns the state after the call.
-RECORD = (
+# ARGV: probe id ('' for an ordinary call), failed, slow (0/1), window type, window size,
+#       minimum calls, failure rate, slow rate, half-open calls. Returns the state after the
+#       call, or 'late' for a probe that no longer held its lease (its answer is not counted).
+RECORD = Script(
     _COMMON
     + """
 local now = now_ms()
-local probe, failed, slow = ARGV[1] == '1', ARGV[2], ARGV[3]
+local probe, failed, slow = ARGV[1], ARGV[2], ARGV[3]
 local kind, size, minimum = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local failure_rate, slow_rate, half = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'half_open' and probe then
+if probe ~= '' then
+  local lease_end = redis.call('ZSCORE', KEYS[3], probe)
+  redis.call('ZREM', KEYS[3], probe)
+  if state ~= 'half_open' or not lease_end or tonumber(lease_end) <= now then return 'late' end
   local n = redis.call('HINCRBY', KEYS[1], 'probe_n', 1)
   local f = redis.call('HINCRBY', KEYS[1], 'probe_f', tonumber(failed))
   local s = redis.call('HINCRBY', KEYS[1], 'probe_s', tonumber(slow))
   if n >= half then
-    redis.call('DEL', KEYS[2])
+    redis.call('DEL', KEYS[2], KEYS[3])
     if trips(n, f, s, failure_rate, slow_rate) then
       redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now)
       return 'open'
@@ -304,7 +354,7 @@ return 'closed'
 
 # ARGV: window type, window size, wait_open_ms. Returns {state, calls, failures, slow,
 # retry_after_ms}.
-STATUS = (
+STATUS = Script(
     _COMMON
     + """
 local now = now_ms()
@@ -323,23 +373,15 @@ return {state, calls, failures, slow, retry}
 class RedisBreakers:
     """Breakers shared through Redis, with a local fallback while Redis is away."""
 
-    def __init__(self, redis: Any, key_of: Callable[[str], tuple[str, str]]) -> None:
+    def __init__(self, redis: Any, key_of: Callable[[str], tuple[str, str, str]]) -> None:
         self.redis = redis
         self.key_of = key_of
         self.fallback = LocalBreakers()
-        self._sources = {"ACQUIRE": ACQUIRE, "RECORD": RECORD, "STATUS": STATUS}
-        self._sha = {k: hashlib.sha1(v.encode()).hexdigest() for k, v in self._sources.items()}
         self._degraded = False
         self._retry_shared_at = 0.0
 
-    async def _eval(self, script: str, name: str, *args: Any) -> Any:
-        from redis.exceptions import NoScriptError
-
-        keys = self.key_of(name)
-        try:
-            return await self.redis.evalsha(self._sha[script], 2, *keys, *args)
-        except NoScriptError:
-            return await self.redis.eval(self._sources[script], 2, *keys, *args)
+    async def _eval(self, script: Script, name: str, *args: Any) -> Any:
+        return await script(self.redis, self.key_of(name), *args)
 
     async def _shared(self, make: Callable[[], Awaitable[T]]) -> T | None:
         """The shared breaker's answer, or None (use the fallback) while Redis is away. After
@@ -367,25 +409,31 @@ class RedisBreakers:
             self._degraded = False
         return result
 
-    async def acquire(self, name: str, config: BreakerConfig) -> tuple[bool, float]:
+    async def acquire(self, name: str, config: BreakerConfig, probe: str) -> tuple[bool, float]:
         reply = await self._shared(
             lambda: self._eval(
-                "ACQUIRE", name, int(config.wait_open * 1000), config.half_open_calls
+                ACQUIRE,
+                name,
+                int(config.wait_open * 1000),
+                config.half_open_calls,
+                probe,
+                int(config.probe_lease * 1000),
+                int(HALF_OPEN_FULL_RETRY * 1000),
             )
         )
         if reply is None:
-            return await self.fallback.acquire(name, config)
-        allowed, probe, retry_ms = (int(x) for x in reply)
-        return (True, float(probe)) if allowed else (False, retry_ms / 1000.0)
+            return await self.fallback.acquire(name, config, probe)
+        allowed, as_probe, retry_ms = (int(x) for x in reply)
+        return (True, float(as_probe)) if allowed else (False, retry_ms / 1000.0)
 
     async def record(
-        self, name: str, config: BreakerConfig, *, probe: bool, failed: bool, slow: bool
+        self, name: str, config: BreakerConfig, *, probe: str | None, failed: bool, slow: bool
     ) -> None:
         reply = await self._shared(
             lambda: self._eval(
-                "RECORD",
+                RECORD,
                 name,
-                int(probe),
+                probe or "",
                 int(failed),
                 int(slow),
                 config.window_type.value,
@@ -398,11 +446,13 @@ class RedisBreakers:
         )
         if reply is None:
             await self.fallback.record(name, config, probe=probe, failed=failed, slow=slow)
+        elif reply == "late":
+            _late_probe(name, config)
 
     async def status(self, name: str, config: BreakerConfig) -> BreakerStatus:
         reply = await self._shared(
             lambda: self._eval(
-                "STATUS",
+                STATUS,
                 name,
                 config.window_type.value,
                 config.window_size,
@@ -440,10 +490,11 @@ class Breakers:
 
     async def acquire(self, name: str) -> Permit:
         """Leave for one call, or ``CircuitOpenError`` with how long to wait."""
-        allowed, detail = await self.backend.acquire(name, self.config(name))
+        probe = secrets.token_hex(8)  # the id of its slot, should it be let through as a probe
+        allowed, detail = await self.backend.acquire(name, self.config(name), probe)
         if not allowed:
             raise CircuitOpenError(name, detail)
-        return Permit(name=name, probe=bool(detail), started=time.monotonic())
+        return Permit(name=name, probe=probe if detail else None, started=time.monotonic())
 
     async def record(self, permit: Permit, *, failed: bool) -> None:
         config = self.config(permit.name)
@@ -459,8 +510,8 @@ class Breakers:
             await self.record(permit, failed=True)
             raise
         except BaseException:
-            # Cancelled: not the dependency's failure, but a probe must still be answered
-            # or the half-open breaker would wait for it forever.
+            # Cancelled: not the dependency's failure, but a probe is answered all the same,
+            # so that its slot is not held until its lease ends.
             if permit.probe:
                 await self.record(permit, failed=True)
             raise

@@ -9,7 +9,6 @@ process limits itself to N on its own, and says so.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from typing import Any, TypeVar
 import structlog
 
 from tenantflow.errors import BulkheadFullError
+from tenantflow.resilience.scripts import NOW_MS, Script
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -26,12 +26,14 @@ T = TypeVar("T")
 SHARED_TIMEOUT_SECONDS = 0.25
 RETRY_SHARED_SECONDS = 2.0
 
-# KEYS[1] the bulkhead's holders: member = slot id, score = lease end (ms, Redis clock).
+# KEYS[1] the bulkhead's holders: member = slot id, score = lease end (ms, Redis clock); a
+# lease that has ended is no longer counted, and its slot goes to the next caller.
 # ARGV: slot id, max concurrent, lease ms. Returns 1 if the slot was taken, else the ms until
 # the earliest lease ends (an upper bound on the wait), negated.
-TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+TAKE = Script(
+    NOW_MS
+    + """
+local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
@@ -41,6 +43,10 @@ end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return -(tonumber(first[2]) - now)
 """
+)
+
+# KEYS[1] as above. Returns how many slots are held (leases not yet ended).
+IN_USE = Script(NOW_MS + "return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +71,6 @@ class Bulkheads:
         self.key_of = key_of
         self.configs: dict[str, BulkheadConfig] = {}
         self._local: dict[str, int] = {}
-        self._sha = hashlib.sha1(TAKE.encode()).hexdigest()
         self._retry_shared_at = 0.0
 
     def configure(self, name: str, config: BulkheadConfig | None = None) -> None:
@@ -116,31 +121,20 @@ class Bulkheads:
 
     async def in_use(self, name: str) -> int:
         if self._use_shared():
-            assert self.redis is not None and self.key_of is not None
-            key = self.key_of(name)
-            reply = await self._shared(lambda: self._count(key))
+            redis, key_of = self.redis, self.key_of
+            assert redis is not None and key_of is not None
+            reply = await self._shared(lambda: IN_USE(redis, (key_of(name),)))
             if reply is not None:
                 return int(reply)
         return self._local.get(name, 0)
-
-    async def _count(self, key: str) -> int:
-        assert self.redis is not None
-        now_ms = int(time.time() * 1000)
-        return int(await self.redis.zcount(key, now_ms, "+inf"))
 
     def _use_shared(self) -> bool:
         return self.redis is not None and time.monotonic() >= self._retry_shared_at
 
     async def _take_shared(self, slot: Slot, config: BulkheadConfig) -> int:
-        from redis.exceptions import NoScriptError
-
         assert self.redis is not None and self.key_of is not None
-        args = (slot.id, config.max_concurrent, int(config.lease_seconds * 1000))
-        key = self.key_of(slot.name)
-        try:
-            return int(await self.redis.evalsha(self._sha, 1, key, *args))
-        except NoScriptError:
-            return int(await self.redis.eval(TAKE, 1, key, *args))
+        key, lease_ms = self.key_of(slot.name), int(config.lease_seconds * 1000)
+        return int(await TAKE(self.redis, (key,), slot.id, config.max_concurrent, lease_ms))
 
     async def _shared(self, make: Callable[[], Awaitable[T]]) -> T | None:
         from redis.exceptions import ConnectionError as RedisConnectionError
