@@ -326,6 +326,16 @@ def acme_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["dead-letters", "replay", "17", "-t", "acme"], "no dead letter 17 in this tenant"),
         (["dead-letters", "list", "-t", "nobody"], "no tenant 'nobody'"),
         (
+            ["plans", "create", "gold", "--dispatch-weight", "0"],
+            "--dispatch-weight: Input should be greater than or equal to 1",
+        ),
+        (
+            ["plans", "create", "gold", "--dispatch-weight", "101"],
+            "--dispatch-weight: Input should be less than or equal to 100",
+        ),
+        (["plans", "create", "Gold"], "PLAN_ID: String should match pattern"),
+        (["plans", "create", "gold", "--seats", "-1"], "--seats: Input should be greater than"),
+        (
             ["worker", "--app", "no_such_module:app"],
             "--app 'no_such_module:app': importing no_such_module failed: "
             "ModuleNotFoundError: No module named 'no_such_module'",
@@ -352,6 +362,33 @@ def test_bad_input_is_one_line(acme_home: Path, args: list[str], error: str) -> 
     done = tenantflow(*args, cwd=acme_home)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"error: {error}") and done.stderr.count("\n") == 1
+
+
+def test_plans_with_a_dispatch_weight(tmp_path: Path) -> None:
+    gold = ["gold", "--dispatch-weight", "3", "--concurrent-runs", "8", "--json"]
+    made = as_json(tenantflow("plans", "create", *gold, cwd=tmp_path))
+    assert made["quotas"] == {
+        "runs_per_month": None,
+        "concurrent_runs": 8,
+        "seats": None,
+        "requests_per_second": None,
+        "dispatch_weight": 3,
+    }
+    assert ok(tenantflow("plans", "create", "basic", cwd=tmp_path)) == (
+        "created plan basic (dispatch weight 1)\n"
+    )
+    listed = as_json(tenantflow("plans", "list", "--json", cwd=tmp_path))["plans"]
+    assert {p["id"]: p["quotas"]["dispatch_weight"] for p in listed} == {"basic": 1, "gold": 3}
+    table = ok(tenantflow("plans", "list", cwd=tmp_path))
+    assert "weight" in table and "gold" in table
+    tenant = as_json(
+        tenantflow("tenants", "create", "acme", "--plan", "gold", "--json", cwd=tmp_path)
+    )
+    assert tenant["plan"] == "gold"
+    # Not a whole number: the option's own error, exit status 2, and no plan.
+    half = tenantflow("plans", "create", "half", "--dispatch-weight", "2.5", cwd=tmp_path)
+    assert half.returncode == 2 and "Invalid value for '--dispatch-weight'" in half.stderr
+    assert len(as_json(tenantflow("plans", "list", "--json", cwd=tmp_path))["plans"]) == 2
 
 
 def test_an_app_file_that_fails_to_import_is_one_line(tmp_path: Path) -> None:

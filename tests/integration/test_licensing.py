@@ -1,6 +1,6 @@
 """Plans and licenses enforced, on both backends: monthly quota, entitlements, seats, the cap on
-concurrent runs, the request rate; suspending, resuming and offboarding a tenant; the tenant
-plane working through a platform outage until its cached license expires."""
+concurrent runs, the request rate, the dispatch weight; suspending, resuming and offboarding a
+tenant; the tenant plane working through a platform outage until its cached license expires."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from tenantflow import Runtime, Settings
 from tenantflow.api.app import create_api
-from tenantflow.errors import LicenseError
+from tenantflow.errors import InvalidInputError, LicenseError
 from tenantflow.platform.identity import Role
 from tenantflow.platform.licensing import Quotas, verify_license
 from tenantflow.store.records import RunStatus
@@ -118,10 +118,12 @@ async def test_seats(runtime: Runtime, http: httpx.AsyncClient) -> None:
     assert "license.issued" in actions and "tenant.plan_changed" in actions
 
 
-async def test_workers_hold_a_tenant_to_its_concurrent_runs(runtime: Runtime) -> None:
+@pytest.mark.parametrize("weight", [1, 3], ids=["weight-1", "heavy"])
+async def test_workers_hold_a_tenant_to_its_concurrent_runs(runtime: Runtime, weight: int) -> None:
+    """The cap holds for a tenant whose dispatch weight would give it most of the workers."""
     from tenantflow import Client
 
-    await on_plan(runtime, "acme", "single", Quotas(concurrent_runs=2))
+    await on_plan(runtime, "acme", "single", Quotas(concurrent_runs=2, dispatch_weight=weight))
     acme = Client(workflows.app, runtime=runtime).tenant("acme")
     globex = Client(workflows.app, runtime=runtime).tenant("globex")
     capped = [await acme.start(workflows.slow, 0.3) for _ in range(6)]
@@ -144,6 +146,77 @@ async def test_workers_hold_a_tenant_to_its_concurrent_runs(runtime: Runtime) ->
             watcher.cancel()
     assert most["acme"] <= 2, most
     assert most["globex"] > 2, most  # the cap is the tenant's, not everyone's
+
+
+async def test_a_heavier_plan_takes_a_bigger_share_of_the_workers(runtime: Runtime) -> None:
+    """Two tenants flood the workers; the one on a plan of dispatch weight 3 gets about three
+    runs to the other's one (on a plan of the default weight) while both have work waiting."""
+    from tenantflow import Client
+
+    # The heavier tenant second by name, so that no tie between the two is broken its way.
+    await on_plan(runtime, "globex", "gold", Quotas(dispatch_weight=3))
+    await on_plan(runtime, "acme", "standard", Quotas())
+    backlog, served = 150, 120
+    for name in ("acme", "globex"):
+        tenant = Client(workflows.app, runtime=runtime).tenant(name)
+        for _ in range(backlog):
+            await tenant.start(workflows.slow, 0.01)
+    await runtime.published()
+
+    async def completed() -> dict[str, int]:
+        return {
+            name: await runtime.router.store(name).count_runs(status=RunStatus.COMPLETED)
+            for name in ("acme", "globex")
+        }
+
+    # Two at a time: a busy worker's dequeues are of a slot or two, as its runs finish.
+    async with running_worker(workflows.app, runtime, concurrency=2):
+        deadline = time.monotonic() + 60
+        while sum((await completed()).values()) < served:
+            assert time.monotonic() < deadline, await completed()
+            await asyncio.sleep(0.05)
+    done = await completed()
+    assert max(done.values()) < backlog, done  # both still had work waiting at the end
+    assert 2 <= done["globex"] / done["acme"] <= 4, done
+
+
+async def test_a_dispatch_weight_out_of_bounds_is_refused(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    root = await admin(runtime, http)
+    for bad in (0, -1, 101, 10**12, 2.5, "3", True, None):
+        reply = await http.post(
+            "/platform/v1/plans",
+            json={"id": "bad", "name": "Bad", "quotas": {"dispatch_weight": bad}},
+            headers=root,
+        )
+        body = assert_problem(reply, 422, "invalid-request")
+        assert [e["loc"] for e in body["errors"]] == ["body.quotas.dispatch_weight"], bad
+    made = await http.post(
+        "/platform/v1/plans",
+        json={"id": "gold", "name": "Gold", "quotas": {"dispatch_weight": 3.0}},
+        headers=root,
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["quotas"]["dispatch_weight"] == 3
+    plain = await http.post("/platform/v1/plans", json={"id": "basic", "name": "B"}, headers=root)
+    assert plain.json()["quotas"]["dispatch_weight"] == 1  # the default, every tenant's before
+    listed = (await http.get("/platform/v1/plans", headers=root)).json()
+    assert {p["id"]: p["quotas"]["dispatch_weight"] for p in listed} == {"basic": 1, "gold": 3}
+    # From Python, the same bounds, as a named error.
+    with pytest.raises(InvalidInputError, match="dispatch weight is a whole number from 1 to 100"):
+        await platform_call(
+            runtime.platform.create_plan,
+            "system",
+            "zero",
+            name="Zero",
+            entitlements=["*"],
+            quotas=Quotas(dispatch_weight=0),
+        )
+    # A license signed for it carries the weight the worker gives the queue.
+    await platform_call(runtime.platform.set_plan, "system", "acme", "gold")
+    license = await runtime.license("acme")
+    assert license is not None and license.quotas.dispatch_weight == 3
 
 
 async def test_request_rate(runtime: Runtime, http: httpx.AsyncClient) -> None:

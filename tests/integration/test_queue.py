@@ -380,6 +380,20 @@ async def test_weights_share_a_batch(queue: Queue) -> None:
     assert Counter(m.tenant_id for m in batch) == {"gold": 6, "free": 2}
 
 
+async def test_weights_hold_over_dequeues_of_one_or_two(queue: Queue) -> None:
+    """A busy worker takes a message or two at a time, as its runs finish: over many such
+    dequeues a tenant of weight 3 still takes three messages to another's one."""
+    await queue.enqueue_many(
+        {t: [Envelope(run_id=f"{t}{i}") for i in range(100)] for t in ("gold", "free")}
+    )
+    taken: Counter[str] = Counter()
+    for size in [1, 2, 3, 1, 1, 2] * 10:
+        batch = await queue.dequeue("c", size, 30, weights={"gold": 3})
+        taken.update(m.tenant_id for m in batch)
+        await queue.ack(batch)
+    assert taken == {"gold": 75, "free": 25}
+
+
 async def test_a_tenant_at_its_cap_does_not_hold_up_the_others(make_queue: QueueFactory) -> None:
     """More tenants at their cap than a dequeue looks at beyond its free slots: they move
     behind, and the others are served within a few calls."""

@@ -1,4 +1,5 @@
-"""Pieces without a database: serialization, retry policy, registration, migrations."""
+"""Pieces without a database server: serialization, retry policy, registration, migrations,
+license claims, the queue's shares."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from tenantflow import App, ConfigError, RetryPolicy, SerializationError, WorkflowContext
+from tenantflow.platform.licensing import LicenseClaims, Quotas
+from tenantflow.queue.fairness import Turn, shares
 from tenantflow.sdk.client import new_run_id
 from tenantflow.sdk.serde import TypedCodec, dumps, loads
 from tenantflow.store.migrate import migrate_sqlite, script_head
@@ -129,6 +132,59 @@ def test_a_migrated_database_matches_the_schema(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_platform_migrations_match_the_schema_and_give_old_plans_weight_1(
+    tmp_path: Path,
+) -> None:
+    from alembic import command
+
+    from tenantflow.platform.registry import PLATFORM_MIGRATIONS, migrate_platform
+    from tenantflow.platform.schema import PLATFORM_HEAD
+    from tenantflow.platform.schema import metadata as platform_metadata
+    from tenantflow.store.migrate import alembic_config
+
+    assert script_head(PLATFORM_MIGRATIONS) == PLATFORM_HEAD
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'platform.db'}")
+    try:
+        with engine.begin() as conn:  # a plan made before plans had a dispatch weight
+            config = alembic_config(PLATFORM_MIGRATIONS)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "p0002")
+            conn.execute(
+                sa.text(
+                    "INSERT INTO plans (id, name, entitlements, created_at) "
+                    """VALUES ('old', 'Old', '["*"]', 0)"""
+                )
+            )
+        migrate_platform(engine)
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), platform_metadata) == []
+            weights = conn.execute(sa.text("SELECT id, dispatch_weight FROM plans")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in weights] == [("old", 1)]
+
+
+def test_a_license_signed_before_dispatch_weights_means_weight_1() -> None:
+    old = {"runs_per_month": None, "concurrent_runs": 2, "seats": None, "requests_per_second": None}
+    claims = {"jti": "l", "tid": "acme", "plan": "p", "quotas": old, "iat": 0, "exp": 60}
+    assert LicenseClaims.from_claims(claims).quotas == Quotas(concurrent_runs=2, dispatch_weight=1)
+
+
+@given(
+    budget=st.integers(1, 300),
+    turns=st.lists(
+        st.tuples(st.integers(1, 100), st.floats(0, 1000, allow_nan=False)), min_size=1, max_size=40
+    ),
+)
+def test_shares_add_up_to_the_budget_by_weight(budget: int, turns: list[tuple[int, float]]) -> None:
+    given_turns = [Turn(f"t{i}", w, p) for i, (w, p) in enumerate(turns)]
+    got = shares(budget, given_turns)
+    assert sum(got.values()) == budget
+    total = sum(w for w, _ in turns)
+    for turn in given_turns:  # its weight's part, rounded down, and at most one more
+        assert 0 <= got[turn.tenant] - budget * turn.weight // total <= 1
 
 
 def test_logs_mask_fields_named_like_secrets() -> None:

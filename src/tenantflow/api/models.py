@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tenantflow.platform.audit import AuditEntry
 from tenantflow.platform.identity import ApiKey, Role, User
+from tenantflow.platform.licensing import MAX_DISPATCH_WEIGHT, Plan, Quotas
 from tenantflow.platform.registry import TENANT_ID, Tenant
 from tenantflow.queue.base import DeadLetter
 from tenantflow.sdk.serde import loads, whole
@@ -31,6 +33,9 @@ INT32_MAX = 2**31 - 1  # the platform database's integer columns
 Priority = Annotated[int, Field(strict=True, ge=-1000, le=1000), BeforeValidator(whole)]
 Count = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX), BeforeValidator(whole)]
 Positive = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX), BeforeValidator(whole)]
+DispatchWeight = Annotated[
+    int, Field(strict=True, ge=1, le=MAX_DISPATCH_WEIGHT), BeforeValidator(whole)
+]
 
 
 class StartRun(BaseModel):
@@ -343,6 +348,14 @@ class QuotasModel(BaseModel):
     concurrent_runs: Positive | None = None
     seats: Count | None = None
     requests_per_second: float | None = Field(default=None, gt=0, strict=True)
+    dispatch_weight: DispatchWeight = Field(
+        default=1,
+        description="The tenants' share of the workers when other tenants have work waiting "
+        "too: weight 3 takes three runs to a weight-1 tenant's one (not a limit).",
+    )
+
+    def quotas(self) -> Quotas:
+        return Quotas(**self.model_dump())
 
 
 class PlanIn(BaseModel):
@@ -360,6 +373,10 @@ class PlanOut(BaseModel):
     entitlements: list[str]
     quotas: QuotasModel
     created_at: float
+
+    @staticmethod
+    def of(p: Plan) -> PlanOut:
+        return PlanOut.model_validate(dataclasses.asdict(p))
 
 
 class LicenseOut(BaseModel):

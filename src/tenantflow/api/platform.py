@@ -34,7 +34,6 @@ from tenantflow.api.models import (
     MembershipOut,
     PlanIn,
     PlanOut,
-    QuotasModel,
     ServerIn,
     ServerOut,
     ServerPatch,
@@ -49,7 +48,7 @@ from tenantflow.api.models import (
 from tenantflow.errors import InvalidInputError, TenantNotFoundError
 from tenantflow.platform.identity import Membership, Role
 from tenantflow.platform.keys import Jwks
-from tenantflow.platform.licensing import License, Plan, Quotas
+from tenantflow.platform.licensing import License
 from tenantflow.platform.registry import DatabaseServer, TenantStatus
 from tenantflow.platform.service import Platform, Principal
 from tenantflow.runtime import Runtime
@@ -78,22 +77,6 @@ async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def _membership_out(m: Membership) -> MembershipOut:
     return MembershipOut(
         user_id=m.user_id, tenant=m.tenant_id, role=m.role, created_at=m.created_at
-    )
-
-
-def _plan_out(p: Plan) -> PlanOut:
-    q = p.quotas
-    return PlanOut(
-        id=p.id,
-        name=p.name,
-        entitlements=list(p.entitlements),
-        quotas=QuotasModel(
-            runs_per_month=q.runs_per_month,
-            concurrent_runs=q.concurrent_runs,
-            seats=q.seats,
-            requests_per_second=q.requests_per_second,
-        ),
-        created_at=p.created_at,
     )
 
 
@@ -407,14 +390,14 @@ async def create_plan(body: PlanIn, principal: PlatformAdmin, runtime: RuntimeDe
         body.id,
         name=body.name,
         entitlements=body.entitlements,
-        quotas=Quotas(**body.quotas.model_dump()),
+        quotas=body.quotas.quotas(),
     )
-    return _plan_out(plan)
+    return PlanOut.of(plan)
 
 
 @router.get("/plans", response_model=list[PlanOut])
 async def list_plans(principal: PlatformAdmin, runtime: RuntimeDep) -> list[PlanOut]:
-    return [_plan_out(p) for p in await _run(runtime.platform.licensing.list_plans)]
+    return [PlanOut.of(p) for p in await _run(runtime.platform.licensing.list_plans)]
 
 
 @router.post(

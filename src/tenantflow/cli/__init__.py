@@ -10,6 +10,7 @@ for group, name in (
     (runs.runs_cli, "runs"),
     (ops.dead_cli, "dead-letters"),
     (platform.tenants_cli, "tenants"),
+    (platform.plans_cli, "plans"),
     (platform.admin_cli, "admin"),
     (platform.keys_cli, "keys"),
 ):

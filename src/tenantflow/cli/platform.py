@@ -1,5 +1,5 @@
-"""The platform plane from the command line: tenants, administrators and API keys, so that a
-production installation can be set up from nothing, and scripted."""
+"""The platform plane from the command line: tenants, plans, administrators and API keys, so
+that a production installation can be set up from nothing, and scripted."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import sys
 from collections.abc import Iterator
 from typing import Annotated
 
+import pydantic
 import typer
 
-from tenantflow.api.models import ApiKeyOut, TenantOut, UserOut
+from tenantflow.api.models import ApiKeyOut, PlanIn, PlanOut, QuotasModel, TenantOut, UserOut
 from tenantflow.cli._common import (
     JsonOpt,
     TenantOpt,
@@ -23,11 +24,12 @@ from tenantflow.cli._common import (
     settings,
     time_text,
 )
-from tenantflow.errors import ConfigError
+from tenantflow.errors import ConfigError, InvalidInputError
 from tenantflow.platform.identity import MIN_PASSWORD, Role
 from tenantflow.runtime import Runtime
 
 tenants_cli = typer.Typer(help="Create, list and migrate tenants.")
+plans_cli = typer.Typer(help="Plans: entitlements, quotas and dispatch weight; create, list.")
 admin_cli = typer.Typer(help="Platform administrators: create the first, reset a password.")
 keys_cli = typer.Typer(help="API keys of a tenant: issue, list, revoke.")
 
@@ -121,6 +123,111 @@ def tenants_migrate(
             console.print(f"[red]failed[/red] {tenant_id}: {error}")
     if report.failed:
         raise typer.Exit(1)
+
+
+# -- plans -------------------------------------------------------------------------------------
+
+# The arguments of `plans create` by the field of PlanIn they give (the quotas: --the-field).
+PLAN_OPTIONS = {"id": "PLAN_ID", "name": "--name", "entitlements": "--entitlement"}
+
+
+@plans_cli.command("create")
+def plans_create(
+    plan_id: Annotated[
+        str, typer.Argument(help="Lowercase letters, digits and '-', up to 63 characters.")
+    ],
+    name: Annotated[str | None, typer.Option(help="A display name (default: the id).")] = None,
+    entitlement: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A workflow name or feature code it entitles to (repeatable; default *)."
+        ),
+    ] = None,
+    runs_per_month: Annotated[
+        int | None, typer.Option(help="Runs a tenant may start per month (default: unlimited).")
+    ] = None,
+    concurrent_runs: Annotated[
+        int | None, typer.Option(help="Runs of a tenant executing at once (default: unlimited).")
+    ] = None,
+    seats: Annotated[
+        int | None, typer.Option(help="Members a tenant may have (default: unlimited).")
+    ] = None,
+    requests_per_second: Annotated[
+        float | None, typer.Option(help="A tenant's API requests per second (default: unlimited).")
+    ] = None,
+    dispatch_weight: Annotated[
+        int,
+        typer.Option(
+            help="The tenants' share of the workers when other tenants have work waiting too: "
+            "3 takes three runs to a weight-1 tenant's one."
+        ),
+    ] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a plan, checked as POST /platform/v1/plans checks it (recorded in the audit log,
+    actor "cli"). Put tenants on it with `tenants create --plan`."""
+    try:
+        body = PlanIn(
+            id=plan_id,
+            name=name or plan_id,
+            entitlements=entitlement or ["*"],
+            quotas=QuotasModel(
+                runs_per_month=runs_per_month,
+                concurrent_runs=concurrent_runs,
+                seats=seats,
+                requests_per_second=requests_per_second,
+                dispatch_weight=dispatch_weight,
+            ),
+        )
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]  # of PlanIn or QuotasModel: loc starts with a field of either
+        field = str(error["loc"][0])
+        option = PLAN_OPTIONS.get(field, "--" + field.replace("_", "-"))
+        raise InvalidInputError(f"{option}: {error['msg']}") from None
+    with platform_runtime() as runtime:
+        plan = runtime.platform.create_plan(
+            ACTOR,
+            body.id,
+            name=body.name,
+            entitlements=body.entitlements,
+            quotas=body.quotas.quotas(),
+        )
+    print_result(
+        PlanOut.of(plan),
+        as_json=as_json,
+        line=f"created plan {plan.id} (dispatch weight {plan.quotas.dispatch_weight})",
+    )
+
+
+@plans_cli.command("list")
+def plans_list(as_json: JsonOpt = False) -> None:
+    """List plans with their quotas and dispatch weight."""
+    with platform_runtime() as runtime:
+        plans = runtime.platform.licensing.list_plans()
+    if as_json:
+        print_json({"plans": [PlanOut.of(p) for p in plans]})
+        return
+
+    def limit(value: float | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    print_table(
+        "plans",
+        ("id", "name", "entitlements", "runs/month", "concurrent", "seats", "req/s", "weight"),
+        (
+            [
+                p.id,
+                p.name,
+                ", ".join(p.entitlements),
+                limit(p.quotas.runs_per_month),
+                limit(p.quotas.concurrent_runs),
+                limit(p.quotas.seats),
+                limit(p.quotas.requests_per_second),
+                str(p.quotas.dispatch_weight),
+            ]
+            for p in plans
+        ),
+    )
 
 
 # -- administrators ----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Plans and licenses.
 
 A plan lists entitlements (workflow names or feature codes; ``*`` for all) and quotas (runs
-per month, concurrent runs, seats, requests per second; None is unlimited). A tenant on a plan
-holds a license: a JWS signed by the platform (Ed25519), with a time to live. The tenant plane
+per month, concurrent runs, seats, requests per second; None is unlimited), and its tenants'
+dispatch weight: their share of the workers when several tenants have work waiting (1 by
+default; weight 3 takes three messages to another tenant's one). A tenant on a plan holds a
+license: a JWS signed by the platform (Ed25519), with a time to live. The tenant plane
 verifies it offline against the JWKS and caches it, so it keeps working through a platform
 outage until the cached license expires. A tenant with no plan is not licensed and not limited
 (the embedded default needs no platform set-up).
@@ -10,6 +12,7 @@ outage until the cached license expires. A tenant with no plan is not licensed a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -18,12 +21,20 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tenantflow.errors import ConflictError, InvalidSignatureError, NotFoundError
+from tenantflow.errors import (
+    ConflictError,
+    InvalidInputError,
+    InvalidSignatureError,
+    Issue,
+    NotFoundError,
+)
 from tenantflow.platform.keys import SigningKeys, verify
 from tenantflow.platform.schema import licenses, plans, tenants
 
 LICENSE_TYP = "tenantflow-license+jwt"
 RENEW_FRACTION = 0.5  # a license past half its life is renewed when fetched
+# Beyond this one tenant would all but starve the others of the workers.
+MAX_DISPATCH_WEIGHT = 100
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +43,38 @@ class Quotas:
     concurrent_runs: int | None = None
     seats: int | None = None
     requests_per_second: float | None = None
+    # The tenant's share of the workers against other tenants with work waiting (weighted
+    # round robin of the queue's dispatch); not a limit, so never None.
+    dispatch_weight: int = 1
+
+    @staticmethod
+    def from_mapping(values: Mapping[str, Any]) -> Quotas:
+        """The quotas a row or a license's claims hold; one that lacks a quota (a license
+        signed before it existed) has its default."""
+        return Quotas(
+            **{
+                name: values[name]
+                for name in QUOTA_NAMES
+                if name in values and values[name] is not None
+            }
+        )
+
+    def check(self) -> None:
+        """Raise ``InvalidInputError`` on a dispatch weight out of bounds."""
+        weight = self.dispatch_weight
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int)
+            or not (1 <= weight <= MAX_DISPATCH_WEIGHT)
+        ):
+            bounds = f"a whole number from 1 to {MAX_DISPATCH_WEIGHT}"
+            raise InvalidInputError(
+                f"a plan's dispatch weight is {bounds}, not {weight!r}",
+                issues=[Issue("quotas.dispatch_weight", bounds)],
+            )
+
+
+QUOTA_NAMES = tuple(f.name for f in dataclasses.fields(Quotas))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,18 +113,12 @@ class LicenseClaims:
 
     @staticmethod
     def from_claims(claims: Mapping[str, Any]) -> LicenseClaims:
-        quotas = claims.get("quotas") or {}
         return LicenseClaims(
             license_id=str(claims["jti"]),
             tenant_id=str(claims["tid"]),
             plan_id=str(claims["plan"]),
             entitlements=tuple(claims.get("entitlements") or ()),
-            quotas=Quotas(
-                runs_per_month=quotas.get("runs_per_month"),
-                concurrent_runs=quotas.get("concurrent_runs"),
-                seats=quotas.get("seats"),
-                requests_per_second=quotas.get("requests_per_second"),
-            ),
+            quotas=Quotas.from_mapping(claims.get("quotas") or {}),
             issued_at=float(claims["iat"]),
             expires_at=float(claims["exp"]),
         )
@@ -101,12 +138,7 @@ def _plan(row: Any) -> Plan:
         id=row.id,
         name=row.name,
         entitlements=tuple(row.entitlements),
-        quotas=Quotas(
-            runs_per_month=row.runs_per_month,
-            concurrent_runs=row.concurrent_runs,
-            seats=row.seats,
-            requests_per_second=row.requests_per_second,
-        ),
+        quotas=Quotas.from_mapping(row._mapping),
         created_at=row.created_at,
     )
 
@@ -141,6 +173,7 @@ class Licensing:
     def create_plan(
         self, plan_id: str, *, name: str, entitlements: Sequence[str], quotas: Quotas
     ) -> Plan:
+        quotas.check()
         plan = Plan(
             id=plan_id,
             name=name,
@@ -155,10 +188,7 @@ class Licensing:
                         id=plan.id,
                         name=plan.name,
                         entitlements=list(plan.entitlements),
-                        runs_per_month=quotas.runs_per_month,
-                        concurrent_runs=quotas.concurrent_runs,
-                        seats=quotas.seats,
-                        requests_per_second=quotas.requests_per_second,
+                        **dataclasses.asdict(quotas),
                         created_at=plan.created_at,
                     )
                 )
@@ -192,19 +222,13 @@ class Licensing:
         plan = self.get_plan(row.plan_id)
         now = self.clock()
         license_id = str(uuid.uuid4())
-        quotas = {
-            "runs_per_month": plan.quotas.runs_per_month,
-            "concurrent_runs": plan.quotas.concurrent_runs,
-            "seats": plan.quotas.seats,
-            "requests_per_second": plan.quotas.requests_per_second,
-        }
         document = self.keys.sign(
             {
                 "jti": license_id,
                 "tid": tenant_id,
                 "plan": plan.id,
                 "entitlements": list(plan.entitlements),
-                "quotas": quotas,
+                "quotas": dataclasses.asdict(plan.quotas),
                 "iat": int(now),
                 "exp": int(now + self.ttl),
             },

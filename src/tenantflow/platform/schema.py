@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-PLATFORM_HEAD = "p0002"
+PLATFORM_HEAD = "p0003"
 
 metadata = sa.MetaData()
 
@@ -101,6 +101,8 @@ plans = sa.Table(
     sa.Column("concurrent_runs", sa.Integer),
     sa.Column("seats", sa.Integer),
     sa.Column("requests_per_second", sa.Float),
+    # Its tenants' share of the workers (weighted round robin); 1: as a tenant on no plan.
+    sa.Column("dispatch_weight", sa.Integer, nullable=False, server_default=sa.text("1")),
     sa.Column("created_at", sa.Float, nullable=False),
 )
 

@@ -134,12 +134,12 @@ return at
 # ARGV: prefix, group, consumer, count, min_idle_ms, max_deliveries, default cap, dead_maxlen,
 #       look (how many tenants beyond count one call may examine), then tenants to skip.
 # First gives the tenants due for a look theirs (delayed messages made ready, lapsed leases
-# found), then serves the tenants at the front of the ready set, each a share of count by its
-# weight (reclaimed messages first), moving each on by what it took over its weight; a tenant
-# skipped or at its cap stays ready but moves behind the tenants looked at, so a call looks
-# at no more than count + look tenants and none holds up the others. Returns the Redis
-# time (ms), the time of the next look due (-1: none), then per message: tenant, id, run,
-# priority, total deliveries, Redis delivery count, traceparent ('' for none).
+# found), then serves the tenants at the front of the ready set, each its share of count by
+# its weight and pass (``fairness``; reclaimed messages first), moving each on by what it took
+# over its weight; a tenant skipped or at its cap stays ready but moves behind the tenants
+# looked at, so a call looks at no more than count + look tenants and none holds up the others.
+# Returns the Redis time (ms), the time of the next look due (-1: none), then per message:
+# tenant, id, run, priority, total deliveries, Redis delivery count, traceparent ('' for none).
 DISPATCH = (
     COMMON
     + """
@@ -259,43 +259,64 @@ end
 
 local front = redis.call('ZRANGE', READY, 0, count + look - 1, 'WITHSCORES')
 local last = tonumber(front[#front]) or 0
-local turn = {}  -- tenant -> its weight, while it may take more in this call
-local total = 0
+local turn = {}  -- {t, w, pass, want}: the tenants that may take more in this call
 for i = 1, #front, 2 do
   local t = front[i]
   local w = math.max(1, tonumber(redis.call('HGET', WEIGHTS, t)) or 1)
   if skip[t] then
     redis.call('ZADD', READY, last + 1 / w, t)
   else
-    turn[#turn + 1] = {t, w, tonumber(front[i + 1])}
-    total = total + w
+    turn[#turn + 1] = {t = t, w = w, pass = tonumber(front[i + 1])}
+  end
+end
+-- Each tenant's share of budget (fairness.shares in Python): its weight's part, rounded
+-- down, and the slots left over one each to the tenants whose pass would then be lowest.
+local function share(budget)
+  local total, left, order = 0, budget, {}
+  for i, item in ipairs(turn) do
+    total = total + item.w
+    order[i] = i
+  end
+  for _, item in ipairs(turn) do
+    item.want = math.floor(budget * item.w / total)
+    left = left - item.want
+  end
+  if left > 0 then
+    local function after(i) return turn[i].pass + turn[i].want / turn[i].w end
+    table.sort(order, function(a, b)
+      if after(a) ~= after(b) then return after(a) < after(b) end
+      return a < b
+    end)
+    for k = 1, left do turn[order[k]].want = turn[order[k]].want + 1 end
   end
 end
 local left = count
 while left > 0 and #turn > 0 do
-  local next_turn, next_total, budget = {}, 0, left
+  share(left)
+  local next_turn = {}
   for _, item in ipairs(turn) do
-    if left <= 0 then break end
-    local t, w, pass = item[1], item[2], item[3]
-    tenant(t)
-    local cap = tonumber(redis.call('HGET', CAPS, t)) or default_cap
-    local want = math.min(left, math.max(1, math.floor(budget * w / total)))
-    local taken, waiting = visit(want, cap)
-    left = left - taken
+    local taken, waiting = 0, 1
+    if item.want > 0 then
+      tenant(item.t)
+      taken, waiting = visit(item.want, tonumber(redis.call('HGET', CAPS, item.t)) or default_cap)
+      left = left - taken
+    end
     if waiting <= 0 then
-      redis.call('ZREM', READY, t)
+      redis.call('ZREM', READY, item.t)
       schedule()
-    elseif taken == 0 then
+    elseif item.want > 0 and taken == 0 then
       -- At its cap: it stays ready, behind the tenants looked at.
-      redis.call('ZADD', READY, last + 1 / w, t)
+      redis.call('ZADD', READY, last + 1 / item.w, item.t)
     else
-      item[3] = pass + taken / w
-      redis.call('ZADD', READY, item[3], t)
-      next_turn[#next_turn + 1] = item
-      next_total = next_total + w
+      if taken > 0 then
+        item.pass = item.pass + taken / item.w
+        redis.call('ZADD', READY, item.pass, item.t)
+      end
+      -- Took its share and has more: it may take what others could not.
+      if taken == item.want then next_turn[#next_turn + 1] = item end
     end
   end
-  turn, total = next_turn, next_total
+  turn = next_turn
 end
 
 local first_due = redis.call('ZRANGE', DUE, 0, 0, 'WITHSCORES')

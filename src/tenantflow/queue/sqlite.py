@@ -17,6 +17,7 @@ from pathlib import Path
 from tenantflow import _sqlite
 from tenantflow.errors import NotFoundError
 from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
+from tenantflow.queue.fairness import Turn, shares, weight_of
 
 SQLITE_MAX_INTEGER = 2**63 - 1
 
@@ -79,10 +80,13 @@ SELECT tenant_id FROM t WHERE tenant_id IS NOT NULL
     AND (SELECT MIN(available_at) FROM messages m WHERE m.tenant_id = t.tenant_id) <= ?
 """
 DISPATCH_LOOK = 16  # tenants one dequeue may look at beyond its free slots (as on Redis)
+NEWCOMER_LEAD = 1 / 1024  # how far ahead of the front a tenant new to the ready set goes
 SQL_READY_OF_TENANT = (
     "SELECT id, run_id, priority, deliveries, trace FROM messages "
     "WHERE tenant_id = ? AND available_at <= ? ORDER BY priority DESC, available_at, id LIMIT ?"
 )
+
+Row = tuple[int, str, int, int, str | None]  # SQL_READY_OF_TENANT's columns
 
 SQL_DEAD_LETTER = (
     "INSERT INTO dead_letters (id, tenant_id, run_id, priority, deliveries, failed_at, trace, "
@@ -121,10 +125,9 @@ class SqliteQueue:
                     if "duplicate column" not in str(exc):
                         raise
         self._conn.executescript(INDEXES)
-        # Tenant -> the dequeue that last served it here: the least recently served go first,
-        # and a tenant new to the ready set before all.
-        self._served: dict[str, int] = {}
-        self._turn = 0
+        # Tenant -> its pass in the round robin (``fairness``), while it has ready messages;
+        # a tenant new to the ready set goes just ahead of the front, as on Redis.
+        self._pass: dict[str, float] = {}
         self._wakeup = asyncio.Event()
 
     async def enqueue(
@@ -176,37 +179,23 @@ class SqliteQueue:
         with _sqlite.transaction(self._conn) as cur:
             ready_now = [r[0] for r in cur.execute(SQL_READY_TENANTS, (now,)) if r[0] not in skip]
             if not ready_now:
-                self._served.clear()
+                self._pass.clear()
                 return []
-            # Round robin: the least recently served tenants first, taking turns one message
-            # (times its weight) at a time, so a flood gets no more than its share of a batch.
-            self._served = {t: self._served[t] for t in ready_now if t in self._served}
-            self._turn += 1
-            order = sorted(ready_now, key=lambda t: self._served.get(t, -1))
-            order = order[: max_messages + DISPATCH_LOOK]
-            ready = {}
+            known = [self._pass[t] for t in ready_now if t in self._pass]
+            newcomer = min(known, default=0.0) - NEWCOMER_LEAD
+            passes = {t: self._pass.get(t, newcomer) for t in ready_now}
+            order = sorted(ready_now, key=passes.__getitem__)[: max_messages + DISPATCH_LOOK]
+            last = passes[order[-1]]
+            ready: dict[str, list[Row]] = {}
             for t in order:
                 room = self._room(cur, t, now, max_messages, (caps or {}).get(t))
-                if room == 0:  # at its cap: ready still, but behind the others
-                    self._served[t] = self._turn
-                ready[t] = cur.execute(SQL_READY_OF_TENANT, (t, now, room)).fetchall()
-            picked: list[tuple[str, tuple[int, str, int, int, str | None]]] = []
-            depth = 0
-            while len(picked) < max_messages and any(
-                len(r) > depth * _w(weights, t) for t, r in ready.items()
-            ):
-                for tenant in order:
-                    rows = ready[tenant]
-                    # A tenant of weight w takes w messages a turn.
-                    for row in rows[
-                        depth * _w(weights, tenant) : (depth + 1) * _w(weights, tenant)
-                    ]:
-                        if len(picked) < max_messages:
-                            picked.append((tenant, row))
-                depth += 1
+                if room == 0:  # at its cap: ready still, but behind the tenants looked at
+                    passes[t] = last + 1 / weight_of(weights, t)
+                else:
+                    ready[t] = cur.execute(SQL_READY_OF_TENANT, (t, now, room)).fetchall()
+            picked = _share_out(ready, passes, weights, max_messages)
+            self._pass = passes
             until = now + visibility_timeout
-            for tenant, _ in picked:
-                self._served[tenant] = self._turn
             for tenant, (mid, run_id, priority, deliveries, trace) in picked:
                 if deliveries >= self.max_deliveries:
                     times = "time" if deliveries == 1 else "times"
@@ -419,13 +408,35 @@ def _dead_letter(
     cur.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
 
+def _share_out(
+    ready: dict[str, list[Row]],
+    passes: dict[str, float],
+    weights: Mapping[str, int] | None,
+    budget: int,
+) -> list[tuple[str, Row]]:
+    """Up to ``budget`` of the tenants' ready rows (given in the order of their pass), each
+    tenant its share (``fairness.shares``), moving its pass on by what it took; what a tenant
+    cannot take (at its cap, no more ready) goes to the others in another round."""
+    picked: list[tuple[str, Row]] = []
+    turn = list(ready)
+    while len(picked) < budget and turn:
+        want = shares(
+            budget - len(picked), [Turn(t, weight_of(weights, t), passes[t]) for t in turn]
+        )
+        next_turn = []
+        for t in turn:
+            rows, ready[t] = ready[t][: want[t]], ready[t][want[t] :]
+            picked.extend((t, row) for row in rows)
+            passes[t] += len(rows) / weight_of(weights, t)
+            if len(rows) == want[t] and ready[t]:  # took its share and has more
+                next_turn.append(t)
+        turn = next_turn
+    return picked
+
+
 def _row_id(value: str) -> int:
     """An id from outside as a rowid; a malformed one (not an integer SQLite can hold) is a
     missing one (0, which no row has), as on Redis."""
     if value.isascii() and value.isdigit() and int(value) < 2**63:
         return int(value)
     return 0
-
-
-def _w(weights: Mapping[str, int] | None, tenant: str) -> int:
-    return max(1, (weights or {}).get(tenant, 1))

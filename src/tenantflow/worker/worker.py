@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from contextvars import Context
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import structlog
 
@@ -48,6 +48,14 @@ ACK_FLUSH_SECONDS = 5.0
 PLATFORM_VIEW_SECONDS = 1.0
 NO_RUNS = -1  # a cap below any count: the queue gives the tenant nothing
 FAILED_STATUSES = frozenset({"failed", "needs_attention"})
+
+
+class _TenantView(TypedDict):
+    """The platform's word on tenants, as every dequeue takes it."""
+
+    skip: frozenset[str]  # suspended: not taken from
+    caps: dict[str, int]  # licensed caps on runs in flight
+    weights: dict[str, int]  # licensed dispatch weights (absent: 1)
 
 
 @dataclass
@@ -101,10 +109,8 @@ class Worker:
         self._running: set[tuple[str, str]] = set()  # (tenant, run) executing here
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
-        # The platform's word on tenants, refreshed in the background: suspended tenants
-        # (not taken from) and licensed caps on runs in flight.
-        self._paused: frozenset[str] = frozenset()
-        self._caps: dict[str, int] = {}
+        # The platform's word on tenants, refreshed in the background (_refresh_platform_view).
+        self._view: _TenantView = {"skip": frozenset(), "caps": {}, "weights": {}}
 
     # -- ExecutionHost -----------------------------------------------------------------------
 
@@ -147,12 +153,10 @@ class Worker:
                 try:
                     if idle:  # nothing last time: wait for work, and take it as it comes
                         messages = await queue.wait_and_dequeue(
-                            poll, self.owner, free, self.lease, caps=self._caps, skip=self._paused
+                            poll, self.owner, free, self.lease, **self._view
                         )
                     else:
-                        messages = await queue.dequeue(
-                            self.owner, free, self.lease, caps=self._caps, skip=self._paused
-                        )
+                        messages = await queue.dequeue(self.owner, free, self.lease, **self._view)
                 except Exception as exc:
                     # The queue is away (restarting, unreachable): keep the runs in flight
                     # going and try again, backing off, rather than die.
@@ -435,15 +439,17 @@ class Worker:
         await self._refresh_platform_view()
 
     async def _refresh_platform_view(self) -> None:
-        """Which tenants are suspended, and each licensed tenant's cap on concurrent runs.
-        Through a platform outage the last view stands (and licenses their cached copies)."""
+        """Which tenants are suspended, and each licensed tenant's cap on concurrent runs and
+        dispatch weight (its plan's). Through a platform outage the last view stands (and
+        licenses their cached copies)."""
         try:
             tenants = await asyncio.to_thread(self.runtime.registry.list)
         except Exception as exc:
             log.warning("platform unreachable; keeping the tenant view", error=type(exc).__name__)
             return
-        self._paused = frozenset(t.id for t in tenants if t.status is TenantStatus.SUSPENDED)
+        paused = frozenset(t.id for t in tenants if t.status is TenantStatus.SUSPENDED)
         caps: dict[str, int] = {}
+        weights: dict[str, int] = {}
         for tenant in tenants:
             if tenant.plan_id is None:
                 continue
@@ -453,9 +459,13 @@ class Worker:
                 # No valid license: the tenant's runs wait (a cap nobody can fit under).
                 caps[tenant.id] = NO_RUNS
                 continue
-            if license is not None and license.quotas.concurrent_runs is not None:
+            if license is None:
+                continue
+            if license.quotas.concurrent_runs is not None:
                 caps[tenant.id] = license.quotas.concurrent_runs
-        self._caps = caps
+            if license.quotas.dispatch_weight != 1 and tenant.id not in paused:
+                weights[tenant.id] = license.quotas.dispatch_weight
+        self._view = {"skip": paused, "caps": caps, "weights": weights}
 
     # -- relay and reconciler ----------------------------------------------------------------
 
