@@ -9,6 +9,7 @@ from tenantflow.store.records import (
     ChildState,
     Claim,
     EventWait,
+    ExpectedMessage,
     Finished,
     NewRun,
     OutboxEntry,
@@ -147,6 +148,13 @@ class RunStore(Protocol):
         self, *, now: float, grace: float, limit: int = 1000
     ) -> list[tuple[str, int, str | None]]:
         """Runs that should have a message by now; (run id, priority, trace)."""
+        ...
+
+    async def expected_messages(
+        self, *, after: str = "", limit: int = 1000
+    ) -> list[ExpectedMessage]:
+        """Every unfinished run that should have a message, whatever its age, in id order
+        from after ``after``: what rebuilds a queue that lost its data."""
         ...
 
     async def has_unfinished(self) -> bool:

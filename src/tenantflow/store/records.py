@@ -191,3 +191,15 @@ class Finished:
     """After a change: messages to publish now (a parent woken up, a child started...)."""
 
     wake: tuple[OutboxEntry, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpectedMessage:
+    """The message an unfinished run should have in the queue, and when it is due (``None``:
+    now): a queued run's now, a sleeping or waiting run's at its wake-up, a running run's when
+    its lease ends (the delivery that recovers it if its worker is gone)."""
+
+    run_id: str
+    priority: int
+    trace: str | None
+    due_at: float | None

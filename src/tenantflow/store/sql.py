@@ -22,6 +22,7 @@ from tenantflow.store.records import (
     Claim,
     ClaimOutcome,
     EventWait,
+    ExpectedMessage,
     Finished,
     NewRun,
     OutboxEntry,
@@ -146,6 +147,16 @@ SQL_FINISH_OWNED = (
 
 SQL_FINISH_WITH_STEP_PG = (
     f"WITH fin AS ({SQL_FINISH_OWNED}), ins AS ({_insert_step_from('fin')}) SELECT id FROM fin"
+)
+
+# A waiting run without a wake-up (an event without a timeout, a child) is woken by what it
+# waits for, whose change enqueues it: it expects no message.
+SQL_EXPECTED_MESSAGES = (
+    "SELECT id, priority, trace, CASE status WHEN 'queued' THEN NULL "
+    "WHEN 'running' THEN lease_until ELSE wake_at END FROM runs "
+    "WHERE (status IN ('queued', 'running') "
+    "OR (status IN ('sleeping', 'waiting') AND wake_at IS NOT NULL)) AND id > ? "
+    "ORDER BY id LIMIT ?"
 )
 
 CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was cancelled"})
@@ -815,6 +826,13 @@ class SqlRunStore:
                 (cutoff, cutoff, cutoff, limit),
             )
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def expected_messages(
+        self, *, after: str = "", limit: int = 1000
+    ) -> list[ExpectedMessage]:
+        async with self.db.autocommit() as tx:
+            rows: list[Row] = await tx.all(SQL_EXPECTED_MESSAGES, (after, limit))
+        return [ExpectedMessage(run_id=r[0], priority=r[1], trace=r[2], due_at=r[3]) for r in rows]
 
     async def has_unfinished(self) -> bool:
         async with self.db.autocommit() as tx:

@@ -4,6 +4,12 @@ Concurrency is a number of runs in flight on one event loop (sync steps go to th
 keep-alive task renews the leases of runs in flight (queue and database together) and looks for
 cancellation requests. On SIGTERM the worker takes no new work, lets running steps finish within
 the grace period, and gives the rest back to the queue.
+
+A watcher looks at the queue's data set (``Queue.epoch``) every half second: when it changed
+(Redis emptied, restarted, failed over), the queue is rebuilt from the tenant databases at once.
+Runs in execution meanwhile go on under their database leases whatever became of their
+messages; what could not be sent to the queue while it was away (a message given back, an
+acknowledgement) is sent once it answers.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ STORE_RETRY_SECONDS = 1.0
 UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
 PLATFORM_VIEW_SECONDS = 1.0
+EPOCH_CHECK_SECONDS = 0.5
+REBUILD_RETRY_SECONDS = 0.5
 NO_RUNS = -1  # a cap below any count: the queue gives the tenant nothing
 FAILED_STATUSES = frozenset({"failed", "needs_attention"})
 
@@ -62,6 +70,15 @@ class _TenantView(TypedDict):
 class _InFlight:
     message: Message
     execution: Execution | None = None
+
+
+@dataclass(frozen=True)
+class _GiveBack:
+    """A ``retry_later`` the queue did not take (it was away): sent again once it answers."""
+
+    message: Message
+    due: float  # when the message is to be visible (wall clock)
+    count_delivery: bool
 
 
 @dataclass
@@ -109,6 +126,13 @@ class Worker:
         self._running: set[tuple[str, str]] = set()  # (tenant, run) executing here
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
+        # The queue: answering again (ends a dequeue's backoff), to be looked at now, to be
+        # rebuilt; and what it did not take while it was away.
+        self._queue_back = asyncio.Event()
+        self._queue_check = asyncio.Event()
+        self._rebuild = asyncio.Event()
+        self._unsent: dict[tuple[str, str], _GiveBack] = {}
+        self._unacked: list[Message] = []
         # The platform's word on tenants, refreshed in the background (_refresh_platform_view).
         self._view: _TenantView = {"skip": frozenset(), "caps": {}, "weights": {}}
 
@@ -140,6 +164,7 @@ class Worker:
         keepalive = asyncio.create_task(self._keepalive())
         maintenance = asyncio.create_task(self._maintenance())
         platform_view = asyncio.create_task(self._watch_platform())
+        queue_watch = asyncio.create_task(self._watch_queue())
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
         backoff = 0.0
         idle = False
@@ -159,11 +184,15 @@ class Worker:
                         messages = await queue.dequeue(self.owner, free, self.lease, **self._view)
                 except Exception as exc:
                     # The queue is away (restarting, unreachable): keep the runs in flight
-                    # going and try again, backing off, rather than die.
+                    # going and try again, backing off, rather than die; sooner if the
+                    # watcher finds it answering.
                     backoff = min(max(backoff * 2, poll), QUEUE_RETRY_MAX_SECONDS)
                     log_failure(log, "dequeue failed; retrying", exc, retry_in=round(backoff, 2))
-                    await self._wait_any(asyncio.sleep(backoff), None)
+                    self._queue_back.clear()
+                    await self._wait_any(self._queue_back.wait(), backoff)
                     continue
+                if backoff:  # answering again: is it the same data set?
+                    self._queue_check.set()
                 backoff = 0.0
                 if self.stopping:  # stopped while waiting: these go to another worker
                     for message in messages:
@@ -180,7 +209,8 @@ class Worker:
             await self._flush_acks()
             if self._tasks:  # acknowledgements still on their way
                 await asyncio.wait(set(self._tasks), timeout=ACK_FLUSH_SECONDS)
-            for task in (keepalive, maintenance, platform_view):
+            await self._resend()
+            for task in (keepalive, maintenance, platform_view, queue_watch):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -225,23 +255,20 @@ class Worker:
     # -- one message -------------------------------------------------------------------------
 
     async def _process(self, message: Message) -> None:
-        queue = self.runtime.queue
         try:
             await self._handle(message)
         except Exception:
             log.exception("message handling failed", tenant=message.tenant_id, run=message.run_id)
-            with contextlib.suppress(Exception):
-                await queue.retry_later(message, 1.0)
+            await self._give_back(message, 1.0)
         finally:
             self._inflight.pop((message.tenant_id, message.id), None)
 
     async def _handle(self, message: Message) -> None:
-        queue = self.runtime.queue
         key = (message.tenant_id, message.run_id)
         if key in self._running:
             # Our own lapsed delivery came back while we still execute its run: it must not
             # start a second execution under the same owner.
-            await queue.retry_later(message, self.lease / 2, count_delivery=False)
+            await self._give_back(message, self.lease / 2, count_delivery=False)
             return
         try:
             # Pinned: the tenant's store stays open while its run executes here. Each delivery
@@ -271,7 +298,6 @@ class Worker:
     async def _claim_and_execute(
         self, message: Message, store: RunStore, span: Span | None
     ) -> None:
-        queue = self.runtime.queue
         now = time.time()
         claim = await store.claim_run(message.run_id, owner=self.owner, now=now, lease=self.lease)
         set_attributes(span, {"tenantflow.claim": claim.outcome.value})
@@ -281,7 +307,7 @@ class Worker:
             return
         if claim.outcome is ClaimOutcome.DEFER:
             assert claim.not_before is not None
-            await queue.retry_later(message, claim.not_before - now, count_delivery=False)
+            await self._give_back(message, claim.not_before - now, count_delivery=False)
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             if claim.run is not None:
@@ -341,7 +367,7 @@ class Worker:
         if message.deliveries < queue.max_deliveries:
             log.error("workflow not registered in this worker; run given back", **fields)
             await store.release_run(message.run_id, owner=self.owner, now=time.time())
-            await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
+            await self._give_back(message, UNREGISTERED_RETRY_SECONDS)
             return
         log.error("workflow not registered in this worker; run dead-lettered", **fields)
         n = message.deliveries
@@ -372,11 +398,51 @@ class Worker:
         if acks:
             try:
                 await self.runtime.queue.ack(acks)
+            except Exception as exc:
+                # Sent again once the queue answers (else the deliveries come back, and find
+                # their runs ended).
+                self._unacked.extend(acks)
+                log_failure(log, "acknowledgement failed; sent again once the queue answers", exc)
+
+    async def _give_back(
+        self, message: Message, delay: float, *, count_delivery: bool = True
+    ) -> None:
+        """``retry_later``. If the queue is away, it is kept and sent once the queue answers,
+        rather than the run waiting for its delivery to lapse, or, if the queue lost the
+        message meanwhile, for the reconciler (a ``retry_later`` of a lost message makes a new
+        one)."""
+        due = time.time() + delay
+        try:
+            await self.runtime.queue.retry_later(message, delay, count_delivery=count_delivery)
+        except Exception as exc:
+            self._unsent[message.tenant_id, message.id] = _GiveBack(message, due, count_delivery)
+            log_failure(
+                log,
+                "giving a message back failed; sent again once the queue answers",
+                exc,
+                tenant=message.tenant_id,
+                run=message.run_id,
+            )
+
+    async def _resend(self) -> None:
+        """Send what the queue did not take while it was away; stop at the first failure."""
+        queue = self.runtime.queue
+        for key, unsent in list(self._unsent.items()):
+            delay = max(0.0, unsent.due - time.time())
+            try:
+                await queue.retry_later(unsent.message, delay, count_delivery=unsent.count_delivery)
             except Exception:
-                log.exception("acknowledgement failed; the deliveries will come back")
+                return
+            if self._unsent.get(key) is unsent:  # not given back anew meanwhile
+                del self._unsent[key]
+        if self._unacked:
+            acks, self._unacked = self._unacked, []
+            try:
+                await queue.ack(acks)
+            except Exception:
+                self._unacked.extend(acks)
 
     async def _settle(self, message: Message, outcome: Outcome, workflow: str) -> None:
-        queue = self.runtime.queue
         if outcome.kind is OutcomeKind.FINISHED:
             self.stats.finished += 1
             if outcome.status is not None:
@@ -389,14 +455,12 @@ class Worker:
             if outcome.wake_at is None:
                 self._ack(message)  # woken by an event or a child, which enqueue it
             else:
-                await queue.retry_later(
-                    message, outcome.wake_at - time.time(), count_delivery=False
-                )
+                await self._give_back(message, outcome.wake_at - time.time(), count_delivery=False)
         elif outcome.kind is OutcomeKind.RELEASED:
             self.stats.released += 1
-            await queue.retry_later(message, 0.0, count_delivery=False)
+            await self._give_back(message, 0.0, count_delivery=False)
         elif outcome.kind is OutcomeKind.RETRY:
-            await queue.retry_later(message, STORE_RETRY_SECONDS)
+            await self._give_back(message, STORE_RETRY_SECONDS)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             self._ack(message)
 
@@ -471,12 +535,52 @@ class Worker:
 
     async def _maintenance(self) -> None:
         maintenance = Maintenance(self.runtime, self.owner, totals=self.stats.sweeps)
+        retry = REBUILD_RETRY_SECONDS
         while True:
-            await asyncio.sleep(maintenance.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rebuild.wait(), maintenance.interval)
+            rebuild = self._rebuild.is_set()
+            self._rebuild.clear()
             try:
-                await maintenance.run_once()
+                report = await maintenance.run_once(rebuild=rebuild)
             except Exception as exc:
                 log_failure(log, "maintenance failed; next sweep soon", exc)
+                report = None
+            if not rebuild:
+                continue
+            if report is None or report.failed:  # again soon, not at the next sweep
+                await asyncio.sleep(retry)
+                retry = min(2 * retry, maintenance.interval)
+                self._rebuild.set()
+            else:
+                retry = REBUILD_RETRY_SECONDS
+
+    # -- the queue's data set ----------------------------------------------------------------
+
+    async def _watch_queue(self) -> None:
+        """Every ``EPOCH_CHECK_SECONDS``, and at once after a dequeue that follows failures:
+        does the queue answer, and is its data set the one seen last? A new one sets off a
+        rebuild of the queue from the tenant databases (``Maintenance.run_once``); whichever
+        worker holds the maintenance lock does it, and every worker watches."""
+        queue = self.runtime.queue
+        known: str | None = None
+        while True:
+            try:
+                epoch = await queue.epoch()
+            except Exception:  # away: the dequeue loop says so
+                pass
+            else:
+                self._queue_back.set()
+                if epoch.new or (known is not None and epoch.id != known):
+                    log.warning(
+                        "the queue lost its data (or is new); rebuilding it", epoch=epoch.id
+                    )
+                    self._rebuild.set()
+                known = epoch.id
+                await self._resend()
+            self._queue_check.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue_check.wait(), EPOCH_CHECK_SECONDS)
 
     # -- leases and cancellation -------------------------------------------------------------
 
