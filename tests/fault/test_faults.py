@@ -45,10 +45,12 @@ from tests.servers import OwnPostgres, OwnRedis
 pytestmark = pytest.mark.fault
 
 TENANTS = ("alpha", "bravo", "charlie", "delta")
-RUNS = 64  # more than the workers' 3 x 16 slots: some wait in the queue
+RUNS = 64  # fewer than the workers' 3 x 32 slots: a run that waits, waits for the fault
 WORKERS = 3
-STEP_SECONDS = 1.0  # a step, 1 s asleep, two steps: a fault at 1.5 s finds runs asleep,
-FAULT_AT = 1.5  # runs queued, and runs in a step
+SLOTS = 32
+STEP_SECONDS = 1.0  # a step, 1 s asleep, two steps; submitted over 2 s, so that a fault at
+SUBMIT_EVERY = 0.03  # 2 s finds runs in their first step, asleep (a timer in the queue), in a
+FAULT_AT = 2.0  # later step
 
 
 @dataclass
@@ -195,7 +197,7 @@ async def installation(
             "TENANTFLOW_LOG_LEVEL": "INFO",  # "worker started" says it serves
         }
         for _ in range(WORKERS):
-            workers.start(app="tests.fault.app:app", concurrency=16, env=env)
+            workers.start(app="tests.fault.app:app", concurrency=SLOTS, env=env)
         made.append((runtime, workers))
         return runtime, workers, ledger
 
@@ -226,6 +228,7 @@ async def test_fault(
         except Exception as exc:
             indeterminate.add(i)
             counts.notes.append(f"submit {i}: {type(exc).__name__}")
+        await asyncio.sleep(SUBMIT_EVERY)
     await asyncio.sleep(max(0.0, FAULT_AT - (time.monotonic() - began)))
 
     faulted: set[int] = set()
