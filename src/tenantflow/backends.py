@@ -18,7 +18,7 @@ _UNAVAILABLE = {
     "psycopg": ("OperationalError", "PoolTimeout", "ConnectionTimeout"),
     "psycopg_pool": ("PoolTimeout", "PoolClosed"),
     "sqlalchemy": ("OperationalError", "TimeoutError"),
-    "tenantflow": ("DatabaseBusyError",),
+    "tenantflow": ("DatabaseBusyError", "StoreUnavailableError"),
     "redis": ("ConnectionError", "TimeoutError", "BusyLoadingError", "InvalidResponse"),
 }
 _MISSING = re.compile(r'(database|role) "[^"]*" does not exist')
