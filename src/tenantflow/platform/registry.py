@@ -26,10 +26,12 @@ import sqlalchemy as sa
 import structlog
 
 from tenantflow._extras import require
+from tenantflow.backends import reason, unavailable
 from tenantflow.errors import (
     ConfigError,
     InvalidTenantIdError,
     NotFoundError,
+    StoreUnavailableError,
     TenantExistsError,
     TenantNotFoundError,
 )
@@ -548,6 +550,10 @@ class TenantRouter:
             raise
         except Exception as exc:
             if cached is None:
+                if unavailable(exc) is not None:
+                    raise StoreUnavailableError(
+                        f"the platform database did not answer: {reason(exc)}"
+                    ) from exc
                 raise
             # The platform database is away: keep serving the tenant as last seen (its own
             # database is what runs need), and ask again after the cache interval.

@@ -1,0 +1,148 @@
+"""Database faults as tenantflow's callers see them, on a PostgreSQL server of the tests' own
+that is restarted, stopped and frozen: the first calls after a restart succeed (no pooled
+connection that died with the old server is used); during an outage every call gets
+``StoreUnavailableError`` (HTTP 503 ``database-unavailable``) within the configured wait, never
+a driver's exception, never an unbounded block; and a worker running multi-step runs through
+an outage longer than its lease executes no step twice but the ones the outage interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from tenantflow import Client, Runtime, StoreUnavailableError
+from tenantflow.api.app import create_api
+from tenantflow.platform.identity import Role
+from tenantflow.store.db import PostgresDatabase
+from tenantflow.store.sql import SqlRunStore
+from tests.apps import api as workflows
+from tests.integration.test_api import assert_problem
+from tests.integration.test_budget import MakeRuntime, make_runtime, own_pg
+from tests.servers import OwnPostgres
+
+__all__ = ["make_runtime", "own_pg"]  # fixtures, used by name
+pytestmark = pytest.mark.slow
+WAIT = 1.0  # TENANTFLOW_DATABASE_WAIT_SECONDS of these tests
+
+
+@asynccontextmanager
+async def api_of(runtime: Runtime, tenant_id: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The HTTP API of ``runtime``, with the headers of an operator of ``tenant_id``."""
+    _, secret = runtime.platform.create_api_key("k", tenant_id, "k", Role.OPERATOR)
+    token = runtime.platform.token_for_api_key(secret).access_token
+    transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=runtime))
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://t.test",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as http:
+        yield http
+
+
+async def within(seconds: float, call: Awaitable[Any]) -> Any:
+    """``call``'s answer, asserting it came within ``seconds``."""
+    started = time.monotonic()
+    try:
+        return await asyncio.wait_for(call, seconds + 5)
+    finally:
+        took = time.monotonic() - started
+        assert took < seconds, f"answered after {took:.2f} s"
+
+
+async def test_the_first_calls_after_a_restart_succeed(
+    own_pg: OwnPostgres, make_runtime: MakeRuntime
+) -> None:
+    runtime = make_runtime("restart", tenant_pool_size=4)
+    runtime.registry.create("acme")
+    tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+    async with api_of(runtime, "acme") as http:
+        # Several connections of the tenant's database in the pool, idle.
+        handles = await asyncio.gather(*(tenant.start(workflows.greet, str(i)) for i in range(8)))
+        assert (await http.get("/v1/runs")).status_code == 200
+        store = runtime.router.store("acme")
+        assert isinstance(store, SqlRunStore) and isinstance(store.db, PostgresDatabase)
+        pooled = len(runtime.router.budget._idle_of[store.db.pool.database])
+        assert pooled >= 2
+
+        own_pg.restart()  # every one of those connections is dead now
+
+        reply = await http.post("/v1/runs", json={"workflow": "greet", "args": ["h"]})
+        assert reply.status_code == 202, reply.text
+        assert (await http.get(reply.headers["location"])).status_code == 200
+        calls: list[Callable[[], Awaitable[object]]] = [
+            *(h.describe for h in handles),
+            tenant.list_runs,
+            lambda: tenant.start(workflows.greet, "after"),
+        ]
+        await asyncio.gather(*(call() for call in calls))  # together, as many as were pooled
+        for call in calls:  # and one after the other
+            await call()
+    assert pooled + 1 <= len(calls)
+
+
+async def test_an_outage_answers_store_unavailable_within_the_wait(
+    own_pg: OwnPostgres, make_runtime: MakeRuntime
+) -> None:
+    runtime = make_runtime("outage", database_wait_seconds=WAIT, database_timeout_seconds=5)
+    runtime.registry.create("acme")
+    tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+    async with api_of(runtime, "acme") as http:
+        handle = await tenant.start(workflows.greet, "before")
+        assert (await http.get("/v1/runs")).status_code == 200  # keys and license cached
+
+        own_pg.stop()
+        try:
+            for attempt in range(2):  # the second after the tenant's cached record expired
+                for call in (
+                    lambda: tenant.start(workflows.greet, "during"),
+                    handle.describe,
+                    tenant.list_runs,
+                ):
+                    with pytest.raises(StoreUnavailableError, match="did not answer"):
+                        await within(WAIT, call())
+                for request in (
+                    http.post("/v1/runs", json={"workflow": "greet", "args": ["during"]}),
+                    http.get(f"/v1/runs/{handle.run_id}"),
+                    http.get("/v1/runs"),
+                ):
+                    reply = await within(WAIT, request)
+                    assert_problem(reply, 503, "database-unavailable")
+                    assert reply.headers["retry-after"] == "2"
+                if attempt == 0:
+                    await asyncio.sleep(2.1)  # TENANT_CACHE_SECONDS
+        finally:
+            own_pg.start()
+        # Back: the next calls go through.
+        assert (await http.post("/v1/runs", json={"workflow": "greet", "args": ["x"]})).is_success
+        assert (await tenant.start(workflows.greet, "after")).run_id
+
+
+async def test_a_server_that_accepts_no_connection_is_an_error_within_the_wait(
+    own_pg: OwnPostgres, make_runtime: MakeRuntime
+) -> None:
+    """The postmaster frozen (a server gone from the network looks the same to a client): a
+    new connection is never answered, so the wait bounds it, not the connect timeout (60 s
+    here)."""
+    runtime = make_runtime("frozen", database_wait_seconds=WAIT, database_timeout_seconds=60)
+    runtime.registry.create("acme")
+    tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+    async with api_of(runtime, "acme") as http:
+        assert runtime.router.budget.open == 0  # no tenant connection yet: each call opens one
+        own_pg.freeze()
+        try:
+            with pytest.raises(StoreUnavailableError, match=f"within {WAIT:g} s"):
+                await within(WAIT + 0.5, tenant.start(workflows.greet, "frozen"))
+            reply = await within(
+                WAIT + 0.5, http.post("/v1/runs", json={"workflow": "greet", "args": ["frozen"]})
+            )
+            assert_problem(reply, 503, "database-unavailable")
+        finally:
+            own_pg.thaw()
+        assert (await tenant.start(workflows.greet, "thawed")).run_id
+    assert runtime.router.budget.open <= 1
