@@ -100,6 +100,25 @@ class OwnPostgres:
         answered, as with a server gone from the network."""
         os.kill(self.postmaster_pid, signal.SIGSTOP)
 
+    def cut_off(self) -> None:
+        """As a server gone from the network looks once its clients notice: every session
+        ended, and a new connection never answered (the postmaster frozen; ``thaw`` ends
+        it)."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as admin:
+            self.freeze()  # its session goes on: the postmaster only accepts connections
+            # Until none is left twice running: a session that was starting as the
+            # postmaster froze shows up a moment later.
+            gone = 0
+            while gone < 2:
+                row = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ).fetchone()
+                gone = gone + 1 if row is not None and row[0] == 0 else 0
+                time.sleep(0.05)
+
     def thaw(self) -> None:
         os.kill(self.postmaster_pid, signal.SIGCONT)
         if self.proc is not None:  # runuser stops itself when its child stops

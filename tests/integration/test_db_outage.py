@@ -8,9 +8,13 @@ an outage longer than its lease executes no step twice but the ones the outage i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+import uuid
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,8 +26,11 @@ from tenantflow.platform.identity import Role
 from tenantflow.store.db import PostgresDatabase
 from tenantflow.store.sql import SqlRunStore
 from tests.apps import api as workflows
+from tests.apps import durable, effects
+from tests.conftest import REDIS_URL, cleanup_redis
 from tests.integration.test_api import assert_problem
 from tests.integration.test_budget import MakeRuntime, make_runtime, own_pg
+from tests.integration.test_crash import Workers, wait_until
 from tests.servers import OwnPostgres
 
 __all__ = ["make_runtime", "own_pg"]  # fixtures, used by name
@@ -146,3 +153,98 @@ async def test_a_server_that_accepts_no_connection_is_an_error_within_the_wait(
             own_pg.thaw()
         assert (await tenant.start(workflows.greet, "thawed")).run_id
     assert runtime.router.budget.open <= 1
+
+
+RUNS = 16
+STEPS = 6
+
+
+@pytest.mark.parametrize(
+    ("how", "lease", "outage"),
+    [
+        pytest.param("stopped", 2.0, 4.0, id="stopped-longer-than-the-lease"),
+        pytest.param("unreachable", 1.0, 4.0, id="unreachable-longer-than-the-lease"),
+        pytest.param("stopped", 6.0, 1.0, id="stopped-shorter"),
+    ],
+)
+async def test_steps_run_once_through_an_outage(
+    own_pg: OwnPostgres,
+    make_runtime: MakeRuntime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    lease: float,
+    outage: float,
+) -> None:
+    """Two worker processes run multi-step runs, and the database goes away for ``outage``
+    seconds: stopped (a fast shutdown), or unreachable (its sessions cut, new connections
+    never answered). Half the runs were submitted just before, so the relay publishes their
+    messages again once it is back: duplicate deliveries of runs being executed. Each
+    execution of a step is recorded with its process and its span in a ledger of its own (a
+    SQLite file), outside tenantflow.
+
+    The steps that may run twice are exactly those the outage interrupted: of each run, the
+    last step to start before the database went away, whose checkpoint could not be committed
+    while the lease lasted; through an outage shorter than the lease, none. No step starts
+    while the database is away, no two executions of a run ever overlap (in one process or
+    two), and the workers resume by themselves."""
+    monkeypatch.setenv(effects.ENV, str(tmp_path / "ledger.db"))
+    runtime = make_runtime(
+        f"{how}{int(outage)}",
+        queue_url=REDIS_URL,
+        queue_prefix=f"tftest{uuid.uuid4().hex[:10]}",
+        lease_seconds=lease,
+        database_wait_seconds=WAIT,
+        tenant_pool_size=1,  # claims queue for the connection, some past the lease
+    )
+    workers = Workers(runtime.settings, tmp_path)
+    try:
+        runtime.registry.create("acme")
+        tenant = Client(durable.app, runtime=runtime).tenant("acme")
+        handles = [await tenant.start(durable.many_steps, STEPS) for _ in range(RUNS)]
+        procs = [workers.start(step_seconds=0.25, concurrency=16) for _ in range(2)]
+
+        async def midway() -> bool:
+            return len(effects.executions()) >= RUNS
+
+        await wait_until(midway, what="steps executed")
+        # Submitted as the database goes: their outbox records outlive their publication
+        # (the cleanup fails), so the relay publishes them again once it is back.
+        handles += [await tenant.start(durable.many_steps, STEPS) for _ in range(RUNS)]
+        if how == "stopped":
+            own_pg.stop()
+        else:  # connections cut, new ones never answered: the calls wait for the connect
+            own_pg.cut_off()
+        down_at = time.time()
+        await asyncio.sleep(outage)
+        back_at = time.time()  # it accepts connections from a moment later
+        own_pg.start() if how == "stopped" else own_pg.thaw()
+        results = [await h.result(timeout=45) for h in handles]
+        assert all(proc.poll() is None for proc in procs)
+    finally:
+        workers.stop_all()
+        cleanup_redis(runtime.settings)
+    assert results == [sum(range(STEPS))] * len(handles)
+
+    runs: dict[str, list[effects.Execution]] = defaultdict(list)
+    for execution in effects.executions():  # in the order they started
+        runs[execution.key.rsplit(":", 1)[0]].append(execution)
+    assert set(runs) == {h.run_id for h in handles}
+    repeated = set()
+    for run_id, executions in runs.items():
+        counts = Counter(e.key for e in executions)
+        assert set(counts) == {f"{run_id}:{seq}" for seq in range(STEPS)}
+        started_before = [e for e in executions if e.started < down_at]
+        interrupted = started_before[-1].key if started_before else None
+        for key, count in counts.items():
+            if count > 1:
+                assert key == interrupted and count == 2, (key, count, interrupted)
+                assert max(e.started for e in executions if e.key == key) > back_at
+                repeated.add(key)
+        for before, after in itertools.pairwise(executions):
+            assert after.started >= before.ended, f"two executions of {run_id} at once"
+        assert not [e for e in executions if down_at <= e.started <= back_at]
+    if outage < lease:
+        assert not repeated  # the commits waited for the database within the lease
+    else:
+        assert repeated  # the outage did interrupt steps (else this proves little)

@@ -43,7 +43,7 @@ log = structlog.get_logger(__name__)
 CANCEL_POLL_SECONDS = 0.5
 QUEUE_RETRY_MAX_SECONDS = 2.0
 STORE_RETRY_SECONDS = 1.0
-STORE_RETRY_MAX_SECONDS = 8.0  # the longest wait for a tenant database that does not answer
+STORE_RETRY_MAX_SECONDS = 5.0  # the longest wait for a tenant database that does not answer
 UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
 PLATFORM_VIEW_SECONDS = 1.0
@@ -98,7 +98,7 @@ class Worker:
         # (tenant, run) -> its execution here; None while it is being claimed. A run is in it
         # from before its claim to after its outcome: one execution per run in this process.
         self._running: dict[tuple[str, str], Execution | None] = {}
-        self._store_backoff: dict[str, float] = {}  # tenant -> wait before retrying its runs
+        self._store_away: dict[str, float] = {}  # tenant -> since when its database is away
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
         # The platform's word on tenants, refreshed in the background: suspended tenants
@@ -242,17 +242,14 @@ class Worker:
 
     async def _retry(self, message: Message, *, store_away: bool) -> None:
         """Try the message again later. The tenant's database not answering is not the
-        message's fault: that delivery does not count, and the wait grows (up to
-        ``STORE_RETRY_MAX_SECONDS``) while the database stays away."""
+        message's fault: that delivery does not count, and the wait is as long as the
+        database has been away (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``): the
+        longer an outage, the fewer tries, and the runs resume within that once it is back."""
         if not store_away:
             await self.runtime.queue.retry_later(message, STORE_RETRY_SECONDS)
             return
-        tenant_id = message.tenant_id
-        delay = min(
-            2 * self._store_backoff.get(tenant_id, STORE_RETRY_SECONDS / 2),
-            STORE_RETRY_MAX_SECONDS,
-        )
-        self._store_backoff[tenant_id] = delay
+        away = time.monotonic() - self._store_away.setdefault(message.tenant_id, time.monotonic())
+        delay = min(max(away, STORE_RETRY_SECONDS), STORE_RETRY_MAX_SECONDS)
         await self.runtime.queue.retry_later(message, delay, count_delivery=False)
 
     async def _handle(self, message: Message) -> None:
@@ -305,7 +302,7 @@ class Worker:
         claim = await store.claim_run(
             message.run_id, owner=self.owner, now=now, lease=self.lease_seconds
         )
-        self._store_backoff.pop(message.tenant_id, None)  # it answers again
+        self._store_away.pop(message.tenant_id, None)  # it answers again
         set_attributes(span, {"tenantflow.claim": claim.outcome.value})
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
