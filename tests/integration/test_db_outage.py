@@ -155,6 +155,34 @@ async def test_a_server_that_accepts_no_connection_is_an_error_within_the_wait(
     assert runtime.router.budget.open <= 1
 
 
+async def test_an_unreachable_server_holds_no_call_past_the_connect_bound(
+    own_pg: OwnPostgres, make_runtime: MakeRuntime
+) -> None:
+    """Every session cut and no new one answered: once the tenant's cached record is stale,
+    a call asks the platform database first (its connection is bounded by the wait too, but
+    psycopg waits 2 s at least), then the tenant's."""
+    runtime = make_runtime("cut", database_wait_seconds=WAIT, database_timeout_seconds=60)
+    runtime.registry.create("acme")
+    tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+    bound = 2 + WAIT + 0.5
+    async with api_of(runtime, "acme") as http:
+        handle = await tenant.start(workflows.greet, "before")
+        assert (await http.get("/v1/runs")).status_code == 200
+        own_pg.cut_off()
+        try:
+            await asyncio.sleep(2.1)  # TENANT_CACHE_SECONDS
+            with pytest.raises(StoreUnavailableError):
+                await within(bound, handle.describe())
+            with pytest.raises(StoreUnavailableError):
+                await within(bound, tenant.start(workflows.greet, "cut"))
+            await asyncio.sleep(2.1)
+            reply = await within(bound, http.get(f"/v1/runs/{handle.run_id}"))
+            assert_problem(reply, 503, "database-unavailable")
+        finally:
+            own_pg.thaw()
+        assert (await http.get(f"/v1/runs/{handle.run_id}")).status_code == 200
+
+
 RUNS = 16
 STEPS = 6
 

@@ -133,7 +133,9 @@ def _platform_engine(url: str, timeout: float, wait: float) -> sa.Engine:
         max_overflow=PLATFORM_CONNECTIONS - 2,
         pool_timeout=wait,
         pool_pre_ping=True,
-        connect_args=pg_connect_args(timeout),
+        # Opening a connection is bounded by the wait for one, as for the tenant databases:
+        # these reads hold their caller (the tenant router's on the event loop) meanwhile.
+        connect_args=pg_connect_args(min(timeout, wait) if timeout > 0 else wait),
     )
     limits = pg_session_limits(timeout)
 
