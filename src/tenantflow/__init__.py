@@ -5,10 +5,12 @@ a crash resumes exactly where it stopped.
 """
 
 from tenantflow.errors import (
+    BackendUnavailableError,
     BulkheadFullError,
     ChildWorkflowError,
     CircuitOpenError,
     ConfigError,
+    DatabaseBusyError,
     EventPayloadError,
     IdempotencyConflictError,
     InvalidArgumentsError,
@@ -26,6 +28,7 @@ from tenantflow.errors import (
     SerializationError,
     StepFailedError,
     StepTimeoutError,
+    StoreUnavailableError,
     TenantflowError,
     TenantNotFoundError,
     TenantSuspendedError,
@@ -45,6 +48,7 @@ from tenantflow.worker.worker import Worker
 
 __all__ = [
     "App",
+    "BackendUnavailableError",
     "BreakerConfig",
     "BulkheadConfig",
     "BulkheadFullError",
@@ -52,6 +56,7 @@ __all__ = [
     "CircuitOpenError",
     "Client",
     "ConfigError",
+    "DatabaseBusyError",
     "EventPayloadError",
     "IdempotencyConflictError",
     "InvalidArgumentsError",
@@ -81,6 +86,7 @@ __all__ = [
     "StepOptions",
     "StepRecord",
     "StepTimeoutError",
+    "StoreUnavailableError",
     "TenantClient",
     "TenantNotFoundError",
     "TenantSuspendedError",

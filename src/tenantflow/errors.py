@@ -48,6 +48,15 @@ class DatabaseBusyError(BackendUnavailableError):
         self.retry_after = retry_after
 
 
+class StoreUnavailableError(BackendUnavailableError):
+    """The database did not answer (it is restarting, stopped or unreachable): try again
+    shortly."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFoundError(TenantflowError):
     """The object does not exist."""
 
