@@ -142,6 +142,9 @@ def through_proxy(which: str, mode: str, seconds: float) -> Callable[..., Awaita
 
 
 DEFAULT_LEASE = Settings().lease_seconds
+# A step begun this soon after an outage began counts as in flight when it began: a worker
+# learns of the outage at its next call to the database.
+IN_FLIGHT_MARGIN = 1.0
 SCENARIOS = [
     Scenario("worker kill -9", 4.0, kill_worker, recovery_bound=4.0 + 2.0),
     Scenario("worker SIGSTOP past the lease", 4.0, freeze_worker, recovery_bound=2.0),
@@ -232,8 +235,12 @@ async def test_fault(
     await asyncio.sleep(max(0.0, FAULT_AT - (time.monotonic() - began)))
 
     faulted: set[int] = set()
+    started = time.time()
     await scenario.inject(servers, workers, faulted)
     ended = time.time()
+    # An outage longer than the lease takes the lease of every step then in flight: those
+    # steps may run again (docs/delivery.md, "what may repeat"), once each, after the outage.
+    lapsed = ended - started > scenario.lease_seconds and not faulted
 
     deadline = time.monotonic() + max(60.0, 4 * scenario.lease_seconds)
     done: set[str] = set()
@@ -244,7 +251,16 @@ async def test_fault(
         await asyncio.sleep(0.25)
     await asyncio.sleep(STEP_SECONDS + 0.5)  # late effects of frozen or stale executions land
     done = await completed_runs(runtime)
-    judge(counts, read_ledger(ledger), accepted, indeterminate, done, faulted, ended)
+    judge(
+        counts,
+        read_ledger(ledger),
+        accepted,
+        indeterminate,
+        done,
+        faulted,
+        (started, ended) if lapsed else None,
+        ended,
+    )
     REPORT.append(counts)
     assert counts.lost == 0, counts
     assert counts.unexpected == 0, counts
@@ -283,6 +299,7 @@ def judge(
     indeterminate: set[int],
     completed: set[str],
     faulted: set[int],
+    outage: tuple[float, float] | None,
     ended: float,
 ) -> None:
     counts.accepted = len(accepted)
@@ -301,14 +318,26 @@ def judge(
             extra = set(sorted(extra)[1:])  # one run may exist: the submit's answer was lost
         counts.unexpected += len(extra)
         counts.notes.extend(f"unexpected run {r} for submission {i}" for r in extra)
+    repeated_runs: set[str] = set()
     for key, lines in executions.items():
         effects = [x for x in lines if x["event"] == "done"]
         if len(effects) <= 1:
             continue
-        # A repeat is allowed only after executions in processes that were killed or frozen.
-        healthy = [x for x in lines if x["event"] == "begin" and x["pid"] not in faulted]
-        if len(healthy) <= 1:
+        begins = sorted((x for x in lines if x["event"] == "begin"), key=lambda x: x["t"])
+        # Allowed: executions in processes that were killed or frozen, then one more; or one
+        # step per run in flight through an outage longer than the lease, then one after it.
+        healthy = [x for x in begins if x["pid"] not in faulted]
+        run_id = key.rsplit(":", 1)[0]
+        interrupted = (
+            outage is not None
+            and len(begins) == 2
+            and begins[0]["t"] < outage[0] + IN_FLIGHT_MARGIN
+            and begins[1]["t"] >= outage[1]
+            and run_id not in repeated_runs
+        )
+        if len(healthy) <= 1 or interrupted:
             counts.duplicated_at_crash += len(effects) - 1
+            repeated_runs.add(run_id)
         else:
             counts.duplicated_elsewhere += len(effects) - 1
             counts.notes.append(f"{key}: {len(effects)} effects, pids {[x['pid'] for x in lines]}")
