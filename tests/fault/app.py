@@ -2,7 +2,7 @@
 steps; each step writes to a ledger file that tenantflow knows nothing about, a line when it
 begins and one when its effect is done.
 
-The ledger (``TENANTFLOW_FAULT_LEDGER``) is a file opened for appending, one short JSON line
+The ledger (``TENANTFLOW_TEST_FAULT_LEDGER``) is a file opened for appending, one short JSON line
 per write (appends of one line are whole on a local file system): it survives every fault the
 suite injects into PostgreSQL, Redis and the workers, and a frozen process holds no lock on it.
 """
@@ -18,9 +18,9 @@ from tenantflow import App, WorkflowContext, current_step
 
 app = App("fault-suite")
 
-LEDGER_ENV = "TENANTFLOW_FAULT_LEDGER"
-STEP_SECONDS = float(os.environ.get("TENANTFLOW_FAULT_STEP_SECONDS", "0.2"))
-SLEEP_SECONDS = float(os.environ.get("TENANTFLOW_FAULT_SLEEP_SECONDS", "1.0"))
+LEDGER_ENV = "TENANTFLOW_TEST_FAULT_LEDGER"
+STEP_SECONDS = float(os.environ.get("TENANTFLOW_TEST_FAULT_STEP_SECONDS", "0.2"))
+SLEEP_SECONDS = float(os.environ.get("TENANTFLOW_TEST_FAULT_SLEEP_SECONDS", "1.0"))
 STEPS = 3
 
 

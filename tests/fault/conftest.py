@@ -17,6 +17,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     terminalreporter.write_sep("=", "fault suite: counts")
     terminalreporter.write_line(table())
-    target = os.environ.get("TENANTFLOW_FAULT_REPORT")
+    target = os.environ.get("TENANTFLOW_TEST_FAULT_REPORT")
     if target:
         Path(target).write_text(json.dumps([dataclasses.asdict(c) for c in REPORT], indent=2))

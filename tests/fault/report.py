@@ -1,5 +1,5 @@
 """The fault suite's counts, gathered as its tests run and printed as one table at the end
-(and written to ``$TENANTFLOW_FAULT_REPORT`` as JSON, when set)."""
+(and written to ``$TENANTFLOW_TEST_FAULT_REPORT`` as JSON, when set)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ about (tests/fault/app.py). Counted in the terms of Jepsen's queue checker:
   the moment every run that was unfinished then had moved (a ledger line after it).
 
 Run with ``pytest -m fault tests/fault`` (outside the default run: about four minutes); the
-table of counts is printed at the end and written to ``$TENANTFLOW_FAULT_REPORT`` if set.
+table of counts is printed at the end and written to ``$TENANTFLOW_TEST_FAULT_REPORT`` if set.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ async def installation(
         ledger = tmp_path / "ledger.jsonl"
         env = {
             fault_app.LEDGER_ENV: str(ledger),
-            "TENANTFLOW_FAULT_STEP_SECONDS": str(STEP_SECONDS),
+            "TENANTFLOW_TEST_FAULT_STEP_SECONDS": str(STEP_SECONDS),
             "TENANTFLOW_LOG_FORMAT": "json",
             "TENANTFLOW_LOG_LEVEL": "INFO",  # "worker started" says it serves
         }
