@@ -102,16 +102,23 @@ class FaultProxy:
                     writer.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(CHUNK):
-            while self.mode == "blackhole":  # hold the bytes; the peer waits
-                await asyncio.sleep(0.05)
-            if self.mode == "reset":
-                _reset(writer)
-                return
-            if self.mode == "latency" and self.delay:
-                await asyncio.sleep(self.delay)
-            writer.write(data)
-            await writer.drain()
+        try:
+            while data := await reader.read(CHUNK):
+                while self.mode == "blackhole":  # hold the bytes; the peer waits
+                    await asyncio.sleep(0.05)
+                if self.mode == "reset":
+                    _reset(writer)
+                    return
+                if self.mode == "latency" and self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            # Reset by the peer (a server killed, or exiting with a connection in its backlog):
+            # reset the other side too, as it would see without the proxy, rather than leave
+            # it waiting for an answer that cannot come.
+            _reset(writer)
+            return
         with contextlib.suppress(Exception):
             writer.write_eof()
 

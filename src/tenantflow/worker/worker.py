@@ -269,13 +269,15 @@ class Worker:
     async def _retry(self, message: Message, *, store_away: bool) -> None:
         """Try the message again later. The tenant's database not answering is not the
         message's fault: that delivery does not count, and the wait is as long as the
-        database has been away (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``): the
-        longer an outage, the fewer tries, and the runs resume within that once it is back."""
+        database has been away (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``, and
+        at most half a lease): the longer an outage, the fewer tries, and the runs resume
+        within that once it is back, within one lease."""
         if not store_away:
             await self._give_back(message, STORE_RETRY_SECONDS)
             return
         away = time.monotonic() - self._store_away.setdefault(message.tenant_id, time.monotonic())
-        delay = min(max(away, STORE_RETRY_SECONDS), STORE_RETRY_MAX_SECONDS)
+        longest = min(STORE_RETRY_MAX_SECONDS, self.lease_seconds / 2)
+        delay = min(max(away, min(STORE_RETRY_SECONDS, longest)), longest)
         await self._give_back(message, delay, count_delivery=False)
 
     async def _handle(self, message: Message) -> None:
@@ -667,6 +669,7 @@ class Worker:
             for execution in executions.values():
                 execution.lease_renewal_failed()
             return
+        self._store_away.pop(tenant_id, None)  # it answers again
         for run_id, execution in executions.items():
             if run_id in lost:
                 execution.lease_lost()
