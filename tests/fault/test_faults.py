@@ -144,10 +144,6 @@ def through_proxy(which: str, mode: str, seconds: float) -> Callable[..., Awaita
 
 
 DEFAULT_LEASE = Settings().lease_seconds
-PG_SLOW = (
-    "after a restart, retries wait as long as the database was away, and runs handed back "
-    "wait for their delivery and lease to lapse"
-)
 # A step begun this soon after an outage began counts as in flight when it began: a worker
 # learns of the outage at its next call to the database.
 IN_FLIGHT_MARGIN = 1.0
@@ -156,13 +152,9 @@ SCENARIOS = [
     Scenario("worker SIGSTOP past the lease", 4.0, freeze_worker, recovery_bound=2.0),
     Scenario("Redis FLUSHALL", DEFAULT_LEASE, flush_redis, recovery_bound=2.0),
     Scenario("Redis killed, restarted empty", DEFAULT_LEASE, restart_redis_empty, 2.0),
-    Scenario("PostgreSQL restart -m fast", 4.0, restart_postgres(signal.SIGINT, 0.5), 4.0, PG_SLOW),
-    Scenario(
-        "PostgreSQL restart -m immediate", 4.0, restart_postgres(signal.SIGQUIT, 0.5), 4.0, PG_SLOW
-    ),
-    Scenario(
-        "PostgreSQL down past the lease", 4.0, restart_postgres(signal.SIGINT, 6.0), 4.0, PG_SLOW
-    ),
+    Scenario("PostgreSQL restart -m fast", 4.0, restart_postgres(signal.SIGINT, 0.5), 4.0),
+    Scenario("PostgreSQL restart -m immediate", 4.0, restart_postgres(signal.SIGQUIT, 0.5), 4.0),
+    Scenario("PostgreSQL down past the lease", 4.0, restart_postgres(signal.SIGINT, 6.0), 4.0),
     Scenario("PostgreSQL link: 50 ms latency", 4.0, through_proxy("postgres", "latency", 3), 4.0),
     Scenario("PostgreSQL link: blackhole 3 s", 4.0, through_proxy("postgres", "blackhole", 3), 4.0),
     Scenario("PostgreSQL link: reset", 4.0, through_proxy("postgres", "reset", 0.2), 4.0),
