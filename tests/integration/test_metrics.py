@@ -152,11 +152,17 @@ async def test_the_stuck_run_detector(runtime: Runtime) -> None:
         await watched.close()
 
 
+# A survey far slower than an answer may be, even on a loaded 2-core machine (the bound of
+# /readyz is 0.9 s; docs/benchmarks.md measures it under load).
+SLOW_SURVEY_SECONDS = 8.0
+ANSWER_SECONDS = 2.0
+
+
 async def test_probes_and_scrapes_never_wait_for_a_survey(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The survey behind /readyz's counts and the shared gauges runs in the background: with
-    one that takes seconds (a thousand tenants, a database slow to answer), /readyz answers
+    one that takes 8 s (a thousand tenants, a database slow to answer), /readyz answers
     within its bound (without counts until the first survey is in) and /metrics at once, and
     neither starts a survey of its own."""
     from tenantflow.telemetry import health
@@ -167,7 +173,7 @@ async def test_probes_and_scrapes_never_wait_for_a_survey(
     async def slow(rt: Runtime, **kwargs: Any) -> list[health.TenantHealth]:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(SLOW_SURVEY_SECONDS)
         return await real(rt, **kwargs)
 
     monkeypatch.setattr(health, "survey", slow)
@@ -184,20 +190,20 @@ async def test_probes_and_scrapes_never_wait_for_a_survey(
             for _ in range(3):
                 began = time.monotonic()
                 ready = await http.get("/readyz")
-                assert time.monotonic() - began < 1.0
+                assert time.monotonic() - began < ANSWER_SECONDS
                 assert ready.status_code == 200, ready.text
                 assert "progress" not in ready.json()  # the first survey is not in yet
                 began = time.monotonic()
                 scraped = await http.get("/metrics", headers={"Authorization": "Bearer m"})
-                assert time.monotonic() - began < 1.0
+                assert time.monotonic() - began < ANSWER_SECONDS
                 assert scraped.status_code == 200
             assert calls == 1  # the background one, started by the first probe
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + SLOW_SURVEY_SECONDS + 10
             while "progress" not in (ready := (await http.get("/readyz")).json()):
                 assert time.monotonic() < deadline, "the first survey never came in"
                 await asyncio.sleep(0.1)
             assert ready["progress"]["stuck_runs"] == 1
-            assert 0 <= ready["progress_age_seconds"] < 10
+            assert 0 <= ready["progress_age_seconds"] < SLOW_SURVEY_SECONDS + 10
             got = samples((await http.get("/metrics", headers={"Authorization": "Bearer m"})).text)
             assert got[("tenantflow_stuck_runs", frozenset({("tenant", "acme")}))] == 1
             assert calls == 1
@@ -222,6 +228,16 @@ async def test_three_worker_processes_add_up_in_one_scrape(
                 concurrency=4,
                 env={"PROMETHEUS_MULTIPROC_DIR": str(shared), "TENANTFLOW_METRICS_PORT": str(port)},
             )
+        # Every worker serves before the runs come: a late one would get none of them.
+        deadline = time.monotonic() + 60
+        for port in ports:
+            while True:
+                try:
+                    await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics")
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline, f"no worker serves on {port}"
+                    await asyncio.sleep(0.1)
         tenant = Client(workflows.app, runtime=runtime).tenant("acme")
         handles = [await tenant.start(workflows.slow, 0.05) for _ in range(runs)]
         for handle in handles:
