@@ -45,6 +45,7 @@ from tenantflow.api.models import (
     UserIn,
     UserOut,
 )
+from tenantflow.api.routing import StrictJsonRoute
 from tenantflow.errors import InvalidInputError, TenantNotFoundError
 from tenantflow.platform.identity import Membership, Role
 from tenantflow.platform.keys import Jwks
@@ -63,6 +64,7 @@ Key = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
 router = APIRouter(
     prefix="/platform/v1",
     tags=["platform plane"],
+    route_class=StrictJsonRoute,
     dependencies=[Depends(known_query)],
     responses=problems.responses(401, 403, 422),
 )

@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tenantflow import errors
-from tenantflow.sdk.serde import issues_of
+from tenantflow.sdk.serde import NOT_JSON_NUMBER, issues_of
 
 log = structlog.get_logger(__name__)
 
@@ -222,9 +222,11 @@ def _listed(issues: Sequence[errors.Issue]) -> list[dict[str, str]]:
 
 
 def _readable(error: Mapping[str, Any]) -> Mapping[str, Any]:
-    """FastAPI's error for a body that is not JSON, located at the body, not at a position."""
+    """FastAPI's error for a body that is not JSON, located at the body, not at a position
+    (and saying why when it is a number JSON has not: the reason hardest to see)."""
     if error.get("type") == "json_invalid":
         position = error["loc"][-1] if len(error.get("loc", ())) > 1 else None
         where = f" (at character {position})" if isinstance(position, int) else ""
-        return {"loc": ("body",), "msg": f"not valid JSON{where}"}
+        why = f": {NOT_JSON_NUMBER}" if error.get("ctx", {}).get("error") == NOT_JSON_NUMBER else ""
+        return {"loc": ("body",), "msg": f"not valid JSON{why}{where}"}
     return error
