@@ -259,6 +259,11 @@ class RateLimitedError(QuotaExceededError):
     """Too many requests: slow down."""
 
 
+class SignInThrottledError(RateLimitedError):
+    """Too many failed sign-ins for this account or from this address: wait before trying
+    again."""
+
+
 class CircuitOpenError(TenantflowError):
     """The circuit breaker is open: the call was not made."""
 

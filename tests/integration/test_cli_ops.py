@@ -141,7 +141,8 @@ def test_a_production_installation_from_nothing(tmp_path: Path) -> None:
 
 class serving:
     """``tenantflow api`` and ``tenantflow worker`` as two processes, the way production
-    runs them; stopped with SIGTERM at the end of the block."""
+    runs them (``worker=False``: the API alone); stopped with SIGTERM at the end of the
+    block."""
 
     def __init__(
         self,
@@ -149,13 +150,16 @@ class serving:
         port: int,
         app: str = "tests.apps.api:app",
         env: dict[str, str] | None = None,
+        *,
+        worker: bool = True,
     ) -> None:
         self.home, self.port, self.app, self.env = home, port, app, env or {}
+        self.commands = [["api", "--port", str(port)], *([["worker"]] if worker else [])]
         self.procs: list[subprocess.Popen[str]] = []
         self.output: list[str] = []
 
     def __enter__(self) -> str:
-        for command in (["api", "--port", str(self.port)], ["worker"]):
+        for command in self.commands:
             self.procs.append(
                 in_background(*command, "--app", self.app, cwd=self.home, env=self.env)
             )

@@ -35,6 +35,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.PermissionDeniedError, 403, "forbidden"),
     (errors.NotEntitledError, 403, "not-entitled"),
     (errors.LicenseError, 403, "license-invalid"),
+    (errors.SignInThrottledError, 429, "sign-in-throttled"),
     (errors.RateLimitedError, 429, "rate-limited"),
     (errors.SeatLimitError, 409, "seats-exhausted"),
     (errors.QuotaExceededError, 429, "quota-exceeded"),
@@ -102,7 +103,8 @@ _MEANINGS = {
     413: "The body exceeds the configured limit (`too-large`).",
     422: "The request is not valid: its parameters or body (`invalid-request`).",
     429: "The tenant's request rate or monthly quota is used up (`rate-limited`, "
-    "`quota-exceeded`); `Retry-After` says when to try again.",
+    "`quota-exceeded`), or sign-ins of the account or from the address are locked out "
+    "(`sign-in-throttled`); `Retry-After` says when to try again.",
 }
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
