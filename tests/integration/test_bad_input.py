@@ -5,6 +5,7 @@ columns and the stored JSON take, never a 500 and never a value stored as someth
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,8 @@ from tenantflow.platform.identity import Role
 from tenantflow.platform.licensing import Quotas
 from tenantflow.sdk.serde import NOT_JSON_NUMBER
 from tests.apps import api as workflows
-from tests.conftest import running_worker
+from tests.commands import free_port
+from tests.conftest import POSTGRES_URL, running_worker
 from tests.integration.test_api import (
     admin,
     assert_problem,
@@ -147,3 +149,43 @@ async def test_python_callers_get_named_errors(runtime: Runtime) -> None:
         assert [i.loc for i in refused.value.issues] == [f"quotas.{where}"]
     assert [r.id for r in await tenant.list_runs()] == [waiting.run_id]
     assert await platform_call(runtime.platform.licensing.list_plans) == []
+
+
+async def test_a_database_server_is_checked_before_it_is_registered(
+    runtime: Runtime, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    root = await admin(runtime, http)
+    sqlite = runtime.registry.engine.dialect.name == "sqlite"
+    closed = free_port()
+    unwritable = tmp_path / "file"
+    unwritable.write_text("a file, not a folder")
+    junk = {
+        "sqlite://garbage": "the platform database is SQLite",
+        "sqlite:///": "the platform database is SQLite",
+        f"sqlite:///{unwritable}": "its folder cannot be written (NotADirectoryError)",
+        "postgresql://postgres@127.0.0.1/x": "the platform database is SQLite",
+    }
+    if not sqlite:
+        junk = {
+            f"sqlite:///{tmp_path}": "the platform database is PostgreSQL",
+            "mysql://root@127.0.0.1/x": "the platform database is PostgreSQL",
+            "postgresql://postgres@127.0.0.1:99999/x": "its port is not a number",
+            "postgresql:///x": "it names no host",
+            f"postgresql://tf:s3cret@127.0.0.1:{closed}/x": "the server did not answer a test "
+            "connection: connection refused",
+            f"{POSTGRES_URL}?sslmode=junk": "the server did not answer a test connection",
+        }
+    for url, why in junk.items():
+        reply = await http.post(
+            "/platform/v1/servers", json={"id": "junk", "url": url}, headers=root
+        )
+        problem = assert_problem(reply, 422, "invalid-request")
+        assert problem["errors"][0]["loc"] == "url" and why in problem["detail"], (url, problem)
+        # Nothing of the URL is repeated (it may hold a password).
+        for part in (str(tmp_path), "s3cret", str(closed), "99999", "junk"):
+            assert part not in reply.text, (url, reply.text)
+    servers = (await http.get("/platform/v1/servers", headers=root)).json()
+    assert [s["id"] for s in servers] == ["default"]
+    # Tenants are still created, on a server that works.
+    made = await http.post("/platform/v1/tenants", json={"id": "after-junk"}, headers=root)
+    assert made.status_code == 201, made.text

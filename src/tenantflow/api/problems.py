@@ -50,6 +50,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.SerializationError, 422, "invalid-request"),
     (errors.ConfigError, 422, "invalid-request"),
     (errors.DatabaseBusyError, 503, "database-busy"),
+    (errors.TenantDatabaseMissingError, 503, "tenant-database-missing"),
 ]
 
 _TITLES = {

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 import structlog
 
 from tenantflow._extras import require
+from tenantflow.backends import reason
 from tenantflow.errors import (
     ConfigError,
     InvalidTenantIdError,
@@ -37,6 +38,7 @@ from tenantflow.platform.provision import (
     PostgresProvisioner,
     Provisioner,
     SqliteProvisioner,
+    check_server,
     sqlalchemy_url,
 )
 from tenantflow.platform.schema import PLATFORM_HEAD, active_tenants, database_servers
@@ -233,8 +235,7 @@ class TenantRegistry:
     def add_server(self, server_id: str, url: str) -> DatabaseServer:
         """Register a database server that new tenants may be placed on."""
         check_tenant_id(server_id)  # the same shape of name
-        if url.startswith("sqlite:///") != self.engine.dialect.name.startswith("sqlite"):
-            raise ConfigError("a database server must use the platform database's backend")
+        check_server(url, sqlite=self.engine.dialect.name == "sqlite")
         with self.engine.begin() as conn:
             conn.execute(
                 database_servers.insert().values(
@@ -412,7 +413,7 @@ class TenantRegistry:
                 else:
                     behind.append(tenant)
             except Exception as exc:
-                failed[tenant.id] = f"{type(exc).__name__}: {exc}"
+                failed[tenant.id] = f"{type(exc).__name__}: {reason(exc)}"
                 if progress is not None:
                     progress(tenant.id)
 
@@ -437,7 +438,7 @@ class TenantRegistry:
                         self._record_revision(tenant.id)
                         migrated.append(tenant.id)
                     except Exception as exc:
-                        failed[tenant.id] = f"{type(exc).__name__}: {exc}"
+                        failed[tenant.id] = f"{type(exc).__name__}: {reason(exc)}"
                     if progress is not None:
                         progress(tenant.id)
         return MigrationReport(

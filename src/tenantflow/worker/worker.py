@@ -228,8 +228,10 @@ class Worker:
         queue = self.runtime.queue
         try:
             await self._handle(message)
-        except Exception:
-            log.exception("message handling failed", tenant=message.tenant_id, run=message.run_id)
+        except Exception as exc:
+            # A backend that does not answer (a tenant's database gone, say) is one line.
+            fields = {"tenant": message.tenant_id, "run": message.run_id}
+            log_failure(log, "message handling failed; retrying", exc, **fields)
             with contextlib.suppress(Exception):
                 await queue.retry_later(message, 1.0)
         finally:
