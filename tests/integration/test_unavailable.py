@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,11 +17,14 @@ import httpx
 from tenantflow import Client, Runtime, Settings
 from tenantflow.errors import TenantDatabaseMissingError
 from tenantflow.platform.identity import Role
+from tenantflow.platform.licensing import Quotas
+from tenantflow.platform.provision import PostgresProvisioner, with_database
 from tests.apps import api as workflows
-from tests.commands import tenantflow
-from tests.conftest import settings_env
-from tests.integration.test_api import assert_problem, http, member
-from tests.integration.test_cli_ops import in_background
+from tests.commands import free_port, tenantflow
+from tests.conftest import POSTGRES_URL, cleanup_production, production_settings, settings_env
+from tests.integration.test_api import PASSWORD, assert_problem, bearer, http, member
+from tests.integration.test_cli_ops import in_background, serving
+from tests.servers import OwnPostgres
 
 __all__ = ["http"]  # the fixture, used by name
 
@@ -109,3 +113,67 @@ def test_tenants_migrate_names_no_server(settings: Settings, tmp_path: Path) -> 
         tenantflow("tenants", "migrate", "--json", cwd=tmp_path, env=settings_env(settings)).stdout
     )
     assert list(report["failed"]) == ["acme"]
+
+
+def test_an_api_started_during_a_platform_outage_serves_from_its_cache(tmp_path: Path) -> None:
+    """The platform database on a server of its own, stopped between two starts of the API;
+    the tenant's database on another server, which stays up. The second start serves the
+    tenant from what the first cached (keys, license, route), says it is not ready, and is
+    ready once the platform answers again."""
+    # Not under pytest's temporary folder, which the postgres user may not enter.
+    with tempfile.TemporaryDirectory() as folder, OwnPostgres(Path(folder)) as own:
+        settings = production_settings(tmp_path, database_url=with_database(own.url, "platform"))
+        try:
+            runtime = Runtime(settings)
+            runtime.platform.add_server("system", "tenants", POSTGRES_URL)
+            runtime.registry.set_accepting(runtime.registry.DEFAULT_SERVER, False)
+            runtime.platform.create_plan(
+                "system", "pro", name="Pro", entitlements=["*"], quotas=Quotas(seats=5)
+            )
+            assert runtime.platform.create_tenant("system", "acme", plan_id="pro").server_id == (
+                "tenants"
+            )
+            alice = runtime.platform.create_user("system", "alice@acme.test", PASSWORD)
+            runtime.platform.set_membership("system", alice.id, "acme", Role.OPERATOR)
+            asyncio.run(runtime.close())
+            env = settings_env(settings)
+            start = {"workflow": "greet", "args": ["x"]}
+            with serving(tmp_path, free_port(), env=env, worker=False) as base:
+                signed_in = httpx.post(f"{base}/platform/v1/token", json=grant(PASSWORD))
+                alice_token = bearer(signed_in.json()["access_token"])
+                before = httpx.post(f"{base}/v1/runs", json=start, headers=alice_token)
+                assert before.status_code == 202, before.text
+            own.stop()
+            with serving(tmp_path, free_port(), env=env, worker=False) as base:
+                assert httpx.get(f"{base}/healthz").status_code == 200
+                unready = httpx.get(f"{base}/readyz")
+                assert unready.status_code == 503
+                assert unready.json()["checks"]["platform_database"].startswith("failed")
+                run_path = f"{base}/v1/runs/{before.json()['id']}"
+                shown = httpx.get(run_path, headers=alice_token)
+                assert shown.status_code == 200, shown.text
+                during = httpx.post(f"{base}/v1/runs", json=start, headers=alice_token)
+                assert during.status_code == 202, during.text
+                listed = httpx.get(f"{base}/v1/runs", headers=alice_token).json()["runs"]
+                assert {r["id"] for r in listed} == {before.json()["id"], during.json()["id"]}
+                own.start()
+                deadline = time.monotonic() + 30
+                while httpx.get(f"{base}/readyz").status_code != 200:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            cache = settings.home / "cache" / "tenants" / "acme.json"
+            assert cache.stat().st_mode & 0o077 == 0  # it holds the database's URL: ours alone
+        finally:
+            if own.proc is None:
+                own.start()
+            cleanup_production(settings)
+            PostgresProvisioner(POSTGRES_URL, settings.tenant_db_prefix).drop_all()
+
+
+def grant(password: str) -> dict[str, str]:
+    return {
+        "grant_type": "password",
+        "email": "alice@acme.test",
+        "password": password,
+        "tenant": "acme",
+    }

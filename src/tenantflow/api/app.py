@@ -267,6 +267,7 @@ def _platform_ready(runtime: Runtime) -> None:
     from tenantflow.platform.schema import PLATFORM_HEAD
     from tenantflow.store.schema import HEAD_REVISION
 
+    runtime.registry.ensure_set_up()  # left undone by a start during a platform outage
     revision = _platform_revision(runtime.registry.engine)
     if revision != PLATFORM_HEAD:
         raise NotReady(f"platform migrations behind ({revision} < {PLATFORM_HEAD})")
