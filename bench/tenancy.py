@@ -4,7 +4,8 @@ on a PostgreSQL and a Redis of the benchmark's own.
     python -m bench.tenancy [--tenants 1000] [--active 300] [--probe-runs 100]
 
 Two installations, measured the same way one after the other: a small one (2 tenants), the
-baseline, and a large one (``--tenants``, of which ``--active`` submit a run every minute or
+baseline (measured before and after the large one; the ratios are to the mean of the two),
+and a large one (``--tenants``, of which ``--active`` submit a run every minute or
 so, over HTTP). In each, a tenant with no traffic so far submits ``--probe-runs`` runs one at
 a time: their start latency (``started_at - created_at``) is the figure the targets compare.
 Also measured in each: PostgreSQL connections of each process (peak and steady, from
@@ -231,12 +232,12 @@ def run_phase(
     redis: OwnRedis,
     home: Path,
     *,
+    name: str,
     tenants: int,
     active: int,
     probe_runs: int,
     extra: dict[str, str],
 ) -> Phase:
-    name = f"ten{tenants}"
     install = Installation(pg, redis, home / name, name, extra)
     phase = Phase(tenants=tenants, active=active)
     ids = [f"t{i:04d}" for i in range(tenants)]
@@ -335,11 +336,15 @@ def main() -> None:
         with OwnPostgres(home, settings=pg_settings) as pg, OwnRedis(home) as redis:
             watchdog = threading.Thread(target=_report_death, args=(pg, home), daemon=True)
             watchdog.start()
-            for label, tenants, active in (("small", 2, 0), ("large", args.tenants, args.active)):
+            # The small installation is measured before and after the large one: load that
+            # comes or goes on the machine meanwhile then weighs on both sides of the ratio.
+            phases = (("small", 2, 0), ("large", args.tenants, args.active), ("small-after", 2, 0))
+            for label, tenants, active in phases:
                 phase = run_phase(
                     pg,
                     redis,
                     home,
+                    name=label.replace("-", "_"),
                     tenants=tenants,
                     active=active,
                     probe_runs=args.probe_runs,
@@ -347,10 +352,10 @@ def main() -> None:
                 )
                 report[label] = asdict(phase)
                 print(json.dumps({label: report[label]}), flush=True)
-    small, large = report["small"], report["large"]
-    report["ratios"] = {
-        "probe_p50": round(large["probe_p50_ms"] / small["probe_p50_ms"], 2),
-        "probe_p99": round(large["probe_p99_ms"] / small["probe_p99_ms"], 2),
+    large = report["large"]
+    report["ratios"] = {  # to the mean of the two small phases
+        q: round(large[q] / statistics.fmean(report[p][q] for p in ("small", "small-after")), 2)
+        for q in ("probe_p50_ms", "probe_p99_ms")
     }
     print(json.dumps(report, indent=2))
 

@@ -55,16 +55,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 def cleanup_production(settings: Settings) -> None:
     import psycopg
-    import redis
 
     from tenantflow.platform.provision import PostgresProvisioner, database_name
 
-    assert settings.database_url is not None and settings.queue_url is not None
+    assert settings.database_url is not None
     PostgresProvisioner(settings.database_url, settings.tenant_db_prefix).drop_all()
     with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
         admin.execute(
             f'DROP DATABASE IF EXISTS "{database_name(settings.database_url)}" WITH (FORCE)'
         )
+    cleanup_redis(settings)
+
+
+def cleanup_redis(settings: Settings) -> None:
+    """Delete the Redis keys of these settings' prefix."""
+    import redis
+
+    assert settings.queue_url is not None
     client = redis.Redis.from_url(settings.queue_url)
     try:
         keys = list(client.scan_iter(match=f"{settings.queue_prefix}:*", count=1000))

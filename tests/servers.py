@@ -82,14 +82,58 @@ class OwnPostgres:
                 stderr=log,
             )
         _wait_for_port(self.port, "postgres")
+        # Listening is not accepting yet ("the database system is starting up").
+        deadline = time.monotonic() + 30
+        ready = [str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        while subprocess.run(ready, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "postgres did not accept connections"
+            time.sleep(0.05)
+
+    def restart(self) -> None:
+        """What ``pg_ctl restart -m fast`` does: a fast shutdown (every session ended), then a
+        start on the same port, returning once the server accepts connections again."""
+        self.stop(signal.SIGINT)
+        self.start()
+
+    def freeze(self) -> None:
+        """Stop the postmaster (SIGSTOP): sessions open go on, a new connection is never
+        answered, as with a server gone from the network."""
+        os.kill(self.postmaster_pid, signal.SIGSTOP)
+
+    def cut_off(self) -> None:
+        """As a server gone from the network looks once its clients notice: every session
+        ended, and a new connection never answered (the postmaster frozen; ``thaw`` ends
+        it)."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as admin:
+            self.freeze()  # its session goes on: the postmaster only accepts connections
+            # Until none is left twice running: a session that was starting as the
+            # postmaster froze shows up a moment later.
+            gone = 0
+            while gone < 2:
+                row = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                ).fetchone()
+                gone = gone + 1 if row is not None and row[0] == 0 else 0
+                time.sleep(0.05)
+
+    def thaw(self) -> None:
+        os.kill(self.postmaster_pid, signal.SIGCONT)
+        if self.proc is not None:  # runuser stops itself when its child stops
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    @property
+    def postmaster_pid(self) -> int:
+        return int((self.folder / "postmaster.pid").read_text().split()[0])
 
     def stop(self, sig: signal.Signals = signal.SIGINT) -> None:
         """SIGINT: the fast shutdown; SIGKILL: a crash."""
         if self.proc is not None and self.proc.poll() is None:
             # runuser forwards nothing: signal the postmaster itself, found by its pid file.
-            pid_file = self.folder / "postmaster.pid"
-            pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else self.proc.pid
-            os.kill(pid, sig)
+            exists = (self.folder / "postmaster.pid").exists()
+            os.kill(self.postmaster_pid if exists else self.proc.pid, sig)
             self.proc.wait(60)
         self.proc = None
 

@@ -5,10 +5,12 @@ a crash resumes exactly where it stopped.
 """
 
 from tenantflow.errors import (
+    BackendUnavailableError,
     BulkheadFullError,
     ChildWorkflowError,
     CircuitOpenError,
     ConfigError,
+    DatabaseBusyError,
     EventPayloadError,
     IdempotencyConflictError,
     InvalidArgumentsError,
@@ -26,6 +28,8 @@ from tenantflow.errors import (
     SerializationError,
     StepFailedError,
     StepTimeoutError,
+    StoreUnavailableError,
+    TenantDatabaseMissingError,
     TenantflowError,
     TenantNotFoundError,
     TenantSuspendedError,
@@ -45,6 +49,7 @@ from tenantflow.worker.worker import Worker
 
 __all__ = [
     "App",
+    "BackendUnavailableError",
     "BreakerConfig",
     "BulkheadConfig",
     "BulkheadFullError",
@@ -52,6 +57,7 @@ __all__ = [
     "CircuitOpenError",
     "Client",
     "ConfigError",
+    "DatabaseBusyError",
     "EventPayloadError",
     "IdempotencyConflictError",
     "InvalidArgumentsError",
@@ -81,7 +87,9 @@ __all__ = [
     "StepOptions",
     "StepRecord",
     "StepTimeoutError",
+    "StoreUnavailableError",
     "TenantClient",
+    "TenantDatabaseMissingError",
     "TenantNotFoundError",
     "TenantSuspendedError",
     "TenantflowError",

@@ -18,7 +18,7 @@ DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "rediss": 
 _UNAVAILABLE = {
     "psycopg": ("OperationalError", "PoolTimeout", "ConnectionTimeout"),
     "sqlalchemy": ("OperationalError", "TimeoutError"),
-    "tenantflow": ("DatabaseBusyError", "TenantDatabaseMissingError"),
+    "tenantflow": ("DatabaseBusyError", "StoreUnavailableError"),
     "redis": ("ConnectionError", "TimeoutError", "BusyLoadingError", "InvalidResponse"),
 }
 _MISSING = re.compile(r'(database|role) "[^"]*" does not exist')

@@ -48,13 +48,21 @@ class DatabaseBusyError(BackendUnavailableError):
         self.retry_after = retry_after
 
 
-class TenantDatabaseMissingError(BackendUnavailableError):
+class StoreUnavailableError(BackendUnavailableError):
+    """The database did not answer (it is restarting, stopped or unreachable): try again
+    shortly."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TenantDatabaseMissingError(StoreUnavailableError):
     """The tenant's database is not there (dropped, or lost by its server): the tenant's runs
     can be neither read nor written until it is restored."""
 
     def __init__(self, message: str | None = None, *, retry_after: float = 30.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after=retry_after)
 
 
 class NotFoundError(TenantflowError):

@@ -313,8 +313,10 @@ class Runtime:
         for tenant_id, ids in published.items():
             try:
                 await self.router.store(tenant_id).delete_outbox(ids)
-            except Exception:
-                log.exception("outbox cleanup failed; the relay will republish", tenant=tenant_id)
+            except Exception as exc:
+                log_failure(
+                    log, "outbox cleanup failed; the relay will republish", exc, tenant=tenant_id
+                )
 
     async def close(self) -> None:
         if self._health is not None:

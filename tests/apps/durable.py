@@ -16,9 +16,13 @@ STEP_SECONDS = float(os.environ.get("TENANTFLOW_TEST_STEP_SECONDS", "0.15"))
 
 @app.step
 async def slow_step(i: int) -> int:
+    started = time.time()
     await asyncio.sleep(STEP_SECONDS)
-    # The effect is recorded at the end of the step, right before its checkpoint commits.
-    effects.record(current_step().idempotency_key, f"slow_step {i}")
+    # The effect is recorded at the end of the step, right before its checkpoint commits,
+    # with the span of this execution.
+    key = current_step().idempotency_key
+    effects.record(key, f"slow_step {i}")
+    effects.executed(key, started)
     return i
 
 

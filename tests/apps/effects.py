@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ ENV = "TENANTFLOW_TEST_EFFECTS"
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL, name TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS applied (key TEXT PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS executions "
+    "(key TEXT NOT NULL, pid INTEGER NOT NULL, started REAL NOT NULL, ended REAL NOT NULL)",
 )
 
 
@@ -76,3 +80,28 @@ def apply_once(key: str) -> None:
 
 def applied() -> list[str]:
     return [str(r[0]) for r in _run("SELECT key FROM applied")]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution of a step: which (its idempotency key), in which process, when."""
+
+    key: str
+    pid: int
+    started: float
+    ended: float
+
+
+def executed(key: str, started: float) -> None:
+    """Record an execution of the step ``key`` that began at ``started`` and ends now."""
+    _run(
+        "INSERT INTO executions (key, pid, started, ended) VALUES (?, ?, ?, ?)",
+        (key, os.getpid(), started, time.time()),
+    )
+
+
+def executions() -> list[Execution]:
+    rows = _run("SELECT key, pid, started, ended FROM executions ORDER BY started")
+    return [
+        Execution(key=str(k), pid=int(p), started=float(s), ended=float(e)) for k, p, s, e in rows
+    ]

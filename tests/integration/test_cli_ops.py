@@ -184,6 +184,21 @@ class serving:
             assert proc.returncode == 0, out
 
 
+def test_a_worker_stopped_while_it_waits_for_its_backends_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while the worker waits for a queue that does not answer yet (a rollout that
+    stops a pod still starting) is a request to stop: exit 0, not death by signal."""
+    env = {"TENANTFLOW_QUEUE_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    proc = in_background("worker", "--app", "tests.apps.api:app", cwd=tmp_path, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the worker's first line: it loaded the app, and now waits
+        if line.startswith("worker:"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
 def test_api_and_worker_say_what_they_serve(tmp_path: Path) -> None:
     port = free_port()
     server = serving(tmp_path, port)

@@ -87,7 +87,9 @@ async def test_runs_survive_the_queue_losing_everything(runtime: Runtime) -> Non
     async with running_worker(app, runtime) as worker:
         results = [await h.result(timeout=60) for h in handles]
     assert results == [i + 1 for i in range(20)]
-    assert worker.stats.reenqueued >= 20
+    # Their outbox records published again, or the runs found without a message: either way
+    # from the database, whatever was left of their records when the worker looked.
+    assert worker.stats.relayed + worker.stats.reenqueued >= 20
     assert await tenant.list_runs(status=RunStatus.COMPLETED, limit=100) != []
 
 

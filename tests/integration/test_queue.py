@@ -210,6 +210,46 @@ async def test_retry_later_without_counting_the_delivery(queue: Queue) -> None:
     assert msg.deliveries == 1
 
 
+async def test_retry_later_of_a_lost_message_puts_a_new_one(queue: Queue) -> None:
+    """A run executed while its queue lost its data (here: the tenant's messages purged) still
+    gets its next delivery; a delivery reclaimed by another consumer is left to it."""
+    await queue.enqueue("t", "sleeper", trace="00-" + "ab" * 16 + "-" + "cd" * 8 + "-01")
+    (msg,) = await queue.dequeue("c", 10, 30)
+    await queue.purge("t")
+    assert await queue.live("t", ["sleeper"]) == set()
+    await queue.extend([msg], 30)  # nothing to extend, and no error
+    await queue.retry_later(msg, 0.1, count_delivery=False)
+    assert await queue.live("t", ["sleeper"]) == {"sleeper"}
+    await asyncio.sleep(0.15)
+    (again,) = await queue.dequeue("c", 10, 0.05)
+    assert (again.run_id, again.deliveries, again.trace) == ("sleeper", 1, msg.trace)
+    await asyncio.sleep(0.08)
+    (reclaimed,) = await queue.dequeue("other", 10, 0.05)
+    await queue.retry_later(again, 0)  # late: the message is another consumer's now
+    assert await queue.depth("t") == 1
+    await queue.ack([reclaimed])
+    assert await queue.depth("t") == 0 and await queue.live("t", ["sleeper"]) == set()
+
+
+async def test_enqueue_many_with_delays(queue: Queue) -> None:
+    await queue.enqueue_many(
+        {"t": [Envelope("now"), Envelope("soon", delay=0.2)], "u": [Envelope("later", delay=0.4)]}
+    )
+    assert [m.run_id for m in await queue.dequeue("c", 10, 30)] == ["now"]
+    await asyncio.sleep(0.25)
+    assert [m.run_id for m in await queue.dequeue("c", 10, 30)] == ["soon"]
+    await asyncio.sleep(0.2)
+    assert [m.run_id for m in await queue.dequeue("c", 10, 30)] == ["later"]
+    assert await queue.live("u", ["later"]) == {"later"}
+
+
+async def test_the_epoch_stays_while_the_data_set_does(queue: Queue) -> None:
+    first = await queue.epoch()
+    await queue.enqueue("t", "r")
+    again = await queue.epoch()
+    assert again.id == first.id and not again.new
+
+
 async def test_tenants_are_served_round_robin(queue: Queue) -> None:
     for i in range(50):
         await queue.enqueue("flood", f"f{i}")

@@ -17,6 +17,8 @@ from tenantflow.store.records import (
     StepKind,
     StepRecord,
     StepStatus,
+    Wait,
+    WaitKind,
 )
 
 app = App("store-tests")
@@ -102,9 +104,17 @@ async def test_claim_defers_duplicates_and_fences_a_late_worker(runtime: Runtime
     recovered = await store.claim_run("r1", owner="b", now=now + 6, lease=5)
     assert recovered.outcome is ClaimOutcome.CLAIMED
     assert recovered.run is not None and recovered.run.recoveries == 1
-    step = StepRecord(
-        run_id="r1",
-        seq=0,
+    assert first.lease is not None
+    with pytest.raises(LeaseLost):
+        await store.record_step(checkpoint("r1", 0), lease=first.lease)
+
+
+def checkpoint(run_id: str, seq: int) -> StepRecord:
+    """A completed step's checkpoint."""
+    now = time.time()
+    return StepRecord(
+        run_id=run_id,
+        seq=seq,
         name="s",
         kind=StepKind.STEP,
         status=StepStatus.COMPLETED,
@@ -114,8 +124,56 @@ async def test_claim_defers_duplicates_and_fences_a_late_worker(runtime: Runtime
         started_at=now,
         finished_at=now,
     )
+
+
+async def test_an_older_attempt_of_the_same_owner_cannot_write(runtime: Runtime) -> None:
+    """The same worker process claims a run twice (its first claim's lease lapsed: a claim
+    that waited for the database, a delivery that came back): the first attempt is fenced
+    off from every write, though its owner is the run's owner."""
+    store = runtime.router.store("acme")
+    now = time.time()
+    await store.create_run(
+        NewRun(id="r3", workflow="noop", input=b'{"args":[],"kwargs":{}}'), now=now
+    )
+    old = await store.claim_run("r3", owner="w", now=now, lease=1)
+    new = await store.claim_run("r3", owner="w", now=now + 2, lease=30)
+    assert old.lease is not None and new.lease is not None and new.recovered
+    assert new.lease.owner == old.lease.owner == "w"
+    assert new.lease.attempt == old.lease.attempt + 1
+
     with pytest.raises(LeaseLost):
-        await store.record_step(step, owner="a")
+        await store.record_step(checkpoint("r3", 0), lease=old.lease)
+    with pytest.raises(LeaseLost):
+        await store.mark_compensable("r3", lease=old.lease, now=time.time())
+    with pytest.raises(LeaseLost):
+        await store.suspend_run(
+            "r3", Wait(kind=WaitKind.SLEEP, wake_at=now + 60), lease=old.lease, now=time.time()
+        )
+    with pytest.raises(LeaseLost):
+        await store.finish_run(
+            "r3",
+            RunStatus.COMPLETED,
+            result=b"1",
+            error=None,
+            lease=old.lease,
+            now=time.time(),
+            step=checkpoint("r3", 0),
+        )
+    await store.release_run("r3", lease=old.lease, now=time.time())  # changes nothing
+    _, lost = await store.renew_leases({"r3": old.lease}, until=time.time() + 60)
+    assert lost == {"r3"}
+    run = await store.get_run("r3")
+    assert run is not None and run.status is RunStatus.RUNNING and not run.compensable
+    assert await store.get_steps("r3") == []
+
+    # The current attempt writes, renews and ends the run.
+    assert await store.record_step(checkpoint("r3", 0), lease=new.lease) is False
+    assert await store.renew_leases({"r3": new.lease}, until=time.time() + 60) == (set(), set())
+    await store.finish_run(
+        "r3", RunStatus.COMPLETED, result=b"2", error=None, lease=new.lease, now=time.time()
+    )
+    assert [s.seq for s in await store.get_steps("r3")] == [0]
+    assert (await store.get_run("r3")).status is RunStatus.COMPLETED  # type: ignore[union-attr]
 
 
 async def test_a_run_recovered_too_often_fails(runtime: Runtime) -> None:

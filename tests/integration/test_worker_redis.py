@@ -54,7 +54,7 @@ async def test_same_message_id_in_two_tenants_is_two_runs_in_flight(runtime: Run
         while len(worker._inflight) < 2:
             assert time.monotonic() < deadline, worker._inflight
             await asyncio.sleep(0.01)
-        assert {key[0] for key in worker._inflight} == {"acme", "globex"}
+        assert {message.tenant_id for message in worker._inflight} == {"acme", "globex"}
         release.set()
         for handle in runs.values():
             await handle.result(timeout=10)

@@ -61,13 +61,14 @@ T = TypeVar("T")
 TenantId = Annotated[str, PathParam(pattern=TENANT_ID_PATTERN)]
 Key = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
 
-# Every route may refuse its caller: /token the credentials, the others the token.
+# Every route may refuse its caller (/token the credentials, the others the token), and find
+# the platform database out of reach (503).
 router = APIRouter(
     prefix="/platform/v1",
     tags=["platform plane"],
     route_class=StrictJsonRoute,
     dependencies=[Depends(known_query)],
-    responses=problems.responses(401, 403, 422),
+    responses=problems.responses(401, 403, 422, 503),
 )
 wellknown = APIRouter(tags=["platform plane"])
 

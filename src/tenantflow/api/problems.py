@@ -21,6 +21,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tenantflow import errors
+from tenantflow.backends import reason, unavailable
 from tenantflow.sdk.serde import NOT_JSON_NUMBER, issues_of
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.ConfigError, 422, "invalid-request"),
     (errors.DatabaseBusyError, 503, "database-busy"),
     (errors.TenantDatabaseMissingError, 503, "tenant-database-missing"),
+    (errors.StoreUnavailableError, 503, "database-unavailable"),
 ]
 
 _TITLES = {
@@ -106,10 +108,16 @@ _MEANINGS = {
     429: "The tenant's request rate or monthly quota is used up (`rate-limited`, "
     "`quota-exceeded`), or sign-ins of the account or from the address are locked out "
     "(`sign-in-throttled`); `Retry-After` says when to try again.",
+    503: "A database is out of reach for now: every connection of this process is in use "
+    "(`database-busy`), or the database does not answer, restarting or stopped "
+    "(`database-unavailable`), or the tenant's database is gone (`tenant-database-missing`). "
+    "Nothing was done; `Retry-After` says when to try again.",
 }
+_RETRY_AFTER = {"description": "Seconds to wait.", "schema": {"type": "integer"}}
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
-    429: {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
+    429: {"Retry-After": _RETRY_AFTER},
+    503: {"Retry-After": _RETRY_AFTER},
 }
 PROBLEM_SCHEMA = {"$ref": f"#/components/schemas/{Problem.__name__}"}
 
@@ -169,6 +177,16 @@ def install(app: FastAPI) -> None:
     async def _platform_busy(request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
         # The platform database's pool, which is a share of the connection budget, is full.
         return _known(errors.DatabaseBusyError())
+
+    @app.exception_handler(sa_exc.OperationalError)
+    async def _platform_away(request: Request, exc: sa_exc.OperationalError) -> JSONResponse:
+        # The platform plane's own calls (identity, tenants, plans) on a platform database
+        # that does not answer; anything else of the kind is a bug, logged.
+        if unavailable(exc) is None:
+            return await _unexpected(request, exc)
+        return _known(
+            errors.StoreUnavailableError(f"the platform database did not answer: {reason(exc)}")
+        )
 
     try:
         import psycopg

@@ -80,8 +80,9 @@ router = APIRouter(
     tags=["tenant plane"],
     route_class=StrictJsonRoute,
     dependencies=[Depends(rate_limit), Depends(known_query)],
-    # known_query refuses a query parameter the route does not take: a 422 on any route.
-    responses=problems.responses(401, 403, 422, 429),
+    # known_query refuses a query parameter the route does not take: a 422 on any route; every
+    # route reads the tenant's database: a 503 while it is out of reach.
+    responses=problems.responses(401, 403, 422, 429, 503),
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -107,6 +108,11 @@ def worker(
     for, with a line per attempt."""
     from tenantflow.worker.worker import Worker
 
+    # SIGTERM while starting (loading the app, waiting for the backends) is a request to
+    # stop, answered with a clean exit, not the default death by signal.
+    stop_asked: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: stop_asked.append(signum))
     found = settings()
     the_app = load_app(app)
     console.print(
@@ -117,9 +123,17 @@ def worker(
     )
 
     async def main() -> None:
-        runtime = await open_retrying(found)
+        opening = asyncio.ensure_future(open_retrying(found))
+        while not opening.done():
+            await asyncio.wait({opening}, timeout=0.1)
+            if stop_asked and not opening.done():
+                opening.cancel()
+                return
+        runtime = opening.result()
         w = Worker(the_app, runtime, concurrency=concurrency)
         w.install_signal_handlers()
+        if stop_asked:
+            w.stop()
         try:
             await w.run()
         finally:

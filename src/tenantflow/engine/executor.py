@@ -8,13 +8,14 @@ import contextlib
 import dataclasses
 import enum
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 from pydantic import ValidationError
 
+from tenantflow.backends import unavailable
 from tenantflow.errors import (
     BulkheadFullError,
     ChildWorkflowError,
@@ -23,6 +24,7 @@ from tenantflow.errors import (
     NonDeterminismError,
     StepFailedError,
     StepTimeoutError,
+    StoreUnavailableError,
     WorkflowCancelled,
     WorkflowSuspended,
     WorkflowTimeoutError,
@@ -33,6 +35,7 @@ from tenantflow.sdk.serde import adapter_for, dumps, issues_of, loads
 from tenantflow.store.base import LeaseLost, RunStore
 from tenantflow.store.records import (
     TERMINAL,
+    Lease,
     NewRun,
     OutboxEntry,
     RunRecord,
@@ -59,10 +62,14 @@ T = TypeVar("T")
 INLINE_SLEEP = 0.05
 BREAKER_INLINE_WAIT = 2.0  # an open breaker's wait this short is spent holding the run
 BULKHEAD_POLL = 0.05
+# While the database is away: how often a run tries again to renew its lease before a step, or
+# to commit a step's checkpoint.
+LEASE_RETRY_SECONDS = 0.5
 
 
 class StoreUnavailable(BaseException):
-    """A store call failed (its cause says how): give the run back and retry later."""
+    """A store call failed (its cause says how), or the lease could not be renewed before it
+    ended: give the run back and retry later."""
 
 
 class WorkflowReleased(BaseException):
@@ -93,12 +100,13 @@ class Outcome:
     status: RunStatus | None = None
     wake_at: float | None = None
     wake: tuple[OutboxEntry, ...] = ()
+    unavailable: bool = False  # RETRY: the database did not answer (not the message's fault)
 
 
 class ExecutionHost(Protocol):
     """What an execution needs from the worker that runs it."""
 
-    owner: str
+    lease_seconds: float
     stopping: bool
     breakers: Breakers
     bulkheads: Bulkheads
@@ -151,12 +159,19 @@ class Execution:
         run: RunRecord,
         steps: tuple[StepRecord, ...],
         host: ExecutionHost,
+        lease: Lease,
+        lease_until: float,
     ) -> None:
         self.workflow = workflow
         self.store = store
         self.run = run
         self.host = host
-        self.owner = host.owner
+        # Every write of this execution is fenced by its lease (owner and attempt). Its end,
+        # as last confirmed by the claim or a renewal; a renewal that failed since puts the
+        # lease in doubt, and no step starts before one succeeds.
+        self.lease = lease
+        self.lease_until = lease_until
+        self._lease_doubted = False
         self.checkpoints = {s.seq: s for s in steps}
         self.seq = 0
         self.cancel_requested = run.cancel_requested
@@ -183,6 +198,15 @@ class Execution:
     def lease_lost(self) -> None:
         self._interrupt_task("lease_lost")
 
+    def lease_renewed(self, until: float) -> None:
+        self.lease_until = until
+        self._lease_doubted = False
+
+    def lease_renewal_failed(self) -> None:
+        """The worker could not renew the lease (the database away, slow): start no new step
+        until a renewal goes through."""
+        self._lease_doubted = True
+
     def _interrupt_task(self, why: str) -> None:
         if self.task is not None and not self.task.done() and self._interrupt is None:
             self._interrupt = why
@@ -208,8 +232,11 @@ class Execution:
                 error=type(exc.__cause__).__name__,
             )
             with contextlib.suppress(Exception):
-                await self.store.release_run(run.id, owner=self.owner, now=time.time())
-            return Outcome(kind=OutcomeKind.RETRY)
+                await self.store.release_run(run.id, lease=self.lease, now=time.time())
+            return Outcome(
+                kind=OutcomeKind.RETRY,
+                unavailable=exc.__cause__ is not None and unavailable(exc.__cause__) is not None,
+            )
 
     async def _execute(self) -> Outcome:
         run = self.run
@@ -246,7 +273,7 @@ class Execution:
             return await self._finish(RunStatus.NEEDS_ATTENTION, error=dumps(stuck.args[0]))
         except WorkflowReleased:
             await self._flush()
-            await self._io(self.store.release_run(run.id, owner=self.owner, now=time.time()))
+            await self._io(self.store.release_run(run.id, lease=self.lease, now=time.time()))
             return Outcome(kind=OutcomeKind.RELEASED)
         except Exception as raised:
             # A workflow that swallowed a NonDeterminismError still fails with it.
@@ -268,6 +295,46 @@ class Execution:
             return await call
         except Exception as exc:
             raise StoreUnavailable() from exc
+
+    async def _commit(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A checkpoint's commit (a repeated one changes nothing): while the database does not
+        answer, tried again every ``LEASE_RETRY_SECONDS`` for as long as the lease lasts, so
+        that an outage shorter than the lease costs the step that just ran nothing."""
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if (
+                    unavailable(exc) is None
+                    or time.time() + LEASE_RETRY_SECONDS >= self.lease_until
+                ):
+                    raise StoreUnavailable() from exc
+            await asyncio.sleep(LEASE_RETRY_SECONDS)
+
+    async def _hold_lease(self) -> None:
+        """Before a step attempt: it starts only under a lease known to last a while yet (a
+        third of its length). One in doubt (a renewal failed) or running short (a claim that
+        waited for the database) is renewed here first, tried again every
+        ``LEASE_RETRY_SECONDS`` while the database does not answer; once the lease has ended
+        unrenewed the run is given up, for the next attempt."""
+        length = self.host.lease_seconds
+        while self._lease_doubted or self.lease_until - time.time() < length / 3:
+            now = time.time()
+            try:
+                async with asyncio.timeout(max(self.lease_until - now, length / 3)):
+                    _, lost = await self.store.renew_leases(
+                        {self.run.id: self.lease}, until=now + length
+                    )
+            except Exception as exc:
+                if time.time() >= self.lease_until:
+                    raise StoreUnavailable() from StoreUnavailableError(
+                        f"the lease could not be renewed before it ended ({type(exc).__name__})"
+                    )
+                await asyncio.sleep(LEASE_RETRY_SECONDS)
+                continue
+            if lost:
+                raise LeaseLost(self.run.id)
+            self.lease_renewed(now + length)
 
     async def _invoke(self) -> Any:
         run = self.run
@@ -296,13 +363,13 @@ class Execution:
     ) -> Outcome:
         # The last step's checkpoint, if still pending, commits with the run's end.
         step, self._pending = self._pending, None
-        finished = await self._io(
-            self.store.finish_run(
+        finished = await self._commit(
+            lambda: self.store.finish_run(
                 self.run.id,
                 status,
                 result=result,
                 error=error,
-                owner=self.owner,
+                lease=self.lease,
                 now=time.time(),
                 step=step,
             )
@@ -333,7 +400,7 @@ class Execution:
         return seq, checkpoint
 
     async def _record(self, step: StepRecord) -> None:
-        if await self._io(self.store.record_step(step, owner=self.owner)):
+        if await self._commit(lambda: self.store.record_step(step, lease=self.lease)):
             self.cancel_requested = True
 
     async def _flush(self) -> None:
@@ -358,6 +425,7 @@ class Execution:
         attempt = 0
         breaker = self._breaker_name(step)
         while True:
+            await self._hold_lease()
             permit = None
             if breaker is not None:
                 try:
@@ -531,7 +599,7 @@ class Execution:
     async def _persist_compensable(self) -> None:
         if self._mark_compensable:
             await self._io(
-                self.store.mark_compensable(self.run.id, owner=self.owner, now=time.time())
+                self.store.mark_compensable(self.run.id, lease=self.lease, now=time.time())
             )
             self._mark_compensable = False
             self.run = dataclasses.replace(self.run, compensable=True)
@@ -589,7 +657,7 @@ class Execution:
     async def _suspend(self, wait: Wait) -> None:
         """Release the worker until ``wait`` is met; returns if it already is."""
         outcome = await self._io(
-            self.store.suspend_run(self.run.id, wait, owner=self.owner, now=time.time())
+            self.store.suspend_run(self.run.id, wait, lease=self.lease, now=time.time())
         )
         if outcome is SuspendOutcome.SUSPENDED:
             raise WorkflowSuspended(wait.wake_at)
@@ -640,7 +708,7 @@ class Execution:
         while True:
             got = await self._io(
                 self.store.wait_event(
-                    self.run.id, seq, name, deadline, owner=self.owner, now=time.time()
+                    self.run.id, seq, name, deadline, lease=self.lease, now=time.time()
                 )
             )
             if got.received:
@@ -672,7 +740,7 @@ class Execution:
         )
         while True:
             state = await self._io(
-                self.store.start_child(self.run.id, seq, child, owner=self.owner, now=time.time())
+                self.store.start_child(self.run.id, seq, child, lease=self.lease, now=time.time())
             )
             if state.status in TERMINAL:
                 done = (

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from tenantflow.errors import InvalidSignatureError, LicenseError
+from tenantflow.backends import unavailable
+from tenantflow.errors import InvalidSignatureError, LicenseError, StoreUnavailableError
 from tenantflow.platform.keys import Jwks, public_keys
 from tenantflow.platform.licensing import LicenseClaims, verify_license
 
@@ -167,6 +168,10 @@ class PlatformArtifacts:
             if cached is None:
                 stored = self._disk.read(name)
                 if stored is None:
+                    if unavailable(exc) is not None:  # an outage: asking again will do
+                        raise StoreUnavailableError(
+                            "the platform database did not answer, and no license is cached"
+                        ) from exc
                     raise LicenseError(
                         "the platform is unreachable and no license is cached"
                     ) from exc

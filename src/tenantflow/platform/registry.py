@@ -33,6 +33,7 @@ from tenantflow.errors import (
     ConfigError,
     InvalidTenantIdError,
     NotFoundError,
+    StoreUnavailableError,
     TenantExistsError,
     TenantNotFoundError,
 )
@@ -134,7 +135,9 @@ def _platform_engine(url: str, timeout: float, wait: float) -> sa.Engine:
         max_overflow=PLATFORM_CONNECTIONS - 2,
         pool_timeout=wait,
         pool_pre_ping=True,
-        connect_args=pg_connect_args(timeout),
+        # Opening a connection is bounded by the wait for one, as for the tenant databases:
+        # these reads hold their caller (the tenant router's on the event loop) meanwhile.
+        connect_args=pg_connect_args(min(timeout, wait) if timeout > 0 else wait),
     )
     limits = pg_session_limits(timeout)
 
@@ -584,6 +587,10 @@ class TenantRouter:
         except Exception as exc:
             last = cached[1] if cached is not None else self._from_disk(tenant_id)
             if last is None:
+                if unavailable(exc) is not None:
+                    raise StoreUnavailableError(
+                        f"the platform database did not answer: {reason(exc)}"
+                    ) from exc
                 raise
             # The platform database is away: keep serving the tenant as last seen (its own
             # database is what runs need), and ask again after the cache interval.

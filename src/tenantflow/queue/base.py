@@ -19,7 +19,12 @@ run's lease in the database decides who executes it. Semantics every backend kee
   the dead letter is replayed. For a run no consumer can execute, which would otherwise go
   round for ever.
 - ``ack`` and ``retry_later`` act only on the current delivery (its receipt): a late
-  acknowledgement from a worker whose lease already ended changes nothing.
+  acknowledgement from a worker whose lease already ended changes nothing. A ``retry_later``
+  of a delivery whose message is gone altogether (the queue lost its data) makes a new
+  message in its place: a run executed through the loss still gets its next delivery.
+- ``epoch`` names the queue's data set; it changes when the data set may have lost messages
+  (Redis emptied, restarted, failed over), so that consumers can rebuild it from the
+  databases at once rather than wait for the reconciler's grace.
 - Tenants with ready messages are served round robin (weighted) across dequeues, a tenant
   newly ready among the first; a tenant never has more than ``tenant_max_inflight`` messages
   in flight (0: no cap), across all consumers, and one at its cap does not hold up the others.
@@ -41,6 +46,17 @@ class Envelope:
     run_id: str
     priority: int = 0
     trace: str | None = None
+    delay: float = 0.0  # seconds before it may be delivered
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """The identity of a queue's data set (``Queue.epoch``). ``new``: this very look found none,
+    or one the server cannot vouch for, and made this one; whatever the queue held before may
+    be lost."""
+
+    id: str
+    new: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,7 +105,8 @@ class Queue(Protocol):
     ) -> str: ...
 
     async def enqueue_many(self, batch: Mapping[str, Sequence[Envelope]]) -> None:
-        """Make messages ready now, ``{tenant: [envelope, ...]}``, in one go."""
+        """Make messages ready, ``{tenant: [envelope, ...]}``, in one go (each after its
+        envelope's ``delay``)."""
         ...
 
     async def dequeue(
@@ -166,6 +183,12 @@ class Queue(Protocol):
     ) -> list[Message]:
         """``wait(timeout)``, then ``dequeue(...)``: what an idle consumer does, which a
         backend may do in one go."""
+        ...
+
+    async def epoch(self) -> Epoch:
+        """The identity of the queue's data set, made if there is none. A consumer that sees
+        it change (or ``new``) knows messages may have been lost. The embedded queue's never
+        changes: it is kept on the same disk as the tenant databases."""
         ...
 
     async def ping(self) -> None:

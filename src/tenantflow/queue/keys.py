@@ -98,3 +98,10 @@ class Keys:
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}:lock:{name}"
+
+    @property
+    def epoch(self) -> str:
+        """String: the identity of the queue's data set, ``<random>|<run_id>`` (the run id of
+        the Redis server process that made it). Missing, or made by another server process,
+        it says the data set may have lost messages; see ``lua.EPOCH``."""
+        return f"{self.prefix}:epoch"

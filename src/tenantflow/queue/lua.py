@@ -113,16 +113,16 @@ local function put(run, p, d, delay, tp)
 end
 """
 
-# ARGV: tenant, delay_ms, then run, priority, traceparent ('' for none) for each message.
-# Returns the time (ms) the messages become ready.
+# ARGV: tenant, then run, priority, traceparent ('' for none), delay_ms for each message.
+# Returns the time (ms) the last message becomes ready.
 ENQUEUE = (
     COMMON
     + """
 T = ARGV[1]
-local delay, at = tonumber(ARGV[2]), 0
-for i = 3, #ARGV, 3 do
+local at = 0
+for i = 2, #ARGV, 4 do
   redis.call('HINCRBY', KEYS[3], ARGV[i], 1)
-  at = put(ARGV[i], ARGV[i + 1], 0, delay, ARGV[i + 2])
+  at = put(ARGV[i], ARGV[i + 1], 0, tonumber(ARGV[i + 3]), ARGV[i + 2])
 end
 return at
 """
@@ -346,14 +346,24 @@ return done
 """
 )
 
-# ARGV: tenant, group, consumer, id, count, delay_ms, count_delivery (1/0).
+# ARGV: tenant, group, consumer, id, count, delay_ms, count_delivery (1/0), then what the
+# delivery carried: run, priority, total deliveries, traceparent.
+# An entry gone from the stream altogether (the queue lost its data: Redis emptied) is put
+# back as a new message, so that a run executed through the loss is not left without one. An
+# entry still there but no longer this delivery's (reclaimed) is left alone.
 RETRY_LATER = (
     COMMON
     + """
 T = ARGV[1]
 local group, consumer, id = ARGV[2], ARGV[3], ARGV[4]
 local fields = owned_entry(group, id, consumer, ARGV[5])
-if not fields then return 0 end
+if not fields then
+  if #redis.call('XRANGE', KEYS[1], id, id) > 0 then return 0 end
+  local d = tonumber(ARGV[10])
+  if ARGV[7] ~= '1' then d = d - tonumber(ARGV[5]) end
+  redis.call('HINCRBY', KEYS[3], ARGV[8], 1)
+  return put(ARGV[8], ARGV[9], d, tonumber(ARGV[6]), ARGV[11])
+end
 redis.call('XACK', KEYS[1], group, id)
 redis.call('XDEL', KEYS[1], id)
 local d = 0
@@ -420,3 +430,17 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 )
+
+# KEYS: epoch. ARGV: a new random id.
+# The identity of the queue's data set, "<id>|<run_id>", run_id being that of the server
+# process that made it. Missing (FLUSHALL, a restart without persistence) or made by another
+# server process (a restart from a snapshot, a failover to a replica: the last writes may be
+# lost), it is made anew. Returns it, and 1 if this call made it.
+EPOCH = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local epoch = redis.call('GET', KEYS[1])
+if epoch and string.sub(epoch, -#run_id - 1) == '|' .. run_id then return {epoch, 0} end
+epoch = ARGV[1] .. '|' .. run_id
+redis.call('SET', KEYS[1], epoch)
+return {epoch, 1}
+"""

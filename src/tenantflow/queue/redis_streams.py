@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import structlog
 from tenantflow._extras import require
 from tenantflow.errors import NotFoundError
 from tenantflow.queue import lua
-from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
+from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
 from tenantflow.queue.keys import GROUP, Keys
 
 try:
@@ -77,6 +78,7 @@ class RedisStreamsQueue:
                 "DEAD_LETTER",
                 "REPLAY",
                 "ADOPT",
+                "EPOCH",
             )
         }
         self._sha = {
@@ -90,6 +92,7 @@ class RedisStreamsQueue:
         self._told_at = time.monotonic()
         self._adopted = False
         self._next_look: float | None = None  # monotonic time of the next look due
+        self._epoch: str | None = None  # the data set this process last saw
         self._trimmed = -math.inf
         # Blocking waits get a client (and connections) of their own; each wait has its own
         # deadline (its block time plus the command timeout), set around the call.
@@ -114,7 +117,7 @@ class RedisStreamsQueue:
 
         # One round trip: the script, the wake-up.
         def build(pipe: Commands) -> None:
-            self._eval(pipe, "ENQUEUE", keys, [tenant_id, delay_ms, run_id, priority, trace or ""])
+            self._eval(pipe, "ENQUEUE", keys, [tenant_id, run_id, priority, trace or "", delay_ms])
             if delay_ms == 0:
                 self._wake(pipe, tenant_id)
 
@@ -130,15 +133,20 @@ class RedisStreamsQueue:
         trim = now - self._trimmed > WAKE_TRIM_SECONDS
 
         # One round trip for the whole batch: per tenant one script call, and one wake-up
-        # token per message (up to the cap), so as many idle workers wake as there is work.
+        # token per message ready now (up to the cap), so as many idle workers wake as there
+        # is work.
         def build(pipe: Commands) -> None:
+            tokens: list[str] = []
             for tenant, runs in batch.items():
-                args: list[Any] = [tenant, 0]
-                for envelope in runs:
-                    args.extend((envelope.run_id, envelope.priority, envelope.trace or ""))
+                args: list[Any] = [tenant]
+                for e in runs:
+                    delay_ms = max(0, int(e.delay * 1000))
+                    args.extend((e.run_id, e.priority, e.trace or "", delay_ms))
+                    if delay_ms == 0:
+                        tokens.append(tenant)
                 self._eval(pipe, "ENQUEUE", self.keys.queue(tenant), args)
-            tokens = [t for tenant, runs in batch.items() for t in [tenant] * len(runs)]
-            pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
+            if tokens:
+                pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
             if trim:  # tokens nobody took (every worker busy) are capped
                 pipe.ltrim(self.keys.wake, 0, WAKE_TOKENS_MAX - 1)
 
@@ -362,6 +370,10 @@ class RedisStreamsQueue:
                     count,
                     delay_ms,
                     "1" if count_delivery else "0",
+                    message.run_id,
+                    message.priority,
+                    message.deliveries,
+                    message.trace or "",
                 ],
             )
             if delay_ms == 0:
@@ -480,6 +492,18 @@ class RedisStreamsQueue:
         except Exception as exc:  # Redis away: behave as a poll
             log.warning("queue wake-up wait failed", error=type(exc).__name__)
             await asyncio.sleep(timeout)
+
+    async def epoch(self) -> Epoch:
+        (reply,) = await self._execute(
+            lambda pipe: self._eval(pipe, "EPOCH", [self.keys.epoch], [secrets.token_hex(8)])
+        )
+        epoch = Epoch(reply[0], new=bool(int(reply[1])))
+        if epoch.id != self._epoch:
+            # Another data set: what this process wrote to the last one is not in it.
+            self._told = dict.fromkeys(self._told)
+            self._next_look = None
+            self._epoch = epoch.id
+        return epoch
 
     async def ping(self) -> None:
         await self.redis.ping()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tenantflow import _sqlite
 from tenantflow.errors import NotFoundError
-from tenantflow.queue.base import DeadLetter, Envelope, Message, QueueStats
+from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
 from tenantflow.queue.fairness import Turn, shares, weight_of
 
 SQLITE_MAX_INTEGER = 2**63 - 1
@@ -98,6 +98,7 @@ SQL_INSERT = (
     "INSERT INTO messages (tenant_id, run_id, priority, available_at, enqueued_at, trace) "
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
+EPOCH = Epoch("embedded")  # kept on the disk of the tenant databases: never lost apart
 
 
 class SqliteQueue:
@@ -152,7 +153,7 @@ class SqliteQueue:
     async def enqueue_many(self, batch: Mapping[str, Sequence[Envelope]]) -> None:
         now = time.time()
         rows = [
-            (tenant_id, e.run_id, e.priority, now, now, e.trace)
+            (tenant_id, e.run_id, e.priority, now + max(0.0, e.delay), now, e.trace)
             for tenant_id, envelopes in batch.items()
             for e in envelopes
         ]
@@ -160,7 +161,8 @@ class SqliteQueue:
             return
         with _sqlite.transaction(self._conn) as cur:
             cur.executemany(SQL_INSERT, rows)
-        self._wakeup.set()
+        if any(e.delay <= 0 for envelopes in batch.values() for e in envelopes):
+            self._wakeup.set()
 
     async def dequeue(
         self,
@@ -259,13 +261,28 @@ class SqliteQueue:
     async def retry_later(
         self, message: Message, delay: float, *, count_delivery: bool = True
     ) -> None:
+        now = time.time()
         with _sqlite.transaction(self._conn) as cur:
-            cur.execute(
+            moved = cur.execute(
                 "UPDATE messages SET available_at = ?, receipt = NULL, "
                 "deliveries = CASE WHEN ? THEN deliveries ELSE 0 END "
                 "WHERE id = ? AND receipt = ?",
-                (time.time() + max(0.0, delay), count_delivery, int(message.id), message.receipt),
-            )
+                (now + max(0.0, delay), count_delivery, int(message.id), message.receipt),
+            ).rowcount
+            if not moved and not _exists(cur, int(message.id)):  # lost: a new one in its place
+                cur.execute(
+                    "INSERT INTO messages (tenant_id, run_id, priority, available_at, "
+                    "enqueued_at, trace, deliveries) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message.tenant_id,
+                        message.run_id,
+                        message.priority,
+                        now + max(0.0, delay),
+                        now,
+                        message.trace,
+                        message.deliveries if count_delivery else 0,
+                    ),
+                )
         if delay <= 0:
             self._wakeup.set()
 
@@ -394,6 +411,9 @@ class SqliteQueue:
             pass
         self._wakeup.clear()
 
+    async def epoch(self) -> Epoch:
+        return EPOCH
+
     async def ping(self) -> None:
         return None
 
@@ -432,6 +452,10 @@ def _share_out(
                 next_turn.append(t)
         turn = next_turn
     return picked
+
+
+def _exists(cur: sqlite3.Cursor, message_id: int) -> bool:
+    return cur.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is not None
 
 
 def _row_id(value: str) -> int:

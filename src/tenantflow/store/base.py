@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from tenantflow.store.records import (
     ChildState,
     Claim,
     EventWait,
+    ExpectedMessage,
     Finished,
+    Lease,
     NewRun,
     OutboxEntry,
     RunRecord,
@@ -21,15 +23,16 @@ from tenantflow.store.records import (
 
 
 class LeaseLost(BaseException):
-    """Another worker owns the run now (this one was too slow to renew its lease)."""
+    """The run is no longer executed under this lease: another worker, or another attempt
+    of this one, claimed it after the lease lapsed (or it ended meanwhile)."""
 
 
 class RunStore(Protocol):
     """Runs, step checkpoints and events of one tenant.
 
-    Every method that changes a claimed run takes the ``owner`` of the lease and raises
-    :class:`LeaseLost` when the run is owned by someone else: that fences a worker that
-    was paused past its lease.
+    Every method that changes a claimed run takes the ``lease`` its claim gave (owner and
+    attempt) and raises :class:`LeaseLost` when the run is no longer executed under it: that
+    fences a worker paused past its lease, and an older attempt in the same process.
     """
 
     tenant_id: str
@@ -65,29 +68,31 @@ class RunStore(Protocol):
     async def get_steps(self, run_id: str) -> list[StepRecord]: ...
 
     async def claim_run(self, run_id: str, *, owner: str, now: float, lease: float) -> Claim:
-        """Take the run for execution under a lease, or say why not (see ``ClaimOutcome``)."""
+        """Take the run for execution under a lease, or say why not (see ``ClaimOutcome``).
+        A claim starts a new attempt: ``Claim.lease`` carries its token."""
         ...
 
     async def renew_leases(
-        self, run_ids: Sequence[str], *, owner: str, until: float
+        self, leases: Mapping[str, Lease], *, until: float
     ) -> tuple[set[str], set[str]]:
-        """Extend leases; returns (runs whose cancellation was requested, runs no longer ours)."""
+        """Extend the leases of these runs (run id -> lease) to ``until``; returns (runs whose
+        cancellation was requested, runs no longer executed under the lease given)."""
         ...
 
-    async def record_step(self, step: StepRecord, *, owner: str) -> bool:
+    async def record_step(self, step: StepRecord, *, lease: Lease) -> bool:
         """Commit a step's checkpoint; returns whether cancellation of the run was requested."""
         ...
 
     async def wait_event(
-        self, run_id: str, seq: int, name: str, deadline: float | None, *, owner: str, now: float
+        self, run_id: str, seq: int, name: str, deadline: float | None, *, lease: Lease, now: float
     ) -> EventWait: ...
 
     async def start_child(
-        self, parent_id: str, seq: int, child: NewRun, *, owner: str, now: float
+        self, parent_id: str, seq: int, child: NewRun, *, lease: Lease, now: float
     ) -> ChildState: ...
 
     async def suspend_run(
-        self, run_id: str, wait: Wait, *, owner: str, now: float
+        self, run_id: str, wait: Wait, *, lease: Lease, now: float
     ) -> SuspendOutcome:
         """Release the run until ``wait`` is met, unless it already is or a cancel came."""
         ...
@@ -97,16 +102,17 @@ class RunStore(Protocol):
         oldest last moved."""
         ...
 
-    async def mark_compensable(self, run_id: str, *, owner: str, now: float) -> None:
+    async def mark_compensable(self, run_id: str, *, lease: Lease, now: float) -> None:
         """Mark a run as a saga (it registered a compensation): cancelling it then wakes it
-        to compensate. Raises ``LeaseLost`` if ``owner`` no longer holds it."""
+        to compensate. Raises ``LeaseLost`` if it is no longer executed under ``lease``."""
         ...
 
     async def release_run(
-        self, run_id: str, *, owner: str, now: float, stuck_reason: str | None = None
+        self, run_id: str, *, lease: Lease, now: float, stuck_reason: str | None = None
     ) -> None:
-        """Give the run back (a worker shutting down): queued again, lease cleared. With
-        ``stuck_reason``, the run says why no worker can take it (until one claims it)."""
+        """Give the run back (a worker shutting down): queued again, lease cleared; nothing
+        if it is no longer executed under ``lease``. With ``stuck_reason``, the run says why
+        no worker can take it (until one claims it)."""
         ...
 
     async def finish_run(
@@ -116,7 +122,7 @@ class RunStore(Protocol):
         *,
         result: bytes | None,
         error: bytes | None,
-        owner: str,
+        lease: Lease,
         now: float,
         step: StepRecord | None = None,
     ) -> Finished:
@@ -147,6 +153,13 @@ class RunStore(Protocol):
         self, *, now: float, grace: float, limit: int = 1000
     ) -> list[tuple[str, int, str | None]]:
         """Runs that should have a message by now; (run id, priority, trace)."""
+        ...
+
+    async def expected_messages(
+        self, *, after: str = "", limit: int = 1000
+    ) -> list[ExpectedMessage]:
+        """Every unfinished run that should have a message, whatever its age, in id order
+        from after ``after``: what rebuilds a queue that lost its data."""
         ...
 
     async def has_unfinished(self) -> bool:

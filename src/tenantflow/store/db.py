@@ -343,8 +343,8 @@ class PostgresDatabase:
                 try:
                     outcomes = [(row, None) for row in await self._run_batch(conn, batch)]
                 except Exception:
-                    if len(batch) == 1:
-                        raise
+                    if len(batch) == 1 or conn.broken:
+                        raise  # a connection lost fails them all (StoreUnavailableError)
                     # One statement failed the shared transaction (a deadlock between two
                     # batches, say): run each on its own so only the guilty one fails.
                     outcomes = []

@@ -9,18 +9,29 @@ connection takes the place of the least recently used idle one, of whichever dat
 connections are closed after ``IDLE_SECONDS``. A caller that finds every connection busy waits
 its turn (first come, first served) up to the budget's ``wait``, then gets
 :class:`DatabaseBusyError`.
+
+Database faults: a connection on which a statement failed, or that psycopg says is broken, is
+closed, never reused; one found broken (the server restarted, or ended the session) takes the
+idle connections of its database with it, since they are as likely dead. An idle connection
+is also checked when it is taken (without a round trip: a server that went away has left it
+readable), so the first call after a restart gets a fresh connection. Opening a connection
+counts against the same wait, and a server that refuses, or does not answer in time, is a
+:class:`StoreUnavailableError`, as is a connection lost under a statement: never a driver's
+exception.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from tenantflow.errors import DatabaseBusyError
+from tenantflow.backends import reason
+from tenantflow.errors import DatabaseBusyError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -55,13 +66,18 @@ class ConnectionBudget:
             idle = self._idle_of.get(pool.database)
             if idle:
                 conn = self._take_idle(idle[-1])
-                return conn if _usable(conn) else await self._reopen(pool, conn)
+                if _alive(conn):
+                    return conn
+                # The server has gone away since it was used (a restart, say): so have the
+                # others of this database, most likely.
+                self.discard(pool.database)
+                return await self._reopen(pool, conn, deadline)
             if self.open < self.limit:
                 self.open += 1
                 self.peak = max(self.peak, self.open)
-                return await self._reopen(pool, None)
+                return await self._reopen(pool, None, deadline)
             if self._idle:
-                return await self._reopen(pool, self._take_idle(next(iter(self._idle))))
+                return await self._reopen(pool, self._take_idle(next(iter(self._idle))), deadline)
         # Every connection is busy (or others wait already): wait for one to be handed over.
         future: asyncio.Future[AsyncConnection[Any] | None] = (
             asyncio.get_running_loop().create_future()
@@ -82,17 +98,22 @@ class ConnectionBudget:
             if isinstance(exc, TimeoutError):
                 raise DatabaseBusyError() from None
             raise
-        if handed is not None and self._database.get(handed) == pool.database and _usable(handed):
+        if handed is not None and self._database.get(handed) == pool.database and _alive(handed):
             return handed
-        return await self._reopen(pool, handed)
+        return await self._reopen(pool, handed, deadline)
 
-    def checkin(self, conn: AsyncConnection[Any]) -> None:
-        """A connection comes back: to the first waiter, else idle; closed instead if it is
-        not usable (its slot goes on once it is)."""
-        if _usable(conn):
-            self._hand_on(conn)
-        else:
+    def checkin(self, conn: AsyncConnection[Any], *, failed: bool = False) -> None:
+        """A connection comes back: to the first waiter, else idle; closed instead if a
+        statement ``failed`` on it or it is not usable (its slot goes on once it is). A broken
+        one closes the idle connections of its database too."""
+        database = self._database.get(conn)
+        if conn.broken and database is not None:
             self._retire(conn)
+            self.discard(database)
+        elif failed or not _usable(conn):
+            self._retire(conn)
+        else:
+            self._hand_on(conn)
 
     def discard(self, database: str) -> None:
         """Close the idle connections of ``database`` (it is going away)."""
@@ -131,16 +152,28 @@ class ConnectionBudget:
             self._retire(self._take_idle(conn))
 
     async def _reopen(
-        self, pool: ConnectionPool, old: AsyncConnection[Any] | None
+        self, pool: ConnectionPool, old: AsyncConnection[Any] | None, deadline: float
     ) -> AsyncConnection[Any]:
         """In a slot already taken, close ``old`` (another database's, or one not usable)
-        before opening a connection for ``pool``: the server never sees more than the
-        budget. The slot is handed on if this fails."""
+        before opening a connection for ``pool``, by ``deadline``: the server never sees more
+        than the budget. The slot is handed on if this fails."""
         try:
             if old is not None:
                 self._database.pop(old, None)
                 await _close(old)
-            conn = await pool.connect()
+            async with asyncio.timeout_at(deadline):
+                conn = await pool.connect()
+        except TimeoutError:
+            self._hand_on(None)
+            raise StoreUnavailableError(
+                f"the database did not accept a connection within {self.wait:g} s"
+            ) from None
+        except StoreUnavailableError:  # the connection's own finding (a database gone)
+            self._hand_on(None)
+            raise
+        except Exception as exc:
+            self._hand_on(None)
+            raise StoreUnavailableError(f"the database did not answer: {reason(exc)}") from exc
         except BaseException:
             self._hand_on(None)
             raise
@@ -198,6 +231,17 @@ def _usable(conn: AsyncConnection[Any]) -> bool:
     return not conn.closed and conn.pgconn.transaction_status == TransactionStatus.IDLE
 
 
+def _alive(conn: AsyncConnection[Any]) -> bool:
+    """Usable, and not readable: nothing should arrive on a connection at rest, and a server
+    that shut down or restarted has sent its goodbye (an error, then the end of the stream),
+    which this sees without a round trip. (A server gone from the network is not seen here;
+    the first statement fails, and takes its database's idle connections with it.)"""
+    if not _usable(conn):
+        return False
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return not readable
+
+
 class ConnectionPool:
     """Connections to ``database`` (its conninfo), at most ``max_size`` in use at once by
     this pool, drawn from a budget."""
@@ -227,7 +271,19 @@ class ConnectionPool:
             conn = await self.budget.checkout(self, deadline)
             try:
                 yield conn
-            finally:
+            except BaseException as exc:
+                from psycopg import Error
+
+                self.budget.checkin(conn, failed=isinstance(exc, Error))
+                if isinstance(exc, Error) and conn.broken:
+                    # The server went away under the statement (a shutdown, a restart, a
+                    # session ended): whether it took effect is unknown, as with any
+                    # interrupted statement.
+                    raise StoreUnavailableError(
+                        f"the database connection was lost: {reason(exc)}"
+                    ) from exc
+                raise
+            else:
                 self.budget.checkin(conn)
         finally:
             self._in_use.release()

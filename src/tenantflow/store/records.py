@@ -115,6 +115,17 @@ class NewRun:
     trace: str | None = None  # W3C traceparent of the span that started it (tracing on)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Lease:
+    """Who executes a run, and which attempt: the worker process (``owner``) and the attempt
+    token, the run's ``executions`` count, which every claim increments. A write fenced by a
+    lease goes through only while both are still the run's, so neither another process nor an
+    older attempt in the same process (a stale claim, a delivery that came back) can write."""
+
+    owner: str
+    attempt: int
+
+
 class ClaimOutcome(enum.Enum):
     CLAIMED = "claimed"
     DROP = "drop"  # nothing to do for this delivery: a duplicate, or the run is terminal
@@ -130,6 +141,7 @@ class Claim:
     not_before: float | None = None
     wake: tuple[OutboxEntry, ...] = ()
     recovered: bool = False  # taken over: the run was running under a lease that lapsed
+    lease: Lease | None = None  # claimed: the lease of this attempt, for its every write
 
 
 class SuspendOutcome(enum.Enum):
@@ -191,3 +203,15 @@ class Finished:
     """After a change: messages to publish now (a parent woken up, a child started...)."""
 
     wake: tuple[OutboxEntry, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpectedMessage:
+    """The message an unfinished run should have in the queue, and when it is due (``None``:
+    now): a queued run's now, a sleeping or waiting run's at its wake-up, a running run's when
+    its lease ends (the delivery that recovers it if its worker is gone)."""
+
+    run_id: str
+    priority: int
+    trace: str | None
+    due_at: float | None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tenantflow.errors import (
@@ -22,7 +22,9 @@ from tenantflow.store.records import (
     Claim,
     ClaimOutcome,
     EventWait,
+    ExpectedMessage,
     Finished,
+    Lease,
     NewRun,
     OutboxEntry,
     RunRecord,
@@ -45,9 +47,12 @@ RUN_COLUMNS = (
 RUN_WIDTH = RUN_COLUMNS.count(",") + 1  # columns read after them follow at this index
 STEP_COLUMNS = "run_id, seq, name, kind, status, output, error, attempts, started_at, finished_at"
 
+# The fence: the run is executed under this lease, its owner and its attempt (``executions``,
+# which every claim increments). Checked by the very statement that writes, or first in the
+# transaction, whose row lock then holds it.
+OWNED = "lease_owner = ? AND executions = ? AND status = 'running'"
 SQL_TOUCH_OWNED = (
-    "UPDATE runs SET updated_at = ? WHERE id = ? AND lease_owner = ? AND status = 'running' "
-    "RETURNING cancel_requested"
+    f"UPDATE runs SET updated_at = ? WHERE id = ? AND {OWNED} RETURNING cancel_requested"
 )
 SQL_INSERT_STEP = f"INSERT INTO steps ({STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 SQL_UPSERT_STEP = (
@@ -134,18 +139,31 @@ def _insert_step_from(source: str) -> str:
 
 
 SQL_RECORD_STEP_PG = (
-    "WITH owned AS (UPDATE runs SET updated_at = ? WHERE id = ? AND lease_owner = ? "
-    "AND status = 'running' RETURNING cancel_requested), "
+    f"WITH owned AS ({SQL_TOUCH_OWNED}), "
     f"ins AS ({_insert_step_from('owned')}) SELECT cancel_requested FROM owned"
 )
 SQL_FINISH_OWNED = (
     "UPDATE runs SET status = ?, result = ?, error = ?, finished_at = ?, updated_at = ?, "
     "lease_owner = NULL, lease_until = NULL, wake_at = NULL "
-    "WHERE id = ? AND lease_owner = ? AND status = 'running' AND parent_id IS NULL RETURNING id"
+    f"WHERE id = ? AND {OWNED} AND parent_id IS NULL RETURNING id"
+)
+SQL_RELEASE = (
+    "UPDATE runs SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
+    f"stuck_reason = ?, updated_at = ? WHERE id = ? AND {OWNED}"
 )
 
 SQL_FINISH_WITH_STEP_PG = (
     f"WITH fin AS ({SQL_FINISH_OWNED}), ins AS ({_insert_step_from('fin')}) SELECT id FROM fin"
+)
+
+# A waiting run without a wake-up (an event without a timeout, a child) is woken by what it
+# waits for, whose change enqueues it: it expects no message.
+SQL_EXPECTED_MESSAGES = (
+    "SELECT id, priority, trace, CASE status WHEN 'queued' THEN NULL "
+    "WHEN 'running' THEN lease_until ELSE wake_at END FROM runs "
+    "WHERE (status IN ('queued', 'running') "
+    "OR (status IN ('sleeping', 'waiting') AND wake_at IS NOT NULL)) AND id > ? "
+    "ORDER BY id LIMIT ?"
 )
 
 CANCELLED_ERROR = dumps({"type": "RunCancelledError", "message": "the run was cancelled"})
@@ -246,6 +264,11 @@ def _marks(n: int) -> str:
     return ",".join("?" * n)
 
 
+def _fence(lease: Lease) -> tuple[str, int]:
+    """The parameters of ``OWNED``."""
+    return lease.owner, lease.attempt
+
+
 class SqlRunStore:
     """A tenant's runs in its own database. See :class:`tenantflow.store.base.RunStore`."""
 
@@ -256,9 +279,10 @@ class SqlRunStore:
     # -- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    async def _owned(tx: Tx, run_id: str, owner: str, now: float) -> bool:
-        """Fence: the run is still ours. Returns whether its cancellation was requested."""
-        row = await tx.one(SQL_TOUCH_OWNED, (now, run_id, owner))
+    async def _owned(tx: Tx, run_id: str, lease: Lease, now: float) -> bool:
+        """Fence: the run is still ours, in this attempt (its row locked until the transaction
+        ends). Returns whether its cancellation was requested."""
+        row = await tx.one(SQL_TOUCH_OWNED, (now, run_id, *_fence(lease)))
         if row is None:
             raise LeaseLost(run_id)
         return bool(row[0])
@@ -313,9 +337,9 @@ class SqlRunStore:
         )
         return await self._outbox(tx, run_id, int(row[0]) if row else 0, now)
 
-    async def mark_compensable(self, run_id: str, *, owner: str, now: float) -> None:
+    async def mark_compensable(self, run_id: str, *, lease: Lease, now: float) -> None:
         async with self.db.transaction() as tx:
-            await self._owned(tx, run_id, owner, now)
+            await self._owned(tx, run_id, lease, now)
             await tx.run("UPDATE runs SET compensable = TRUE WHERE id = ?", (run_id,))
 
     @staticmethod
@@ -452,7 +476,12 @@ class SqlRunStore:
             steps: tuple[StepRecord, ...] = ()
             if claimed.executions > 1:  # it ran before (released, woken up): replay
                 steps = tuple(await self.get_steps(run_id))
-            return Claim(outcome=ClaimOutcome.CLAIMED, run=claimed, steps=steps)
+            return Claim(
+                outcome=ClaimOutcome.CLAIMED,
+                run=claimed,
+                steps=steps,
+                lease=Lease(owner=owner, attempt=claimed.executions),
+            )
         async with self.db.transaction() as tx:
             row = await tx.one(SQL_CLAIM_READ, (run_id,))
             if row is None:
@@ -500,46 +529,50 @@ class SqlRunStore:
             )
             assert taken is not None
             steps = tuple(_step(r) for r in await tx.all(SQL_STEPS_OF_RUN, (run_id,)))
+        claimed = _run(self.tenant_id, taken)
         return Claim(
             outcome=ClaimOutcome.CLAIMED,
-            run=_run(self.tenant_id, taken),
+            run=claimed,
             steps=steps,
             recovered=status is RunStatus.RUNNING,
+            lease=Lease(owner=owner, attempt=claimed.executions),
         )
 
     async def renew_leases(
-        self, run_ids: Sequence[str], *, owner: str, until: float
+        self, leases: Mapping[str, Lease], *, until: float
     ) -> tuple[set[str], set[str]]:
-        if not run_ids:
+        if not leases:
             return set(), set()
+        rows_of = ", ".join(["(?, ?, ?)"] * len(leases))
         async with self.db.transaction() as tx:
             rows = await tx.all(
-                "UPDATE runs SET lease_until = ? WHERE lease_owner = ? AND status = 'running' "
-                f"AND id IN ({_marks(len(run_ids))}) RETURNING id, cancel_requested",
-                (until, owner, *run_ids),
+                "UPDATE runs SET lease_until = ? WHERE status = 'running' "
+                f"AND (id, lease_owner, executions) IN (VALUES {rows_of}) "
+                "RETURNING id, cancel_requested",
+                (until, *(p for run_id, lease in leases.items() for p in (run_id, *_fence(lease)))),
             )
         ours = {r[0] for r in rows}
-        return {r[0] for r in rows if r[1]}, set(run_ids) - ours
+        return {r[0] for r in rows if r[1]}, set(leases) - ours
 
-    async def record_step(self, step: StepRecord, *, owner: str) -> bool:
+    async def record_step(self, step: StepRecord, *, lease: Lease) -> bool:
         now = step.finished_at or step.started_at
         if self.db.dialect == "postgresql":
             row = await self.db.batched(
-                SQL_RECORD_STEP_PG, (now, step.run_id, owner, *_step_params(step))
+                SQL_RECORD_STEP_PG, (now, step.run_id, *_fence(lease), *_step_params(step))
             )
             if row is None:
                 raise LeaseLost(step.run_id)
             return bool(row[0])
         async with self.db.transaction() as tx:
-            cancel = await self._owned(tx, step.run_id, owner, step.finished_at or step.started_at)
+            cancel = await self._owned(tx, step.run_id, lease, now)
             await tx.run(SQL_UPSERT_STEP, _step_params(step))
         return cancel
 
     async def wait_event(
-        self, run_id: str, seq: int, name: str, deadline: float | None, *, owner: str, now: float
+        self, run_id: str, seq: int, name: str, deadline: float | None, *, lease: Lease, now: float
     ) -> EventWait:
         async with self.db.transaction() as tx:
-            await self._owned(tx, run_id, owner, now)
+            await self._owned(tx, run_id, lease, now)
             row = await tx.one(
                 "SELECT output FROM steps WHERE run_id = ? AND seq = ?", (run_id, seq)
             )
@@ -579,10 +612,10 @@ class SqlRunStore:
             return EventWait(received=False, deadline=deadline)
 
     async def start_child(
-        self, parent_id: str, seq: int, child: NewRun, *, owner: str, now: float
+        self, parent_id: str, seq: int, child: NewRun, *, lease: Lease, now: float
     ) -> ChildState:
         async with self.db.transaction() as tx:
-            await self._owned(tx, parent_id, owner, now)
+            await self._owned(tx, parent_id, lease, now)
             pending = StepRecord(
                 run_id=parent_id,
                 seq=seq,
@@ -645,7 +678,7 @@ class SqlRunStore:
         )
 
     async def suspend_run(
-        self, run_id: str, wait: Wait, *, owner: str, now: float
+        self, run_id: str, wait: Wait, *, lease: Lease, now: float
     ) -> SuspendOutcome:
         async with self.db.transaction() as tx:
             child_done = False
@@ -659,7 +692,7 @@ class SqlRunStore:
                 child_done = row is not None and RunStatus(row[0]) in TERMINAL
             # The run's own row is locked next: an event sent meanwhile waits for this
             # transaction, then finds the run waiting and wakes it.
-            if await self._owned(tx, run_id, owner, now):
+            if await self._owned(tx, run_id, lease, now):
                 return SuspendOutcome.CANCEL
             if child_done:
                 return SuspendOutcome.READY
@@ -676,15 +709,10 @@ class SqlRunStore:
         return SuspendOutcome.SUSPENDED
 
     async def release_run(
-        self, run_id: str, *, owner: str, now: float, stuck_reason: str | None = None
+        self, run_id: str, *, lease: Lease, now: float, stuck_reason: str | None = None
     ) -> None:
         async with self.db.transaction() as tx:
-            await tx.run(
-                "UPDATE runs SET status = 'queued', lease_owner = NULL, lease_until = NULL, "
-                "stuck_reason = ?, updated_at = ? "
-                "WHERE id = ? AND lease_owner = ? AND status = 'running'",
-                (stuck_reason, now, run_id, owner),
-            )
+            await tx.run(SQL_RELEASE, (stuck_reason, now, run_id, *_fence(lease)))
 
     async def finish_run(
         self,
@@ -693,11 +721,11 @@ class SqlRunStore:
         *,
         result: bytes | None,
         error: bytes | None,
-        owner: str,
+        lease: Lease,
         now: float,
         step: StepRecord | None = None,
     ) -> Finished:
-        finish = (status.value, result, error, now, now, run_id, owner)
+        finish = (status.value, result, error, now, now, run_id, *_fence(lease))
         cancels = status in (RunStatus.CANCELLED, RunStatus.COMPENSATED)
         if not cancels:  # no children to cancel
             if self.db.dialect == "postgresql":
@@ -718,7 +746,7 @@ class SqlRunStore:
         async with self.db.transaction() as tx:
             if cancels:
                 await self._lock_descendants(tx, run_id)
-            await self._owned(tx, run_id, owner, now)
+            await self._owned(tx, run_id, lease, now)
             if step is not None:
                 await tx.run(SQL_UPSERT_STEP, _step_params(step))
             wake = await self._finish(tx, run_id, status, result, error, now)
@@ -815,6 +843,13 @@ class SqlRunStore:
                 (cutoff, cutoff, cutoff, limit),
             )
         return [(r[0], r[1], r[2]) for r in rows]
+
+    async def expected_messages(
+        self, *, after: str = "", limit: int = 1000
+    ) -> list[ExpectedMessage]:
+        async with self.db.autocommit() as tx:
+            rows: list[Row] = await tx.all(SQL_EXPECTED_MESSAGES, (after, limit))
+        return [ExpectedMessage(run_id=r[0], priority=r[1], trace=r[2], due_at=r[3]) for r in rows]
 
     async def has_unfinished(self) -> bool:
         async with self.db.autocommit() as tx:

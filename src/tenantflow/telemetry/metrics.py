@@ -83,6 +83,12 @@ class Metrics:
             "Runs the reconciler found without a message and enqueued again.",
             registry=r,
         )
+        self.rebuilds = Counter(
+            "tenantflow_queue_rebuilds",
+            "Times the queue was rebuilt from the tenant databases after it lost its data "
+            "(Redis emptied, restarted or failed over).",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "tenantflow_queue_depth",
             "Messages waiting or in flight.",

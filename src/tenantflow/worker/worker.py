@@ -4,6 +4,12 @@ Concurrency is a number of runs in flight on one event loop (sync steps go to th
 keep-alive task renews the leases of runs in flight (queue and database together) and looks for
 cancellation requests. On SIGTERM the worker takes no new work, lets running steps finish within
 the grace period, and gives the rest back to the queue.
+
+A watcher looks at the queue's data set (``Queue.epoch``) every half second: when it changed
+(Redis emptied, restarted, failed over), the queue is rebuilt from the tenant databases at once.
+Runs in execution meanwhile go on under their database leases whatever became of their
+messages; what could not be sent to the queue while it was away (a message given back, an
+acknowledgement) is sent once it answers.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import structlog
 
-from tenantflow.backends import log_failure
+from tenantflow.backends import log_failure, unavailable
 from tenantflow.engine.executor import Execution, Outcome, OutcomeKind
 from tenantflow.errors import LicenseError, TenantNotFoundError, WorkflowNotRegisteredError
 from tenantflow.platform.registry import TenantStatus
@@ -31,7 +37,7 @@ from tenantflow.queue.base import Message
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.store.base import RunStore
-from tenantflow.store.records import ClaimOutcome, OutboxEntry
+from tenantflow.store.records import ClaimOutcome, Lease, OutboxEntry
 from tenantflow.telemetry.tracing import mark_error, set_attributes
 from tenantflow.worker.maintenance import Maintenance, MaintenanceReport
 
@@ -43,9 +49,12 @@ log = structlog.get_logger(__name__)
 CANCEL_POLL_SECONDS = 0.5
 QUEUE_RETRY_MAX_SECONDS = 2.0
 STORE_RETRY_SECONDS = 1.0
+STORE_RETRY_MAX_SECONDS = 5.0  # the longest wait for a tenant database that does not answer
 UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
 PLATFORM_VIEW_SECONDS = 1.0
+EPOCH_CHECK_SECONDS = 0.5
+REBUILD_RETRY_SECONDS = 0.5
 NO_RUNS = -1  # a cap below any count: the queue gives the tenant nothing
 FAILED_STATUSES = frozenset({"failed", "needs_attention"})
 
@@ -59,9 +68,12 @@ class _TenantView(TypedDict):
 
 
 @dataclass
-class _InFlight:
+class _GiveBack:
+    """A ``retry_later`` the queue did not take (it was away): sent again once it answers."""
+
     message: Message
-    execution: Execution | None = None
+    due: float  # when the message is to be visible (wall clock)
+    count_delivery: bool
 
 
 @dataclass
@@ -71,6 +83,7 @@ class WorkerStats:
     suspended: int = 0
     released: int = 0
     dropped: int = 0
+    handed_back: int = 0  # deliveries of a run already executing here (not started again)
     by_status: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sweeps: MaintenanceReport = field(default_factory=MaintenanceReport)
 
@@ -89,7 +102,7 @@ class Worker:
         self.runtime = runtime
         settings = runtime.settings
         self.concurrency = concurrency or settings.worker_concurrency
-        self.lease = settings.lease_seconds
+        self.lease_seconds = settings.lease_seconds
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stopping = False
         self.breakers = runtime.breakers
@@ -102,13 +115,24 @@ class Worker:
         for name, bulkhead in app.bulkheads.items():
             self.bulkheads.configure(name, bulkhead)
         self.stats = WorkerStats()
-        # Keyed by (tenant, message id): ids are unique within a tenant's queue only.
-        self._inflight: dict[tuple[str, str], _InFlight] = {}
+        # Deliveries being handled. Two deliveries of one message (ours came back while we
+        # still work on it) are two entries: they differ in their receipt.
+        self._inflight: set[Message] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: list[Message] = []
-        self._running: set[tuple[str, str]] = set()  # (tenant, run) executing here
+        # (tenant, run) -> its execution here; None while it is being claimed. A run is in it
+        # from before its claim to after its outcome: one execution per run in this process.
+        self._running: dict[tuple[str, str], Execution | None] = {}
+        self._store_away: dict[str, float] = {}  # tenant -> since when its database is away
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
+        # The queue: answering again (ends a dequeue's backoff), to be looked at now, to be
+        # rebuilt; and what it did not take while it was away.
+        self._queue_back = asyncio.Event()
+        self._queue_check = asyncio.Event()
+        self._rebuild = asyncio.Event()
+        self._unsent: dict[tuple[str, str], _GiveBack] = {}
+        self._unacked: list[Message] = []
         # The platform's word on tenants, refreshed in the background (_refresh_platform_view).
         self._view: _TenantView = {"skip": frozenset(), "caps": {}, "weights": {}}
 
@@ -140,6 +164,7 @@ class Worker:
         keepalive = asyncio.create_task(self._keepalive())
         maintenance = asyncio.create_task(self._maintenance())
         platform_view = asyncio.create_task(self._watch_platform())
+        queue_watch = asyncio.create_task(self._watch_queue())
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
         backoff = 0.0
         idle = False
@@ -153,17 +178,23 @@ class Worker:
                 try:
                     if idle:  # nothing last time: wait for work, and take it as it comes
                         messages = await queue.wait_and_dequeue(
-                            poll, self.owner, free, self.lease, **self._view
+                            poll, self.owner, free, self.lease_seconds, **self._view
                         )
                     else:
-                        messages = await queue.dequeue(self.owner, free, self.lease, **self._view)
+                        messages = await queue.dequeue(
+                            self.owner, free, self.lease_seconds, **self._view
+                        )
                 except Exception as exc:
                     # The queue is away (restarting, unreachable): keep the runs in flight
-                    # going and try again, backing off, rather than die.
+                    # going and try again, backing off, rather than die; sooner if the
+                    # watcher finds it answering.
                     backoff = min(max(backoff * 2, poll), QUEUE_RETRY_MAX_SECONDS)
                     log_failure(log, "dequeue failed; retrying", exc, retry_in=round(backoff, 2))
-                    await self._wait_any(asyncio.sleep(backoff), None)
+                    self._queue_back.clear()
+                    await self._wait_any(self._queue_back.wait(), backoff)
                     continue
+                if backoff:  # answering again: is it the same data set?
+                    self._queue_check.set()
                 backoff = 0.0
                 if self.stopping:  # stopped while waiting: these go to another worker
                     for message in messages:
@@ -180,7 +211,8 @@ class Worker:
             await self._flush_acks()
             if self._tasks:  # acknowledgements still on their way
                 await asyncio.wait(set(self._tasks), timeout=ACK_FLUSH_SECONDS)
-            for task in (keepalive, maintenance, platform_view):
+            await self._resend()
+            for task in (keepalive, maintenance, platform_view, queue_watch):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -203,9 +235,9 @@ class Worker:
             return
         grace = self.runtime.settings.shutdown_grace_seconds
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        for item in list(self._inflight.values()):
-            if item.execution is not None:
-                item.execution.release()
+        for execution in list(self._running.values()):
+            if execution is not None:
+                execution.release()
         if pending:
             log.warning("grace period over; releasing runs", count=len(pending))
             await asyncio.wait(pending, timeout=max(grace, 1.0))
@@ -213,7 +245,7 @@ class Worker:
     def _spawn(self, message: Message) -> None:
         if message.deliveries > 1:
             self.metrics.redelivered(message.tenant_id)
-        self._inflight[message.tenant_id, message.id] = _InFlight(message)
+        self._inflight.add(message)
         task = asyncio.create_task(self._process(message))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -225,26 +257,43 @@ class Worker:
     # -- one message -------------------------------------------------------------------------
 
     async def _process(self, message: Message) -> None:
-        queue = self.runtime.queue
         try:
             await self._handle(message)
         except Exception as exc:
-            # A backend that does not answer (a tenant's database gone, say) is one line.
             fields = {"tenant": message.tenant_id, "run": message.run_id}
             log_failure(log, "message handling failed; retrying", exc, **fields)
-            with contextlib.suppress(Exception):
-                await queue.retry_later(message, 1.0)
+            await self._retry(message, store_away=unavailable(exc) is not None)
         finally:
-            self._inflight.pop((message.tenant_id, message.id), None)
+            self._inflight.discard(message)
+
+    async def _retry(self, message: Message, *, store_away: bool) -> None:
+        """Try the message again later. The tenant's database not answering is not the
+        message's fault: that delivery does not count, and the wait is as long as the
+        database has been away (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``): the
+        longer an outage, the fewer tries, and the runs resume within that once it is back."""
+        if not store_away:
+            await self._give_back(message, STORE_RETRY_SECONDS)
+            return
+        away = time.monotonic() - self._store_away.setdefault(message.tenant_id, time.monotonic())
+        delay = min(max(away, STORE_RETRY_SECONDS), STORE_RETRY_MAX_SECONDS)
+        await self._give_back(message, delay, count_delivery=False)
 
     async def _handle(self, message: Message) -> None:
-        queue = self.runtime.queue
         key = (message.tenant_id, message.run_id)
         if key in self._running:
-            # Our own lapsed delivery came back while we still execute its run: it must not
-            # start a second execution under the same owner.
-            await queue.retry_later(message, self.lease / 2, count_delivery=False)
+            # A delivery of a run this process executes already (ours came back after its
+            # visibility lapsed, a duplicate whose claim would see a lease lapsed meanwhile):
+            # handed back, never started as a second execution.
+            self.stats.handed_back += 1
+            await self._give_back(message, self.lease_seconds / 2, count_delivery=False)
             return
+        self._running[key] = None  # before the claim: a delivery arriving meanwhile waits too
+        try:
+            await self._deliver(message)
+        finally:
+            del self._running[key]
+
+    async def _deliver(self, message: Message) -> None:
         try:
             # Pinned: the tenant's store stays open while its run executes here. Each delivery
             # is a span of its own in the trace of the run's origin (the message's envelope).
@@ -273,9 +322,11 @@ class Worker:
     async def _claim_and_execute(
         self, message: Message, store: RunStore, span: Span | None
     ) -> None:
-        queue = self.runtime.queue
         now = time.time()
-        claim = await store.claim_run(message.run_id, owner=self.owner, now=now, lease=self.lease)
+        claim = await store.claim_run(
+            message.run_id, owner=self.owner, now=now, lease=self.lease_seconds
+        )
+        self._store_away.pop(message.tenant_id, None)  # it answers again
         set_attributes(span, {"tenantflow.claim": claim.outcome.value})
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
@@ -283,7 +334,7 @@ class Worker:
             return
         if claim.outcome is ClaimOutcome.DEFER:
             assert claim.not_before is not None
-            await queue.retry_later(message, claim.not_before - now, count_delivery=False)
+            await self._give_back(message, claim.not_before - now, count_delivery=False)
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             if claim.run is not None:
@@ -291,7 +342,8 @@ class Worker:
             self.runtime.publish_soon(message.tenant_id, claim.wake)
             self._ack(message)
             return
-        assert claim.run is not None
+        assert claim.run is not None and claim.lease is not None
+        lease = claim.lease
         self.stats.claimed += 1
         if claim.recovered:
             self.metrics.recovered.labels(*self.metrics.tenant(message.tenant_id)).inc()
@@ -303,36 +355,39 @@ class Worker:
                     "tenantflow.attempt": claim.run.executions,
                 }
             )
-        key = (message.tenant_id, message.run_id)
-        self._running.add(key)
         try:
             workflow = self.app.get_workflow(claim.run.workflow)
         except WorkflowNotRegisteredError:
-            self._running.discard(key)
-            await self._unregistered(message, store, claim.run.workflow)
+            await self._unregistered(message, store, claim.run.workflow, lease)
             return
         try:
             execution = Execution(
-                workflow=workflow, store=store, run=claim.run, steps=claim.steps, host=self
+                workflow=workflow,
+                store=store,
+                run=claim.run,
+                steps=claim.steps,
+                host=self,
+                lease=lease,
+                lease_until=now + self.lease_seconds,
             )
-            self._inflight[message.tenant_id, message.id].execution = execution
+            self._running[message.tenant_id, message.run_id] = execution
             execution.task = asyncio.create_task(execution.execute())
             outcome = await execution.task
         except Exception:
             # Something failed between the claim and an outcome: give the run back now rather
             # than leave it leased to nobody until the lease ends.
             with contextlib.suppress(Exception):
-                await store.release_run(message.run_id, owner=self.owner, now=time.time())
+                await store.release_run(message.run_id, lease=lease, now=time.time())
             raise
-        finally:
-            self._running.discard(key)
         if outcome.status is not None:
             set_attributes(span, {"tenantflow.status": outcome.status.value})
             if outcome.status.value in FAILED_STATUSES:
                 mark_error(span, outcome.status.value)
         await self._settle(message, outcome, claim.run.workflow)
 
-    async def _unregistered(self, message: Message, store: RunStore, workflow: str) -> None:
+    async def _unregistered(
+        self, message: Message, store: RunStore, workflow: str, lease: Lease
+    ) -> None:
         """A run of a workflow this worker's app lacks: give it back, for a worker that has it
         (a rolling deployment). Once every delivery has found none, park it with the reason,
         the run visibly stuck and its message in the dead letters, rather than let it go round
@@ -342,8 +397,8 @@ class Worker:
         fields = {"tenant": message.tenant_id, "run": message.run_id, "workflow": workflow}
         if message.deliveries < queue.max_deliveries:
             log.error("workflow not registered in this worker; run given back", **fields)
-            await store.release_run(message.run_id, owner=self.owner, now=time.time())
-            await queue.retry_later(message, UNREGISTERED_RETRY_SECONDS)
+            await store.release_run(message.run_id, lease=lease, now=time.time())
+            await self._give_back(message, UNREGISTERED_RETRY_SECONDS)
             return
         log.error("workflow not registered in this worker; run dead-lettered", **fields)
         n = message.deliveries
@@ -351,9 +406,7 @@ class Worker:
             f"{reason}; dead-lettered after {n} deliver{'y' if n == 1 else 'ies'}: replay the "
             "dead letter once a worker has the workflow"
         )
-        await store.release_run(
-            message.run_id, owner=self.owner, now=time.time(), stuck_reason=stuck
-        )
+        await store.release_run(message.run_id, lease=lease, now=time.time(), stuck_reason=stuck)
         await queue.dead_letter(message, reason)
 
     def _ack(self, message: Message) -> None:
@@ -374,11 +427,51 @@ class Worker:
         if acks:
             try:
                 await self.runtime.queue.ack(acks)
+            except Exception as exc:
+                # Sent again once the queue answers (else the deliveries come back, and find
+                # their runs ended).
+                self._unacked.extend(acks)
+                log_failure(log, "acknowledgement failed; sent again once the queue answers", exc)
+
+    async def _give_back(
+        self, message: Message, delay: float, *, count_delivery: bool = True
+    ) -> None:
+        """``retry_later``. If the queue is away, it is kept and sent once the queue answers,
+        rather than the run waiting for its delivery to lapse, or, if the queue lost the
+        message meanwhile, for the reconciler (a ``retry_later`` of a lost message makes a new
+        one)."""
+        due = time.time() + delay
+        try:
+            await self.runtime.queue.retry_later(message, delay, count_delivery=count_delivery)
+        except Exception as exc:
+            self._unsent[message.tenant_id, message.id] = _GiveBack(message, due, count_delivery)
+            log_failure(
+                log,
+                "giving a message back failed; sent again once the queue answers",
+                exc,
+                tenant=message.tenant_id,
+                run=message.run_id,
+            )
+
+    async def _resend(self) -> None:
+        """Send what the queue did not take while it was away; stop at the first failure."""
+        queue = self.runtime.queue
+        for key, unsent in list(self._unsent.items()):
+            delay = max(0.0, unsent.due - time.time())
+            try:
+                await queue.retry_later(unsent.message, delay, count_delivery=unsent.count_delivery)
             except Exception:
-                log.exception("acknowledgement failed; the deliveries will come back")
+                return
+            if self._unsent.get(key) is unsent:  # not given back anew meanwhile
+                del self._unsent[key]
+        if self._unacked:
+            acks, self._unacked = self._unacked, []
+            try:
+                await queue.ack(acks)
+            except Exception:
+                self._unacked.extend(acks)
 
     async def _settle(self, message: Message, outcome: Outcome, workflow: str) -> None:
-        queue = self.runtime.queue
         if outcome.kind is OutcomeKind.FINISHED:
             self.stats.finished += 1
             if outcome.status is not None:
@@ -391,14 +484,12 @@ class Worker:
             if outcome.wake_at is None:
                 self._ack(message)  # woken by an event or a child, which enqueue it
             else:
-                await queue.retry_later(
-                    message, outcome.wake_at - time.time(), count_delivery=False
-                )
+                await self._give_back(message, outcome.wake_at - time.time(), count_delivery=False)
         elif outcome.kind is OutcomeKind.RELEASED:
             self.stats.released += 1
-            await queue.retry_later(message, 0.0, count_delivery=False)
+            await self._give_back(message, 0.0, count_delivery=False)
         elif outcome.kind is OutcomeKind.RETRY:
-            await queue.retry_later(message, STORE_RETRY_SECONDS)
+            await self._retry(message, store_away=outcome.unavailable)
         else:  # LEASE_LOST: another delivery owns the run; this one is a duplicate now
             self._ack(message)
 
@@ -473,17 +564,57 @@ class Worker:
 
     async def _maintenance(self) -> None:
         maintenance = Maintenance(self.runtime, self.owner, totals=self.stats.sweeps)
+        retry = REBUILD_RETRY_SECONDS
         while True:
-            await asyncio.sleep(maintenance.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rebuild.wait(), maintenance.interval)
+            rebuild = self._rebuild.is_set()
+            self._rebuild.clear()
             try:
-                await maintenance.run_once()
+                report = await maintenance.run_once(rebuild=rebuild)
             except Exception as exc:
                 log_failure(log, "maintenance failed; next sweep soon", exc)
+                report = None
+            if not rebuild:
+                continue
+            if report is None or report.failed:  # again soon, not at the next sweep
+                await asyncio.sleep(retry)
+                retry = min(2 * retry, maintenance.interval)
+                self._rebuild.set()
+            else:
+                retry = REBUILD_RETRY_SECONDS
+
+    # -- the queue's data set ----------------------------------------------------------------
+
+    async def _watch_queue(self) -> None:
+        """Every ``EPOCH_CHECK_SECONDS``, and at once after a dequeue that follows failures:
+        does the queue answer, and is its data set the one seen last? A new one sets off a
+        rebuild of the queue from the tenant databases (``Maintenance.run_once``); whichever
+        worker holds the maintenance lock does it, and every worker watches."""
+        queue = self.runtime.queue
+        known: str | None = None
+        while True:
+            try:
+                epoch = await queue.epoch()
+            except Exception:  # away: the dequeue loop says so
+                pass
+            else:
+                self._queue_back.set()
+                if epoch.new or (known is not None and epoch.id != known):
+                    log.warning(
+                        "the queue lost its data (or is new); rebuilding it", epoch=epoch.id
+                    )
+                    self._rebuild.set()
+                known = epoch.id
+                await self._resend()
+            self._queue_check.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue_check.wait(), EPOCH_CHECK_SECONDS)
 
     # -- leases and cancellation -------------------------------------------------------------
 
     async def _keepalive(self) -> None:
-        renew_every = self.lease / 3
+        renew_every = self.lease_seconds / 3
         last_renew = time.monotonic()
         while True:
             await asyncio.sleep(min(CANCEL_POLL_SECONDS, renew_every))
@@ -498,19 +629,18 @@ class Worker:
 
     def _executions_by_tenant(self) -> dict[str, dict[str, Execution]]:
         out: dict[str, dict[str, Execution]] = defaultdict(dict)
-        for item in list(self._inflight.values()):
-            if item.execution is not None:
-                out[item.message.tenant_id][item.execution.run.id] = item.execution
+        for (tenant_id, run_id), execution in list(self._running.items()):
+            if execution is not None:
+                out[tenant_id][run_id] = execution
         return out
 
     async def _renew(self) -> None:
-        messages = [item.message for item in self._inflight.values()]
         try:
-            await self.runtime.queue.extend(messages, self.lease)
+            await self.runtime.queue.extend(list(self._inflight), self.lease_seconds)
         except Exception as exc:
             # The queue may be down or emptied; the database leases still matter most.
             log_failure(log, "queue lease renewal failed", exc)
-        until = time.time() + self.lease
+        until = time.time() + self.lease_seconds
         # Concurrently, each bounded: one slow tenant database must not let the others'
         # leases lapse.
         await asyncio.gather(
@@ -523,20 +653,27 @@ class Worker:
     async def _renew_tenant(
         self, tenant_id: str, executions: dict[str, Execution], until: float
     ) -> None:
+        leases = {run_id: execution.lease for run_id, execution in executions.items()}
         try:
             store = self.runtime.router.store(tenant_id)
             cancels, lost = await asyncio.wait_for(
-                store.renew_leases(list(executions), owner=self.owner, until=until), self.lease / 3
+                store.renew_leases(leases, until=until), self.lease_seconds / 3
             )
         except Exception as exc:
             log.warning(
                 "lease renewal of a tenant failed", tenant=tenant_id, error=type(exc).__name__
             )
+            # Not renewed: these runs start no new step until a renewal goes through.
+            for execution in executions.values():
+                execution.lease_renewal_failed()
             return
+        for run_id, execution in executions.items():
+            if run_id in lost:
+                execution.lease_lost()
+            else:
+                execution.lease_renewed(until)
         for run_id in cancels:
             executions[run_id].cancel()
-        for run_id in lost:
-            executions[run_id].lease_lost()
 
     async def _poll_cancellations(self) -> None:
         for tenant_id, executions in self._executions_by_tenant().items():
