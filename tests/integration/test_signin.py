@@ -29,8 +29,10 @@ from tenantflow.api.app import create_api
 from tenantflow.platform.identity import Role
 from tests.apps import api as workflows
 from tests.commands import free_port
+from tests.conftest import cleanup_production, production_settings
 from tests.integration.test_api import PASSWORD, assert_problem, bearer, member, platform_call
 from tests.integration.test_cli_ops import serving
+from tests.servers import OwnRedis
 
 LIMITS = {
     "signin_account_failures": 3,
@@ -249,6 +251,30 @@ async def test_lockouts_hold_across_api_processes(settings: Settings) -> None:
             await client.aclose()
         for rt in runtimes:
             await rt.close()
+
+
+async def test_sign_in_goes_on_limited_while_redis_is_away(tmp_path: Path) -> None:
+    """The counts are Redis's; with Redis gone, sign-in still answers, limited by this
+    process's own counts."""
+    with OwnRedis(tmp_path) as redis:
+        settings = production_settings(tmp_path, queue_url=redis.url, **LIMITS)
+        runtime = Runtime(settings)
+        try:
+            await platform_call(runtime.registry.create, "acme")
+            transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=runtime))
+            async with httpx.AsyncClient(transport=transport, base_url="http://tf.test") as http:
+                await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+                redis.stop()
+                for _ in range(4):
+                    reply, _ = await attempt(http, "alice@acme.test")
+                    assert_problem(reply, 401, "unauthenticated")
+                locked, _ = await attempt(http, "alice@acme.test", PASSWORD)
+                assert_problem(locked, 429, "sign-in-throttled")
+        finally:
+            await runtime.close()
+            if redis.proc is None:
+                redis.start()  # empty: what it held went with it
+            cleanup_production(settings)
 
 
 # -- guessing and other tenants, over loopback ------------------------------------------------

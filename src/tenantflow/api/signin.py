@@ -11,7 +11,7 @@ passwords would spend that CPU for every tenant of the process. So:
   ``signin_lockout_max_seconds`` after the last; a success forgets the account's (never the
   address's: a valid account must not buy guesses at others). With the Redis queue the counts
   live in Redis (one script per check and per failure, on the Redis clock), shared by every
-  API process; on the embedded default, in the process.
+  API process; on the embedded default, and while Redis does not answer, in the process.
 - **Hashes run off the event loop**, ``signin_concurrency`` at a time, in threads of their own
   at a lower scheduling priority (Linux), so that other requests go first when the CPU is
   short. An attempt waiting for its turn is checked again before it is hashed.
@@ -29,6 +29,7 @@ import asyncio
 import contextvars
 import functools
 import hashlib
+import math
 import os
 import sys
 import threading
@@ -41,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from tenantflow.backends import log_failure
+from tenantflow.backends import log_failure, unavailable
 from tenantflow.errors import AuthenticationError, SignInThrottledError
 from tenantflow.resilience.scripts import NOW_MS, Script
 from tenantflow.settings import Settings
@@ -52,6 +53,7 @@ T = TypeVar("T")
 LOCKOUT_FIRST_SECONDS = 1.0  # the first lock-out; each next one twice the last
 LOCAL_KEYS = 100_000  # counts kept in a process at most (the oldest are dropped first)
 HASHING_NICENESS = 10  # of the hashing threads: the event loop's thread goes first
+REDIS_WARNING_SECONDS = 10.0  # Redis away: one line this often, not one per attempt
 
 LIMITS = (
     NOW_MS
@@ -155,26 +157,48 @@ class LocalSignInLimits:
 
 
 class RedisSignInLimits:
-    """Counts in Redis, shared by every API process of the installation."""
+    """Counts in Redis, shared by every API process of the installation. While Redis does not
+    answer, this process's own counts stand in (sign-in goes on, still limited)."""
 
     def __init__(self, redis: Any, key_of: Callable[[str], str], longest: float) -> None:
         self.redis = redis
         self.key_of = key_of
         self.longest_ms = int(longest * 1000)
+        self.local = LocalSignInLimits(longest)
+        self._warned_at = -math.inf
 
     async def locked_for(self, keys: Sequence[str]) -> float:
-        reply = await _LIMITS(self.redis, tuple(map(self.key_of, keys)), "check", self.longest_ms)
+        names = tuple(map(self.key_of, keys))
+        reply = await self._shared(_LIMITS(self.redis, names, "check", self.longest_ms))
+        if reply is None:
+            return await self.local.locked_for(keys)
         return 0.0 if reply == "ok" else float(reply) / 1000.0
 
     async def failed(self, keys: Sequence[tuple[str, int]]) -> list[tuple[float, int]]:
         frees = [free for _, free in keys]
         names = tuple(self.key_of(k) for k, _ in keys)
         first_ms = int(LOCKOUT_FIRST_SECONDS * 1000)
-        reply = await _LIMITS(self.redis, names, "fail", self.longest_ms, *frees, first_ms)
+        fail = _LIMITS(self.redis, names, "fail", self.longest_ms, *frees, first_ms)
+        reply = await self._shared(fail)
+        if reply is None:
+            return await self.local.failed(keys)
         return [(float(reply[i]) / 1000.0, int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     async def forget(self, key: str) -> None:
-        await self.redis.delete(self.key_of(key))
+        await self.local.forget(key)
+        await self._shared(self.redis.delete(self.key_of(key)))
+
+    async def _shared(self, call: Awaitable[Any]) -> Any:
+        """The reply of Redis; None when it does not answer (said every few seconds)."""
+        try:
+            return await call
+        except Exception as exc:
+            if unavailable(exc) != "redis":
+                raise
+            if time.monotonic() - self._warned_at > REDIS_WARNING_SECONDS:
+                self._warned_at = time.monotonic()
+                log_failure(log, "Redis unreachable: sign-ins counted per process", exc)
+            return None
 
 
 def account_key(email: str) -> str:
