@@ -1,5 +1,6 @@
 """What a user may be told about a backend: its URL without secrets, and why it did not
-answer, in one line.
+answer, in one line; and a driver's message with nothing of the server in it (``redact``), for
+log lines and answers that a tenant's database server must not show through.
 
 Errors of the drivers are recognised by the package that raised them, so that this module
 needs none of them installed.
@@ -21,8 +22,18 @@ _UNAVAILABLE = {
     "redis": ("ConnectionError", "TimeoutError", "BusyLoadingError", "InvalidResponse"),
 }
 _MISSING = re.compile(r'(database|role) "[^"]*" does not exist')
-_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
 _QUERY_SECRET = re.compile(r"(password|passwd|secret|token)=[^&\s]*", re.IGNORECASE)
+# What drivers' messages say of a server: names in quotes (databases, roles, hosts, sockets,
+# values of a connection string), URLs, connection-string fields, addresses and ports.
+_SERVER_DETAILS = [
+    (re.compile(r'"[^"]*"'), '"…"'),
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+", re.IGNORECASE), "…://…"),
+    (re.compile(r"\b(host|hostaddr|port|dbname|user|password|sslmode|service)=\S+"), r"\1=…"),
+    (re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"), "…"),
+    (re.compile(r"\((?:[0-9a-f]*:){2,}[0-9a-f]*\)", re.IGNORECASE), "(…)"),
+    (re.compile(r"\bport \d+"), "port …"),
+    (re.compile(r"\b(connecting to|connect to) \S+?(?=\.?(?:\s|$))"), r"\1 …"),
+]
 
 
 def redact_url(url: str) -> str:
@@ -72,7 +83,8 @@ def unavailable(exc: BaseException) -> str | None:
 
 
 def reason(exc: BaseException) -> str:
-    """Why a connection failed, in a few words, with any credentials removed."""
+    """Why a connection failed, in a few words, with nothing of the server in it (see
+    ``redact``)."""
     text = " ".join(str(e) for e in _chain(exc)).lower()
     if "refused" in text or "connect call failed" in text:
         return "connection refused"
@@ -86,9 +98,30 @@ def reason(exc: BaseException) -> str:
         return "unknown host"
     missing = _MISSING.search(" ".join(str(e) for e in _chain(exc)))
     if missing:
-        return missing.group(0)
+        return redact(missing.group(0))
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return _QUERY_SECRET.sub(r"\1=***", _CREDENTIALS.sub(r"\1***@", first))[:200]
+    return redact(_QUERY_SECRET.sub(r"\1=***", first))[:200]
+
+
+def redact(text: str) -> str:
+    """``text`` (a driver's message) without what it says of the server: no database, role,
+    host or socket name, address, port, URL or password."""
+    for pattern, replacement in _SERVER_DETAILS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_traceback(text: str) -> str:
+    """A formatted traceback with its exceptions' messages redacted; the file names and source
+    lines (the code's, not the server's) stay as they are."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    source = False
+    for line in lines:
+        code = source or line.lstrip().startswith('File "')
+        source = line.lstrip().startswith('File "')
+        out.append(line if code else redact(line))
+    return "".join(out)
 
 
 def log_failure(log: Any, event: str, exc: BaseException, **fields: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import signal
 from collections.abc import Iterator
@@ -62,7 +63,8 @@ async def serve(
     from tenantflow.api.app import create_api
     from tenantflow.worker.worker import Worker
 
-    runtime = await asyncio.to_thread(Runtime, settings)
+    # During a platform outage it serves from what an earlier start cached.
+    runtime = await asyncio.to_thread(functools.partial(Runtime, settings, start_offline=True))
     config = uvicorn.Config(
         create_api(app, runtime=runtime),
         host=settings.api_host,

@@ -57,6 +57,14 @@ class StoreUnavailableError(BackendUnavailableError):
         self.retry_after = retry_after
 
 
+class TenantDatabaseMissingError(StoreUnavailableError):
+    """The tenant's database is not there (dropped, or lost by its server): the tenant's runs
+    can be neither read nor written until it is restored."""
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 30.0) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class NotFoundError(TenantflowError):
     """The object does not exist."""
 
@@ -266,6 +274,11 @@ class SeatLimitError(QuotaExceededError):
 
 class RateLimitedError(QuotaExceededError):
     """Too many requests: slow down."""
+
+
+class SignInThrottledError(RateLimitedError):
+    """Too many failed sign-ins for this account or from this address: wait before trying
+    again."""
 
 
 class CircuitOpenError(TenantflowError):

@@ -109,12 +109,24 @@ def open_bulkheads(queue: Queue) -> Bulkheads:
 class Runtime:
     """Opened once per process and shared by its clients and workers."""
 
-    def __init__(self, settings: Settings | None = None, *, tracer_provider: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        tracer_provider: Any = None,
+        start_offline: bool = False,
+    ) -> None:
         """``tracer_provider``: an OpenTelemetry provider for this runtime's spans when
-        ``settings.tracing`` is on (default: the installed one, else one made from OTEL_*)."""
+        ``settings.tracing`` is on (default: the installed one, else one made from OTEL_*).
+        ``start_offline``: open even while the platform database does not answer, if an
+        earlier start cached the platform's artifacts (keys, licenses, tenants' routes) to
+        serve from (the API does; without a cache, the platform's error is raised)."""
+        from tenantflow.platform.artifacts import keys_are_cached
+
         self.settings = settings or Settings()
         self.tracing = Tracing(enabled=self.settings.tracing, provider=tracer_provider)
-        self.registry = TenantRegistry(self.settings)
+        cached = start_offline and keys_are_cached(self.settings.home / "cache")
+        self.registry = TenantRegistry(self.settings, start_offline=cached)
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
         self.breakers = open_breakers(self.queue)

@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     rate_limit_per_second: float | None = Field(
         default=None, gt=0, description="Requests per second per tenant, when its plan says none."
     )
+    # Sign-in lock-outs (api.signin): failures before each further one locks out the account
+    # (the address) for twice as long as the last, from 1 s up to the longest.
+    signin_account_failures: int = Field(default=5, ge=1, description="Per account (email).")
+    signin_address_failures: int = Field(default=20, ge=1, description="Per client address.")
+    signin_lockout_max_seconds: float = Field(
+        default=900, gt=0, description="The longest; failures are forgotten this long after."
+    )
+    signin_concurrency: int = Field(
+        default=2, ge=1, le=64, description="Password hashes a process computes at once."
+    )
     # -- telemetry --
     stuck_run_seconds: float = Field(
         default=600,

@@ -141,7 +141,8 @@ def test_a_production_installation_from_nothing(tmp_path: Path) -> None:
 
 class serving:
     """``tenantflow api`` and ``tenantflow worker`` as two processes, the way production
-    runs them; stopped with SIGTERM at the end of the block."""
+    runs them (``worker=False``: the API alone); stopped with SIGTERM at the end of the
+    block."""
 
     def __init__(
         self,
@@ -149,13 +150,16 @@ class serving:
         port: int,
         app: str = "tests.apps.api:app",
         env: dict[str, str] | None = None,
+        *,
+        worker: bool = True,
     ) -> None:
         self.home, self.port, self.app, self.env = home, port, app, env or {}
+        self.commands = [["api", "--port", str(port)], *([["worker"]] if worker else [])]
         self.procs: list[subprocess.Popen[str]] = []
         self.output: list[str] = []
 
     def __enter__(self) -> str:
-        for command in (["api", "--port", str(self.port)], ["worker"]):
+        for command in self.commands:
             self.procs.append(
                 in_background(*command, "--app", self.app, cwd=self.home, env=self.env)
             )
@@ -337,6 +341,23 @@ def acme_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["runs", "event", "r1", "e", "-t", "acme", "--payload", "{"],
             "--payload is not valid JSON",
         ),
+        (
+            ["runs", "start", "slow", "-t", "acme", "--args", "[NaN]"],
+            "--args is not valid JSON: NaN, Infinity and numbers beyond a double's range are not "
+            "JSON: line 1 column 2 (char 1)",
+        ),
+        (
+            ["runs", "event", "r1", "e", "-t", "acme", "--payload", '{"x": -Infinity}'],
+            "--payload is not valid JSON: NaN, Infinity",
+        ),
+        (
+            ["plans", "create", "gold", "--requests-per-second", "inf"],
+            "--requests-per-second: Input should be a finite number",
+        ),
+        (
+            ["plans", "create", "gold", "--runs-per-month", str(2**70)],
+            "--runs-per-month: Input should be less than or equal to 2147483647",
+        ),
         (["runs", "cancel", "r1", "-t", "acme"], "no run r1 in this tenant"),
         (["dead-letters", "replay", "17", "-t", "acme"], "no dead letter 17 in this tenant"),
         (["dead-letters", "list", "-t", "nobody"], "no tenant 'nobody'"),
@@ -372,7 +393,7 @@ def acme_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_bad_input_is_one_line(acme_home: Path, args: list[str], error: str) -> None:
-    if "greet" in args or "nope" in args:
+    if "greet" in args or "nope" in args or "slow" in args:
         args = [*args, "--app", "tests.apps.api:app"]
     done = tenantflow(*args, cwd=acme_home)
     assert done.returncode == 2, done.stderr

@@ -93,3 +93,21 @@ def test_the_concepts_name_every_run_state() -> None:
 def test_readme_links_resolve() -> None:
     for target in re.findall(r"\]\(((?:docs|src|tests)/[^)#]+)", README.read_text()):
         assert (ROOT / target).exists(), target
+
+
+def test_the_problem_types_are_listed() -> None:
+    from tenantflow.api import problems
+
+    table = re.search(
+        r"^\| status \| kinds \|\n\|---\|---\|\n((?:\|.*\n)+)",
+        (ROOT / "docs" / "platform.md").read_text(),
+        re.M,
+    )
+    assert table, "docs/platform.md lists the problem types in a | status | kinds | table"
+    listed = {
+        (int(status), kind)
+        for status, kinds in re.findall(r"^\| (\d{3}) \| (.*) \|$", table[1], re.M)
+        for kind in re.findall(r"`([a-z-]+)`", kinds)
+    }
+    mapped = {(status, slug) for _, status, slug in problems._MAPPING}
+    assert mapped <= listed, f"not listed: {sorted(mapped - listed)}"

@@ -197,3 +197,60 @@ def test_logs_mask_fields_named_like_secrets() -> None:
         "token": MASK,
         "tenant": "acme",
     }
+
+
+@pytest.mark.parametrize(
+    ("message", "redacted"),
+    [
+        (
+            'connection failed: connection to server at "10.1.2.3", port 6432 failed: FATAL:  '
+            'database "tf_tenant_acme" does not exist',
+            'connection failed: connection to server at "…", port … failed: FATAL:  '
+            'database "…" does not exist',
+        ),
+        (
+            'connection to server at "db.internal" (::1), port 5432 failed: FATAL:  password '
+            'authentication failed for user "acme_owner"',
+            'connection to server at "…" (…), port … failed: FATAL:  password '
+            'authentication failed for user "…"',
+        ),
+        (
+            "invalid dsn: host=db.internal port=5433 dbname=tf_x user=u password=hunter2",
+            "invalid dsn: host=… port=… dbname=… user=… password=…",
+        ),
+        ("no answer from postgresql://u:hunter2@db:5432/tf_x?x=1", "no answer from …://…"),
+        (
+            "Error 111 connecting to 10.0.0.9:6379. Connection refused.",
+            "Error 111 connecting to …. Connection refused.",
+        ),
+        (
+            "Error -2 connecting to redis.internal:6379. Name or service not known.",
+            "Error -2 connecting to …. Name or service not known.",
+        ),
+    ],
+)
+def test_driver_messages_are_redacted(message: str, redacted: str) -> None:
+    from tenantflow.backends import redact
+
+    assert redact(message) == redacted
+
+
+def test_logs_redact_driver_messages_not_the_code() -> None:
+    from tenantflow.telemetry.logging import redact_servers
+
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "/srv/app.py", line 3, in f\n'
+        '    connect("sslmode=x")\n'
+        'psycopg.OperationalError: FATAL:  database "tf_tenant_acme" does not exist\n'
+    )
+    event = {
+        "event": 'the "event" is ours',
+        "error": 'role "acme" does not exist',
+        "exception": traceback,
+    }
+    assert redact_servers(None, "error", event) == {
+        "event": 'the "event" is ours',
+        "error": 'role "…" does not exist',
+        "exception": traceback.replace('"tf_tenant_acme"', '"…"'),
+    }

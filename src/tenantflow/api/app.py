@@ -26,6 +26,12 @@ from tenantflow.api import runs as run_routes
 from tenantflow.api.deps import BearerCredentials
 from tenantflow.api.models import Readiness
 from tenantflow.api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from tenantflow.api.signin import (
+    LocalSignInLimits,
+    RedisSignInLimits,
+    SignInGuard,
+    SignInLimits,
+)
 from tenantflow.runtime import Runtime, redis_of
 from tenantflow.sdk.app import App
 from tenantflow.settings import Settings
@@ -49,13 +55,12 @@ def create_api(
     @contextlib.asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
         rt = runtime or Runtime(settings)
-        _configure(rt, workflows)
-        api.state.runtime = rt
-        api.state.limiter = _limiter(rt)
+        _attach(api, rt, workflows)
         rt.health.start()  # the first survey is under way before the first probe
         try:
             yield
         finally:
+            api.state.signin.close()
             if own_runtime:
                 await rt.close()
 
@@ -73,9 +78,7 @@ def create_api(
     openapi.install(api, workflows)
     api.state.workflows = workflows
     if runtime is not None:  # usable without the lifespan (tests drive the app directly)
-        _configure(runtime, workflows)
-        api.state.runtime = runtime
-        api.state.limiter = _limiter(runtime)
+        _attach(api, runtime, workflows)
     problems.install(api)
     api.include_router(run_routes.router)
     api.include_router(platform_routes.router)
@@ -173,17 +176,28 @@ async def _authorize_scrape(
         raise PermissionDeniedError("metrics are for the scraper and platform admins")
 
 
-def _configure(runtime: Runtime, workflows: App) -> None:
+def _attach(api: FastAPI, runtime: Runtime, workflows: App) -> None:
+    """The app's state: the runtime, the request rate limits and the sign-in guard (shared
+    through Redis with the Redis queue, this process's own on the embedded default)."""
     for name, config in workflows.breakers.items():
         runtime.breakers.configure(name, config)
     runtime.health.watch_breakers(workflows.breakers)
-
-
-def _limiter(runtime: Runtime) -> RateLimiter:
+    api.state.runtime = runtime
     shared = redis_of(runtime.queue)
+    longest = runtime.settings.signin_lockout_max_seconds
+    limiter: RateLimiter
+    limits: SignInLimits
     if shared is not None:
-        return RedisRateLimiter(shared.redis, shared.keys.rate)
-    return LocalRateLimiter()
+        limiter = RedisRateLimiter(shared.redis, shared.keys.rate)
+        limits = RedisSignInLimits(shared.redis, shared.keys.signin, longest)
+    else:
+        limiter, limits = LocalRateLimiter(), LocalSignInLimits(longest)
+    api.state.limiter = limiter
+
+    async def record(scope: str, subject: str, details: dict[str, Any]) -> None:
+        await asyncio.to_thread(runtime.platform.record_lockout, scope, subject, details)
+
+    api.state.signin = SignInGuard(limits, runtime.settings, record)
 
 
 class TraceRequests:
@@ -253,6 +267,7 @@ def _platform_ready(runtime: Runtime) -> None:
     from tenantflow.platform.schema import PLATFORM_HEAD
     from tenantflow.store.schema import HEAD_REVISION
 
+    runtime.registry.ensure_set_up()  # left undone by a start during a platform outage
     revision = _platform_revision(runtime.registry.engine)
     if revision != PLATFORM_HEAD:
         raise NotReady(f"platform migrations behind ({revision} < {PLATFORM_HEAD})")

@@ -9,9 +9,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tenantflow.platform.audit import AuditEntry
 from tenantflow.platform.identity import ApiKey, Role, User
-from tenantflow.platform.licensing import MAX_DISPATCH_WEIGHT, Plan, Quotas
+from tenantflow.platform.licensing import MAX_DISPATCH_WEIGHT, MAX_QUOTA, Plan, Quotas
 from tenantflow.platform.registry import TENANT_ID, Tenant
 from tenantflow.queue.base import DeadLetter
+from tenantflow.sdk.options import MAX_PRIORITY, MIN_PRIORITY
 from tenantflow.sdk.serde import loads, whole
 from tenantflow.store.records import RunRecord, StepRecord
 
@@ -26,11 +27,13 @@ _SPACE = r"\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 _EMAIL_PART = rf"[^@{_SPACE}\x00-\x1f\x7f]"
 EMAIL_PATTERN = rf"^[{_SPACE}]*{_EMAIL_PART}{{1,64}}@{_EMAIL_PART}{{1,255}}[{_SPACE}]*$"
 
-INT32_MAX = 2**31 - 1  # the platform database's integer columns
+INT32_MAX = MAX_QUOTA  # the platform database's integer columns
 # Numbers and flags of a body are taken strictly, as the document's JSON Schema says: "yes" is
 # not a boolean, true is not a number (Pydantic's lax mode would take both); 900.0 is 900.
 # The bounds go before the validator, so that the document shows them.
-Priority = Annotated[int, Field(strict=True, ge=-1000, le=1000), BeforeValidator(whole)]
+Priority = Annotated[
+    int, Field(strict=True, ge=MIN_PRIORITY, le=MAX_PRIORITY), BeforeValidator(whole)
+]
 Count = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX), BeforeValidator(whole)]
 Positive = Annotated[int, Field(strict=True, ge=1, le=INT32_MAX), BeforeValidator(whole)]
 DispatchWeight = Annotated[
@@ -347,7 +350,7 @@ class QuotasModel(BaseModel):
     runs_per_month: Count | None = None
     concurrent_runs: Positive | None = None
     seats: Count | None = None
-    requests_per_second: float | None = Field(default=None, gt=0, strict=True)
+    requests_per_second: float | None = Field(default=None, gt=0, strict=True, allow_inf_nan=False)
     dispatch_weight: DispatchWeight = Field(
         default=1,
         description="The tenants' share of the workers when other tenants have work waiting "

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi import Path as PathParam
 
 from tenantflow.api import problems
@@ -45,6 +45,8 @@ from tenantflow.api.models import (
     UserIn,
     UserOut,
 )
+from tenantflow.api.routing import StrictJsonRoute
+from tenantflow.api.signin import SignInGuard
 from tenantflow.errors import InvalidInputError, TenantNotFoundError
 from tenantflow.platform.identity import Membership, Role
 from tenantflow.platform.keys import Jwks
@@ -64,6 +66,7 @@ Key = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
 router = APIRouter(
     prefix="/platform/v1",
     tags=["platform plane"],
+    route_class=StrictJsonRoute,
     dependencies=[Depends(known_query)],
     responses=problems.responses(401, 403, 422, 503),
 )
@@ -105,15 +108,23 @@ def _admin_of(principal: Principal, tenant_id: str) -> None:
 # -- token and keys --------------------------------------------------------------------------
 
 
-@router.post("/token", response_model=TokenOut, responses=problems.responses(400, 413))
-async def token(body: TokenRequest, runtime: RuntimeDep) -> TokenOut:
+@router.post("/token", response_model=TokenOut, responses=problems.responses(400, 413, 429))
+async def token(body: TokenRequest, request: Request, runtime: RuntimeDep) -> TokenOut:
     """Exchange a password (for one tenant, or the platform plane for a platform admin) or
-    an API key for a short-lived access token."""
+    an API key for a short-lived access token. Failed passwords are limited per account and
+    per client address (429 ``sign-in-throttled``, see ``api.signin``)."""
     platform = runtime.platform
     if body.grant_type == "password":
         if not body.email or body.password is None:
             raise InvalidInputError("the password grant needs email and password")
-        issued = await _run(platform.token_for_password, body.email, body.password, body.tenant)
+        guard: SignInGuard = request.app.state.signin
+        user = await guard.authenticate(
+            platform.identity.authenticate,
+            body.email,
+            body.password,
+            address=request.client.host if request.client else "unknown",
+        )
+        issued = await _run(platform.token_for_user, user, body.tenant)
     else:
         if not body.api_key:
             raise InvalidInputError("the api_key grant needs api_key")

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tenantflow import errors
 from tenantflow.backends import reason, unavailable
-from tenantflow.sdk.serde import issues_of
+from tenantflow.sdk.serde import NOT_JSON_NUMBER, issues_of
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +36,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.PermissionDeniedError, 403, "forbidden"),
     (errors.NotEntitledError, 403, "not-entitled"),
     (errors.LicenseError, 403, "license-invalid"),
+    (errors.SignInThrottledError, 429, "sign-in-throttled"),
     (errors.RateLimitedError, 429, "rate-limited"),
     (errors.SeatLimitError, 409, "seats-exhausted"),
     (errors.QuotaExceededError, 429, "quota-exceeded"),
@@ -50,6 +51,7 @@ _MAPPING: list[tuple[type[Exception], int, str]] = [
     (errors.SerializationError, 422, "invalid-request"),
     (errors.ConfigError, 422, "invalid-request"),
     (errors.DatabaseBusyError, 503, "database-busy"),
+    (errors.TenantDatabaseMissingError, 503, "tenant-database-missing"),
     (errors.StoreUnavailableError, 503, "database-unavailable"),
 ]
 
@@ -104,10 +106,12 @@ _MEANINGS = {
     413: "The body exceeds the configured limit (`too-large`).",
     422: "The request is not valid: its parameters or body (`invalid-request`).",
     429: "The tenant's request rate or monthly quota is used up (`rate-limited`, "
-    "`quota-exceeded`); `Retry-After` says when to try again.",
+    "`quota-exceeded`), or sign-ins of the account or from the address are locked out "
+    "(`sign-in-throttled`); `Retry-After` says when to try again.",
     503: "A database is out of reach for now: every connection of this process is in use "
     "(`database-busy`), or the database does not answer, restarting or stopped "
-    "(`database-unavailable`). Nothing was done; `Retry-After` says when to try again.",
+    "(`database-unavailable`), or the tenant's database is gone (`tenant-database-missing`). "
+    "Nothing was done; `Retry-After` says when to try again.",
 }
 _RETRY_AFTER = {"description": "Seconds to wait.", "schema": {"type": "integer"}}
 _HEADERS: dict[int, dict[str, Any]] = {
@@ -239,9 +243,11 @@ def _listed(issues: Sequence[errors.Issue]) -> list[dict[str, str]]:
 
 
 def _readable(error: Mapping[str, Any]) -> Mapping[str, Any]:
-    """FastAPI's error for a body that is not JSON, located at the body, not at a position."""
+    """FastAPI's error for a body that is not JSON, located at the body, not at a position
+    (and saying why when it is a number JSON has not: the reason hardest to see)."""
     if error.get("type") == "json_invalid":
         position = error["loc"][-1] if len(error.get("loc", ())) > 1 else None
         where = f" (at character {position})" if isinstance(position, int) else ""
-        return {"loc": ("body",), "msg": f"not valid JSON{where}"}
+        why = f": {NOT_JSON_NUMBER}" if error.get("ctx", {}).get("error") == NOT_JSON_NUMBER else ""
+        return {"loc": ("body",), "msg": f"not valid JSON{why}{where}"}
     return error

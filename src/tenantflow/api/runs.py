@@ -39,6 +39,7 @@ from tenantflow.api.models import (
     WorkflowOut,
 )
 from tenantflow.api.openapi import JSON_VALUE_REF
+from tenantflow.api.routing import StrictJsonRoute
 from tenantflow.api.schemas import self_contained
 from tenantflow.errors import (
     NotFoundError,
@@ -77,6 +78,7 @@ async def rate_limit(request: Request, principal: Viewer, runtime: RuntimeDep) -
 router = APIRouter(
     prefix="/v1",
     tags=["tenant plane"],
+    route_class=StrictJsonRoute,
     dependencies=[Depends(rate_limit), Depends(known_query)],
     # known_query refuses a query parameter the route does not take: a 422 on any route; every
     # route reads the tenant's database: a 503 while it is out of reach.

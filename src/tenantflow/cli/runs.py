@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Annotated, Any
 
-import orjson
 import typer
 
 from tenantflow.api.models import RunOut
@@ -27,7 +27,8 @@ from tenantflow.cli._common import (
 from tenantflow.errors import ConfigError, RunNotFoundError
 from tenantflow.sdk.app import App
 from tenantflow.sdk.client import Client
-from tenantflow.sdk.serde import loads
+from tenantflow.sdk.options import MAX_PRIORITY, MIN_PRIORITY
+from tenantflow.sdk.serde import loads, parse_json
 from tenantflow.store.records import RunStatus, StepRecord
 
 runs_cli = typer.Typer(help="Start, inspect, cancel and signal the runs of a tenant.")
@@ -37,14 +38,19 @@ ACTOR = "cli"
 NO_APP = App("tenantflow-cli")  # cancelling and signalling need no workflow's code
 
 
+def _parsed(value: str, what: str) -> Any:
+    """A JSON command-line value, or a one-line ConfigError."""
+    try:
+        return parse_json(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} is not valid JSON: {exc}") from None
+
+
 def _json_option(value: str | None, what: str, kind: type) -> Any:
     """A JSON command-line value of the given kind, or a one-line ConfigError."""
     if value is None:
         return kind()
-    try:
-        parsed = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"{what} is not valid JSON: {exc}") from None
+    parsed = _parsed(value, what)
     if not isinstance(parsed, kind):
         raise ConfigError(f"{what} must be a JSON {'array' if kind is list else 'object'}")
     return parsed
@@ -66,7 +72,10 @@ def runs_start(
         typer.Option(help="A second start with the same key returns the first run."),
     ] = None,
     priority: Annotated[
-        int, typer.Option(min=-1000, max=1000, help="Higher runs first within the tenant.")
+        int,
+        typer.Option(
+            min=MIN_PRIORITY, max=MAX_PRIORITY, help="Higher runs first within the tenant."
+        ),
     ] = 0,
     wait: Annotated[
         float | None,
@@ -215,10 +224,7 @@ def runs_event(
     """Send an event to a run waiting for it with ctx.wait_for_event(NAME)."""
     value: Any = None
     if payload is not None:
-        try:
-            value = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise ConfigError(f"--payload is not valid JSON: {exc}") from None
+        value = _parsed(payload, "--payload")
 
     async def main() -> None:
         async with runtime_of(settings(), queue=True) as runtime:

@@ -3,7 +3,9 @@ verified offline and cached, in memory and on local disk.
 
 Fetched at most every ``license_refresh_seconds``. When the platform is unreachable the cached
 copies keep serving: a license until it expires (then the tenant's submits are refused), the
-keys until the platform answers again. A copy on disk survives a restart during an outage.
+keys until the platform answers again. A copy on disk survives a restart during an outage: a
+process started while the platform database is down serves from it (``DiskCache``, which the
+tenant router keeps its routes in as well).
 """
 
 from __future__ import annotations
@@ -46,6 +48,42 @@ class _Cached:
     fetched_at: float
 
 
+class DiskCache:
+    """JSON documents in a folder of this process's own (``0700``, each file ``0600``: the
+    tenant router's hold database URLs), each replaced whole; one that is missing or cannot be
+    read is None."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, name: str) -> Any:
+        try:
+            return json.loads((self.folder / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write(self, name: str, value: Any) -> None:
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(value))
+            tmp.replace(self.folder / name)
+
+    def remove(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+
+JWKS_FILE = "jwks.json"
+
+
+def keys_are_cached(cache_dir: Path) -> bool:
+    """Whether an earlier start left the platform's keys on disk (so that a process started
+    while the platform is down has something to serve from)."""
+    return DiskCache(cache_dir).read(JWKS_FILE) is not None
+
+
 class PlatformArtifacts:
     def __init__(
         self,
@@ -57,6 +95,7 @@ class PlatformArtifacts:
     ) -> None:
         self.source = source
         self.cache_dir = cache_dir
+        self._disk = DiskCache(cache_dir)
         self.refresh_seconds = refresh_seconds
         self.clock = clock
         self._keys: dict[str, Ed25519PublicKey] = {}
@@ -87,13 +126,13 @@ class PlatformArtifacts:
             except Exception as exc:
                 log.warning("platform unreachable; keeping cached keys", error=type(exc).__name__)
                 if not self._keys:
-                    jwks = self._read("jwks.json") or {"keys": []}
+                    jwks = self._disk.read(JWKS_FILE) or {"keys": []}
                     self._keys = public_keys(jwks)
                 self._keys_at = now  # retry after the refresh interval, not on every call
                 return
             self._keys = public_keys(jwks)
             self._keys_at = now
-            self._write("jwks.json", jwks)
+            self._disk.write(JWKS_FILE, jwks)
 
     # -- licenses ----------------------------------------------------------------------------
 
@@ -127,7 +166,7 @@ class PlatformArtifacts:
                 error=type(exc).__name__,
             )
             if cached is None:
-                stored = self._read(name)
+                stored = self._disk.read(name)
                 if stored is None:
                     if unavailable(exc) is not None:  # an outage: asking again will do
                         raise StoreUnavailableError(
@@ -142,7 +181,7 @@ class PlatformArtifacts:
             return cached
         fresh = self._verified(tenant_id, document, now)
         self._licenses[tenant_id] = fresh
-        self._write(name, {"document": document})
+        self._disk.write(name, {"document": document})
         return fresh
 
     def _verified(self, tenant_id: str, document: str | None, now: float) -> _Cached:
@@ -163,18 +202,3 @@ class PlatformArtifacts:
         except jwt.PyJWTError:
             kid = None
         return self.keys(kid=None if kid is None else str(kid))
-
-    # -- disk cache --------------------------------------------------------------------------
-
-    def _read(self, name: str) -> Any:
-        try:
-            return json.loads((self.cache_dir / name).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _write(self, name: str, value: Any) -> None:
-        with contextlib.suppress(OSError):
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_dir / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(value))
-            tmp.replace(self.cache_dir / name)

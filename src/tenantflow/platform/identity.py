@@ -162,6 +162,13 @@ class Identity:
             raise NotFoundError("no user with this email")
         return _user(row)
 
+    def user_id_of(self, email: str) -> str | None:
+        """The id of the user with this email, None if there is none (or it is no email)."""
+        try:
+            return self.user_by_email(email).id
+        except (NotFoundError, InvalidInputError):
+            return None
+
     def set_password(self, user_id: str, password: str) -> None:
         """Replace a user's password (a lost one: the old one is not needed)."""
         _check_password(password)

@@ -13,6 +13,7 @@ outage until the cached license expires. A tenant with no plan is not licensed a
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ LICENSE_TYP = "tenantflow-license+jwt"
 RENEW_FRACTION = 0.5  # a license past half its life is renewed when fetched
 # Beyond this one tenant would all but starve the others of the workers.
 MAX_DISPATCH_WEIGHT = 100
+MAX_QUOTA = 2**31 - 1  # the platform database's integer columns
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,18 +62,40 @@ class Quotas:
         )
 
     def check(self) -> None:
-        """Raise ``InvalidInputError`` on a dispatch weight out of bounds."""
-        weight = self.dispatch_weight
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, int)
-            or not (1 <= weight <= MAX_DISPATCH_WEIGHT)
+        """Raise ``InvalidInputError`` on a quota that means nothing or that the plan's columns
+        cannot hold: a count out of its bounds, a rate that is not a positive finite number,
+        a dispatch weight out of bounds (``POST /platform/v1/plans`` checks the same)."""
+        issues = [
+            Issue(f"quotas.{name}", f"a whole number from {least} to {MAX_QUOTA}")
+            for name, least in _LEAST.items()
+            if getattr(self, name) is not None and not _whole(getattr(self, name), least, MAX_QUOTA)
+        ]
+        rate = self.requests_per_second
+        if rate is not None and not (
+            isinstance(rate, int | float)
+            and not isinstance(rate, bool)
+            and math.isfinite(rate)
+            and rate > 0
         ):
+            issues.append(Issue("quotas.requests_per_second", "a positive, finite number"))
+        weight = self.dispatch_weight
+        if not _whole(weight, 1, MAX_DISPATCH_WEIGHT):
             bounds = f"a whole number from 1 to {MAX_DISPATCH_WEIGHT}"
+            issues.append(Issue("quotas.dispatch_weight", bounds))
             raise InvalidInputError(
-                f"a plan's dispatch weight is {bounds}, not {weight!r}",
-                issues=[Issue("quotas.dispatch_weight", bounds)],
+                f"a plan's dispatch weight is {bounds}, not {weight!r}", issues=issues
             )
+        if issues:
+            raise InvalidInputError(issues=issues)
+
+
+def _whole(value: Any, least: int, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
+
+
+# The least value of each count of a plan (the platform database's integer columns hold the
+# greatest, MAX_QUOTA).
+_LEAST = {"runs_per_month": 0, "concurrent_runs": 1, "seats": 0}
 
 
 QUOTA_NAMES = tuple(f.name for f in dataclasses.fields(Quotas))

@@ -6,15 +6,18 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from tenantflow.errors import ConfigError, NotFoundError
+from tenantflow.backends import reason
+from tenantflow.errors import ConfigError, InvalidInputError, Issue, NotFoundError
 from tenantflow.store.migrate import migrate_sqlite, migrate_url, sqlite_revision
 from tenantflow.store.schema import HEAD_REVISION
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
+SERVER_CHECK_SECONDS = 5  # the test connection to a database server being registered
 
 
 class Provisioner(Protocol):
@@ -44,6 +47,55 @@ def sqlalchemy_url(url: str) -> str:
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def check_server(url: str, *, sqlite: bool) -> None:
+    """Refuse a database server that new tenants could not be placed on, before it is
+    registered: a URL of the wrong backend (``sqlite`` is the platform database's), not a URL
+    of its kind, a folder that cannot be written, a server that does not answer a test
+    connection, or whose user may not create databases. ``InvalidInputError`` at ``url``,
+    saying what is wrong without repeating the URL (it may hold a password)."""
+
+    def refuse(what: str) -> InvalidInputError:
+        return InvalidInputError(f"url: {what}", issues=[Issue("url", what)])
+
+    if sqlite:
+        if not url.startswith("sqlite:///") or not url.removeprefix("sqlite:///"):
+            raise refuse("the platform database is SQLite: a server is sqlite:///path/to/folder")
+        _check_folder(Path(url.removeprefix("sqlite:///")), refuse)
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise refuse("the platform database is PostgreSQL: a server is postgresql://user@host:port")
+    try:
+        _ = parts.port  # parsing it is the check
+    except ValueError:
+        raise refuse("its port is not a number from 0 to 65535") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise refuse("it names no host")
+    import psycopg
+
+    admin = with_database(url, "postgres")
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=SERVER_CHECK_SECONDS) as conn:
+            row = conn.execute(
+                "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise refuse(f"the server did not answer a test connection: {reason(exc)}") from None
+    if not row or not row[0]:
+        raise refuse("its user may not create databases (CREATEDB)")
+
+
+def _check_folder(folder: Path, refuse: Callable[[str], InvalidInputError]) -> None:
+    import tempfile
+
+    try:
+        (folder / "tenants").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder / "tenants"):
+            pass
+    except OSError as exc:
+        raise refuse(f"its folder cannot be written ({type(exc).__name__})") from None
 
 
 class SqliteProvisioner:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import enum
 import multiprocessing
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,7 +28,7 @@ import sqlalchemy as sa
 import structlog
 
 from tenantflow._extras import require
-from tenantflow.backends import reason, unavailable
+from tenantflow.backends import log_failure, reason, unavailable
 from tenantflow.errors import (
     ConfigError,
     InvalidTenantIdError,
@@ -35,10 +37,12 @@ from tenantflow.errors import (
     TenantExistsError,
     TenantNotFoundError,
 )
+from tenantflow.platform.artifacts import DiskCache
 from tenantflow.platform.provision import (
     PostgresProvisioner,
     Provisioner,
     SqliteProvisioner,
+    check_server,
     sqlalchemy_url,
 )
 from tenantflow.platform.schema import PLATFORM_HEAD, active_tenants, database_servers
@@ -124,8 +128,6 @@ def _platform_engine(url: str, timeout: float, wait: float) -> sa.Engine:
     require("postgres", "TENANTFLOW_DATABASE_URL=postgresql://…")
     from tenantflow.store.db import pg_connect_args, pg_session_limits
 
-    _create_database_if_missing(url, pg_connect_args(timeout))
-
     engine = sa.create_engine(
         sqlalchemy_url(url),
         # Its share of the process's connection budget (the tenant stores have the rest).
@@ -202,7 +204,10 @@ class TenantRegistry:
 
     DEFAULT_SERVER = "default"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, start_offline: bool = False) -> None:
+        """``start_offline``: the platform database not answering is no reason to fail; its
+        set-up (creating it, migrating it) is left to ``ensure_set_up``, and meanwhile what the
+        tenant plane cached serves (an API process started during a platform outage)."""
         url = settings.resolved_database_url()
         self.settings = settings
         self.engine = _platform_engine(
@@ -219,9 +224,35 @@ class TenantRegistry:
                 record.invalidate()
 
         self._provisioners: dict[str, Provisioner] = {}
+        self._set_up_later = False
+        self._setting_up = threading.Lock()
+        try:
+            self._set_up()
+        except Exception as exc:
+            if not start_offline or unavailable(exc) is None:
+                raise
+            log_failure(log, "platform database unreachable; serving from the cache", exc)
+            self._set_up_later = True
+
+    def ensure_set_up(self) -> None:
+        """The set-up a start during a platform outage left undone, now (raises while the
+        platform database still does not answer)."""
+        with self._setting_up:
+            if self._set_up_later:
+                self._set_up()
+                self._set_up_later = False
+
+    def _set_up(self) -> None:
+        url = self.settings.resolved_database_url()
+        if not url.startswith("sqlite:///"):
+            from tenantflow.store.db import pg_connect_args
+
+            _create_database_if_missing(
+                url, pg_connect_args(self.settings.database_timeout_seconds)
+            )
         migrate_platform(self.engine)
         # The platform's own server holds tenants too, unless routing says otherwise.
-        default = f"sqlite:///{settings.home}" if url.startswith("sqlite:///") else url
+        default = f"sqlite:///{self.settings.home}" if url.startswith("sqlite:///") else url
         with self.engine.begin() as conn:
             if not conn.execute(
                 sa.select(database_servers.c.id).where(database_servers.c.id == self.DEFAULT_SERVER)
@@ -237,8 +268,7 @@ class TenantRegistry:
     def add_server(self, server_id: str, url: str) -> DatabaseServer:
         """Register a database server that new tenants may be placed on."""
         check_tenant_id(server_id)  # the same shape of name
-        if url.startswith("sqlite:///") != self.engine.dialect.name.startswith("sqlite"):
-            raise ConfigError("a database server must use the platform database's backend")
+        check_server(url, sqlite=self.engine.dialect.name == "sqlite")
         with self.engine.begin() as conn:
             conn.execute(
                 database_servers.insert().values(
@@ -416,7 +446,7 @@ class TenantRegistry:
                 else:
                     behind.append(tenant)
             except Exception as exc:
-                failed[tenant.id] = f"{type(exc).__name__}: {exc}"
+                failed[tenant.id] = f"{type(exc).__name__}: {reason(exc)}"
                 if progress is not None:
                     progress(tenant.id)
 
@@ -441,7 +471,7 @@ class TenantRegistry:
                         self._record_revision(tenant.id)
                         migrated.append(tenant.id)
                     except Exception as exc:
-                        failed[tenant.id] = f"{type(exc).__name__}: {exc}"
+                        failed[tenant.id] = f"{type(exc).__name__}: {reason(exc)}"
                     if progress is not None:
                         progress(tenant.id)
         return MigrationReport(
@@ -536,6 +566,9 @@ class TenantRouter:
         self._close_delay = self.SQLITE_CLOSE_DELAY if sqlite else 0.0
         self._stores: OrderedDict[str, RunStore] = OrderedDict()
         self._tenants: dict[str, tuple[float, Tenant]] = {}
+        # The records on disk, for a process started while the platform database is down.
+        self._disk = DiskCache(self.settings.home / "cache" / "tenants")
+        self._on_disk: dict[str, dict[str, Any]] = {}
         self._pins: dict[str, int] = {}
         self._closing: dict[asyncio.Task[None], RunStore] = {}
 
@@ -549,9 +582,11 @@ class TenantRouter:
             tenant = self.registry.get(tenant_id)
         except TenantNotFoundError:
             self._tenants.pop(tenant_id, None)
+            self._keep_on_disk(tenant_id, None)
             raise
         except Exception as exc:
-            if cached is None:
+            last = cached[1] if cached is not None else self._from_disk(tenant_id)
+            if last is None:
                 if unavailable(exc) is not None:
                     raise StoreUnavailableError(
                         f"the platform database did not answer: {reason(exc)}"
@@ -560,9 +595,38 @@ class TenantRouter:
             # The platform database is away: keep serving the tenant as last seen (its own
             # database is what runs need), and ask again after the cache interval.
             log.warning("platform unreachable; using the cached tenant", error=type(exc).__name__)
-            tenant = cached[1]
+            tenant = last
+        else:
+            self._keep_on_disk(tenant_id, tenant)
         self._tenants[tenant_id] = (now, tenant)
         return tenant
+
+    def _keep_on_disk(self, tenant_id: str, tenant: Tenant | None) -> None:
+        """Write the tenant's record to disk when it changed (None: remove it)."""
+        if not TENANT_ID.fullmatch(tenant_id):
+            return
+        record = (
+            None
+            if tenant is None
+            else {**dataclasses.asdict(tenant), "status": tenant.status.value}
+        )
+        if record == self._on_disk.get(tenant_id) and tenant_id in self._on_disk:
+            return
+        if record is None:
+            self._disk.remove(f"{tenant_id}.json")
+            self._on_disk.pop(tenant_id, None)
+        else:
+            self._disk.write(f"{tenant_id}.json", record)
+            self._on_disk[tenant_id] = record
+
+    def _from_disk(self, tenant_id: str) -> Tenant | None:
+        record = self._disk.read(f"{tenant_id}.json") if TENANT_ID.fullmatch(tenant_id) else None
+        if not isinstance(record, dict):
+            return None
+        try:
+            return Tenant(**{**record, "status": TenantStatus(record["status"])})
+        except (TypeError, KeyError, ValueError):
+            return None  # written by another version: not to be guessed at
 
     def store(self, tenant_id: str) -> RunStore:
         store = self._stores.get(tenant_id)
@@ -590,6 +654,7 @@ class TenantRouter:
         """Close the tenant's store now and drop what is cached of it (its database is about
         to go away)."""
         cached = self._tenants.pop(tenant_id, None)
+        self._keep_on_disk(tenant_id, None)
         store = self._stores.pop(tenant_id, None)
         if store is not None:
             await store.close()

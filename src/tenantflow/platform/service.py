@@ -12,7 +12,7 @@ import json
 import tarfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from tenantflow.settings import Settings
 
 ACCESS_TYP = "at+jwt"
 SYSTEM = "system"
+ANONYMOUS = "anonymous"  # the actor of what an unauthenticated caller caused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +234,11 @@ class Platform:
     def token_for_password(self, email: str, password: str, tenant_id: str | None) -> Token:
         """An access token for a user: scoped to one tenant they belong to, or (for a
         platform administrator, with no tenant) to the platform plane."""
-        user = self.identity.authenticate(email, password)
+        return self.token_for_user(self.identity.authenticate(email, password), tenant_id)
+
+    def token_for_user(self, user: User, tenant_id: str | None) -> Token:
+        """``token_for_password`` once the password was verified (the HTTP API verifies it
+        apart: see ``api.signin``)."""
         if tenant_id is None:
             if not user.is_platform_admin:
                 raise PermissionDeniedError("name a tenant: only platform admins act without")
@@ -244,6 +249,19 @@ class Platform:
             raise AuthenticationError("no membership in this tenant")
         self._active(tenant_id)
         return self._sign(user.id, tenant_id, membership.role, platform_admin=False)
+
+    def record_lockout(self, scope: str, subject: str, details: Mapping[str, Any]) -> None:
+        """Audit a sign-in lock-out (``sign_in.locked_out``): of an ``account`` (``subject``
+        the email tried; the entry names the user, or nobody if no account has the email,
+        never the email itself) or of a client ``address``."""
+        target = self.identity.user_id_of(subject) if scope == "account" else subject
+        self.audit.record(
+            "sign_in.locked_out",
+            actor=ANONYMOUS,
+            tenant_id=None,
+            target=target,
+            details={"scope": scope, **details},
+        )
 
     def token_for_api_key(self, presented: str) -> Token:
         key = self.identity.authenticate_api_key(presented)

@@ -81,6 +81,11 @@ class Keys:
         """The tenant's request-rate state (``api.ratelimit``), under its hash tag."""
         return f"{self.prefix}:{{t:{tenant_id}}}:rate"
 
+    def signin(self, name: str) -> str:
+        """Failed sign-ins of an account or a client address (``api.signin``); all under one
+        hash tag, since one script counts an attempt's two at once."""
+        return f"{self.prefix}:{{signin}}:{name}"
+
     def breaker(self, name: str) -> tuple[str, str, str]:
         """A circuit breaker's state hash, its sliding window and its half-open probes' leases
         (a sorted set scored by lease end), under one hash tag."""

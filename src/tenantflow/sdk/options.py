@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from tenantflow.errors import ConfigError, SerializationError
 
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
@@ -101,3 +103,10 @@ class StartOptions:
         key = self.idempotency_key
         if key is not None and not (1 <= len(key) <= 255):
             raise ConfigError("an idempotency key is 1 to 255 characters")
+        priority = self.priority
+        if (
+            isinstance(priority, bool)
+            or not isinstance(priority, int)
+            or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+        ):
+            raise ConfigError(f"a priority is a whole number from {MIN_PRIORITY} to {MAX_PRIORITY}")

@@ -7,7 +7,10 @@ enums encode natively; on the way back, the type hints of the workflow or step d
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, get_type_hints
@@ -32,16 +35,76 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
+NOT_A_NUMBER = "NaN and Infinity have no JSON form"
+NOT_JSON_NUMBER = "NaN, Infinity and numbers beyond a double's range are not JSON"
+
+
 def dumps(value: Any, *, what: str = "value") -> bytes:
-    """Encode ``value`` as JSON or raise :class:`SerializationError` naming ``what``."""
+    """Encode ``value`` as JSON or raise :class:`SerializationError` naming ``what`` (a
+    ``float('nan')`` or an infinity too: orjson would write ``null`` in their place)."""
     try:
-        return orjson.dumps(value, default=_default, option=_OPTIONS)
+        data = orjson.dumps(value, default=_default, option=_OPTIONS)
     except TypeError as exc:
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from None
+    # NaN and Infinity come out as null: only a document with a null can hold one.
+    if b"null" in data and _not_finite(value):
+        raise SerializationError(f"{what} cannot be stored as JSON: {NOT_A_NUMBER}")
+    return data
+
+
+def _not_finite(value: Any) -> bool:
+    """Whether ``value`` holds a float that is NaN or infinite, at any depth."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_not_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_not_finite(v) for v in value)
+    if isinstance(value, BaseModel):
+        return _not_finite(value.model_dump())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_not_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return _not_finite(value.tolist())  # an array or a scalar, as Python values
+    return False
 
 
 def loads(data: bytes | str | None) -> Any:
     return None if data is None else orjson.loads(data)
+
+
+class _NotJsonNumber(ValueError):
+    """A number JSON has not (its text is not kept: it is the caller's input)."""
+
+
+def _refuse(token: str) -> Any:
+    raise _NotJsonNumber()
+
+
+def _finite(token: str) -> float:
+    number = float(token)
+    if not math.isfinite(number):  # 1e400: a double cannot hold it
+        raise _NotJsonNumber()
+    return number
+
+
+def parse_json(data: bytes | str) -> Any:
+    """JSON from outside (a request body, a command-line value), as RFC 8259 has it:
+    ``NaN``, ``Infinity`` and numbers beyond a double's range are a ``JSONDecodeError``
+    (Python's ``json`` takes them, and nothing could store them). Integers stay exact, so
+    that one wider than 64 bits is refused where it is stored rather than rounded here."""
+    try:
+        return json.loads(data, parse_constant=_refuse, parse_float=_finite)
+    except _NotJsonNumber:
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        try:  # orjson refuses the same numbers, and says where
+            orjson.loads(data)
+            position = 0
+        except orjson.JSONDecodeError as located:
+            position = located.pos
+            if text[position - 1 : position] == "-":  # the number's start, not its digits'
+                position -= 1
+        raise json.JSONDecodeError(NOT_JSON_NUMBER, text, position) from None
 
 
 def whole(value: Any) -> Any:

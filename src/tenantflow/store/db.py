@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
+import re
 import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from tenantflow import _sqlite
+from tenantflow.errors import TenantDatabaseMissingError
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -101,6 +103,8 @@ class SqliteDatabase:
 
     def __init__(self, path: Path, *, synchronous: str = "NORMAL", create: bool = True) -> None:
         self.path = path
+        if not create and not path.exists():
+            raise TenantDatabaseMissingError()
         self.conn = _sqlite.connect(path, synchronous=synchronous, create=create)
 
     @contextlib.asynccontextmanager
@@ -134,6 +138,7 @@ def _pg_sql(sql: str) -> str:
 
 
 MAX_PREPARED = 32
+_DATABASE_MISSING = re.compile(r'FATAL: +database "[^"]*" does not exist')
 _STATEMENT_NAMES: dict[str, str] = {}  # statement text -> name
 _UNPREPARABLE: set[str] = set()  # texts whose parameters the server cannot type
 
@@ -267,9 +272,15 @@ class PostgresDatabase:
         )
 
     async def _connect(self) -> AsyncConnection[Any]:
-        from psycopg import AsyncConnection
+        from psycopg import AsyncConnection, OperationalError
 
-        conn = await AsyncConnection.connect(self._conninfo, **self._connect_args)
+        try:
+            conn = await AsyncConnection.connect(self._conninfo, **self._connect_args)
+        except OperationalError as exc:
+            # The server answers, the database is gone (a connection's error has no SQLSTATE).
+            if _DATABASE_MISSING.search(str(exc)):
+                raise TenantDatabaseMissingError() from None
+            raise
         try:
             for statement in self._session_sql:
                 await conn.execute(statement)

@@ -168,6 +168,9 @@ class ConnectionBudget:
             raise StoreUnavailableError(
                 f"the database did not accept a connection within {self.wait:g} s"
             ) from None
+        except StoreUnavailableError:  # the connection's own finding (a database gone)
+            self._hand_on(None)
+            raise
         except Exception as exc:
             self._hand_on(None)
             raise StoreUnavailableError(f"the database did not answer: {reason(exc)}") from exc

@@ -3,7 +3,9 @@
 
 Log events carry identifiers - tenant and run (bound for everything a worker logs while it
 handles a message), step, and the trace and span ids of the current span when tracing is on -
-never inputs, outputs or secrets: fields named like a secret are masked whatever logs them.
+never inputs, outputs or secrets: fields named like a secret are masked whatever logs them,
+and what a driver's message says of a server (a tenant's database name, host, port, user) is
+redacted from every field and from tracebacks' messages.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+
+from tenantflow.backends import redact, redact_traceback
 
 SECRET_FIELDS = frozenset(
     {"password", "token", "secret", "api_key", "authorization", "private_key", "dsn"}
@@ -43,6 +47,20 @@ def mask_secrets(
     return event
 
 
+def redact_servers(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every text field but the event's own words, with nothing of a server in it; of a
+    traceback, its exceptions' messages (``backends.redact``)."""
+    for key, value in event.items():
+        if isinstance(value, str) and key not in _OWN_WORDS:
+            event[key] = redact_traceback(value) if key == "exception" else redact(value)
+    return event
+
+
+_OWN_WORDS = frozenset({"event", "timestamp", "level"})
+
+
 def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -57,6 +75,7 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
             add_trace_ids,
             mask_secrets,
             structlog.processors.format_exc_info,
+            redact_servers,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
