@@ -356,7 +356,9 @@ async def test_tokens_verify_against_the_jwks_across_a_rotation(
     def verify(access: str, jwks: dict[str, Any]) -> dict[str, Any]:
         kid = jwt.get_unverified_header(access)["kid"]
         (jwk,) = [k for k in jwks["keys"] if k["kid"] == kid]
-        claims: dict[str, Any] = jwt.decode(access, PyJWK(jwk).key, algorithms=["EdDSA"])
+        claims: dict[str, Any] = jwt.decode(
+            access, PyJWK(jwk).key, algorithms=["EdDSA"], audience="tenantflow-api"
+        )
         return claims
 
     jwks = (await http.get("/.well-known/jwks.json")).json()

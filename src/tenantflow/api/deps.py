@@ -17,7 +17,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from tenantflow.errors import AuthenticationError, InvalidInputError, Issue, PermissionDeniedError
 from tenantflow.platform.identity import Role
 from tenantflow.platform.keys import verify
-from tenantflow.platform.service import ACCESS_TYP, Principal, principal_from_claims
+from tenantflow.platform.service import (
+    ACCESS_AUDIENCE,
+    ACCESS_TYP,
+    Principal,
+    principal_from_claims,
+)
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.sdk.client import Client, TenantClient
@@ -88,7 +93,7 @@ async def get_principal(
     except jwt.PyJWTError:
         kid = None
     keys = runtime.artifacts.keys(kid=None if kid is None else str(kid))
-    principal = principal_from_claims(verify(token, keys, typ=ACCESS_TYP))
+    principal = principal_from_claims(verify(token, keys, typ=ACCESS_TYP, audience=ACCESS_AUDIENCE))
     request.state.principal = principal
     return principal
 

@@ -162,10 +162,12 @@ def verify(
     keys: Mapping[str, Ed25519PublicKey],
     *,
     typ: str,
+    audience: str | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """The claims of a document signed by one of ``keys``, of type ``typ``, not expired;
-    anything else is an ``InvalidSignatureError`` (which says why, never echoing input)."""
+    """The claims of a document signed by one of ``keys``, of type ``typ``, not expired, not
+    issued in the future, and for ``audience`` when one is given; anything else is an
+    ``InvalidSignatureError`` (which says why, never echoing input)."""
     try:
         header = jwt.get_unverified_header(document)
     except jwt.PyJWTError:
@@ -181,8 +183,12 @@ def verify(
             key,
             algorithms=[ALGORITHM],
             issuer=ISSUER,
+            audience=audience,
             leeway=LEEWAY_SECONDS,
-            options={"require": ["exp", "iat", "iss"], "verify_aud": False},
+            options={
+                "require": ["exp", "iat", "iss", *(["aud"] if audience else [])],
+                "verify_aud": audience is not None,
+            },
         )
     except jwt.ExpiredSignatureError:
         raise InvalidSignatureError("expired") from None

@@ -35,6 +35,9 @@ from tenantflow.platform.schema import api_keys, licenses, memberships
 from tenantflow.settings import Settings
 
 ACCESS_TYP = "at+jwt"
+# The tenantflow API: an access token names it, so a token minted by the same issuer for
+# another audience is refused here.
+ACCESS_AUDIENCE = "tenantflow-api"
 SYSTEM = "system"
 ANONYMOUS = "anonymous"  # the actor of what an unauthenticated caller caused
 
@@ -281,6 +284,7 @@ class Platform:
         ttl = int(self.settings.token_ttl_seconds)
         claims: dict[str, Any] = {
             "sub": subject,
+            "aud": ACCESS_AUDIENCE,
             "jti": str(uuid.uuid4()),
             "iat": now,
             "exp": now + ttl,
