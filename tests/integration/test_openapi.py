@@ -31,7 +31,7 @@ from tenantflow.examples import orders
 from tenantflow.platform.identity import Role
 from tests.integration.test_api import PASSWORD, member
 
-EXAMPLES = 6  # per operation and generation mode: the whole run stays well under a minute
+EXAMPLES = 4  # per operation, role and generation mode: the whole run stays within a minute
 DEADLINE_MS = 15_000  # per example: catches a hang, not a slow CREATE DATABASE on a busy machine
 SERVER_START_SECONDS = 20.0
 
@@ -40,7 +40,7 @@ SERVER_START_SECONDS = 20.0
 class Served:
     url: str
     runtime: Runtime
-    tokens: dict[str, str]  # by plane: "tenant", "platform"
+    tokens: dict[str, str]  # by role: the roles of ROLES
 
 
 @pytest.fixture
@@ -69,27 +69,36 @@ def served(settings: Settings) -> Iterator[Served]:
         sock.close()
 
 
+# Who calls each plane: every tenant role on the tenant plane; on the platform plane a tenant
+# admin (their tenant's memberships and keys; the rest refused) and a platform admin.
+ROLES = {
+    "tenant": ("viewer", "operator", "tenant_admin"),
+    "platform": ("tenant_admin", "platform_admin"),
+}
+
+
 def _tokens(url: str, runtime: Runtime) -> dict[str, str]:
-    """A tenant admin of acme (every tenant-plane route) and a platform admin (every
-    platform-plane route), with tokens minted by the token endpoint."""
+    """A viewer, an operator and a tenant admin of acme, and a platform admin, with tokens
+    minted by the token endpoint."""
     platform = runtime.platform
     runtime.registry.create("acme")
-    boss = platform.create_user("system", "boss@acme.test", PASSWORD)
-    platform.set_membership("system", boss.id, "acme", Role.TENANT_ADMIN)
+    grants: dict[str, dict[str, str]] = {}
+    for role in (Role.VIEWER, Role.OPERATOR, Role.TENANT_ADMIN):
+        email = f"{role.value}@acme.test"
+        user = platform.create_user("system", email, PASSWORD)
+        platform.set_membership("system", user.id, "acme", role)
+        grants[role.value] = {"email": email, "tenant": "acme"}
     platform.create_user("system", "root@example.com", PASSWORD, platform_admin=True)
-    grants = {
-        "tenant": {"email": "boss@acme.test", "tenant": "acme"},
-        "platform": {"email": "root@example.com"},
-    }
+    grants["platform_admin"] = {"email": "root@example.com"}
     tokens = {}
-    for plane, grant in grants.items():
+    for name, grant in grants.items():
         reply = requests.post(
             f"{url}/platform/v1/token",
             json={"grant_type": "password", "password": PASSWORD, **grant},
             timeout=10,
         )
         assert reply.status_code == 200, reply.text
-        tokens[plane] = reply.json()["access_token"]
+        tokens[name] = reply.json()["access_token"]
     return tokens
 
 
@@ -104,16 +113,18 @@ NOT_GENERATED = {"POST /platform/v1/servers"}
 
 
 def test_the_served_answers_match_the_document(served: Served, settings: Settings) -> None:
-    """Every operation of both planes, with generated valid and invalid input: each answer's
-    status, content type, headers and body are the ones the document gives."""
+    """Every operation of both planes, called by each role of ``ROLES``, with generated valid
+    and invalid input: each answer's status, content type, headers and body are the ones the
+    document gives (a refusal for the role included), and none is a 5xx."""
     schema = schemathesis.openapi.from_url(f"{served.url}/openapi.json", timeout=10)
+    calling: list[str] = ["platform_admin"]  # the role whose token the calls carry
 
     @schema.auth(refresh_interval=None)
     class Tokens:
-        """The plane's token; schemathesis leaves it out where it tests a missing one."""
+        """The role's token; schemathesis leaves it out where it tests a missing one."""
 
         def get(self, case: Case[Any], ctx: AuthContext) -> str:
-            return served.tokens[_plane(ctx.operation)]
+            return served.tokens[calling[0]]
 
         def set(self, case: Case[Any], data: str, ctx: AuthContext) -> None:
             case.headers["Authorization"] = f"Bearer {data}"
@@ -127,13 +138,18 @@ def test_the_served_answers_match_the_document(served: Served, settings: Setting
         modes = [GenerationMode.POSITIVE]
         if _has_input(operation):
             modes.append(GenerationMode.NEGATIVE)
-        for mode in modes:
-            failure = _run(operation, mode)
-            if failure is not None:
-                failures.append(failure)
+        for role in ROLES[_plane(operation)]:
+            calling[0] = role
+            for mode in modes:
+                failure = _run(operation, mode)
+                if failure is not None:
+                    failures.append(f"as {role}: {failure}")
+    calling[0] = "platform_admin"
     servers = schema["/platform/v1/servers"]["POST"]
     body: dict[str, JsonValue] = {"id": "second", "url": _second_server_url(settings)}
-    case = servers.Case(body=body, headers={"Authorization": f"Bearer {served.tokens['platform']}"})
+    case = servers.Case(
+        body=body, headers={"Authorization": f"Bearer {served.tokens['platform_admin']}"}
+    )
     try:
         assert case.call_and_validate(timeout=10).status_code == 201
     except (Exception, BaseExceptionGroup) as exc:
