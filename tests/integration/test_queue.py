@@ -9,14 +9,18 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tenantflow.errors import NotFoundError
 from tenantflow.queue.base import Envelope, Queue
+from tenantflow.queue.keys import GROUP
 from tenantflow.queue.redis_streams import RedisStreamsQueue
 from tenantflow.queue.sqlite import SqliteQueue
 from tests.conftest import REDIS_URL
+from tests.fault.proxy import FaultProxy
 
 QueueFactory = Callable[..., Queue]
 
@@ -583,4 +587,46 @@ async def test_scripts_the_server_lost_are_loaded_again() -> None:
         keys = [k async for k in queue.redis.scan_iter(match=f"{queue.keys.prefix}:*")]
         if keys:
             await queue.redis.delete(*keys)
+        await queue.close()
+
+
+async def test_a_dispatch_whose_reply_was_lost_is_delivered_by_the_next() -> None:
+    """A connection reset after Redis ran a dispatch, before its reply arrived: the messages
+    it took are pending for the consumer, which never got them. The next dispatch delivers
+    them at once (the same deliveries, a fresh lease), rather than leaving them until their
+    visibility lapses and they are reclaimed."""
+    prefix = f"tftest{uuid.uuid4().hex[:10]}"
+    url = urlsplit(REDIS_URL)
+    proxy = FaultProxy(url.port or 6379).start()
+    direct = RedisStreamsQueue(REDIS_URL, prefix=prefix)
+    queue = RedisStreamsQueue(url._replace(netloc=proxy.url_netloc).geturl(), prefix=prefix)
+    try:
+        assert await queue.dequeue("c", 5, 30) == []  # its one-time reads done, in one trip
+        await direct.enqueue_many({"t": [Envelope(f"r{i}") for i in range(3)]})
+        # Each chunk is held 0.5 s: the dispatch reaches Redis at 0.5 s, runs, and its reply
+        # is on its way back when the reset comes, at 0.75 s.
+        proxy.set("latency", delay=0.5)
+        lost = asyncio.create_task(queue.dequeue("c", 5, 30))
+        await asyncio.sleep(0.75)
+        proxy.set("reset")
+        with pytest.raises(RedisConnectionError):
+            await lost
+        pending = await direct.redis.xpending_range(
+            direct.keys.tenant("t").stream, GROUP, "-", "+", 10, consumername="c"
+        )
+        assert len(pending) == 3  # it ran: they are the consumer's, unknown to it
+        proxy.set("pass")
+        got = await queue.dequeue("c", 5, 30)
+        assert sorted(m.run_id for m in got) == ["r0", "r1", "r2"]
+        assert {m.deliveries for m in got} == {1}
+        assert await queue.dequeue("c", 5, 30) == []  # delivered once, not again
+        await queue.ack(got)
+        assert await direct.depth("t") == 0  # their receipts hold
+        assert [k async for k in direct.redis.scan_iter(match=f"{prefix}:taken:*")] == []
+    finally:
+        proxy.stop()
+        keys = [k async for k in direct.redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await direct.redis.delete(*keys)
+        await direct.close()
         await queue.close()

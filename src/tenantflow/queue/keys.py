@@ -77,6 +77,12 @@ class Keys:
         worker blocks on it (BLPOP), so each token wakes one worker. Capped."""
         return f"{self.prefix}:wake"
 
+    def taken(self, consumer: str, call: str) -> str:
+        """String: the deliveries one dispatch call made to ``consumer`` (JSON, as the call
+        returned them), kept for a visibility timeout or until the consumer has its reply, so
+        that a reply lost on the way can be delivered again; see ``lua.DISPATCH``."""
+        return f"{self.prefix}:taken:{consumer}:{call}"
+
     def rate(self, tenant_id: str) -> str:
         """The tenant's request-rate state (``api.ratelimit``), under its hash tag."""
         return f"{self.prefix}:{{t:{tenant_id}}}:rate"

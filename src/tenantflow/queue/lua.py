@@ -132,12 +132,19 @@ return at
 #       nothing), weights (HASH tenant -> share, default 1); each tenant's keys are reached by
 #       name: ARGV[1] .. ':{t:<tenant>}:' .. stream|delayed|live|dead|seq (``keys.Keys.tenant``).
 # ARGV: prefix, group, consumer, count, min_idle_ms, max_deliveries, default cap, dead_maxlen,
-#       look (how many tenants beyond count one call may examine), then tenants to skip.
-# First gives the tenants due for a look theirs (delayed messages made ready, lapsed leases
-# found), then serves the tenants at the front of the ready set, each its share of count by
-# its weight and pass (``fairness``; reclaimed messages first), moving each on by what it took
-# over its weight; a tenant skipped or at its cap stays ready but moves behind the tenants
-# looked at, so a call looks at no more than count + look tenants and none holds up the others.
+#       look (how many tenants beyond count one call may examine), this call's id, n, then n
+#       ids of calls whose replies arrived, m, then m ids of calls whose replies did not, then
+#       tenants to skip.
+# A call that delivers keeps its deliveries under ARGV[1] .. ':taken:' .. consumer .. ':' ..
+# id (``keys.Keys.taken``) for min_idle_ms, dropped once its reply arrived. First it delivers
+# again those of calls whose replies were lost (a connection reset after the script ran) that
+# are still this consumer's with the same count, so they are served now, not reclaimed a lease
+# later. Then gives the tenants due for a look theirs (delayed messages made ready, lapsed
+# leases found), then serves the tenants at the front of the ready set, each its share of
+# count by its weight and pass (``fairness``; reclaimed messages first), moving each on by
+# what it took over its weight; a tenant skipped or at its cap stays ready but moves behind
+# the tenants looked at, so a call looks at no more than count + look tenants and none holds
+# up the others.
 # Returns the Redis time (ms), the time of the next look due (-1: none), then per message:
 # tenant, id, run, priority, total deliveries, Redis delivery count, traceparent ('' for none).
 DISPATCH = (
@@ -147,8 +154,15 @@ local READY, DUE, CAPS, WEIGHTS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, group, consumer = ARGV[1], ARGV[2], ARGV[3]
 local count, min_idle, max_deliveries = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local default_cap, dead_maxlen, look = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
+local function taken_key(call) return prefix .. ':taken:' .. consumer .. ':' .. call end
+local call, arg = ARGV[10], 11
+local answered, unanswered = {}, {}
+for _, list in ipairs({answered, unanswered}) do
+  for i = arg + 1, arg + tonumber(ARGV[arg]) do list[#list + 1] = ARGV[i] end
+  arg = arg + tonumber(ARGV[arg]) + 1
+end
 local skip = {}
-for i = 10, #ARGV do skip[ARGV[i]] = true end
+for i = arg, #ARGV do skip[ARGV[i]] = true end
 local now = now_ms()
 local out = {}
 local function tenant(t)
@@ -249,6 +263,26 @@ local function visit(want, cap)
   return taken, redis.call('XLEN', K[1]) - pending_count()
 end
 
+for _, c in ipairs(answered) do redis.call('DEL', taken_key(c)) end
+-- Deliveries of a call whose reply this consumer never got, still its own with the same count:
+-- delivered again, with a fresh lease, before anything new.
+local recovered = 0
+for _, c in ipairs(unanswered) do
+  local stored = redis.call('GET', taken_key(c))
+  if stored then
+    redis.call('DEL', taken_key(c))
+    local lost = cjson.decode(stored)
+    for i = 1, #lost, 7 do
+      tenant(lost[i])
+      if owned_entry(group, lost[i + 1], consumer, lost[i + 5]) then
+        redis.call('XCLAIM', K[1], group, consumer, 0, lost[i + 1], 'JUSTID')
+        for j = i, i + 6 do table.insert(out, lost[j]) end
+        recovered = recovered + 1
+      end
+    end
+  end
+end
+
 for _, t in ipairs(redis.call('ZRANGEBYSCORE', DUE, '-inf', now, 'LIMIT', 0, look)) do
   tenant(t)
   promote()
@@ -290,7 +324,7 @@ local function share(budget)
     for k = 1, left do turn[order[k]].want = turn[order[k]].want + 1 end
   end
 end
-local left = count
+local left = count - recovered
 while left > 0 and #turn > 0 do
   share(left)
   local next_turn = {}
@@ -319,6 +353,7 @@ while left > 0 and #turn > 0 do
   turn = next_turn
 end
 
+if #out > 0 then redis.call('SET', taken_key(call), cjson.encode(out), 'PX', min_idle) end
 local first_due = redis.call('ZRANGE', DUE, 0, 0, 'WITHSCORES')
 table.insert(out, 1, tonumber(first_due[2]) or -1)
 table.insert(out, 1, now)

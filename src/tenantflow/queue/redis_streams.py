@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import secrets
 import time
@@ -94,6 +95,12 @@ class RedisStreamsQueue:
         self._next_look: float | None = None  # monotonic time of the next look due
         self._epoch: str | None = None  # the data set this process last saw
         self._trimmed = -math.inf
+        # Dispatch calls, per consumer: those whose replies with deliveries arrived (their
+        # kept copies are dropped by the next call), and those whose replies did not, with
+        # until when to ask for them (see ``lua.DISPATCH``).
+        self._calls = (f"{secrets.token_hex(4)}.{n}" for n in itertools.count())
+        self._answered: dict[str, list[str]] = {}
+        self._unanswered: dict[str, dict[str, float]] = {}
         # Blocking waits get a client (and connections) of their own; each wait has its own
         # deadline (its block time plus the command timeout), set around the call.
         self._timeout = timeout
@@ -265,6 +272,16 @@ class RedisStreamsQueue:
         await self._tell(told, self.keys.weights, weights)
         min_idle = max(1, int(visibility_timeout * 1000))
         block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
+        call = next(self._calls)
+        answered = self._answered.pop(consumer, [])
+        unanswered = self._unanswered.setdefault(consumer, {})
+        now = time.monotonic()
+        # Asked for until their copies lapse, even after a reply: a call held up on the way
+        # (a link that stalled) may run after the one that asked.
+        asked = [c for c, until in unanswered.items() if until > now]
+        for c in [c for c in unanswered if c not in asked]:
+            del unanswered[c]
+        unanswered[call] = now + visibility_timeout  # until its reply arrives
 
         def build(pipe: Commands) -> None:
             if wait is not None:
@@ -284,6 +301,11 @@ class RedisStreamsQueue:
                     self.tenant_max_inflight,
                     DEAD_LETTERS_MAX,
                     DISPATCH_LOOK,
+                    call,
+                    len(answered),
+                    *answered,
+                    len(asked),
+                    *asked,
                     *skip,
                 ],
             )
@@ -300,13 +322,16 @@ class RedisStreamsQueue:
                     # Redis away: behave as a poll. (A script's error goes to the caller,
                     # whose retries back off.)
                     log.warning("queue wake-up wait failed", error=type(exc).__name__)
-                    self._told = dict.fromkeys(self._told)
+                    self._unreplied(consumer, answered)
                     await asyncio.sleep(wait)
                     return []
         except BaseException:
-            self._told = dict.fromkeys(self._told)  # unknown whether they were written
+            self._unreplied(consumer, answered)
             raise
+        del unanswered[call]
         now_ms, next_ms, *flat = replies[-1]
+        if flat:
+            self._answered.setdefault(consumer, []).append(call)
         self._next_look = (
             None if int(next_ms) < 0 else time.monotonic() + (int(next_ms) - int(now_ms)) / 1000
         )
@@ -325,6 +350,11 @@ class RedisStreamsQueue:
                 )
             )
         return out
+
+    def _unreplied(self, consumer: str, answered: list[str]) -> None:
+        """A dispatch call without its reply: whether it ran, and what it wrote, is unknown."""
+        self._told = dict.fromkeys(self._told)
+        self._answered.setdefault(consumer, []).extend(answered)  # dropped by the next call
 
     @staticmethod
     def _receipt(message: Message) -> tuple[str, str]:
