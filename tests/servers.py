@@ -4,6 +4,7 @@ databases, a low ``max_connections``)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -41,6 +42,7 @@ class OwnPostgres:
         self.port = free_port()
         self.settings = {"max_connections": "100", "fsync": "off", **(settings or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self._frozen: list[int] = []  # server processes stopped by freeze_all
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         assert found, "PostgreSQL's server binaries are needed (Debian's postgresql package)"
         self.bin = Path(found[-1])
@@ -119,7 +121,27 @@ class OwnPostgres:
                 gone = gone + 1 if row is not None and row[0] == 0 else 0
                 time.sleep(0.05)
 
+    def freeze_all(self) -> None:
+        """Stop every process of the server (SIGSTOP), its sessions' too: statements sent on
+        an open session are never answered, while the kernel still takes the bytes and
+        answers TCP keepalives, as with a frozen host. ``thaw`` ends it."""
+        children = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.postmaster_pid)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        self._frozen = [int(pid) for pid in children]
+        self.freeze()
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
     def thaw(self) -> None:
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._frozen = []
         os.kill(self.postmaster_pid, signal.SIGCONT)
         if self.proc is not None:  # runuser stops itself when its child stops
             os.kill(self.proc.pid, signal.SIGCONT)

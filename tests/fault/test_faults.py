@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ class Scenario:
     # Injects the fault; returns when the fault has ended (the server answers again).
     inject: Callable[[Servers, Workers, set[int]], Awaitable[None]]
     recovery_bound: float  # seconds after the fault ended
+    settings: dict[str, Any] = field(default_factory=dict)  # of every process
     # Why the recovery bound is not met yet, where it is not: the counts must still be 0.
     not_met: str | None = None
 
@@ -133,6 +134,12 @@ def restart_postgres(sig: signal.Signals, down: float) -> Callable[..., Awaitabl
     return inject
 
 
+async def freeze_postgres(s: Servers, w: Workers, faulted: set[int]) -> None:
+    s.pg.freeze_all()  # sessions open, never answered: only the clients' own bound ends them
+    await asyncio.sleep(6.0)
+    s.pg.thaw()
+
+
 def through_proxy(which: str, mode: str, seconds: float) -> Callable[..., Awaitable[None]]:
     async def inject(s: Servers, w: Workers, faulted: set[int]) -> None:
         proxy = s.pg_proxy if which == "postgres" else s.redis_proxy
@@ -155,6 +162,13 @@ SCENARIOS = [
     Scenario("PostgreSQL restart -m fast", 4.0, restart_postgres(signal.SIGINT, 0.5), 4.0),
     Scenario("PostgreSQL restart -m immediate", 4.0, restart_postgres(signal.SIGQUIT, 0.5), 4.0),
     Scenario("PostgreSQL down past the lease", 4.0, restart_postgres(signal.SIGINT, 6.0), 4.0),
+    Scenario(
+        "PostgreSQL frozen 6 s, sessions open",
+        4.0,
+        freeze_postgres,
+        4.0,
+        settings={"database_timeout_seconds": 2.0},
+    ),
     Scenario("PostgreSQL link: 50 ms latency", 4.0, through_proxy("postgres", "latency", 3), 4.0),
     Scenario("PostgreSQL link: blackhole 3 s", 4.0, through_proxy("postgres", "blackhole", 3), 4.0),
     Scenario("PostgreSQL link: reset", 4.0, through_proxy("postgres", "reset", 0.2), 4.0),
@@ -174,11 +188,11 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 async def installation(
     servers: Servers, tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[Callable[[float], Awaitable[tuple[Runtime, Workers, Path]]]]:
+) -> AsyncIterator[Callable[..., Awaitable[tuple[Runtime, Workers, Path]]]]:
     servers.ensure_up()
     made: list[tuple[Runtime, Workers]] = []
 
-    async def make(lease: float) -> tuple[Runtime, Workers, Path]:
+    async def make(lease: float, **overrides: Any) -> tuple[Runtime, Workers, Path]:
         name = f"f{len(REPORT)}x{os.getpid() % 1000}"
         pg_url = f"postgresql://postgres@{servers.pg_proxy.url_netloc}/postgres"
         settings = Settings(
@@ -189,6 +203,7 @@ async def installation(
             tenant_db_prefix=f"{name}_",
             lease_seconds=lease,
             log_level="WARNING",
+            **overrides,
         )
         runtime = Runtime(settings)
         for tenant in TENANTS:
@@ -217,9 +232,9 @@ async def installation(
 async def test_fault(
     scenario: Scenario,
     servers: Servers,
-    installation: Callable[[float], Awaitable[tuple[Runtime, Workers, Path]]],
+    installation: Callable[..., Awaitable[tuple[Runtime, Workers, Path]]],
 ) -> None:
-    runtime, workers, ledger = await installation(scenario.lease_seconds)
+    runtime, workers, ledger = await installation(scenario.lease_seconds, **scenario.settings)
     client = Client(fault_app.app, runtime=runtime)
     counts = Counts(scenario.name, scenario.lease_seconds)
     accepted: dict[int, str] = {}

@@ -23,7 +23,7 @@ import pytest
 from tenantflow import Client, Runtime, StoreUnavailableError
 from tenantflow.api.app import create_api
 from tenantflow.platform.identity import Role
-from tenantflow.store.db import PostgresDatabase
+from tenantflow.store.db import HOLD_MARGIN_SECONDS, PostgresDatabase
 from tenantflow.store.sql import SqlRunStore
 from tests.apps import api as workflows
 from tests.apps import durable, effects
@@ -152,6 +152,29 @@ async def test_a_server_that_accepts_no_connection_is_an_error_within_the_wait(
         finally:
             own_pg.thaw()
         assert (await tenant.start(workflows.greet, "thawed")).run_id
+    assert runtime.router.budget.open <= 1
+
+
+async def test_a_server_that_stops_answering_mid_session_is_an_error_within_its_bound(
+    own_pg: OwnPostgres, make_runtime: MakeRuntime
+) -> None:
+    """Every server process frozen with sessions open: the kernel still takes the bytes and
+    answers keepalives, and the server's own statement timeout cannot fire, so only the
+    client's bound ends the statement (TENANTFLOW_DATABASE_TIMEOUT_SECONDS plus a margin);
+    the call gets StoreUnavailableError, the connection is dropped, and once the server is
+    back the next call succeeds."""
+    runtime = make_runtime("hung", database_wait_seconds=WAIT, database_timeout_seconds=1)
+    runtime.registry.create("acme")
+    tenant = Client(workflows.app, runtime=runtime).tenant("acme")
+    handle = await tenant.start(workflows.greet, "before")  # a session open, and idle
+    bound = 1 + HOLD_MARGIN_SECONDS
+    own_pg.freeze_all()
+    try:
+        with pytest.raises(StoreUnavailableError, match=f"did not answer within {bound:g} s"):
+            await within(bound + 1.0, handle.describe())
+    finally:
+        own_pg.thaw()
+    assert (await within(5.0, handle.describe())).id == handle.run_id
     assert runtime.router.budget.open <= 1
 
 

@@ -195,6 +195,9 @@ class _PgTx:
             await cur.executemany(_pg_sql(sql), params)
 
 
+HOLD_MARGIN_SECONDS = 2.0
+
+
 def pg_connect_args(timeout: float) -> dict[str, Any]:
     """libpq connection arguments: a connect timeout (``timeout`` 0: none) and TCP keepalives,
     which notice a server that vanished from the network."""
@@ -257,7 +260,12 @@ class PostgresDatabase:
         self._own_budget = budget is None
         if budget is None:
             budget = ConnectionBudget(max_size, wait=max(timeout, 1.0) if timeout > 0 else 30.0)
-        self.pool = ConnectionPool(budget, conninfo, self._connect, max_size=max_size)
+        # The server ends a statement at ``timeout``; one that does not answer for a moment
+        # longer is not going to (frozen, or gone with the network still taking the bytes).
+        hold = timeout + HOLD_MARGIN_SECONDS if timeout > 0 else None
+        self.pool = ConnectionPool(
+            budget, conninfo, self._connect, max_size=max_size, hold_limit=hold
+        )
         self._session_sql = pg_session_limits(timeout)
         self._batch: list[_Batched] = []
         self._flushing: set[asyncio.Task[None]] = set()

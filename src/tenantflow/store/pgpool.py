@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -242,9 +244,24 @@ def _alive(conn: AsyncConnection[Any]) -> bool:
     return not readable
 
 
+def _cut(conn: AsyncConnection[Any], cut: list[bool]) -> None:
+    """End the connection's socket for both directions (its file descriptor stays psycopg's):
+    a statement waiting for an answer sees the end of the stream at once, and the connection
+    is broken. Cancelling the statement instead would wait on the frozen server as well."""
+    with contextlib.suppress(OSError, ValueError):
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
+        cut.append(True)
+
+
 class ConnectionPool:
     """Connections to ``database`` (its conninfo), at most ``max_size`` in use at once by
-    this pool, drawn from a budget."""
+    this pool, drawn from a budget. A caller that holds a connection longer than
+    ``hold_limit`` (a server that stopped answering: frozen, or its host gone while the
+    network still takes the bytes) has it cut, and gets :class:`StoreUnavailableError`."""
 
     def __init__(
         self,
@@ -253,10 +270,12 @@ class ConnectionPool:
         connect: Callable[[], Awaitable[AsyncConnection[Any]]],
         *,
         max_size: int,
+        hold_limit: float | None = None,
     ) -> None:
         self.budget = budget
         self.database = database
         self.connect = connect
+        self.hold_limit = hold_limit
         self._in_use = asyncio.Semaphore(max_size)
 
     @contextlib.asynccontextmanager
@@ -269,12 +288,22 @@ class ConnectionPool:
             raise DatabaseBusyError() from None
         try:
             conn = await self.budget.checkout(self, deadline)
+            cut: list[bool] = []
+            timer = None
+            if self.hold_limit is not None:
+                timer = asyncio.get_running_loop().call_later(self.hold_limit, _cut, conn, cut)
             try:
                 yield conn
             except BaseException as exc:
                 from psycopg import Error
 
+                if timer is not None:
+                    timer.cancel()
                 self.budget.checkin(conn, failed=isinstance(exc, Error))
+                if isinstance(exc, Error) and cut:
+                    raise StoreUnavailableError(
+                        f"the database did not answer within {self.hold_limit:g} s"
+                    ) from None
                 if isinstance(exc, Error) and conn.broken:
                     # The server went away under the statement (a shutdown, a restart, a
                     # session ended): whether it took effect is unknown, as with any
@@ -284,6 +313,8 @@ class ConnectionPool:
                     ) from exc
                 raise
             else:
+                if timer is not None:
+                    timer.cancel()
                 self.budget.checkin(conn)
         finally:
             self._in_use.release()
