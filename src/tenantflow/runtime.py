@@ -182,9 +182,12 @@ class Runtime:
         """The tenant's license (None: on no plan, not limited); fetched in a thread when
         due, from memory otherwise."""
         artifacts = self.artifacts
-        if artifacts.needs_refresh(tenant_id):
-            return await asyncio.to_thread(artifacts.license, tenant_id)
-        return artifacts.license(tenant_id)
+        tenant = self.router.cached(tenant_id)
+        if tenant is None:
+            tenant = await asyncio.to_thread(self.router.tenant, tenant_id)
+        if artifacts.needs_refresh(tenant_id, tenant.uid):
+            return await asyncio.to_thread(artifacts.license, tenant_id, tenant.uid)
+        return artifacts.license(tenant_id, tenant.uid)
 
     async def note_work(self, tenant_id: str, *, again: bool = False) -> None:
         """Mark the tenant as one with work, in the platform database, before a run of it is

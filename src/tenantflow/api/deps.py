@@ -6,6 +6,8 @@ sends elsewhere (path, query, body, headers) can name another tenant.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -14,7 +16,14 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tenantflow.errors import AuthenticationError, InvalidInputError, Issue, PermissionDeniedError
+from tenantflow.errors import (
+    AuthenticationError,
+    InvalidInputError,
+    InvalidSignatureError,
+    Issue,
+    PermissionDeniedError,
+    TenantNotFoundError,
+)
 from tenantflow.platform.identity import Role
 from tenantflow.platform.keys import verify
 from tenantflow.platform.service import (
@@ -93,9 +102,25 @@ async def get_principal(
     except jwt.PyJWTError:
         kid = None
     keys = runtime.artifacts.keys(kid=None if kid is None else str(kid))
-    principal = principal_from_claims(verify(token, keys, typ=ACCESS_TYP, audience=ACCESS_AUDIENCE))
+    claims = verify(token, keys, typ=ACCESS_TYP, audience=ACCESS_AUDIENCE)
+    principal = principal_from_claims(claims)
+    if principal.tenant_id is not None:
+        await _same_tenant(runtime, principal.tenant_id, claims.get("tuid"))
     request.state.principal = principal
     return principal
+
+
+async def _same_tenant(runtime: Runtime, tenant_id: str, uid: object) -> None:
+    """A token names its tenant's identity: after an offboarding, a new tenant under the same
+    id is another tenant, which no token of the old one reaches."""
+    tenant = runtime.router.cached(tenant_id)
+    if tenant is None:
+        try:
+            tenant = await asyncio.to_thread(runtime.router.tenant, tenant_id)
+        except TenantNotFoundError:
+            raise InvalidSignatureError("the token's tenant no longer exists") from None
+    if not isinstance(uid, str) or not hmac.compare_digest(uid, tenant.uid):
+        raise InvalidSignatureError("the token's tenant no longer exists")
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

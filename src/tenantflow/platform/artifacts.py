@@ -48,6 +48,13 @@ class _Cached:
     fetched_at: float
 
 
+def _of(cached: _Cached, uid: str | None) -> bool:
+    """Whether the license is the tenant's ``uid``'s (licenses issued before tenants had an
+    identity name none, and are taken as the tenant's)."""
+    claims = cached.claims
+    return uid is None or claims is None or claims.tenant_uid in (None, uid)
+
+
 class DiskCache:
     """JSON documents in a folder of this process's own (``0700``, each file ``0600``: the
     tenant router's hold database URLs), each replaced whole; one that is missing or cannot be
@@ -136,24 +143,31 @@ class PlatformArtifacts:
 
     # -- licenses ----------------------------------------------------------------------------
 
-    def license(self, tenant_id: str) -> LicenseClaims | None:
+    def license(self, tenant_id: str, uid: str | None = None) -> LicenseClaims | None:
         """The tenant's verified, unexpired license; None if the tenant is on no plan. A
         ``LicenseError`` if it has none valid (expired through a long platform outage,
-        say)."""
+        say), or only one issued to another tenant of the same id than ``uid`` (offboarded
+        since: fetched again at once, to find the new tenant's)."""
         now = self.clock()
         cached = self._licenses.get(tenant_id)
-        if cached is None or now - cached.fetched_at > self.refresh_seconds:
+        if cached is None or self.needs_refresh(tenant_id, uid):
             cached = self._refresh_license(tenant_id, now, cached)
         if cached.document is None:
             return None
         if cached.claims is None or cached.claims.expires_at <= now:
             raise LicenseError("the tenant's license has expired")
+        if not _of(cached, uid):
+            raise LicenseError("the tenant's license was issued to another tenant of its id")
         return cached.claims
 
-    def needs_refresh(self, tenant_id: str) -> bool:
+    def needs_refresh(self, tenant_id: str, uid: str | None = None) -> bool:
         """Whether ``license`` would fetch (so an async caller runs it in a thread)."""
         cached = self._licenses.get(tenant_id)
-        return cached is None or self.clock() - cached.fetched_at > self.refresh_seconds
+        return (
+            cached is None
+            or self.clock() - cached.fetched_at > self.refresh_seconds
+            or not _of(cached, uid)
+        )
 
     def _refresh_license(self, tenant_id: str, now: float, cached: _Cached | None) -> _Cached:
         name = f"license-{tenant_id}.json"

@@ -7,6 +7,7 @@ is enough for a secret that cannot be guessed (argon2 protects low-entropy passw
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -66,6 +67,7 @@ class Membership:
     tenant_id: str
     role: Role
     created_at: float
+    tenant_uid: str | None = None  # the identity of the tenant it was made in
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +78,7 @@ class ApiKey:
     role: Role
     created_at: float
     revoked_at: float | None
+    tenant_uid: str | None = None  # the identity of the tenant it was made in
 
 
 def normalize_email(email: str) -> str:
@@ -102,6 +105,7 @@ def _key(row: Any) -> ApiKey:
         role=Role(row.role),
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        tenant_uid=row.tenant_uid,
     )
 
 
@@ -222,10 +226,11 @@ class Identity:
         now = self.clock()
         with self.engine.begin() as conn:
             # Lock the tenant's row: seat counting and the insert happen one at a time.
-            locked = sa.select(tenants.c.id).where(tenants.c.id == tenant_id)
+            locked = sa.select(tenants.c.uid).where(tenants.c.id == tenant_id)
             if conn.dialect.name == "postgresql":
                 locked = locked.with_for_update()
-            if conn.execute(locked).first() is None:
+            tenant = conn.execute(locked).first()
+            if tenant is None:
                 raise TenantNotFoundError()
             existing = conn.execute(
                 sa.select(memberships.c.role).where(
@@ -247,11 +252,18 @@ class Identity:
                     raise SeatLimitError(f"the tenant's plan has {seats} seats, all taken")
                 conn.execute(
                     memberships.insert().values(
-                        user_id=user_id, tenant_id=tenant_id, role=role.value, created_at=now
+                        user_id=user_id,
+                        tenant_id=tenant_id,
+                        tenant_uid=tenant.uid,
+                        role=role.value,
+                        created_at=now,
                     )
                 )
                 previous = None
-        return Membership(user_id=user_id, tenant_id=tenant_id, role=role, created_at=now), previous
+        made = Membership(
+            user_id=user_id, tenant_id=tenant_id, role=role, created_at=now, tenant_uid=tenant.uid
+        )
+        return made, previous
 
     def remove_membership(self, user_id: str, tenant_id: str) -> None:
         with self.engine.begin() as conn:
@@ -298,15 +310,15 @@ class Identity:
             revoked_at=None,
         )
         with self.engine.begin() as conn:
-            if (
-                conn.execute(sa.select(tenants.c.id).where(tenants.c.id == tenant_id)).first()
-                is None
-            ):
+            tenant = conn.execute(sa.select(tenants.c.uid).where(tenants.c.id == tenant_id)).first()
+            if tenant is None:
                 raise TenantNotFoundError()
+            key = dataclasses.replace(key, tenant_uid=tenant.uid)
             conn.execute(
                 api_keys.insert().values(
                     id=key_id,
                     tenant_id=tenant_id,
+                    tenant_uid=tenant.uid,
                     name=name,
                     role=role.value,
                     secret_hash=_digest(secret),
@@ -373,4 +385,5 @@ def _membership(row: Any) -> Membership:
         tenant_id=row.tenant_id,
         role=Role(row.role),
         created_at=row.created_at,
+        tenant_uid=row.tenant_uid,
     )

@@ -131,6 +131,7 @@ class LicenseClaims:
     quotas: Quotas
     issued_at: float
     expires_at: float
+    tenant_uid: str | None = None  # the identity of the tenant it was issued to
 
     def entitles(self, code: str) -> bool:
         return "*" in self.entitlements or code in self.entitlements
@@ -145,6 +146,7 @@ class LicenseClaims:
             quotas=Quotas.from_mapping(claims.get("quotas") or {}),
             issued_at=float(claims["iat"]),
             expires_at=float(claims["exp"]),
+            tenant_uid=str(claims["tuid"]) if "tuid" in claims else None,
         )
 
 
@@ -237,7 +239,7 @@ class Licensing:
         """Sign a license for the tenant's current plan."""
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(tenants.c.plan_id).where(tenants.c.id == tenant_id)
+                sa.select(tenants.c.plan_id, tenants.c.uid).where(tenants.c.id == tenant_id)
             ).first()
         if row is None:
             raise NotFoundError(f"no tenant {tenant_id!r}")
@@ -250,6 +252,7 @@ class Licensing:
             {
                 "jti": license_id,
                 "tid": tenant_id,
+                "tuid": row.uid,
                 "plan": plan.id,
                 "entitlements": list(plan.entitlements),
                 "quotas": dataclasses.asdict(plan.quotas),

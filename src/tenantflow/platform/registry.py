@@ -17,6 +17,7 @@ import multiprocessing
 import re
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -74,6 +75,8 @@ class DatabaseServer:
 @dataclass(frozen=True, kw_only=True)
 class Tenant:
     id: str
+    # Its identity, which credentials name: an id reused after an offboarding gets a new one.
+    uid: str
     name: str
     status: TenantStatus
     created_at: float
@@ -99,6 +102,7 @@ def check_tenant_id(tenant_id: str) -> str:
 def _tenant(row: Any) -> Tenant:
     return Tenant(
         id=row.id,
+        uid=row.uid,
         name=row.name,
         status=TenantStatus(row.status),
         created_at=row.created_at,
@@ -350,6 +354,7 @@ class TenantRegistry:
         url = self.provisioner_for(server.id).create_database(tenant_id)
         tenant = Tenant(
             id=tenant_id,
+            uid=uuid.uuid4().hex,
             name=name or tenant_id,
             status=TenantStatus.ACTIVE,
             created_at=time.time(),
@@ -363,6 +368,7 @@ class TenantRegistry:
                 conn.execute(
                     tenants_table.insert().values(
                         id=tenant.id,
+                        uid=tenant.uid,
                         name=tenant.name,
                         status=tenant.status.value,
                         created_at=tenant.created_at,
@@ -571,6 +577,14 @@ class TenantRouter:
         self._on_disk: dict[str, dict[str, Any]] = {}
         self._pins: dict[str, int] = {}
         self._closing: dict[asyncio.Task[None], RunStore] = {}
+
+    def cached(self, tenant_id: str) -> Tenant | None:
+        """The record ``tenant`` would answer from its cache now, without asking the registry
+        (None: it would ask)."""
+        cached = self._tenants.get(tenant_id)
+        if cached is not None and time.monotonic() - cached[0] < TENANT_CACHE_SECONDS:
+            return cached[1]
+        return None
 
     def tenant(self, tenant_id: str) -> Tenant:
         """The registry's record, cached for a couple of seconds."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-PLATFORM_HEAD = "p0003"
+PLATFORM_HEAD = "p0004"
 
 metadata = sa.MetaData()
 
@@ -28,6 +28,8 @@ tenants = sa.Table(
     "tenants",
     metadata,
     sa.Column("id", sa.String(63), primary_key=True),
+    # Its identity: new for every tenant, never reused, unlike the id (see p0004).
+    sa.Column("uid", sa.String(32), nullable=False),
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("plan_id", sa.String(63)),
@@ -35,6 +37,7 @@ tenants = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("database_url", sa.Text, nullable=False, unique=True),  # a secret
     sa.Column("revision", sa.String(32)),
+    sa.UniqueConstraint("uid", name="uq_tenants_uid"),
 )
 
 # Tenants that may have unfinished runs or outbox records: the ones background sweeps visit.
@@ -62,6 +65,7 @@ memberships = sa.Table(
     metadata,
     sa.Column("user_id", sa.String(36), primary_key=True),
     sa.Column("tenant_id", sa.String(63), primary_key=True),
+    sa.Column("tenant_uid", sa.String(32)),  # the tenant's identity when it was made
     sa.Column("role", sa.String(32), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Index("ix_memberships_tenant", "tenant_id"),
@@ -72,6 +76,7 @@ api_keys = sa.Table(
     metadata,
     sa.Column("id", sa.String(32), primary_key=True),  # public part of the key
     sa.Column("tenant_id", sa.String(63), nullable=False),
+    sa.Column("tenant_uid", sa.String(32)),  # the tenant's identity when it was made
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("role", sa.String(32), nullable=False),
     sa.Column("secret_hash", sa.String(64), nullable=False),  # SHA-256 of the secret part

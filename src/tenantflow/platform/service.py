@@ -250,8 +250,8 @@ class Platform:
         if membership is None:
             # The same answer as for a tenant that does not exist.
             raise AuthenticationError("no membership in this tenant")
-        self._active(tenant_id)
-        return self._sign(user.id, tenant_id, membership.role, platform_admin=False)
+        tenant = self._active(tenant_id, membership.tenant_uid)
+        return self._sign(user.id, tenant, membership.role, platform_admin=False)
 
     def record_lockout(self, scope: str, subject: str, details: Mapping[str, Any]) -> None:
         """Audit a sign-in lock-out (``sign_in.locked_out``): of an ``account`` (``subject``
@@ -268,17 +268,22 @@ class Platform:
 
     def token_for_api_key(self, presented: str) -> Token:
         key = self.identity.authenticate_api_key(presented)
-        self._active(key.tenant_id)
-        return self._sign(f"key:{key.id}", key.tenant_id, key.role, platform_admin=False)
+        tenant = self._active(key.tenant_id, key.tenant_uid)
+        return self._sign(f"key:{key.id}", tenant, key.role, platform_admin=False)
 
-    def _active(self, tenant_id: str) -> None:
+    def _active(self, tenant_id: str, uid: str | None) -> Tenant:
+        """The tenant a credential was made in: the same tenant, not only the same id (an id
+        may be reused after an offboarding, with a new identity)."""
         try:
-            self.registry.get(tenant_id)
+            tenant = self.registry.get(tenant_id)
         except TenantNotFoundError:
             raise AuthenticationError("no membership in this tenant") from None
+        if uid is None or tenant.uid != uid:
+            raise AuthenticationError("no membership in this tenant")
+        return tenant
 
     def _sign(
-        self, subject: str, tenant_id: str | None, role: Role | None, *, platform_admin: bool
+        self, subject: str, tenant: Tenant | None, role: Role | None, *, platform_admin: bool
     ) -> Token:
         now = int(time.time())
         ttl = int(self.settings.token_ttl_seconds)
@@ -289,8 +294,9 @@ class Platform:
             "iat": now,
             "exp": now + ttl,
         }
-        if tenant_id is not None:
-            claims["tid"] = tenant_id
+        if tenant is not None:
+            claims["tid"] = tenant.id
+            claims["tuid"] = tenant.uid  # checked on every request (api.deps)
         if role is not None:
             claims["role"] = role.value
         if platform_admin:
@@ -298,7 +304,7 @@ class Platform:
         return Token(
             access_token=self.keys.sign(claims, typ=ACCESS_TYP),
             expires_in=ttl,
-            tenant_id=tenant_id,
+            tenant_id=None if tenant is None else tenant.id,
             role=role,
         )
 
