@@ -612,7 +612,9 @@ class TenantRouter:
             tenant = last
         else:
             self._keep_on_disk(tenant_id, tenant)
-        self._tenants[tenant_id] = (now, tenant)
+        # Fresh from the end of the read: with the platform database away, a read takes its
+        # whole connect bound, and the next call must not pay it again at once.
+        self._tenants[tenant_id] = (time.monotonic(), tenant)
         return tenant
 
     def _keep_on_disk(self, tenant_id: str, tenant: Tenant | None) -> None:
