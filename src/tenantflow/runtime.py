@@ -182,9 +182,7 @@ class Runtime:
         """The tenant's license (None: on no plan, not limited); fetched in a thread when
         due, from memory otherwise."""
         artifacts = self.artifacts
-        tenant = self.router.cached(tenant_id)
-        if tenant is None:
-            tenant = await asyncio.to_thread(self.router.tenant, tenant_id)
+        tenant = await self.router.tenant_async(tenant_id)
         if artifacts.needs_refresh(tenant_id, tenant.uid):
             return await asyncio.to_thread(artifacts.license, tenant_id, tenant.uid)
         return artifacts.license(tenant_id, tenant.uid)

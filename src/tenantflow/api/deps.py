@@ -6,7 +6,6 @@ sends elsewhere (path, query, body, headers) can name another tenant.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
@@ -113,12 +112,10 @@ async def get_principal(
 async def _same_tenant(runtime: Runtime, tenant_id: str, uid: object) -> None:
     """A token names its tenant's identity: after an offboarding, a new tenant under the same
     id is another tenant, which no token of the old one reaches."""
-    tenant = runtime.router.cached(tenant_id)
-    if tenant is None:
-        try:
-            tenant = await asyncio.to_thread(runtime.router.tenant, tenant_id)
-        except TenantNotFoundError:
-            raise InvalidSignatureError("the token's tenant no longer exists") from None
+    try:
+        tenant = await runtime.router.tenant_async(tenant_id)
+    except TenantNotFoundError:
+        raise InvalidSignatureError("the token's tenant no longer exists") from None
     if not isinstance(uid, str) or not hmac.compare_digest(uid, tenant.uid):
         raise InvalidSignatureError("the token's tenant no longer exists")
 

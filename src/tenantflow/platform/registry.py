@@ -586,6 +586,11 @@ class TenantRouter:
             return cached[1]
         return None
 
+    async def tenant_async(self, tenant_id: str) -> Tenant:
+        """``tenant`` for async callers: from the cache, or read in a thread."""
+        cached = self.cached(tenant_id)
+        return cached if cached is not None else await asyncio.to_thread(self.tenant, tenant_id)
+
     def tenant(self, tenant_id: str) -> Tenant:
         """The registry's record, cached for a couple of seconds."""
         cached = self._tenants.get(tenant_id)
