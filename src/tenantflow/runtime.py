@@ -26,6 +26,9 @@ from tenantflow.telemetry.metrics import Metrics
 from tenantflow.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
+    import redis
+
+    from tenantflow.platform.access import AccessGuard, Change
     from tenantflow.platform.artifacts import PlatformArtifacts
     from tenantflow.platform.licensing import LicenseClaims
     from tenantflow.platform.service import Platform
@@ -144,6 +147,8 @@ class Runtime:
         self._unmarked: set[str] = set()  # marks that failed, retried by _mark_again
         self._remarker: asyncio.Task[None] | None = None
         self._health: HealthMonitor | None = None
+        self._access: AccessGuard | None = None
+        self._announcer: redis.Redis | None = None
 
     @property
     def health(self) -> HealthMonitor:
@@ -163,7 +168,54 @@ class Runtime:
             from tenantflow.platform.service import Platform
 
             self._platform = Platform(self.registry)
+            self._platform.announce = self._announce
         return self._platform
+
+    @property
+    def access(self) -> AccessGuard:
+        """What each verified token may do now, kept current by changes (``platform.access``)."""
+        if self._access is None:
+            from tenantflow.platform.access import AccessGuard
+
+            shared = redis_of(self.queue)
+
+            async def tenant_uid(tenant_id: str) -> str:
+                return (await self.router.tenant_async(tenant_id)).uid
+
+            self._access = AccessGuard(
+                self.registry.engine,
+                cache_seconds=self.settings.access_cache_seconds,
+                tenant_uid=tenant_uid,
+                redis_url=None if shared is None else self.settings.resolved_queue_url(),
+                channel=None if shared is None else shared.keys.access_changes,
+                connect_timeout=self.settings.redis_timeout_seconds,
+            )
+        return self._access
+
+    def _announce(self, change: Change) -> None:
+        """A change that takes access away, committed: dropped from this process's cache at
+        once, and published to the others (from a platform call's thread: a blocking client).
+        A publish that fails is logged; the others then see the change when their cached
+        grants run out (``STALE_SECONDS`` while the channel cannot prove itself live)."""
+        if change.kind == "tenant":
+            self.router.forget_record(change.id)
+        if self._access is not None:
+            self._access.changed(change)
+        shared = redis_of(self.queue)
+        if shared is None:
+            return
+        try:
+            if self._announcer is None:
+                import redis
+
+                self._announcer = redis.Redis.from_url(
+                    self.settings.resolved_queue_url(),
+                    socket_timeout=self.settings.redis_timeout_seconds,
+                    socket_connect_timeout=self.settings.redis_timeout_seconds,
+                )
+            self._announcer.publish(shared.keys.access_changes, change.encode())
+        except Exception as exc:
+            log_failure(log, "announcing an access change failed", exc, change=change.kind)
 
     @property
     def artifacts(self) -> PlatformArtifacts:
@@ -322,6 +374,10 @@ class Runtime:
     async def close(self) -> None:
         if self._health is not None:
             await self._health.close()
+        if self._access is not None:
+            await self._access.close()
+        if self._announcer is not None:
+            await asyncio.to_thread(self._announcer.close)
         if self._remarker is not None and not self._remarker.done():
             # One last try; marks still failing are logged (a sweep may miss those tenants'
             # runs only if the queue loses their messages as well).

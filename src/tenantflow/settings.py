@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     )
     # -- platform plane and HTTP API --
     token_ttl_seconds: float = Field(default=900, gt=0, description="Access token lifetime.")
+    access_cache_seconds: float = Field(
+        default=10,
+        gt=0,
+        description=(
+            "How long an API process keeps a token's grant (membership, role, key) without "
+            "reading it again, while Redis proves every change reached it; see docs/platform.md."
+        ),
+    )
     license_ttl_seconds: float = Field(
         default=7 * 86400, gt=0, description="License lifetime: how long a platform outage lasts."
     )

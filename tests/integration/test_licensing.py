@@ -22,11 +22,14 @@ from tenantflow.store.records import RunStatus
 from tests.apps import api as workflows
 from tests.conftest import running_worker
 from tests.integration.test_api import (
+    PASSWORD,
     admin,
     assert_problem,
+    bearer,
     finished,
     member,
     platform_call,
+    token,
 )
 
 
@@ -243,16 +246,41 @@ async def test_suspend_and_resume_lose_nothing(runtime: Runtime, http: httpx.Asy
     ]
     suspended = await http.post("/platform/v1/tenants/acme/suspend", headers=root)
     assert suspended.json()["status"] == "suspended"
-    await asyncio.sleep(2.5)  # past the caches of the tenant's record
+    # Every token of the suspended tenant is refused at once, and none is issued.
     assert_problem(await http.post("/v1/runs", json=start, headers=alice), 409, "tenant-suspended")
+    assert_problem(await http.get("/v1/runs", headers=alice), 409, "tenant-suspended")
+    assert_problem(
+        await http.post(
+            "/platform/v1/token",
+            json={
+                "grant_type": "password",
+                "email": "alice@acme.test",
+                "password": PASSWORD,
+                "tenant": "acme",
+            },
+        ),
+        409,
+        "tenant-suspended",
+    )
+    store = runtime.router.store("acme")
     async with running_worker(workflows.app, runtime):
         await asyncio.sleep(1.5)
         for run_id in queued:  # the worker does not take the suspended tenant's runs
-            assert (await http.get(f"/v1/runs/{run_id}", headers=alice)).json()[
-                "status"
-            ] == "queued"
+            run = await store.get_run(run_id)
+            assert run is not None and run.status is RunStatus.QUEUED
         resumed = await http.post("/platform/v1/tenants/acme/resume", headers=root)
         assert resumed.json()["status"] == "active"
+        # A token from before the suspension stays refused; a new one serves.
+        assert_problem(await http.get("/v1/runs", headers=alice), 401, "invalid-token")
+        alice = bearer(
+            await token(
+                http,
+                grant_type="password",
+                email="alice@acme.test",
+                password=PASSWORD,
+                tenant="acme",
+            )
+        )
         for run_id in queued:
             assert (await finished(http, alice, run_id))["status"] == "completed"
 

@@ -6,7 +6,6 @@ sends elsewhere (path, query, body, headers) can name another tenant.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -18,19 +17,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from tenantflow.errors import (
     AuthenticationError,
     InvalidInputError,
-    InvalidSignatureError,
     Issue,
     PermissionDeniedError,
-    TenantNotFoundError,
 )
+from tenantflow.platform.access import Principal
 from tenantflow.platform.identity import Role
 from tenantflow.platform.keys import verify
-from tenantflow.platform.service import (
-    ACCESS_AUDIENCE,
-    ACCESS_TYP,
-    Principal,
-    principal_from_claims,
-)
+from tenantflow.platform.service import ACCESS_AUDIENCE, ACCESS_TYP
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.sdk.client import Client, TenantClient
@@ -100,24 +93,14 @@ async def get_principal(
         kid = jwt.get_unverified_header(token).get("kid")
     except jwt.PyJWTError:
         kid = None
-    keys = runtime.artifacts.keys(kid=None if kid is None else str(kid))
-    claims = verify(token, keys, typ=ACCESS_TYP, audience=ACCESS_AUDIENCE)
-    principal = principal_from_claims(claims)
-    if principal.tenant_id is not None:
-        await _same_tenant(runtime, principal.tenant_id, claims.get("tuid"))
+    kid = None if kid is None else str(kid)
+    claims = verify(
+        token, runtime.artifacts.keys(kid=kid), typ=ACCESS_TYP, audience=ACCESS_AUDIENCE
+    )
+    # What the token may do now: its grant as the platform stands (revoked, changed role).
+    principal = await runtime.access.admit(claims, kid)
     request.state.principal = principal
     return principal
-
-
-async def _same_tenant(runtime: Runtime, tenant_id: str, uid: object) -> None:
-    """A token names its tenant's identity: after an offboarding, a new tenant under the same
-    id is another tenant, which no token of the old one reaches."""
-    try:
-        tenant = await runtime.router.tenant_async(tenant_id)
-    except TenantNotFoundError:
-        raise InvalidSignatureError("the token's tenant no longer exists") from None
-    if not isinstance(uid, str) or not hmac.compare_digest(uid, tenant.uid):
-        raise InvalidSignatureError("the token's tenant no longer exists")
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

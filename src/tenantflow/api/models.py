@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from tenantflow.platform.audit import AuditEntry
-from tenantflow.platform.identity import ApiKey, Role, User
+from tenantflow.platform.identity import ApiKey, Invitation, Role, User
 from tenantflow.platform.licensing import MAX_DISPATCH_WEIGHT, MAX_QUOTA, Plan, Quotas
 from tenantflow.platform.registry import TENANT_ID, Tenant
 from tenantflow.queue.base import DeadLetter
@@ -293,11 +293,52 @@ class UserOut(BaseModel):
     email: str
     platform_admin: bool
     created_at: float
+    disabled: bool
 
     @staticmethod
     def of(u: User) -> UserOut:
         return UserOut(
-            id=u.id, email=u.email, platform_admin=u.is_platform_admin, created_at=u.created_at
+            id=u.id,
+            email=u.email,
+            platform_admin=u.is_platform_admin,
+            created_at=u.created_at,
+            disabled=u.disabled,
+        )
+
+
+class RotateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # After a leak: the access tokens the old keys signed are refused at once.
+    revoke_tokens: bool = Field(default=False, strict=True)
+
+
+class InvitationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: PlainText = Field(max_length=255)
+    role: Role
+
+
+class InvitationOut(BaseModel):
+    id: str
+    tenant: str
+    user_id: str
+    role: Role
+    invited_by: str
+    created_at: float
+    expires_at: float
+
+    @staticmethod
+    def of(i: Invitation) -> InvitationOut:
+        return InvitationOut(
+            id=i.id,
+            tenant=i.tenant_id,
+            user_id=i.user_id,
+            role=i.role,
+            invited_by=i.invited_by,
+            created_at=i.created_at,
+            expires_at=i.expires_at,
         )
 
 

@@ -29,11 +29,14 @@ from tenantflow.api.models import (
     ApiKeyIn,
     ApiKeyOut,
     AuditPage,
+    InvitationIn,
+    InvitationOut,
     LicenseOut,
     MembershipIn,
     MembershipOut,
     PlanIn,
     PlanOut,
+    RotateIn,
     ServerIn,
     ServerOut,
     ServerPatch,
@@ -47,12 +50,18 @@ from tenantflow.api.models import (
 )
 from tenantflow.api.routing import StrictJsonRoute
 from tenantflow.api.signin import SignInGuard
-from tenantflow.errors import InvalidInputError, TenantNotFoundError
+from tenantflow.errors import (
+    ConflictError,
+    InvalidInputError,
+    PermissionDeniedError,
+    TenantNotFoundError,
+)
+from tenantflow.platform.access import Principal
 from tenantflow.platform.identity import Membership, Role
 from tenantflow.platform.keys import Jwks
 from tenantflow.platform.licensing import License
 from tenantflow.platform.registry import DatabaseServer, TenantStatus
-from tenantflow.platform.service import Platform, Principal
+from tenantflow.platform.service import Platform
 from tenantflow.runtime import Runtime
 
 T = TypeVar("T")
@@ -144,8 +153,14 @@ async def jwks(runtime: RuntimeDep) -> Jwks:
 
 
 @router.post("/keys/rotate", responses=problems.responses(413))
-async def rotate_keys(principal: PlatformAdmin, runtime: RuntimeDep) -> dict[str, str]:
-    kid = await _run(runtime.platform.rotate_keys, principal.subject)
+async def rotate_keys(
+    principal: PlatformAdmin, runtime: RuntimeDep, body: RotateIn | None = None
+) -> dict[str, str]:
+    """Sign with a new key from now on. The old keys still verify what they signed until it
+    expires; with ``revoke_tokens`` (a key that leaked) no access token they signed is
+    taken from now on, in any API process within a second (licenses still verify)."""
+    revoke = body is not None and body.revoke_tokens
+    kid = await _run(runtime.platform.rotate_keys, principal.subject, revoke_tokens=revoke)
     runtime.artifacts.invalidate_keys()
     return {"kid": kid}
 
@@ -302,6 +317,27 @@ async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[User
     return [UserOut.of(u) for u in await _run(runtime.platform.identity.list_users)]
 
 
+@router.post(
+    "/users/{user_id}/disable", response_model=UserOut, responses=problems.responses(404, 413)
+)
+async def disable_user(user_id: Key, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
+    """The user can no longer sign in, and every token of theirs is refused, in any API
+    process within a second."""
+    return UserOut.of(
+        await _run(runtime.platform.set_user_disabled, principal.subject, user_id, True)
+    )
+
+
+@router.post(
+    "/users/{user_id}/enable", response_model=UserOut, responses=problems.responses(404, 413)
+)
+async def enable_user(user_id: Key, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
+    """The user may sign in again (tokens from before the disabling stay refused)."""
+    return UserOut.of(
+        await _run(runtime.platform.set_user_disabled, principal.subject, user_id, False)
+    )
+
+
 @router.put(
     "/tenants/{tenant_id}/memberships",
     response_model=MembershipOut,
@@ -310,8 +346,17 @@ async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[User
 async def set_membership(
     tenant_id: TenantId, body: MembershipIn, principal: CurrentPrincipal, runtime: RuntimeDep
 ) -> MembershipOut:
-    """Add a user to the tenant, or change their role; beyond the plan's seats, a 409."""
+    """Change a member's role (at once, for their outstanding tokens too). A platform
+    administrator may also add a user directly; a tenant administrator invites them
+    (``POST .../invitations``): a 409 otherwise. Beyond the plan's seats, a 409."""
     _admin_of(principal, tenant_id)
+    if not principal.platform_admin:
+        current = await _run(runtime.platform.identity.membership, body.user_id, tenant_id)
+        if current is None:
+            raise ConflictError(
+                "the user is not a member: invite them (POST "
+                f"/platform/v1/tenants/{tenant_id}/invitations), and they accept"
+            )
     membership = await _run(
         runtime.platform.set_membership, principal.subject, body.user_id, tenant_id, body.role
     )
@@ -341,6 +386,93 @@ async def remove_membership(
 ) -> None:
     _admin_of(principal, tenant_id)
     await _run(runtime.platform.remove_membership, principal.subject, user_id, tenant_id)
+
+
+# -- invitations -----------------------------------------------------------------------------
+
+
+@router.post(
+    "/tenants/{tenant_id}/invitations",
+    status_code=201,
+    response_model=InvitationOut,
+    responses=problems.responses(400, 404, 409, 413),
+)
+async def invite(
+    tenant_id: TenantId, body: InvitationIn, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> InvitationOut:
+    """Offer a role in the tenant to an existing user; they become a member when they
+    accept it (``POST /platform/v1/invitations/{id}/accept``), within 7 days."""
+    _admin_of(principal, tenant_id)
+    made = await _run(
+        runtime.platform.invite, principal.subject, tenant_id, body.user_id, body.role
+    )
+    return InvitationOut.of(made)
+
+
+@router.get(
+    "/tenants/{tenant_id}/invitations",
+    response_model=list[InvitationOut],
+    responses=problems.responses(404),
+)
+async def list_tenant_invitations(
+    tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> list[InvitationOut]:
+    _admin_of(principal, tenant_id)
+    found = await _run(runtime.platform.identity.invitations, tenant_id=tenant_id)
+    return [InvitationOut.of(i) for i in found]
+
+
+@router.delete(
+    "/tenants/{tenant_id}/invitations/{invitation_id}",
+    status_code=204,
+    responses=problems.responses(404),
+)
+async def withdraw_invitation(
+    tenant_id: TenantId, invitation_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> None:
+    _admin_of(principal, tenant_id)
+    await _run(runtime.platform.withdraw_invitation, principal.subject, tenant_id, invitation_id)
+
+
+def _invitee(principal: Principal) -> str:
+    """A user's own token (one with no tenant: ``/token`` without ``tenant``)."""
+    if principal.subject.startswith("key:") or principal.tenant_id is not None:
+        raise PermissionDeniedError("this needs a user's token with no tenant")
+    return principal.subject
+
+
+@router.get("/invitations", response_model=list[InvitationOut])
+async def my_invitations(principal: CurrentPrincipal, runtime: RuntimeDep) -> list[InvitationOut]:
+    """The caller's pending invitations."""
+    user_id = _invitee(principal)
+    found = await _run(runtime.platform.identity.invitations, user_id=user_id)
+    return [InvitationOut.of(i) for i in found]
+
+
+@router.post(
+    "/invitations/{invitation_id}/accept",
+    response_model=MembershipOut,
+    responses=problems.responses(404, 409, 413),
+)
+async def accept_invitation(
+    invitation_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> MembershipOut:
+    """Become a member of the inviting tenant, with the role offered (a 409 if the plan's
+    seats are taken by then). Then sign in for that tenant."""
+    user_id = _invitee(principal)
+    return _membership_out(await _run(runtime.platform.accept_invitation, user_id, invitation_id))
+
+
+@router.post(
+    "/invitations/{invitation_id}/decline",
+    status_code=204,
+    responses=problems.responses(404, 413),
+)
+async def decline_invitation(
+    invitation_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
+) -> None:
+    user_id = _invitee(principal)
+    await _run(runtime.platform.decline_invitation, user_id, invitation_id)
 
 
 @router.post(

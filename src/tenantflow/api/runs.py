@@ -47,7 +47,7 @@ from tenantflow.errors import (
     RunNotFoundError,
     WorkflowNotRegisteredError,
 )
-from tenantflow.platform.service import Principal
+from tenantflow.platform.access import Principal
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.client import RUN_ID, check_cursor
 from tenantflow.store.records import RunStatus

@@ -31,11 +31,12 @@ from tenantflow.errors import (
     SeatLimitError,
     TenantNotFoundError,
 )
-from tenantflow.platform.schema import api_keys, memberships, tenants, users
+from tenantflow.platform.schema import api_keys, invitations, memberships, tenants, users
 
 # No whitespace, and no control character either (PostgreSQL refuses NUL in text).
 EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}")
 MIN_PASSWORD = 8
+INVITATION_SECONDS = 7 * 86400  # how long an invitation waits for its answer
 API_KEY = re.compile(r"tfk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 
@@ -59,6 +60,8 @@ class User:
     email: str
     is_platform_admin: bool
     created_at: float
+    disabled: bool = False
+    generation: int = 0  # of its credentials: tokens carry it (see p0005)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,20 @@ class Membership:
     role: Role
     created_at: float
     tenant_uid: str | None = None  # the identity of the tenant it was made in
+    grant_id: str | None = None  # this grant: tokens name it
+
+
+@dataclass(frozen=True, kw_only=True)
+class Invitation:
+    """A tenant's offer of ``role`` to an existing user, who is a member once they accept."""
+
+    id: str
+    tenant_id: str
+    user_id: str
+    role: Role
+    invited_by: str
+    created_at: float
+    expires_at: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +111,8 @@ def _user(row: Any) -> User:
         email=row.email,
         is_platform_admin=bool(row.is_platform_admin),
         created_at=row.created_at,
+        disabled=row.disabled_at is not None,
+        generation=row.generation,
     )
 
 
@@ -174,16 +193,30 @@ class Identity:
             return None
 
     def set_password(self, user_id: str, password: str) -> None:
-        """Replace a user's password (a lost one: the old one is not needed)."""
+        """Replace a user's password (a lost one: the old one is not needed); every token
+        minted before is refused from now on."""
         _check_password(password)
         with self.engine.begin() as conn:
             changed = conn.execute(
                 users.update()
                 .where(users.c.id == user_id)
-                .values(password_hash=self.hasher.hash(password))
+                .values(password_hash=self.hasher.hash(password), generation=users.c.generation + 1)
             ).rowcount
         if not changed:
             raise NotFoundError("no such user")
+
+    def set_disabled(self, user_id: str, disabled: bool) -> User:
+        """Disable a user (no sign-in, every token refused) or enable them again (tokens
+        minted before the disabling stay refused)."""
+        with self.engine.begin() as conn:
+            values: dict[str, Any] = {"disabled_at": self.clock() if disabled else None}
+            if disabled:
+                values["generation"] = users.c.generation + 1
+            query = users.update().where(users.c.id == user_id)
+            if disabled:  # disabling twice changes nothing
+                query = query.where(users.c.disabled_at.is_(None))
+            conn.execute(query.values(**values))
+        return self.get_user(user_id)
 
     def list_users(self) -> list[User]:
         with self.engine.connect() as conn:
@@ -206,6 +239,8 @@ class Identity:
             raise AuthenticationError("invalid email or password") from None
         if row is None:
             raise AuthenticationError("invalid email or password")
+        if row.disabled_at is not None:  # said only to whoever knows the password
+            raise AuthenticationError("this account is disabled")
         if self.hasher.check_needs_rehash(stored):
             with self.engine.begin() as conn:
                 conn.execute(
@@ -250,6 +285,7 @@ class Identity:
                 ).scalar_one()
                 if seats is not None and taken >= seats:
                     raise SeatLimitError(f"the tenant's plan has {seats} seats, all taken")
+                grant = uuid.uuid4().hex
                 conn.execute(
                     memberships.insert().values(
                         user_id=user_id,
@@ -257,13 +293,112 @@ class Identity:
                         tenant_uid=tenant.uid,
                         role=role.value,
                         created_at=now,
+                        grant_id=grant,
+                    )
+                )
+                conn.execute(  # a pending invitation is answered by the membership
+                    invitations.delete().where(
+                        invitations.c.tenant_id == tenant_id, invitations.c.user_id == user_id
                     )
                 )
                 previous = None
-        made = Membership(
-            user_id=user_id, tenant_id=tenant_id, role=role, created_at=now, tenant_uid=tenant.uid
+            row = conn.execute(
+                sa.select(memberships).where(
+                    memberships.c.user_id == user_id, memberships.c.tenant_id == tenant_id
+                )
+            ).one()
+        return _membership(row), previous
+
+    # -- invitations -------------------------------------------------------------------------
+
+    def invite(self, tenant_id: str, user_id: str, role: Role, *, invited_by: str) -> Invitation:
+        """Offer ``role`` in the tenant to an existing user (a second invitation replaces the
+        first). Someone already a member is a ``ConflictError``."""
+        self.get_user(user_id)
+        now = self.clock()
+        made = Invitation(
+            id=secrets.token_hex(8),
+            tenant_id=tenant_id,
+            user_id=user_id,
+            role=role,
+            invited_by=invited_by,
+            created_at=now,
+            expires_at=now + INVITATION_SECONDS,
         )
-        return made, previous
+        with self.engine.begin() as conn:
+            tenant = conn.execute(sa.select(tenants.c.uid).where(tenants.c.id == tenant_id)).first()
+            if tenant is None:
+                raise TenantNotFoundError()
+            if self._is_member(conn, user_id, tenant_id):
+                raise ConflictError("the user is a member of the tenant already")
+            conn.execute(
+                invitations.delete().where(
+                    invitations.c.tenant_id == tenant_id, invitations.c.user_id == user_id
+                )
+            )
+            conn.execute(
+                invitations.insert().values(
+                    id=made.id,
+                    tenant_id=tenant_id,
+                    tenant_uid=tenant.uid,
+                    user_id=user_id,
+                    role=role.value,
+                    invited_by=invited_by,
+                    created_at=now,
+                    expires_at=made.expires_at,
+                )
+            )
+        return made
+
+    def invitations(
+        self, *, tenant_id: str | None = None, user_id: str | None = None
+    ) -> list[Invitation]:
+        """The pending invitations of a tenant or of a user (not expired, and of the tenant
+        as it is now: one made before an offboarding is no invitation to its successor)."""
+        query = (
+            sa.select(invitations)
+            .join(
+                tenants,
+                sa.and_(
+                    tenants.c.id == invitations.c.tenant_id,
+                    tenants.c.uid == invitations.c.tenant_uid,
+                ),
+            )
+            .where(invitations.c.expires_at > self.clock())
+            .order_by(invitations.c.created_at)
+        )
+        if tenant_id is not None:
+            query = query.where(invitations.c.tenant_id == tenant_id)
+        if user_id is not None:
+            query = query.where(invitations.c.user_id == user_id)
+        with self.engine.connect() as conn:
+            return [_invitation(r) for r in conn.execute(query).all()]
+
+    def invitation(self, invitation_id: str, *, user_id: str | None = None) -> Invitation:
+        """A pending invitation (``user_id``: only if it is to that user; another's is a
+        ``NotFoundError``, as a missing one)."""
+        for found in self.invitations(user_id=user_id):
+            if found.id == invitation_id:
+                return found
+        raise NotFoundError("no such invitation")
+
+    def drop_invitation(self, invitation_id: str, *, tenant_id: str | None = None) -> None:
+        """Withdraw (``tenant_id``: only from that tenant) or decline an invitation."""
+        query = invitations.delete().where(invitations.c.id == invitation_id)
+        if tenant_id is not None:
+            query = query.where(invitations.c.tenant_id == tenant_id)
+        with self.engine.begin() as conn:
+            if conn.execute(query).rowcount == 0:
+                raise NotFoundError("no such invitation")
+
+    @staticmethod
+    def _is_member(conn: sa.Connection, user_id: str, tenant_id: str) -> bool:
+        found = conn.execute(
+            sa.select(memberships.c.user_id).where(
+                memberships.c.user_id == user_id, memberships.c.tenant_id == tenant_id
+            )
+        ).first()
+        return found is not None
 
     def remove_membership(self, user_id: str, tenant_id: str) -> None:
         with self.engine.begin() as conn:
@@ -386,4 +521,17 @@ def _membership(row: Any) -> Membership:
         role=Role(row.role),
         created_at=row.created_at,
         tenant_uid=row.tenant_uid,
+        grant_id=row.grant_id,
+    )
+
+
+def _invitation(row: Any) -> Invitation:
+    return Invitation(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        user_id=row.user_id,
+        role=Role(row.role),
+        invited_by=row.invited_by,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
     )

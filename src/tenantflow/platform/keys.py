@@ -95,9 +95,11 @@ class SigningKeys:
             )
         return _Key(kid, private)
 
-    def rotate(self, *, verify_for: float) -> str:
+    def rotate(self, *, verify_for: float, revoke_tokens: bool = False) -> str:
         """Sign with a new key from now on; the old ones stay published for ``verify_for``
-        seconds (at least the lifetime of what they signed). Returns the new key's id."""
+        seconds (at least the lifetime of what they signed). ``revoke_tokens``: the access
+        tokens the old ones signed are refused from now on (licenses still verify). Returns
+        the new key's id."""
         now = self.clock()
         with self._lock:
             with self.engine.begin() as conn:
@@ -106,6 +108,12 @@ class SigningKeys:
                     .where(signing_keys.c.retired_at.is_(None))
                     .values(retired_at=now, verify_until=now + verify_for)
                 )
+                if revoke_tokens:
+                    conn.execute(
+                        signing_keys.update()
+                        .where(signing_keys.c.retired_at.is_not(None))
+                        .values(tokens_revoked=True)
+                    )
             self._current = self._create()
             return self._current.kid
 

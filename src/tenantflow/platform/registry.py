@@ -84,6 +84,7 @@ class Tenant:
     revision: str | None
     plan_id: str | None = None
     server_id: str | None = None
+    access_generation: int = 0  # moved on by each suspension: tokens minted before are void
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +111,7 @@ def _tenant(row: Any) -> Tenant:
         revision=row.revision,
         plan_id=row.plan_id,
         server_id=row.server_id,
+        access_generation=row.access_generation,
     )
 
 
@@ -421,7 +423,12 @@ class TenantRegistry:
             done = conn.execute(
                 tenants_table.update()
                 .where(tenants_table.c.id == tenant_id)
-                .values(status=status.value)
+                .values(
+                    status=status.value,
+                    # A suspension voids every token of the tenant, for good.
+                    access_generation=tenants_table.c.access_generation
+                    + (1 if status is TenantStatus.SUSPENDED else 0),
+                )
             )
             if done.rowcount == 0:
                 raise TenantNotFoundError(f"no tenant {tenant_id!r}")
@@ -670,6 +677,10 @@ class TenantRouter:
                 continue
             self._close_later(self._stores.pop(tenant_id))
             excess -= 1
+
+    def forget_record(self, tenant_id: str) -> None:
+        """Read the tenant's record afresh next time (it changed)."""
+        self._tenants.pop(tenant_id, None)
 
     async def forget(self, tenant_id: str) -> None:
         """Close the tenant's store now and drop what is cached of it (its database is about

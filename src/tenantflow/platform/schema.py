@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-PLATFORM_HEAD = "p0004"
+PLATFORM_HEAD = "p0005"
 
 metadata = sa.MetaData()
 
@@ -37,6 +37,8 @@ tenants = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("database_url", sa.Text, nullable=False, unique=True),  # a secret
     sa.Column("revision", sa.String(32)),
+    # Bumped by a suspension: tokens carry it, and one minted before is refused (see p0005).
+    sa.Column("access_generation", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.UniqueConstraint("uid", name="uq_tenants_uid"),
 )
 
@@ -58,6 +60,9 @@ users = sa.Table(
     sa.Column("password_hash", sa.Text, nullable=False),  # argon2id
     sa.Column("is_platform_admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.Float, nullable=False),
+    # Bumped by a new password and by disabling: a token minted before is refused.
+    sa.Column("generation", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("disabled_at", sa.Float),  # None: may sign in
 )
 
 memberships = sa.Table(
@@ -68,7 +73,25 @@ memberships = sa.Table(
     sa.Column("tenant_uid", sa.String(32)),  # the tenant's identity when it was made
     sa.Column("role", sa.String(32), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    # This grant of access: a membership removed and made again is another (tokens name it).
+    sa.Column("grant_id", sa.String(32), nullable=False),
     sa.Index("ix_memberships_tenant", "tenant_id"),
+)
+
+# A tenant's offer of a role to an existing user, who becomes a member on accepting it.
+invitations = sa.Table(
+    "invitations",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant_id", sa.String(63), nullable=False),
+    sa.Column("tenant_uid", sa.String(32), nullable=False),
+    sa.Column("user_id", sa.String(36), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("invited_by", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("tenant_id", "user_id", name="uq_invitations_tenant_user"),
+    sa.Index("ix_invitations_user", "user_id"),
 )
 
 api_keys = sa.Table(
@@ -94,6 +117,8 @@ signing_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("retired_at", sa.Float),  # no longer signs
     sa.Column("verify_until", sa.Float),  # published until then (after retirement)
+    # Its access tokens refused at once (a rotation after a leak), not when they expire.
+    sa.Column("tokens_revoked", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 plans = sa.Table(

@@ -23,15 +23,16 @@ from tenantflow.errors import (
     AuthenticationError,
     ConflictError,
     NotFoundError,
-    PermissionDeniedError,
     TenantNotFoundError,
+    TenantSuspendedError,
 )
+from tenantflow.platform.access import Announce, Change
 from tenantflow.platform.audit import AuditLog
-from tenantflow.platform.identity import ApiKey, Identity, Membership, Role, User
+from tenantflow.platform.identity import ApiKey, Identity, Invitation, Membership, Role, User
 from tenantflow.platform.keys import Jwks, SigningKeys
 from tenantflow.platform.licensing import License, Licensing, Plan, Quotas
 from tenantflow.platform.registry import DatabaseServer, Tenant, TenantRegistry, TenantStatus
-from tenantflow.platform.schema import api_keys, licenses, memberships
+from tenantflow.platform.schema import api_keys, invitations, licenses, memberships
 from tenantflow.settings import Settings
 
 ACCESS_TYP = "at+jwt"
@@ -50,30 +51,6 @@ class Token:
     role: Role | None
 
 
-@dataclass(frozen=True, kw_only=True)
-class Principal:
-    """Who a verified access token speaks for. ``tenant_id`` comes only from the token."""
-
-    subject: str  # a user id, or key:<id>
-    tenant_id: str | None
-    role: Role | None
-    platform_admin: bool
-
-    def require(self, role: Role) -> None:
-        if self.role is None or not self.role.allows(role):
-            raise PermissionDeniedError(f"this needs the {role.value} role")
-
-
-def principal_from_claims(claims: dict[str, Any]) -> Principal:
-    role = claims.get("role")
-    return Principal(
-        subject=str(claims["sub"]),
-        tenant_id=claims.get("tid"),
-        role=Role(role) if role else None,
-        platform_admin=bool(claims.get("adm", False)),
-    )
-
-
 class Platform:
     def __init__(self, registry: TenantRegistry) -> None:
         settings: Settings = registry.settings
@@ -84,6 +61,9 @@ class Platform:
         self.identity = Identity(engine)
         self.licensing = Licensing(engine, self.keys, ttl=settings.license_ttl_seconds)
         self.audit = AuditLog(engine)
+        # Told of every change that takes access away (after its commit): the runtime drops
+        # its cached grants and tells the other processes (see platform.access).
+        self.announce: Announce = lambda change: None
 
     # -- tenants -----------------------------------------------------------------------------
 
@@ -106,6 +86,7 @@ class Platform:
 
     def set_status(self, actor: str, tenant_id: str, status: TenantStatus) -> Tenant:
         tenant = self.registry.set_status(tenant_id, status)
+        self.announce(Change("tenant", tenant_id))
         action = "tenant.suspended" if status is TenantStatus.SUSPENDED else "tenant.resumed"
         self.audit.record(action, actor=actor, tenant_id=tenant_id, target=tenant_id)
         return tenant
@@ -132,8 +113,9 @@ class Platform:
         archive = export_tenant(tenant, archive_dir)
         self.registry.drop(tenant_id)
         with self.registry.engine.begin() as conn:
-            for table in (memberships, api_keys, licenses):
+            for table in (memberships, api_keys, licenses, invitations):
                 conn.execute(table.delete().where(table.c.tenant_id == tenant_id))
+        self.announce(Change("tenant", tenant_id))
         self.audit.record(
             "tenant.offboarded",
             actor=actor,
@@ -182,15 +164,24 @@ class Platform:
         """Give a user (a platform administrator who lost theirs, say) a new password."""
         user = self.identity.user_by_email(email)
         self.identity.set_password(user.id, password)
+        self.announce(Change("user", user.id))
         self.audit.record("user.password_reset", actor=actor, tenant_id=None, target=user.id)
         return user
 
+    def set_user_disabled(self, actor: str, user_id: str, disabled: bool) -> User:
+        """Disable a user (no sign-in; every token of theirs refused at once) or enable them
+        again (they sign in anew: tokens minted before the disabling stay refused)."""
+        user = self.identity.set_disabled(user_id, disabled)
+        self.announce(Change("user", user_id))
+        action = "user.disabled" if disabled else "user.enabled"
+        self.audit.record(action, actor=actor, tenant_id=None, target=user_id)
+        return user
+
     def set_membership(self, actor: str, user_id: str, tenant_id: str, role: Role) -> Membership:
-        tenant = self.registry.get(tenant_id)
-        seats = None
-        if tenant.plan_id is not None:
-            seats = self.licensing.get_plan(tenant.plan_id).quotas.seats
+        seats = self._seats(tenant_id)
         membership, previous = self.identity.set_membership(user_id, tenant_id, role, seats=seats)
+        if previous is not role:  # a grant made anew as well: a cached "none" goes
+            self.announce(Change("user", user_id))
         if previous is None:
             self.audit.record(
                 "membership.added",
@@ -211,7 +202,59 @@ class Platform:
 
     def remove_membership(self, actor: str, user_id: str, tenant_id: str) -> None:
         self.identity.remove_membership(user_id, tenant_id)
+        self.announce(Change("user", user_id))
         self.audit.record("membership.removed", actor=actor, tenant_id=tenant_id, target=user_id)
+
+    def _seats(self, tenant_id: str) -> int | None:
+        tenant = self.registry.get(tenant_id)
+        if tenant.plan_id is None:
+            return None
+        return self.licensing.get_plan(tenant.plan_id).quotas.seats
+
+    def invite(self, actor: str, tenant_id: str, user_id: str, role: Role) -> Invitation:
+        """Offer a role in the tenant to an existing user; they are a member once they
+        accept (``accept_invitation``)."""
+        invitation = self.identity.invite(tenant_id, user_id, role, invited_by=actor)
+        self.audit.record(
+            "invitation.sent",
+            actor=actor,
+            tenant_id=tenant_id,
+            target=user_id,
+            details={"role": role.value, "invitation": invitation.id},
+        )
+        return invitation
+
+    def withdraw_invitation(self, actor: str, tenant_id: str, invitation_id: str) -> None:
+        self.identity.drop_invitation(invitation_id, tenant_id=tenant_id)
+        self.audit.record(
+            "invitation.withdrawn", actor=actor, tenant_id=tenant_id, target=invitation_id
+        )
+
+    def accept_invitation(self, user_id: str, invitation_id: str) -> Membership:
+        """The invited user takes the role offered (within the plan's seats, counted now)."""
+        invitation = self.identity.invitation(invitation_id, user_id=user_id)
+        membership, previous = self.identity.set_membership(
+            user_id, invitation.tenant_id, invitation.role, seats=self._seats(invitation.tenant_id)
+        )
+        self.announce(Change("user", user_id))
+        self.audit.record(
+            "membership.added" if previous is None else "membership.role_changed",
+            actor=user_id,
+            tenant_id=invitation.tenant_id,
+            target=user_id,
+            details={"role": invitation.role.value, "invitation": invitation.id},
+        )
+        return membership
+
+    def decline_invitation(self, user_id: str, invitation_id: str) -> None:
+        invitation = self.identity.invitation(invitation_id, user_id=user_id)
+        self.identity.drop_invitation(invitation.id)
+        self.audit.record(
+            "invitation.declined",
+            actor=user_id,
+            tenant_id=invitation.tenant_id,
+            target=invitation.id,
+        )
 
     def create_api_key(
         self, actor: str, tenant_id: str, name: str, role: Role
@@ -229,29 +272,31 @@ class Platform:
 
     def revoke_api_key(self, actor: str, tenant_id: str, key_id: str) -> ApiKey:
         key = self.identity.revoke_api_key(tenant_id, key_id)
+        self.announce(Change("key", key_id))
         self.audit.record("api_key.revoked", actor=actor, tenant_id=tenant_id, target=key_id)
         return key
 
     # -- tokens ------------------------------------------------------------------------------
 
     def token_for_password(self, email: str, password: str, tenant_id: str | None) -> Token:
-        """An access token for a user: scoped to one tenant they belong to, or (for a
-        platform administrator, with no tenant) to the platform plane."""
+        """An access token for a user: scoped to one tenant they belong to, or with no
+        tenant to the platform plane (a platform administrator's) or to their own account
+        (anyone's: their invitations)."""
         return self.token_for_user(self.identity.authenticate(email, password), tenant_id)
 
     def token_for_user(self, user: User, tenant_id: str | None) -> Token:
         """``token_for_password`` once the password was verified (the HTTP API verifies it
         apart: see ``api.signin``)."""
         if tenant_id is None:
-            if not user.is_platform_admin:
-                raise PermissionDeniedError("name a tenant: only platform admins act without")
-            return self._sign(user.id, None, None, platform_admin=True)
+            return self._sign(user, None, None, platform_admin=user.is_platform_admin)
         membership = self.identity.membership(user.id, tenant_id)
         if membership is None:
             # The same answer as for a tenant that does not exist.
             raise AuthenticationError("no membership in this tenant")
         tenant = self._active(tenant_id, membership.tenant_uid)
-        return self._sign(user.id, tenant, membership.role, platform_admin=False)
+        return self._sign(
+            user, tenant, membership.role, platform_admin=False, grant=membership.grant_id
+        )
 
     def record_lockout(self, scope: str, subject: str, details: Mapping[str, Any]) -> None:
         """Audit a sign-in lock-out (``sign_in.locked_out``): of an ``account`` (``subject``
@@ -280,23 +325,39 @@ class Platform:
             raise AuthenticationError("no membership in this tenant") from None
         if uid is None or tenant.uid != uid:
             raise AuthenticationError("no membership in this tenant")
+        if tenant.status is not TenantStatus.ACTIVE:
+            raise TenantSuspendedError(f"tenant {tenant_id!r} is suspended")
         return tenant
 
     def _sign(
-        self, subject: str, tenant: Tenant | None, role: Role | None, *, platform_admin: bool
+        self,
+        subject: str | User,
+        tenant: Tenant | None,
+        role: Role | None,
+        *,
+        platform_admin: bool,
+        grant: str | None = None,
     ) -> Token:
+        """A token naming the grant it stands on, which every request checks (see
+        ``platform.access``): the user's generation, the membership's grant, the tenant's
+        identity and access generation."""
         now = int(time.time())
         ttl = int(self.settings.token_ttl_seconds)
         claims: dict[str, Any] = {
-            "sub": subject,
+            "sub": subject if isinstance(subject, str) else subject.id,
             "aud": ACCESS_AUDIENCE,
             "jti": str(uuid.uuid4()),
             "iat": now,
             "exp": now + ttl,
         }
+        if isinstance(subject, User):
+            claims["ugen"] = subject.generation
+        if grant is not None:
+            claims["gid"] = grant
         if tenant is not None:
             claims["tid"] = tenant.id
-            claims["tuid"] = tenant.uid  # checked on every request (api.deps)
+            claims["tuid"] = tenant.uid
+            claims["tgen"] = tenant.access_generation
         if role is not None:
             claims["role"] = role.value
         if platform_admin:
@@ -311,12 +372,23 @@ class Platform:
     def jwks(self) -> Jwks:
         return self.keys.jwks()
 
-    def rotate_keys(self, actor: str) -> str:
-        """A new signing key; the old ones verify until what they signed has expired."""
+    def rotate_keys(self, actor: str, *, revoke_tokens: bool = False) -> str:
+        """A new signing key; the old ones verify until what they signed has expired, or,
+        with ``revoke_tokens`` (a key that leaked), no access token they signed is taken
+        from now on (their licenses still verify)."""
         kid = self.keys.rotate(
-            verify_for=max(self.settings.token_ttl_seconds, self.settings.license_ttl_seconds)
+            verify_for=max(self.settings.token_ttl_seconds, self.settings.license_ttl_seconds),
+            revoke_tokens=revoke_tokens,
         )
-        self.audit.record("signing_key.rotated", actor=actor, tenant_id=None, target=kid)
+        if revoke_tokens:
+            self.announce(Change("keys"))
+        self.audit.record(
+            "signing_key.rotated",
+            actor=actor,
+            tenant_id=None,
+            target=kid,
+            details={"tokens_revoked": revoke_tokens},
+        )
         return kid
 
     # -- plans and licenses ------------------------------------------------------------------

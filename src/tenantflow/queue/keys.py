@@ -106,6 +106,11 @@ class Keys:
         return f"{self.prefix}:lock:{name}"
 
     @property
+    def access_changes(self) -> str:
+        """Pub/sub channel: changes that take access away (``platform.access``)."""
+        return f"{self.prefix}:access-changes"
+
+    @property
     def epoch(self) -> str:
         """String: the identity of the queue's data set, ``<random>|<run_id>`` (the run id of
         the Redis server process that made it). Missing, or made by another server process,

@@ -1,0 +1,458 @@
+"""Access as the platform stands now, checked on every request: a verified token is only as
+good as the grant behind it.
+
+A token names its grant: the user's generation (``ugen``: a new password or a disabled
+account moves it on), the membership's grant id (``gid``: a membership removed and made again
+is another grant), the API key (its ``sub``), the tenant's identity and access generation
+(``tuid``, ``tgen``: an offboarding or a suspension). The API checks them against the
+platform database's rows, which each process caches briefly; the role used is the one held
+now, not the one in the token.
+
+A change (``Change``) drops the cached rows it touches in this process at once, and in every
+other process through Redis pub/sub (``<prefix>:access-changes``). A subscriber proves its
+subscription live by a PING on it every ``PING_SECONDS``: a PONG comes after every message
+published before its PING. While the proof is younger than ``STALE_SECONDS`` cached rows are
+used for up to ``access_cache_seconds``; otherwise (no Redis, the embedded default; Redis
+away) rows older than ``STALE_SECONDS`` are read again. Either way a change takes effect
+everywhere within about ``STALE_SECONDS`` plus a read.
+
+With the platform database away the last rows read keep serving (the tenant plane outlives a
+platform outage); a process that has none admits a verified token by its claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy as sa
+import structlog
+
+from tenantflow.errors import (
+    InvalidSignatureError,
+    PermissionDeniedError,
+    TenantNotFoundError,
+    TenantSuspendedError,
+)
+from tenantflow.platform.identity import Role
+from tenantflow.platform.schema import api_keys, memberships, signing_keys, tenants, users
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = structlog.get_logger(__name__)
+
+PING_SECONDS = 0.2
+STALE_SECONDS = 0.5
+RECONNECT_SECONDS = 0.5
+WARN_EVERY_SECONDS = 10.0
+
+ChangeKind = Literal["user", "key", "tenant", "keys"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """What changed: a user's access (``id`` the user), an API key, a tenant (its status,
+    its members' roles, its removal), or the signing keys (``id`` empty)."""
+
+    kind: ChangeKind
+    id: str = ""
+
+    def encode(self) -> str:
+        return json.dumps({"kind": self.kind, "id": self.id})
+
+    @staticmethod
+    def decode(data: bytes | str) -> Change | None:
+        try:
+            raw = json.loads(data)
+            kind, ident = raw["kind"], raw["id"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if kind not in ("user", "key", "tenant", "keys") or not isinstance(ident, str):
+            return None
+        return Change(kind, ident)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Standing:
+    """What the platform database says now of a token's subject in its tenant."""
+
+    found: bool  # the user, or the API key unrevoked
+    generation: int = 0  # the user's
+    platform_admin: bool = False
+    grant: str | None = None  # the membership's grant id; a key's tenant identity
+    role: Role | None = None  # held now in the tenant
+    tenant_uid: str | None = None  # None: no such tenant (or the token names none)
+    tenant_active: bool = False
+    tenant_generation: int = 0
+
+
+def read_standing(engine: sa.Engine, subject: str, tenant_id: str | None) -> Standing:
+    """One read of the rows behind a token (on the platform database, in a thread)."""
+    with engine.connect() as conn:
+        tenant = None
+        if tenant_id is not None:
+            tenant = conn.execute(
+                sa.select(tenants.c.uid, tenants.c.status, tenants.c.access_generation).where(
+                    tenants.c.id == tenant_id
+                )
+            ).first()
+        place: dict[str, Any] = {}
+        if tenant is not None:
+            place = {
+                "tenant_uid": tenant.uid,
+                "tenant_active": tenant.status == "active",
+                "tenant_generation": tenant.access_generation,
+            }
+        if subject.startswith("key:"):
+            key = conn.execute(
+                sa.select(api_keys.c.tenant_id, api_keys.c.tenant_uid, api_keys.c.role).where(
+                    api_keys.c.id == subject[4:],
+                    api_keys.c.revoked_at.is_(None),
+                )
+            ).first()
+            if key is None or key.tenant_id != tenant_id:
+                return Standing(found=False, **place)
+            return Standing(found=True, grant=key.tenant_uid, role=Role(key.role), **place)
+        user = conn.execute(
+            sa.select(users.c.generation, users.c.is_platform_admin).where(
+                users.c.id == subject, users.c.disabled_at.is_(None)
+            )
+        ).first()
+        if user is None:
+            return Standing(found=False, **place)
+        grant = role = None
+        if tenant_id is not None:
+            membership = conn.execute(
+                sa.select(memberships.c.grant_id, memberships.c.role).where(
+                    memberships.c.user_id == subject, memberships.c.tenant_id == tenant_id
+                )
+            ).first()
+            if membership is not None:
+                grant, role = membership.grant_id, Role(membership.role)
+        return Standing(
+            found=True,
+            generation=user.generation,
+            platform_admin=bool(user.is_platform_admin),
+            grant=grant,
+            role=role,
+            **place,
+        )
+
+
+def read_revoked_keys(engine: sa.Engine) -> frozenset[str]:
+    """The signing keys whose access tokens were revoked with them (``rotate(revoke=True)``)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(signing_keys.c.kid).where(signing_keys.c.tokens_revoked.is_(True))
+        ).all()
+    return frozenset(r.kid for r in rows)
+
+
+REVOKED = "the token was revoked"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Principal:
+    """Who a verified access token speaks for, and what it may do now. ``tenant_id`` comes
+    only from the token; the role is the one held now."""
+
+    subject: str  # a user id, or key:<id>
+    tenant_id: str | None
+    role: Role | None
+    platform_admin: bool
+
+    def require(self, role: Role) -> None:
+        if self.role is None or not self.role.allows(role):
+            raise PermissionDeniedError(f"this needs the {role.value} role")
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    """The principal a token's claims describe (what it was granted when minted)."""
+    role = claims.get("role")
+    return Principal(
+        subject=str(claims["sub"]),
+        tenant_id=claims.get("tid"),
+        role=Role(role) if role else None,
+        platform_admin=bool(claims.get("adm", False)),
+    )
+
+
+def admit(claims: dict[str, Any], standing: Standing) -> Principal:
+    """The token's access as ``standing`` allows it, or why not (``InvalidSignatureError``,
+    ``TenantSuspendedError``)."""
+    subject = str(claims["sub"])
+    tenant_id = claims.get("tid")
+    if tenant_id is not None:
+        uid = claims.get("tuid")
+        if (
+            standing.tenant_uid is None
+            or not isinstance(uid, str)
+            or not hmac.compare_digest(uid, standing.tenant_uid)
+        ):
+            raise InvalidSignatureError("the token's tenant no longer exists")
+        if not standing.tenant_active:
+            raise TenantSuspendedError(f"tenant {tenant_id!r} is suspended")
+        if claims.get("tgen") != standing.tenant_generation:
+            raise InvalidSignatureError(REVOKED)
+    if not standing.found:
+        raise InvalidSignatureError(REVOKED)
+    if subject.startswith("key:"):
+        if standing.grant != claims.get("tuid"):
+            raise InvalidSignatureError(REVOKED)
+        return Principal(
+            subject=subject, tenant_id=tenant_id, role=standing.role, platform_admin=False
+        )
+    if claims.get("ugen") != standing.generation:
+        raise InvalidSignatureError(REVOKED)
+    if tenant_id is not None:
+        if standing.grant is None or claims.get("gid") != standing.grant:
+            raise InvalidSignatureError(REVOKED)
+        return Principal(
+            subject=subject, tenant_id=tenant_id, role=standing.role, platform_admin=False
+        )
+    admin = bool(claims.get("adm", False))
+    if admin and not standing.platform_admin:
+        raise InvalidSignatureError(REVOKED)
+    return Principal(subject=subject, tenant_id=None, role=None, platform_admin=admin)
+
+
+@dataclass
+class _Entry:
+    standing: Standing
+    at: float  # monotonic: when its read began
+
+
+class AccessGuard:
+    """The per-process cache of standings, kept current by changes (see the module)."""
+
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        cache_seconds: float,
+        tenant_uid: Callable[[str], Awaitable[str]],
+        redis_url: str | None = None,
+        channel: str | None = None,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        """``tenant_uid``: a tenant's identity as last known (from the tenant router's
+        cache), for a token admitted by its claims while the platform is away."""
+        self.engine = engine
+        self.tenant_uid = tenant_uid
+        self.cache_seconds = cache_seconds
+        self.redis_url = redis_url
+        self.channel = channel
+        self.connect_timeout = connect_timeout
+        self._redis: Redis | None = None
+        self._entries: dict[tuple[str, str | None], _Entry] = {}
+        self._loading: dict[tuple[str, str | None], asyncio.Future[Standing]] = {}
+        self._revoked_keys: _Entry | None = None
+        self._revoked: frozenset[str] = frozenset()
+        self._epoch = 0  # moved on by every change: a read begun before one is not kept
+        self._lock = threading.Lock()  # changes arrive from platform calls' threads too
+        self._proven = -math.inf  # monotonic send time of the newest PING answered
+        self._listener: asyncio.Task[None] | None = None
+        self._warned = -math.inf
+
+    # -- changes -----------------------------------------------------------------------------
+
+    def changed(self, change: Change) -> None:
+        """Drop what ``change`` touches (from any thread)."""
+        with self._lock:
+            self._epoch += 1
+            if change.kind == "keys":
+                self._revoked_keys = None
+                return
+            for key in list(self._entries):
+                subject, tenant_id = key
+                if (
+                    (change.kind == "user" and subject == change.id)
+                    or (change.kind == "key" and subject == f"key:{change.id}")
+                    or (change.kind == "tenant" and tenant_id == change.id)
+                ):
+                    self._entries.pop(key, None)
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._entries.clear()
+            self._revoked_keys = None
+
+    def start(self) -> None:
+        """Listen for other processes' changes (with Redis; idempotent)."""
+        if self.redis_url is None or self.channel is None:
+            return
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def proven(self) -> bool:
+        """Whether every change published more than ``STALE_SECONDS`` ago has arrived."""
+        return time.monotonic() - self._proven <= STALE_SECONDS
+
+    async def _listen(self) -> None:
+        assert self.redis_url is not None and self.channel is not None
+        import redis.asyncio
+
+        # A client of its own, answers as bytes: redis-py mis-parses a PONG on a subscribed
+        # connection that decodes responses.
+        self._redis = redis.asyncio.Redis.from_url(
+            self.redis_url, socket_connect_timeout=self.connect_timeout
+        )
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                await self._serve(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._proven = -math.inf
+                self._warn("access changes unreachable; re-reading grants", exc)
+                await asyncio.sleep(RECONNECT_SECONDS)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def _serve(self, pubsub: Any) -> None:
+        sent: dict[int, float] = {}
+        seq = 0
+        next_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_ping:
+                seq += 1
+                sent[seq] = now
+                sent.pop(seq - 50, None)  # an unanswered PING is not waited for for ever
+                await pubsub.ping(str(seq))
+                next_ping = now + PING_SECONDS
+            message = await pubsub.get_message(timeout=max(0.0, next_ping - time.monotonic()))
+            if message is None:
+                continue
+            kind = message.get("type")
+            if kind == "pong":
+                data = message.get("data")
+                text = data.decode() if isinstance(data, bytes) else str(data)
+                if text.isdigit() and int(text) in sent:
+                    self._proven = max(self._proven, sent.pop(int(text)))
+            elif kind == "message":
+                change = Change.decode(message.get("data", b""))
+                if change is not None:
+                    self.changed(change)
+            elif kind == "subscribe":
+                # A (re)subscription: what was published while unsubscribed never arrives.
+                self._forget_all()
+
+    # -- the check ---------------------------------------------------------------------------
+
+    def _fresh(self, entry: _Entry, now: float) -> bool:
+        age = now - entry.at
+        return age <= STALE_SECONDS or (self.proven and age <= self.cache_seconds)
+
+    async def admit(self, claims: dict[str, Any], kid: str | None) -> Principal:
+        """``admit`` against the current standing of the token's subject."""
+        if self._listener is None:
+            self.start()
+        if kid is not None and kid in await self._revoked_kids():
+            raise InvalidSignatureError(REVOKED)
+        subject, tenant_id = str(claims["sub"]), claims.get("tid")
+        key = (subject, None if tenant_id is None else str(tenant_id))
+        entry = self._entries.get(key)
+        if entry is None or not self._fresh(entry, time.monotonic()):
+            standing = await self._load(key, entry)
+            if standing is None:  # never read, and the platform is away: by the claims
+                return await self._offline(claims)
+        else:
+            standing = entry.standing
+        return admit(claims, standing)
+
+    async def _load(self, key: tuple[str, str | None], entry: _Entry | None) -> Standing | None:
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._read(key, entry))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        try:
+            return await asyncio.shield(loading)
+        except _Unreadable:
+            return None
+
+    async def _read(self, key: tuple[str, str | None], entry: _Entry | None) -> Standing:
+        began, epoch = time.monotonic(), self._epoch
+        try:
+            standing = await asyncio.to_thread(read_standing, self.engine, *key)
+        except Exception as exc:
+            self._warn("platform unreachable; using the grants last read", exc)
+            if entry is None:
+                raise _Unreadable() from exc
+            # Kept, and read again after STALE_SECONDS rather than on every request.
+            with self._lock:
+                if epoch == self._epoch:
+                    self._entries[key] = _Entry(entry.standing, time.monotonic())
+            return entry.standing
+        with self._lock:
+            if epoch == self._epoch:
+                self._entries[key] = _Entry(standing, began)
+        return standing
+
+    async def _revoked_kids(self) -> frozenset[str]:
+        held = self._revoked_keys
+        if held is not None and self._fresh(held, time.monotonic()):
+            return self._revoked
+        began, epoch = time.monotonic(), self._epoch
+        try:
+            revoked = await asyncio.to_thread(read_revoked_keys, self.engine)
+        except Exception as exc:
+            self._warn("platform unreachable; using the grants last read", exc)
+            revoked = self._revoked
+            began = time.monotonic()
+        with self._lock:
+            self._revoked = revoked
+            if epoch == self._epoch:
+                self._revoked_keys = _Entry(Standing(found=True), began)
+        return revoked
+
+    async def _offline(self, claims: dict[str, Any]) -> Principal:
+        """A token's claims, with its tenant's identity checked against the last known."""
+        principal = principal_from_claims(claims)
+        if principal.tenant_id is not None:
+            uid = claims.get("tuid")
+            try:
+                known = await self.tenant_uid(principal.tenant_id)
+            except TenantNotFoundError:
+                raise InvalidSignatureError("the token's tenant no longer exists") from None
+            if not isinstance(uid, str) or not hmac.compare_digest(uid, known):
+                raise InvalidSignatureError("the token's tenant no longer exists")
+        return principal
+
+    def _warn(self, event: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY_SECONDS:
+            self._warned = now
+            log.warning(event, error=type(exc).__name__)
+
+
+class _Unreadable(Exception):
+    """No standing was ever read, and the platform database does not answer."""
+
+
+Announce = Callable[[Change], None]
