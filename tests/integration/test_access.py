@@ -325,3 +325,40 @@ async def test_a_token_of_a_deleted_user_is_refused(
     runtime.platform.announce(Change("user", alice_id))
     headers = alice if path == "/v1/runs" else own
     assert_problem(await http.get(path, headers=headers), 401, "invalid-token")
+
+
+async def test_without_a_live_channel_a_grant_is_read_again_after_half_a_second(
+    runtime: Runtime, http: httpx.AsyncClient
+) -> None:
+    """Redis away (here: a port nobody listens on): no change can be heard of, so a cached
+    grant serves for 0.5 s at most, then is read again."""
+    import asyncio
+
+    from tenantflow.platform.access import STALE_SECONDS, AccessGuard
+    from tenantflow.platform.schema import memberships
+    from tests.servers import free_port
+
+    alice = await member(runtime, http, "alice@acme.test", "acme", Role.OPERATOR)
+    claims = jwt.decode(alice["Authorization"][7:], options={"verify_signature": False})
+
+    async def uid(tenant_id: str) -> str:
+        return (await runtime.router.tenant_async(tenant_id)).uid
+
+    guard = AccessGuard(
+        runtime.registry.engine,
+        cache_seconds=10,
+        tenant_uid=uid,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        channel="nobody-listens",
+        connect_timeout=0.2,
+    )
+    try:
+        assert (await guard.admit(claims, None)).role is Role.OPERATOR
+        with runtime.registry.engine.begin() as conn:  # changed behind the guard's back
+            conn.execute(memberships.update().values(role=Role.VIEWER.value))
+        assert (await guard.admit(claims, None)).role is Role.OPERATOR  # cached
+        assert not guard.proven
+        await asyncio.sleep(STALE_SECONDS + 0.1)
+        assert (await guard.admit(claims, None)).role is Role.VIEWER
+    finally:
+        await guard.close()
