@@ -131,6 +131,13 @@ def test_a_production_installation_from_nothing(tmp_path: Path) -> None:
             ).status_code
             == 200
         )
+        new = {**password, "password": "a-new-secret-1"}
+        assert ok(tenantflow("admin", "disable", "ops@example.com", cwd=tmp_path)) == (
+            "ops@example.com disabled\n"
+        )
+        assert httpx.post(f"{base}/platform/v1/token", json=new).status_code == 401
+        ok(tenantflow("admin", "enable", "ops@example.com", cwd=tmp_path))
+        assert httpx.post(f"{base}/platform/v1/token", json=new).status_code == 200
     nobody = tenantflow(
         "admin", "reset-password", "nobody@example.com", cwd=tmp_path, stdin="a-new-secret-1"
     )

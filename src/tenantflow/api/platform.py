@@ -152,7 +152,7 @@ async def jwks(runtime: RuntimeDep) -> Jwks:
     return await _run(runtime.platform.jwks)
 
 
-@router.post("/keys/rotate", responses=problems.responses(413))
+@router.post("/keys/rotate", responses=problems.responses(400, 413))
 async def rotate_keys(
     principal: PlatformAdmin, runtime: RuntimeDep, body: RotateIn | None = None
 ) -> dict[str, str]:

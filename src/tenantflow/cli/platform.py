@@ -30,12 +30,15 @@ from tenantflow.runtime import Runtime
 
 tenants_cli = typer.Typer(help="Create, list and migrate tenants.")
 plans_cli = typer.Typer(help="Plans: entitlements, quotas and dispatch weight; create, list.")
-admin_cli = typer.Typer(help="Platform administrators: create the first, reset a password.")
+admin_cli = typer.Typer(
+    help="Platform administrators and users: create, reset a password, disable."
+)
 keys_cli = typer.Typer(help="API keys of a tenant: issue, list, revoke.")
 
 ACTOR = "cli"  # the audit log's actor of what these commands do
 PASSWORD_VARIABLE = "TENANTFLOW_ADMIN_PASSWORD"
 EmailArg = Annotated[str, typer.Argument(help="The administrator's email address.")]
+UserEmailArg = Annotated[str, typer.Argument(help="The user's email address.")]
 
 
 @contextlib.contextmanager
@@ -281,6 +284,25 @@ def admin_reset_password(email: EmailArg) -> None:
     print_result(None, as_json=False, line=f"password of {user.email} reset")
 
 
+@admin_cli.command("disable")
+def admin_disable(email: UserEmailArg) -> None:
+    """Disable a user: they can no longer sign in, and every token of theirs is refused at
+    once, in every API process (recorded in the audit log)."""
+    with platform_runtime() as runtime:
+        user = runtime.platform.identity.user_by_email(email)
+        runtime.platform.set_user_disabled(ACTOR, user.id, True)
+    print_result(None, as_json=False, line=f"{user.email} disabled")
+
+
+@admin_cli.command("enable")
+def admin_enable(email: UserEmailArg) -> None:
+    """Let a disabled user sign in again (their tokens from before stay refused)."""
+    with platform_runtime() as runtime:
+        user = runtime.platform.identity.user_by_email(email)
+        runtime.platform.set_user_disabled(ACTOR, user.id, False)
+    print_result(None, as_json=False, line=f"{user.email} enabled")
+
+
 @admin_cli.command("list")
 def admin_list(as_json: JsonOpt = False) -> None:
     """List the platform administrators."""
@@ -340,7 +362,8 @@ def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id (see `keys list`).")],
     tenant: TenantOpt,
 ) -> None:
-    """Revoke an API key: it can no longer be exchanged for a token."""
+    """Revoke an API key: it can no longer be exchanged for a token, and the tokens it was
+    exchanged for are refused at once, in every API process."""
     with platform_runtime() as runtime:
         key = runtime.platform.revoke_api_key(ACTOR, tenant, key_id)
     print_result(None, as_json=False, line=f"revoked API key {key.id} of {tenant}")
