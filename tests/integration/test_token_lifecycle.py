@@ -115,7 +115,8 @@ async def test_a_recreated_tenant_is_served_its_own_license(runtime: Runtime) ->
 def test_the_migration_gives_each_tenant_an_identity_and_its_credentials_with_it(
     backend: str, tmp_path: Path
 ) -> None:
-    """p0004 over a platform database with tenants, keys and memberships made before it."""
+    """p0004 and p0005 over a platform database with tenants, keys and memberships made
+    before them."""
     from alembic import command
 
     from tenantflow.platform.provision import with_database
@@ -170,9 +171,16 @@ def test_the_migration_gives_each_tenant_an_identity_and_its_credentials_with_it
                 r[0]: r[1]
                 for r in conn.execute(sa.text("SELECT tenant_id, tenant_uid FROM memberships"))
             }
+            grants = [r[0] for r in conn.execute(sa.text("SELECT grant_id FROM memberships"))]
+            generations = {
+                r[0] for r in conn.execute(sa.text("SELECT access_generation FROM tenants"))
+            }
         assert set(uids) == {"acme", "globex"} and len(set(uids.values())) == 2
         assert all(len(uid) == 32 for uid in uids.values())
         assert keys == uids and members == uids
+        # Each membership is a grant of its own; no tenant was suspended yet.
+        assert len(set(grants)) == 2 and all(len(g) == 32 for g in grants)
+        assert generations == {0}
     finally:
         engine.dispose()
         if backend == "postgresql":

@@ -94,9 +94,8 @@ async def get_principal(
     except jwt.PyJWTError:
         kid = None
     kid = None if kid is None else str(kid)
-    claims = verify(
-        token, runtime.artifacts.keys(kid=kid), typ=ACCESS_TYP, audience=ACCESS_AUDIENCE
-    )
+    keys = await runtime.artifacts.keys_async(kid=kid)
+    claims = verify(token, keys, typ=ACCESS_TYP, audience=ACCESS_AUDIENCE)
     # What the token may do now: its grant as the platform stands (revoked, changed role).
     principal = await runtime.access.admit(claims, kid)
     request.state.principal = principal

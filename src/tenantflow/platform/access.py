@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hmac
 import json
 import math
@@ -53,6 +54,7 @@ log = structlog.get_logger(__name__)
 PING_SECONDS = 0.2
 STALE_SECONDS = 0.5
 RECONNECT_SECONDS = 0.5
+CLOSE_SECONDS = 2.0  # a Redis that does not answer does not hold up a shutdown
 WARN_EVERY_SECONDS = 10.0
 
 ChangeKind = Literal["user", "key", "tenant", "keys"]
@@ -292,16 +294,20 @@ class AccessGuard:
         if self.redis_url is None or self.channel is None:
             return
         if self._listener is None or self._listener.done():
-            self._listener = asyncio.get_running_loop().create_task(self._listen())
+            # A fresh context: the listener serves the process, not the request that started it.
+            self._listener = asyncio.get_running_loop().create_task(
+                self._listen(), context=contextvars.Context()
+            )
 
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._listener, CLOSE_SECONDS)
             self._listener = None
         if self._redis is not None:
-            await self._redis.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._redis.aclose(), CLOSE_SECONDS)
             self._redis = None
 
     @property
@@ -331,7 +337,7 @@ class AccessGuard:
                 await asyncio.sleep(RECONNECT_SECONDS)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_SECONDS)  # type: ignore[no-untyped-call]
 
     async def _serve(self, pubsub: Any) -> None:
         sent: dict[int, float] = {}

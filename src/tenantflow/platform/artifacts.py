@@ -10,6 +10,7 @@ tenant router keeps its routes in as well).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -115,12 +116,21 @@ class PlatformArtifacts:
     def keys(self, *, kid: str | None = None) -> dict[str, Ed25519PublicKey]:
         """The platform's public keys; refreshed when stale, or when ``kid`` is unknown (a
         rotation), at most every few seconds for the latter."""
+        if self._keys_due(kid):
+            self._refresh_keys(self.clock())
+        return self._keys
+
+    async def keys_async(self, *, kid: str | None = None) -> dict[str, Ed25519PublicKey]:
+        """``keys`` for async callers: a refresh (a platform read) runs in a thread."""
+        if self._keys_due(kid):
+            return await asyncio.to_thread(self.keys, kid=kid)
+        return self._keys
+
+    def _keys_due(self, kid: str | None) -> bool:
         now = self.clock()
         stale = now - self._keys_at > self.refresh_seconds
         unknown = kid is not None and kid not in self._keys
-        if stale or (unknown and now - self._keys_at > UNKNOWN_KID_REFRESH_SECONDS):
-            self._refresh_keys(now)
-        return self._keys
+        return stale or (unknown and now - self._keys_at > UNKNOWN_KID_REFRESH_SECONDS)
 
     def invalidate_keys(self) -> None:
         """Fetch the keys on next use (this process rotated them)."""

@@ -109,7 +109,7 @@ class TenantClient:
         second start with the same key returns the first run (and a different input is an
         ``IdempotencyConflictError``)."""
         runtime = self.client.runtime
-        if runtime.router.tenant(self.tenant_id).status is not TenantStatus.ACTIVE:
+        if (await runtime.router.tenant_async(self.tenant_id)).status is not TenantStatus.ACTIVE:
             raise TenantSuspendedError(f"tenant {self.tenant_id!r} is suspended")
         quota = None
         license = await runtime.license(self.tenant_id)
