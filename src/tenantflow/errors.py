@@ -209,10 +209,6 @@ class MaxRecoveryAttemptsExceededError(TenantflowError):
     """The run was recovered after a crash more times than its workflow allows."""
 
 
-class QueueError(TenantflowError):
-    """The queue refused the operation."""
-
-
 # Control flow. These derive from BaseException on purpose (see the module docstring).
 
 

@@ -17,7 +17,8 @@ away) rows older than ``STALE_SECONDS`` are read again. Either way a change take
 everywhere within about ``STALE_SECONDS`` plus a read.
 
 With the platform database away the last rows read keep serving (the tenant plane outlives a
-platform outage); a process that has none admits a verified token by its claims.
+platform outage), and a read again that does not answer within ``REREAD_WAIT_SECONDS`` holds up
+no request; a process that has none admits a verified token by its claims.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ log = structlog.get_logger(__name__)
 PING_SECONDS = 0.2
 STALE_SECONDS = 0.5
 RECONNECT_SECONDS = 0.5
+REREAD_WAIT_SECONDS = 0.1
 CLOSE_SECONDS = 2.0  # a Redis that does not answer does not hold up a shutdown
 WARN_EVERY_SECONDS = 10.0
 
@@ -229,8 +231,12 @@ def admit(claims: dict[str, Any], standing: Standing) -> Principal:
 
 @dataclass
 class _Entry:
-    standing: Standing
+    value: Any  # a Standing; for REVOKED_KEYS, the kids whose tokens were revoked
     at: float  # monotonic: when its read began
+
+
+Key = tuple[str, str | None]  # (subject, tenant)
+REVOKED_KEYS: Key = ("*revoked-signing-keys*", None)  # no token's subject
 
 
 class AccessGuard:
@@ -255,10 +261,8 @@ class AccessGuard:
         self.channel = channel
         self.connect_timeout = connect_timeout
         self._redis: Redis | None = None
-        self._entries: dict[tuple[str, str | None], _Entry] = {}
-        self._loading: dict[tuple[str, str | None], asyncio.Future[Standing]] = {}
-        self._revoked_keys: _Entry | None = None
-        self._revoked: frozenset[str] = frozenset()
+        self._entries: dict[Key, _Entry] = {}
+        self._loading: dict[Key, asyncio.Future[Any]] = {}
         self._epoch = 0  # moved on by every change: a read begun before one is not kept
         self._lock = threading.Lock()  # changes arrive from platform calls' threads too
         self._proven = -math.inf  # monotonic send time of the newest PING answered
@@ -272,7 +276,7 @@ class AccessGuard:
         with self._lock:
             self._epoch += 1
             if change.kind == "keys":
-                self._revoked_keys = None
+                self._entries.pop(REVOKED_KEYS, None)
                 return
             for key in list(self._entries):
                 subject, tenant_id = key
@@ -287,7 +291,6 @@ class AccessGuard:
         with self._lock:
             self._epoch += 1
             self._entries.clear()
-            self._revoked_keys = None
 
     def start(self) -> None:
         """Listen for other processes' changes (with Redis; idempotent)."""
@@ -378,64 +381,53 @@ class AccessGuard:
         """``admit`` against the current standing of the token's subject."""
         if self._listener is None:
             self.start()
-        if kid is not None and kid in await self._revoked_kids():
-            raise InvalidSignatureError(REVOKED)
+        if kid is not None:
+            revoked = await self._current(REVOKED_KEYS, lambda: read_revoked_keys(self.engine))
+            if revoked is not None and kid in revoked:
+                raise InvalidSignatureError(REVOKED)
         subject, tenant_id = str(claims["sub"]), claims.get("tid")
         key = (subject, None if tenant_id is None else str(tenant_id))
-        entry = self._entries.get(key)
-        if entry is None or not self._fresh(entry, time.monotonic()):
-            standing = await self._load(key, entry)
-            if standing is None:  # never read, and the platform is away: by the claims
-                return await self._offline(claims)
-        else:
-            standing = entry.standing
+        standing = await self._current(key, lambda: read_standing(self.engine, *key))
+        if standing is None:  # never read, and the platform is away: by the claims
+            return await self._offline(claims)
         return admit(claims, standing)
 
-    async def _load(self, key: tuple[str, str | None], entry: _Entry | None) -> Standing | None:
+    async def _current(self, key: Key, read: Callable[[], Any]) -> Any:
+        """The cached value of ``key`` while fresh; else read again (one read per key at a
+        time, in a thread). With a value already held, a read that takes longer than
+        ``REREAD_WAIT_SECONDS`` (the platform slow or away) leaves the request to the value
+        held, and goes on for the next ones. None: never read, and unreadable."""
+        entry = self._entries.get(key)
+        if entry is not None and self._fresh(entry, time.monotonic()):
+            return entry.value
         loading = self._loading.get(key)
         if loading is None:
-            loading = asyncio.ensure_future(self._read(key, entry))
+            loading = asyncio.ensure_future(self._read(key, read, entry))
             self._loading[key] = loading
             loading.add_done_callback(lambda _: self._loading.pop(key, None))
         try:
-            return await asyncio.shield(loading)
+            if entry is None:
+                return await asyncio.shield(loading)
+            return await asyncio.wait_for(asyncio.shield(loading), REREAD_WAIT_SECONDS)
+        except TimeoutError:
+            return entry.value if entry is not None else None
         except _Unreadable:
             return None
 
-    async def _read(self, key: tuple[str, str | None], entry: _Entry | None) -> Standing:
+    async def _read(self, key: Key, read: Callable[[], Any], entry: _Entry | None) -> Any:
         began, epoch = time.monotonic(), self._epoch
         try:
-            standing = await asyncio.to_thread(read_standing, self.engine, *key)
+            value = await asyncio.to_thread(read)
         except Exception as exc:
             self._warn("platform unreachable; using the grants last read", exc)
             if entry is None:
                 raise _Unreadable() from exc
             # Kept, and read again after STALE_SECONDS rather than on every request.
-            with self._lock:
-                if epoch == self._epoch:
-                    self._entries[key] = _Entry(entry.standing, time.monotonic())
-            return entry.standing
+            value, began = entry.value, time.monotonic()
         with self._lock:
             if epoch == self._epoch:
-                self._entries[key] = _Entry(standing, began)
-        return standing
-
-    async def _revoked_kids(self) -> frozenset[str]:
-        held = self._revoked_keys
-        if held is not None and self._fresh(held, time.monotonic()):
-            return self._revoked
-        began, epoch = time.monotonic(), self._epoch
-        try:
-            revoked = await asyncio.to_thread(read_revoked_keys, self.engine)
-        except Exception as exc:
-            self._warn("platform unreachable; using the grants last read", exc)
-            revoked = self._revoked
-            began = time.monotonic()
-        with self._lock:
-            self._revoked = revoked
-            if epoch == self._epoch:
-                self._revoked_keys = _Entry(Standing(found=True), began)
-        return revoked
+                self._entries[key] = _Entry(value, began)
+        return value
 
     async def _offline(self, claims: dict[str, Any]) -> Principal:
         """A token's claims, with its tenant's identity checked against the last known."""

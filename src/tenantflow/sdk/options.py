@@ -55,9 +55,6 @@ class RetryPolicy:
         return max(0.0, base + random.uniform(-spread, spread))
 
 
-NO_RETRY = RetryPolicy(max_attempts=1)
-
-
 @dataclass(frozen=True, kw_only=True)
 class StepOptions:
     """Options of a step: its retry policy, a timeout per attempt (seconds), and the circuit
