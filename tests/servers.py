@@ -34,6 +34,21 @@ def _wait_for_port(port: int, what: str, seconds: float = 30) -> None:
             time.sleep(0.05)
 
 
+def _wait_stopped(pid: int, seconds: float = 5) -> None:
+    """Until process ``pid`` has stopped (``kill`` returns before the signal has taken
+    effect: a process busy on another core goes on for a moment), or is gone."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
 class OwnPostgres:
     """A PostgreSQL cluster of its own (``initdb`` as the ``postgres`` user), trust auth."""
 
@@ -124,18 +139,26 @@ class OwnPostgres:
     def freeze_all(self) -> None:
         """Stop every process of the server (SIGSTOP), its sessions' too: statements sent on
         an open session are never answered, while the kernel still takes the bytes and
-        answers TCP keepalives, as with a frozen host. ``thaw`` ends it."""
+        answers TCP keepalives, as with a frozen host. ``thaw`` ends it.
+
+        The postmaster first, and only once it has stopped are its children listed: a session
+        it forked a moment before is among them, whereas one forked after a listing taken
+        first would go on serving its client through the whole freeze."""
+        postmaster = self.postmaster_pid
+        self.freeze()
+        _wait_stopped(postmaster)
         children = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.postmaster_pid)],
+            ["ps", "-o", "pid=", "--ppid", str(postmaster)],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.split()
         self._frozen = [int(pid) for pid in children]
-        self.freeze()
         for pid in self._frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
+        for pid in self._frozen:
+            _wait_stopped(pid)
 
     def thaw(self) -> None:
         for pid in self._frozen:
