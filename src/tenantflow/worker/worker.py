@@ -678,6 +678,7 @@ class Worker:
     async def _keepalive(self) -> None:
         renew_every = self.lease_seconds / 3
         last_renew = time.monotonic()
+        polling: asyncio.Task[None] | None = None
         try:
             while True:
                 await asyncio.sleep(min(CANCEL_POLL_SECONDS, renew_every))
@@ -685,14 +686,17 @@ class Worker:
                     if time.monotonic() - last_renew >= renew_every:
                         last_renew = time.monotonic()
                         await self._renew()
-                    else:
-                        await self._poll_cancellations()
+                    elif polling is None or polling.done():
+                        # Not waited for: a database that does not answer must not hold up
+                        # the renewals (and the queue's visibility with them).
+                        polling = asyncio.create_task(self._poll_cancellations())
                 except Exception as exc:
                     log_failure(log, "lease renewal failed", exc)
         finally:
-            for task in self._renewing.values():
+            tasks = [*self._renewing.values(), *([polling] if polling else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._renewing.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _executions_by_tenant(self) -> dict[str, dict[str, Execution]]:
         out: dict[str, dict[str, Execution]] = defaultdict(dict)
@@ -763,7 +767,10 @@ class Worker:
             executions[run_id].cancel()
 
     async def _poll_cancellations(self) -> None:
-        for tenant_id, executions in self._executions_by_tenant().items():
-            store = self.runtime.router.store(tenant_id)
-            for run_id in await store.cancel_requested(list(executions)):
-                executions[run_id].cancel()
+        try:
+            for tenant_id, executions in self._executions_by_tenant().items():
+                store = self.runtime.router.store(tenant_id)
+                for run_id in await store.cancel_requested(list(executions)):
+                    executions[run_id].cancel()
+        except Exception as exc:
+            log_failure(log, "looking for cancellations failed", exc)
