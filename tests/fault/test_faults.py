@@ -168,9 +168,6 @@ SCENARIOS = [
         freeze_postgres,
         4.0,
         settings={"database_timeout_seconds": 2.0},
-        # Measured 2.09-4.19 s: the calls cut during the freeze are retried after a wait of
-        # up to half a lease, which may end just after the thaw.
-        not_met="a cut call's retry may wait up to half a lease past the thaw",
     ),
     Scenario("PostgreSQL link: 50 ms latency", 4.0, through_proxy("postgres", "latency", 3), 4.0),
     Scenario("PostgreSQL link: blackhole 3 s", 4.0, through_proxy("postgres", "blackhole", 3), 4.0),
@@ -231,25 +228,7 @@ async def installation(
         await runtime.close()
 
 
-# Known, not fixed yet (issue 13 stays open for it): a statement the client cut while the
-# server was frozen may still commit once it resumes, and in 1 of 5 runs 2 steps ran again
-# outside a crash point. Run and reported with the others; not yet a gate.
-KNOWN_FAILING = {"PostgreSQL frozen 6 s, sessions open"}
-
-
-@pytest.mark.parametrize(
-    "scenario",
-    [
-        pytest.param(
-            s,
-            id=s.name,
-            marks=[pytest.mark.xfail(reason="a cut statement may commit late", strict=False)]
-            if s.name in KNOWN_FAILING
-            else [],
-        )
-        for s in SCENARIOS
-    ],
-)
+@pytest.mark.parametrize("scenario", [pytest.param(s, id=s.name) for s in SCENARIOS])
 async def test_fault(
     scenario: Scenario,
     servers: Servers,
