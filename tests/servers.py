@@ -5,6 +5,7 @@ databases, a low ``max_connections``)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import os
 import shutil
@@ -55,7 +56,13 @@ class OwnPostgres:
     def __init__(self, folder: Path, *, settings: dict[str, str] | None = None) -> None:
         self.folder = folder / "pgdata"
         self.port = free_port()
-        self.settings = {"max_connections": "100", "fsync": "off", **(settings or {})}
+        # Log times in UTC: ``ready_at`` reads them.
+        self.settings = {
+            "max_connections": "100",
+            "fsync": "off",
+            "log_timezone": "UTC",
+            **(settings or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self._frozen: list[int] = []  # server processes stopped by freeze_all
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -105,6 +112,18 @@ class OwnPostgres:
         while subprocess.run(ready, check=False).returncode != 0:
             assert time.monotonic() < deadline, "postgres did not accept connections"
             time.sleep(0.05)
+
+    def ready_at(self) -> float:
+        """When the server last said it accepts connections (its log's time, of this host's
+        clock): sooner than a poll of it sees, by as long as one takes."""
+        log = self.folder.parent / "postgres.log"
+        last = None
+        for line in log.read_text(errors="replace").splitlines():
+            if "database system is ready to accept connections" in line:
+                last = line
+        assert last is not None, "postgres did not log that it is ready"
+        stamp = datetime.datetime.strptime(last[:23], "%Y-%m-%d %H:%M:%S.%f")
+        return stamp.replace(tzinfo=datetime.UTC).timestamp()
 
     def restart(self) -> None:
         """What ``pg_ctl restart -m fast`` does: a fast shutdown (every session ended), then a
