@@ -5,6 +5,7 @@ databases, a low ``max_connections``)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import os
 import shutil
@@ -34,13 +35,34 @@ def _wait_for_port(port: int, what: str, seconds: float = 30) -> None:
             time.sleep(0.05)
 
 
+def _wait_stopped(pid: int, seconds: float = 5) -> None:
+    """Until process ``pid`` has stopped (``kill`` returns before the signal has taken
+    effect: a process busy on another core goes on for a moment), or is gone."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
 class OwnPostgres:
     """A PostgreSQL cluster of its own (``initdb`` as the ``postgres`` user), trust auth."""
 
     def __init__(self, folder: Path, *, settings: dict[str, str] | None = None) -> None:
         self.folder = folder / "pgdata"
         self.port = free_port()
-        self.settings = {"max_connections": "100", "fsync": "off", **(settings or {})}
+        # Log times in UTC: ``ready_at`` reads them.
+        self.settings = {
+            "max_connections": "100",
+            "fsync": "off",
+            "log_timezone": "UTC",
+            **(settings or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self._frozen: list[int] = []  # server processes stopped by freeze_all
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -91,6 +113,18 @@ class OwnPostgres:
             assert time.monotonic() < deadline, "postgres did not accept connections"
             time.sleep(0.05)
 
+    def ready_at(self) -> float:
+        """When the server last said it accepts connections (its log's time, of this host's
+        clock): sooner than a poll of it sees, by as long as one takes."""
+        log = self.folder.parent / "postgres.log"
+        last = None
+        for line in log.read_text(errors="replace").splitlines():
+            if "database system is ready to accept connections" in line:
+                last = line
+        assert last is not None, "postgres did not log that it is ready"
+        stamp = datetime.datetime.strptime(last[:23], "%Y-%m-%d %H:%M:%S.%f")
+        return stamp.replace(tzinfo=datetime.UTC).timestamp()
+
     def restart(self) -> None:
         """What ``pg_ctl restart -m fast`` does: a fast shutdown (every session ended), then a
         start on the same port, returning once the server accepts connections again."""
@@ -124,18 +158,26 @@ class OwnPostgres:
     def freeze_all(self) -> None:
         """Stop every process of the server (SIGSTOP), its sessions' too: statements sent on
         an open session are never answered, while the kernel still takes the bytes and
-        answers TCP keepalives, as with a frozen host. ``thaw`` ends it."""
+        answers TCP keepalives, as with a frozen host. ``thaw`` ends it.
+
+        The postmaster first, and only once it has stopped are its children listed: a session
+        it forked a moment before is among them, whereas one forked after a listing taken
+        first would go on serving its client through the whole freeze."""
+        postmaster = self.postmaster_pid
+        self.freeze()
+        _wait_stopped(postmaster)
         children = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.postmaster_pid)],
+            ["ps", "-o", "pid=", "--ppid", str(postmaster)],
             capture_output=True,
             text=True,
             check=True,
         ).stdout.split()
         self._frozen = [int(pid) for pid in children]
-        self.freeze()
         for pid in self._frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
+        for pid in self._frozen:
+            _wait_stopped(pid)
 
     def thaw(self) -> None:
         for pid in self._frozen:

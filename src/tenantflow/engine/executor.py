@@ -231,8 +231,12 @@ class Execution:
                 run=run.id,
                 error=type(exc.__cause__).__name__,
             )
+            # The step that just ran, if its checkpoint did not commit, commits with the
+            # release: the database may answer this call, and then the step is not run again.
             with contextlib.suppress(Exception):
-                await self.store.release_run(run.id, lease=self.lease, now=time.time())
+                await self.store.release_run(
+                    run.id, lease=self.lease, now=time.time(), step=self._pending
+                )
             return Outcome(
                 kind=OutcomeKind.RETRY,
                 unavailable=exc.__cause__ is not None and unavailable(exc.__cause__) is not None,
@@ -361,8 +365,9 @@ class Execution:
     async def _finish(
         self, status: RunStatus, *, result: bytes | None = None, error: bytes | None = None
     ) -> Outcome:
-        # The last step's checkpoint, if still pending, commits with the run's end.
-        step, self._pending = self._pending, None
+        # The last step's checkpoint, if still pending, commits with the run's end (pending
+        # until then: a release after a failure takes it).
+        step = self._pending
         finished = await self._commit(
             lambda: self.store.finish_run(
                 self.run.id,
@@ -374,6 +379,7 @@ class Execution:
                 step=step,
             )
         )
+        self._pending = None
         return Outcome(kind=OutcomeKind.FINISHED, status=status, wake=finished.wake)
 
     # -- positions ---------------------------------------------------------------------------

@@ -108,11 +108,18 @@ class RunStore(Protocol):
         ...
 
     async def release_run(
-        self, run_id: str, *, lease: Lease, now: float, stuck_reason: str | None = None
+        self,
+        run_id: str,
+        *,
+        lease: Lease,
+        now: float,
+        stuck_reason: str | None = None,
+        step: StepRecord | None = None,
     ) -> None:
         """Give the run back (a worker shutting down): queued again, lease cleared; nothing
         if it is no longer executed under ``lease``. With ``stuck_reason``, the run says why
-        no worker can take it (until one claims it)."""
+        no worker can take it (until one claims it). With ``step``, a checkpoint whose own
+        commit failed is committed with the release, under the same fence."""
         ...
 
     async def finish_run(
@@ -164,6 +171,11 @@ class RunStore(Protocol):
 
     async def has_unfinished(self) -> bool:
         """Whether any run has not ended yet, or any outbox record is left."""
+        ...
+
+    async def ping(self) -> None:
+        """One round trip to the database: returns once it answers (within the store's own
+        bound, else the store's error)."""
         ...
 
     async def close(self) -> None: ...

@@ -709,10 +709,18 @@ class SqlRunStore:
         return SuspendOutcome.SUSPENDED
 
     async def release_run(
-        self, run_id: str, *, lease: Lease, now: float, stuck_reason: str | None = None
+        self,
+        run_id: str,
+        *,
+        lease: Lease,
+        now: float,
+        stuck_reason: str | None = None,
+        step: StepRecord | None = None,
     ) -> None:
         async with self.db.transaction() as tx:
-            await tx.run(SQL_RELEASE, (stuck_reason, now, run_id, *_fence(lease)))
+            released = await tx.run(SQL_RELEASE, (stuck_reason, now, run_id, *_fence(lease)))
+            if released and step is not None:
+                await tx.run(SQL_UPSERT_STEP, _step_params(step))
 
     async def finish_run(
         self,
@@ -858,6 +866,10 @@ class SqlRunStore:
                 "OR EXISTS (SELECT 1 FROM outbox)"
             )
         return bool(row and row[0])
+
+    async def ping(self) -> None:
+        async with self.db.autocommit() as tx:
+            await tx.one("SELECT 1")
 
     async def stuck_runs(self, *, before: float) -> tuple[int, float | None]:
         """How many runs are queued or running without progress since ``before``, and when

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from contextvars import Context
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -50,6 +51,7 @@ CANCEL_POLL_SECONDS = 0.5
 QUEUE_RETRY_MAX_SECONDS = 2.0
 STORE_RETRY_SECONDS = 1.0
 STORE_RETRY_MAX_SECONDS = 5.0  # the longest wait for a tenant database that does not answer
+STORE_PROBE_PAUSE = 0.25  # between two probes of a tenant database that refused at once
 UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
 PLATFORM_VIEW_SECONDS = 1.0
@@ -124,6 +126,12 @@ class Worker:
         # from before its claim to after its outcome: one execution per run in this process.
         self._running: dict[tuple[str, str], Execution | None] = {}
         self._store_away: dict[str, float] = {}  # tenant -> since when its database is away
+        # Messages waiting for their tenant's database to answer again (see ``_retry``), and
+        # per tenant, set once it does (a probe asks it meanwhile).
+        self._parked: set[Message] = set()
+        self._store_back: dict[str, asyncio.Event] = {}
+        # Each tenant's lease renewal on its way: one at a time, not waited for past its round.
+        self._renewing: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self._slot_free = asyncio.Event()
         # The queue: answering again (ends a dequeue's backoff), to be looked at now, to be
@@ -268,17 +276,68 @@ class Worker:
 
     async def _retry(self, message: Message, *, store_away: bool) -> None:
         """Try the message again later. The tenant's database not answering is not the
-        message's fault: that delivery does not count, and the wait is as long as the
-        database has been away (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``, and
-        at most half a lease): the longer an outage, the fewer tries, and the runs resume
-        within that once it is back, within one lease."""
+        message's fault: that delivery does not count, and the message is given back as soon
+        as the database answers again (``_park``), after a wait as long as it has been away
+        at the latest (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``, and at most
+        half a lease): the longer an outage, the fewer tries."""
         if not store_away:
             await self._give_back(message, STORE_RETRY_SECONDS)
             return
         away = time.monotonic() - self._store_away.setdefault(message.tenant_id, time.monotonic())
         longest = min(STORE_RETRY_MAX_SECONDS, self.lease_seconds / 2)
         delay = min(max(away, min(STORE_RETRY_SECONDS, longest)), longest)
-        await self._give_back(message, delay, count_delivery=False)
+        self._park(message, delay)
+
+    def _park(self, message: Message, delay: float) -> None:
+        """Keep ``message`` (its visibility extended with those in flight; no slot taken) until
+        its tenant's database answers again, or for ``delay`` at most, then give it back for
+        now: a run waits for the database, not for a wait fixed when the database failed."""
+        self._parked.add(message)
+        back = self._store_back.get(message.tenant_id)
+        if back is None:
+            back = self._store_back[message.tenant_id] = asyncio.Event()
+            self._track(self._probe_store(message.tenant_id, back))
+
+        async def wait_then_give_back() -> None:
+            try:
+                await self._wait_any(back.wait(), delay)
+            finally:
+                self._parked.discard(message)
+            await self._give_back(message, 0.0, count_delivery=False)
+
+        self._track(wait_then_give_back())
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task of this worker, waited for when it stops."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe_store(self, tenant_id: str, back: asyncio.Event) -> None:
+        """While messages of ``tenant_id`` are parked: ask its database, one call at a time
+        (each within the database's own bound), until it answers or they are all given back.
+        Another call answering (a claim, a renewal) ends it too."""
+        try:
+            while not back.is_set() and not self.stopping:
+                if not any(m.tenant_id == tenant_id for m in self._parked):
+                    return
+                try:
+                    await self.runtime.router.store(tenant_id).ping()
+                except Exception:
+                    await self._wait_any(back.wait(), STORE_PROBE_PAUSE)
+                    continue
+                self._store_answers(tenant_id)
+        finally:
+            if self._store_back.get(tenant_id) is back:
+                del self._store_back[tenant_id]
+
+    def _store_answers(self, tenant_id: str) -> None:
+        """The tenant's database answered a call: it is not away, and what was parked for it
+        goes back to the queue now."""
+        self._store_away.pop(tenant_id, None)
+        back = self._store_back.pop(tenant_id, None)
+        if back is not None:
+            back.set()
 
     async def _handle(self, message: Message) -> None:
         key = (message.tenant_id, message.run_id)
@@ -328,7 +387,7 @@ class Worker:
         claim = await store.claim_run(
             message.run_id, owner=self.owner, now=now, lease=self.lease_seconds
         )
-        self._store_away.pop(message.tenant_id, None)  # it answers again
+        self._store_answers(message.tenant_id)
         set_attributes(span, {"tenantflow.claim": claim.outcome.value})
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
@@ -336,7 +395,8 @@ class Worker:
             return
         if claim.outcome is ClaimOutcome.DEFER:
             assert claim.not_before is not None
-            await self._give_back(message, claim.not_before - now, count_delivery=False)
+            # From now, not from before the claim: it may have waited for the database.
+            await self._give_back(message, claim.not_before - time.time(), count_delivery=False)
             return
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             if claim.run is not None:
@@ -618,16 +678,25 @@ class Worker:
     async def _keepalive(self) -> None:
         renew_every = self.lease_seconds / 3
         last_renew = time.monotonic()
-        while True:
-            await asyncio.sleep(min(CANCEL_POLL_SECONDS, renew_every))
-            try:
-                if time.monotonic() - last_renew >= renew_every:
-                    last_renew = time.monotonic()
-                    await self._renew()
-                else:
-                    await self._poll_cancellations()
-            except Exception as exc:
-                log_failure(log, "lease renewal failed", exc)
+        polling: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(min(CANCEL_POLL_SECONDS, renew_every))
+                try:
+                    if time.monotonic() - last_renew >= renew_every:
+                        last_renew = time.monotonic()
+                        await self._renew()
+                    elif polling is None or polling.done():
+                        # Not waited for: a database that does not answer must not hold up
+                        # the renewals (and the queue's visibility with them).
+                        polling = asyncio.create_task(self._poll_cancellations())
+                except Exception as exc:
+                    log_failure(log, "lease renewal failed", exc)
+        finally:
+            tasks = [*self._renewing.values(), *([polling] if polling else [])]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _executions_by_tenant(self) -> dict[str, dict[str, Execution]]:
         out: dict[str, dict[str, Execution]] = defaultdict(dict)
@@ -638,19 +707,37 @@ class Worker:
 
     async def _renew(self) -> None:
         try:
-            await self.runtime.queue.extend(list(self._inflight), self.lease_seconds)
+            await self.runtime.queue.extend([*self._inflight, *self._parked], self.lease_seconds)
         except Exception as exc:
             # The queue may be down or emptied; the database leases still matter most.
             log_failure(log, "queue lease renewal failed", exc)
         until = time.time() + self.lease_seconds
-        # Concurrently, each bounded: one slow tenant database must not let the others'
-        # leases lapse.
-        await asyncio.gather(
-            *(
-                self._renew_tenant(tenant_id, executions, until)
-                for tenant_id, executions in self._executions_by_tenant().items()
-            )
-        )
+        # Concurrently, and waited for a third of a lease at most: one slow tenant database
+        # must not let the others' leases lapse, nor hold up the next round (the queue's
+        # visibility with it). A renewal that answers later still counts; a tenant whose
+        # last one has not answered yet gets none this round.
+        started: dict[asyncio.Task[None], dict[str, Execution]] = {}
+        for tenant_id, executions in self._executions_by_tenant().items():
+            if tenant_id in self._renewing:
+                for execution in executions.values():
+                    execution.lease_renewal_failed()
+                continue
+            task = asyncio.create_task(self._renew_tenant(tenant_id, executions, until))
+            self._renewing[tenant_id] = task
+            task.add_done_callback(functools.partial(self._renewed, tenant_id))
+            started[task] = executions
+        if not started:
+            return
+        # Not wait_for: a call cancelled on a server that does not answer waits for it (the
+        # driver's own cancel request), up to the database's bound.
+        _, pending = await asyncio.wait(set(started), timeout=self.lease_seconds / 3)
+        for task in pending:
+            for execution in started[task].values():
+                execution.lease_renewal_failed()
+
+    def _renewed(self, tenant_id: str, task: asyncio.Task[None]) -> None:
+        if self._renewing.get(tenant_id) is task:
+            del self._renewing[tenant_id]
 
     async def _renew_tenant(
         self, tenant_id: str, executions: dict[str, Execution], until: float
@@ -658,9 +745,10 @@ class Worker:
         leases = {run_id: execution.lease for run_id, execution in executions.items()}
         try:
             store = self.runtime.router.store(tenant_id)
-            cancels, lost = await asyncio.wait_for(
-                store.renew_leases(leases, until=until), self.lease_seconds / 3
-            )
+            # An answer later than the lease would be worth nothing (without a database
+            # timeout, nothing else bounds the call).
+            async with asyncio.timeout(self.lease_seconds):
+                cancels, lost = await store.renew_leases(leases, until=until)
         except Exception as exc:
             log.warning(
                 "lease renewal of a tenant failed", tenant=tenant_id, error=type(exc).__name__
@@ -669,7 +757,7 @@ class Worker:
             for execution in executions.values():
                 execution.lease_renewal_failed()
             return
-        self._store_away.pop(tenant_id, None)  # it answers again
+        self._store_answers(tenant_id)
         for run_id, execution in executions.items():
             if run_id in lost:
                 execution.lease_lost()
@@ -679,7 +767,10 @@ class Worker:
             executions[run_id].cancel()
 
     async def _poll_cancellations(self) -> None:
-        for tenant_id, executions in self._executions_by_tenant().items():
-            store = self.runtime.router.store(tenant_id)
-            for run_id in await store.cancel_requested(list(executions)):
-                executions[run_id].cancel()
+        try:
+            for tenant_id, executions in self._executions_by_tenant().items():
+                store = self.runtime.router.store(tenant_id)
+                for run_id in await store.cancel_requested(list(executions)):
+                    executions[run_id].cancel()
+        except Exception as exc:
+            log_failure(log, "looking for cancellations failed", exc)
