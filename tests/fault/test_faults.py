@@ -179,7 +179,15 @@ SCENARIOS = [
     Scenario(
         "Redis link: blackhole 3 s", DEFAULT_LEASE, through_proxy("redis", "blackhole", 3), 2.0
     ),
-    Scenario("Redis link: reset", DEFAULT_LEASE, through_proxy("redis", "reset", 0.2), 2.0),
+    Scenario(
+        "Redis link: reset",
+        DEFAULT_LEASE,
+        through_proxy("redis", "reset", 0.2),
+        2.0,
+        # Measured 1.02-1.1 s, and once (a full run in CI, 2026-12-03) 15.8 s: about half a
+        # lease, the wait of a message handed back; not reproduced alone (4 runs). Issue 13.
+        not_met="once, a run waited about half a lease after the reset",
+    ),
 ]
 
 
