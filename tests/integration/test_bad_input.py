@@ -14,7 +14,7 @@ from tenantflow import Client, Runtime
 from tenantflow.errors import ConfigError, InvalidInputError, SerializationError
 from tenantflow.platform.identity import Role
 from tenantflow.platform.licensing import Quotas
-from tenantflow.sdk.serde import NOT_JSON_NUMBER
+from tenantflow.serde import NOT_JSON_NUMBER
 from tests.apps import api as workflows
 from tests.commands import free_port
 from tests.conftest import POSTGRES_URL, running_worker

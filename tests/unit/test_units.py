@@ -20,7 +20,7 @@ from tenantflow import App, ConfigError, RetryPolicy, SerializationError, Workfl
 from tenantflow.platform.licensing import LicenseClaims, Quotas
 from tenantflow.queue.fairness import Turn, shares
 from tenantflow.sdk.client import new_run_id
-from tenantflow.sdk.serde import TypedCodec, dumps, loads
+from tenantflow.serde import TypedCodec, dumps, loads
 from tenantflow.store.migrate import migrate_sqlite, script_head
 from tenantflow.store.schema import HEAD_REVISION, metadata
 

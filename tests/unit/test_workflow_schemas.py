@@ -16,7 +16,7 @@ from tenantflow import App, WorkflowContext
 from tenantflow.api.models import StartRun, UserIn
 from tenantflow.api.schemas import self_contained
 from tenantflow.errors import InvalidInputError, SerializationError
-from tenantflow.sdk.serde import dumps
+from tenantflow.serde import dumps
 
 app = App("schemas")
 

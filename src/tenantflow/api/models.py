@@ -13,7 +13,7 @@ from tenantflow.platform.licensing import MAX_DISPATCH_WEIGHT, MAX_QUOTA, Plan, 
 from tenantflow.platform.registry import TENANT_ID, Tenant
 from tenantflow.queue.base import DeadLetter
 from tenantflow.sdk.options import MAX_PRIORITY, MIN_PRIORITY
-from tenantflow.sdk.serde import loads, whole
+from tenantflow.serde import loads, whole
 from tenantflow.store.records import RunRecord, StepRecord
 
 # No control characters in anything used as a key, compared in a query or stored as text

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tenantflow import errors
 from tenantflow.backends import reason, unavailable
-from tenantflow.sdk.serde import NOT_JSON_NUMBER, issues_of
+from tenantflow.serde import NOT_JSON_NUMBER, issues_of
 
 log = structlog.get_logger(__name__)
 

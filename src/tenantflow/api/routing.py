@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from tenantflow.sdk.serde import parse_json
+from tenantflow.serde import parse_json
 
 
 class StrictJsonRequest(Request):

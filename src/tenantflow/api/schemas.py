@@ -21,7 +21,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from tenantflow.sdk.app import Workflow
-from tenantflow.sdk.serde import INT_MAX, INT_MIN
+from tenantflow.serde import INT_MAX, INT_MIN
 
 JsonSchema = dict[str, Any]
 

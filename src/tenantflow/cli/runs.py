@@ -28,7 +28,7 @@ from tenantflow.errors import ConfigError, RunNotFoundError
 from tenantflow.sdk.app import App
 from tenantflow.sdk.client import Client
 from tenantflow.sdk.options import MAX_PRIORITY, MIN_PRIORITY
-from tenantflow.sdk.serde import loads, parse_json
+from tenantflow.serde import loads, parse_json
 from tenantflow.store.records import RunStatus, StepRecord
 
 runs_cli = typer.Typer(help="Start, inspect, cancel and signal the runs of a tenant.")

@@ -31,7 +31,7 @@ from tenantflow.errors import (
     summarize,
 )
 from tenantflow.sdk.context import StepContext, WorkflowContext, _step, _workflow
-from tenantflow.sdk.serde import adapter_for, dumps, issues_of, loads
+from tenantflow.serde import adapter_for, dumps, issues_of, loads
 from tenantflow.store.base import LeaseLost, RunStore
 from tenantflow.store.records import (
     TERMINAL,

@@ -11,7 +11,7 @@ from tenantflow.errors import ConfigError, WorkflowNotRegisteredError
 from tenantflow.resilience.breaker import BreakerConfig
 from tenantflow.resilience.bulkhead import BulkheadConfig
 from tenantflow.sdk.options import RetryPolicy, StartOptions, StepOptions, WorkflowOptions
-from tenantflow.sdk.serde import TypedCodec
+from tenantflow.serde import TypedCodec
 
 if TYPE_CHECKING:
     from tenantflow.sdk.context import WorkflowContext

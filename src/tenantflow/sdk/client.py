@@ -23,7 +23,7 @@ from tenantflow.errors import (
 from tenantflow.platform.registry import TenantStatus, check_tenant_id
 from tenantflow.runtime import MARK_SLOW_SUBMIT_SECONDS, Runtime
 from tenantflow.sdk.app import App, Workflow
-from tenantflow.sdk.serde import dumps, loads
+from tenantflow.serde import dumps, loads
 from tenantflow.settings import Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.records import NewRun, RunRecord, RunStatus, StepRecord

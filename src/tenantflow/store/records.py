@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from tenantflow.sdk.serde import loads
+from tenantflow.serde import loads
 
 
 class RunStatus(enum.StrEnum):

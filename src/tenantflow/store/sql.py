@@ -13,7 +13,7 @@ from tenantflow.errors import (
     RunFinishedError,
     RunNotFoundError,
 )
-from tenantflow.sdk.serde import dumps, loads
+from tenantflow.serde import dumps, loads
 from tenantflow.store.base import LeaseLost
 from tenantflow.store.db import Database, Row, Tx
 from tenantflow.store.records import (
