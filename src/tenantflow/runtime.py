@@ -189,6 +189,7 @@ class Runtime:
                 redis_url=None if shared is None else self.settings.resolved_queue_url(),
                 channel=None if shared is None else shared.keys.access_changes,
                 connect_timeout=self.settings.redis_timeout_seconds,
+                keys_changed=lambda: self.artifacts.invalidate_keys(),
             )
         return self._access
 

@@ -25,8 +25,10 @@ BOUND = 1.0  # seconds, the documented guarantee
 START = {"workflow": "greet", "args": ["x"]}
 
 
-async def sign_in(base: str, email: str, tenant: str | None = "acme") -> dict[str, str]:
-    grant = {"grant_type": "password", "email": email, "password": PASSWORD}
+async def sign_in(
+    base: str, email: str, tenant: str | None = "acme", *, password: str = PASSWORD
+) -> dict[str, str]:
+    grant = {"grant_type": "password", "email": email, "password": password}
     if tenant is not None:
         grant["tenant"] = tenant
     async with httpx.AsyncClient() as http:
@@ -170,7 +172,36 @@ async def test_each_revocation_reaches_the_other_api_process_within_a_second(
             measured["user disabled"] = await refused_within(
                 http, f"{b}/v1/runs", tokens["carol"], 401
             )
+            # A password reset from the CLI: the platform admin's token, on a platform route.
+            assert (await http.get(f"{b}/platform/v1/users", headers=root)).status_code == 200
+            reset = await asyncio.to_thread(
+                tenantflow,
+                "admin",
+                "reset-password",
+                "root@example.com",
+                cwd=home,
+                env=env,
+                stdin=f"{PASSWORD}!\n",
+            )
+            ok(reset)
+            measured["password reset (CLI)"] = await refused_within(
+                http, f"{b}/platform/v1/users", root, 401
+            )
+            root = await sign_in(a, "root@example.com", None, password=f"{PASSWORD}!")
+            # A rotation after a leak: every token signed by the old key.
             survivor = await sign_in(a, "boss@acme.test")
+            assert (await http.get(f"{b}/v1/runs", headers=survivor)).status_code == 200
+            rotated = await http.post(
+                f"{a}/platform/v1/keys/rotate", json={"revoke_tokens": True}, headers=root
+            )
+            assert rotated.status_code == 200, rotated.text
+            measured["signing key rotated, tokens revoked"] = await refused_within(
+                http, f"{b}/v1/runs", survivor, 401
+            )
+            root = await sign_in(a, "root@example.com", None, password=f"{PASSWORD}!")
+            survivor = await sign_in(a, "boss@acme.test")
+            if backend == "embedded":  # no push: B looks for a key it does not know once a second
+                await asyncio.sleep(1.1)
             assert (await http.get(f"{b}/v1/runs", headers=survivor)).status_code == 200
             suspended = await http.post(f"{a}/platform/v1/tenants/acme/suspend", headers=root)
             assert suspended.status_code == 200, suspended.text

@@ -251,6 +251,7 @@ class AccessGuard:
         redis_url: str | None = None,
         channel: str | None = None,
         connect_timeout: float = 2.0,
+        keys_changed: Callable[[], None] = lambda: None,
     ) -> None:
         """``tenant_uid``: a tenant's identity as last known (from the tenant router's
         cache), for a token admitted by its claims while the platform is away."""
@@ -260,6 +261,7 @@ class AccessGuard:
         self.redis_url = redis_url
         self.channel = channel
         self.connect_timeout = connect_timeout
+        self.keys_changed = keys_changed  # the signing keys rotated: fetch them again
         self._redis: Redis | None = None
         self._entries: dict[Key, _Entry] = {}
         self._loading: dict[Key, asyncio.Future[Any]] = {}
@@ -277,6 +279,7 @@ class AccessGuard:
             self._epoch += 1
             if change.kind == "keys":
                 self._entries.pop(REVOKED_KEYS, None)
+                self.keys_changed()
                 return
             for key in list(self._entries):
                 subject, tenant_id = key

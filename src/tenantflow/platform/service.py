@@ -380,8 +380,9 @@ class Platform:
             verify_for=max(self.settings.token_ttl_seconds, self.settings.license_ttl_seconds),
             revoke_tokens=revoke_tokens,
         )
-        if revoke_tokens:
-            self.announce(Change("keys"))
+        # Every process fetches the keys again at once (a token of the new key is known at
+        # once), and, with revoke_tokens, refuses the old keys' tokens.
+        self.announce(Change("keys"))
         self.audit.record(
             "signing_key.rotated",
             actor=actor,
