@@ -173,7 +173,15 @@ SCENARIOS = [
         4.0,
         settings={"database_timeout_seconds": 2.0},
     ),
-    Scenario("PostgreSQL link: 50 ms latency", 4.0, through_proxy("postgres", "latency", 3), 4.0),
+    Scenario(
+        "PostgreSQL link: 50 ms latency",
+        4.0,
+        through_proxy("postgres", "latency", 3),
+        4.0,
+        # Measured 0.98-2.05 s, and once (a full run in CI, 2026-12-03, after the worker's
+        # parking of messages for a database that does not answer) 10.07 s. Issue 13.
+        not_met="once, a run waited 10 s after the latency ended",
+    ),
     Scenario("PostgreSQL link: blackhole 3 s", 4.0, through_proxy("postgres", "blackhole", 3), 4.0),
     Scenario("PostgreSQL link: reset", 4.0, through_proxy("postgres", "reset", 0.2), 4.0),
     Scenario(
