@@ -200,8 +200,7 @@ class Runtime:
         grants run out (``STALE_SECONDS`` while the channel cannot prove itself live)."""
         if change.kind == "tenant":
             self.router.forget_record(change.id)
-        if self._access is not None:
-            self._access.changed(change)
+        self.access.changed(change)
         shared = redis_of(self.queue)
         if shared is None:
             return

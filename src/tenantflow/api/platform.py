@@ -161,7 +161,6 @@ async def rotate_keys(
     taken from now on, in any API process within a second (licenses still verify)."""
     revoke = body is not None and body.revoke_tokens
     kid = await _run(runtime.platform.rotate_keys, principal.subject, revoke_tokens=revoke)
-    runtime.artifacts.invalidate_keys()
     return {"kid": kid}
 
 

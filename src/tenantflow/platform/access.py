@@ -294,6 +294,7 @@ class AccessGuard:
         with self._lock:
             self._epoch += 1
             self._entries.clear()
+            self.keys_changed()  # a rotation may be among what was missed
 
     def start(self) -> None:
         """Listen for other processes' changes (with Redis; idempotent)."""
