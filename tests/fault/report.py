@@ -18,6 +18,7 @@ class Counts:
     duplicated_at_crash: int = 0
     duplicated_elsewhere: int = 0
     recovery_seconds: float | None = None
+    slowest_run: str | None = None
     notes: list[str] = field(default_factory=list)
 
 

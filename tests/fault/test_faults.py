@@ -234,7 +234,9 @@ async def installation(
             fault_app.LEDGER_ENV: str(ledger),
             "TENANTFLOW_TEST_FAULT_STEP_SECONDS": str(STEP_SECONDS),
             "TENANTFLOW_LOG_FORMAT": "json",
-            "TENANTFLOW_LOG_LEVEL": "INFO",  # "worker started" says it serves
+            # "worker started" says it serves; each delivery's trail is read where a recovery
+            # bound is missed.
+            "TENANTFLOW_LOG_LEVEL": "DEBUG",
         }
         for _ in range(WORKERS):
             workers.start(app="tests.fault.app:app", concurrency=SLOTS, env=env)
@@ -298,6 +300,8 @@ async def test_fault(
         ended,
     )
     REPORT.append(counts)
+    if counts.recovery_seconds is not None and counts.recovery_seconds > scenario.recovery_bound:
+        counts.notes.extend(trail(workers, counts.slowest_run, ended))
     assert counts.lost == 0, counts
     assert counts.unexpected == 0, counts
     assert counts.duplicated_elsewhere == 0, counts
@@ -305,6 +309,19 @@ async def test_fault(
     if counts.recovery_seconds > scenario.recovery_bound and scenario.not_met:
         pytest.xfail(f"recovery {counts.recovery_seconds} s: {scenario.not_met}")
     assert counts.recovery_seconds <= scenario.recovery_bound, counts
+
+
+def trail(workers: Workers, run_id: str | None, ended: float) -> list[str]:
+    """What the workers logged of the run that recovered last, in seconds from the fault's
+    end: the trail to read when a recovery bound is missed."""
+    lines = []
+    for n in range(len(workers.procs)):
+        log = workers.tmp_path / f"worker{n}.log"
+        for line in log.read_text().splitlines() if log.exists() else ():
+            if run_id and run_id in line:
+                entry = json.loads(line) if line.startswith("{") else {"event": line}
+                lines.append(f"worker{n}: {entry}")
+    return lines or [f"no log line names {run_id}"]
 
 
 async def wait_for_workers(workers: Workers, ledger: Path) -> None:
@@ -382,11 +399,12 @@ def judge(
             timeline = [(x["event"], x["pid"], round(x["t"] - since, 2)) for x in lines]
             counts.notes.append(f"{key}: (event, pid, s from the fault) {timeline}")
     # Recovery: every accepted run unfinished when the fault ended has moved since.
-    waits = []
+    waits: list[tuple[float, str]] = []
     for run_id in accepted.values():
         lines = [x for key, xs in executions.items() if key.startswith(run_id + ":") for x in xs]
         if sum(1 for x in lines if x["event"] == "done" and x["t"] <= ended) >= fault_app.STEPS:
             continue
         after = [x["t"] for x in lines if x["t"] > ended and x["pid"] not in faulted]
-        waits.append(min(after) - ended if after else math.inf)
-    counts.recovery_seconds = round(max(waits), 2) if waits else 0.0
+        waits.append((min(after) - ended if after else math.inf, run_id))
+    counts.recovery_seconds = round(max(waits)[0], 2) if waits else 0.0
+    counts.slowest_run = max(waits)[1] if waits else None

@@ -341,6 +341,13 @@ class Worker:
 
     async def _handle(self, message: Message) -> None:
         key = (message.tenant_id, message.run_id)
+        log.debug(
+            "delivered",
+            tenant=message.tenant_id,
+            run=message.run_id,
+            message=message.id,
+            deliveries=message.deliveries,
+        )
         if key in self._running:
             # A delivery of a run this process executes already (ours came back after its
             # visibility lapsed, a duplicate whose claim would see a lease lapsed meanwhile):
@@ -388,6 +395,7 @@ class Worker:
             message.run_id, owner=self.owner, now=now, lease=self.lease_seconds
         )
         self._store_answers(message.tenant_id)
+        log.debug("claimed", outcome=claim.outcome.value, message=message.id)
         set_attributes(span, {"tenantflow.claim": claim.outcome.value})
         if claim.outcome is ClaimOutcome.DROP:
             self.stats.dropped += 1
@@ -503,6 +511,8 @@ class Worker:
         message meanwhile, for the reconciler (a ``retry_later`` of a lost message makes a new
         one)."""
         due = time.time() + delay
+        fields = {"tenant": message.tenant_id, "run": message.run_id, "message": message.id}
+        log.debug("giving back", delay=round(delay, 3), **fields)
         try:
             await self.runtime.queue.retry_later(message, delay, count_delivery=count_delivery)
         except Exception as exc:
@@ -511,8 +521,7 @@ class Worker:
                 log,
                 "giving a message back failed; sent again once the queue answers",
                 exc,
-                tenant=message.tenant_id,
-                run=message.run_id,
+                **fields,
             )
 
     async def _resend(self) -> None:
@@ -520,6 +529,13 @@ class Worker:
         queue = self.runtime.queue
         for key, unsent in list(self._unsent.items()):
             delay = max(0.0, unsent.due - time.time())
+            log.debug(
+                "giving back again",
+                tenant=unsent.message.tenant_id,
+                run=unsent.message.run_id,
+                message=unsent.message.id,
+                delay=round(delay, 3),
+            )
             try:
                 await queue.retry_later(unsent.message, delay, count_delivery=unsent.count_delivery)
             except Exception:
