@@ -32,9 +32,9 @@ async def main(rounds: int, n: int) -> None:
 
     from tenantflow import App, Runtime, Settings, WorkflowContext
     from tenantflow.api.app import create_api
+    from tenantflow.client import Client
     from tenantflow.platform.access import principal_from_claims
     from tenantflow.platform.identity import Role
-    from tenantflow.sdk.client import Client
     from tenantflow.telemetry.logging import configure_logging
 
     app = App("bench-auth")

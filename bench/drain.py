@@ -66,7 +66,7 @@ async def submit(settings: Settings, uid: str, n: int) -> None:
         tenant = Client(app, runtime=runtime).tenant("bench")
         for _ in range(n):
             await tenant.start(task, uid, time.time(), 1)
-        await runtime.published()
+        await runtime.outbox.published()
     finally:
         await runtime.close()
 

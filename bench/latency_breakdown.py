@@ -51,7 +51,7 @@ async def measure(n: int, folder: Path) -> dict[str, tuple[float, float]]:
             t0 = time.time()
             await tenant.start(task, uid, t0, 1)
             t1 = time.time()
-            await runtime.published()
+            await runtime.outbox.published()
             t2 = time.time()
             commit.append(1000 * (t1 - t0))
             publish.append(1000 * (t2 - t1))

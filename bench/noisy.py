@@ -34,9 +34,9 @@ from pathlib import Path
 from tests.conftest import running_worker, settings_env
 
 from tenantflow import App, Client, RunStatus, Runtime, Settings, WorkflowContext
+from tenantflow.client import new_run_id
 from tenantflow.engine.executor import encode_input
 from tenantflow.queue.base import Envelope
-from tenantflow.sdk.client import new_run_id
 from tenantflow.store.sql import SQL_INSERT_RUN, SqlRunStore
 
 ROOT = Path(__file__).parents[1]
@@ -141,7 +141,7 @@ async def flood(runtime: Runtime, tenant_id: str, n: int) -> None:
     ]
     async with store.db.transaction() as tx:
         await tx.many(SQL_INSERT_RUN, rows)
-    await runtime.note_work(tenant_id)
+    await runtime.marks.note(tenant_id)
     # In batches, so that the backlog is there before a running worker has served much of it.
     for i in range(0, n, 1000):
         await runtime.queue.enqueue_many({tenant_id: [Envelope(r[0]) for r in rows[i : i + 1000]]})

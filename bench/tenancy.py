@@ -40,7 +40,7 @@ from tests.servers import OwnPostgres, OwnRedis, free_port
 from tenantflow import Runtime, Settings
 from tenantflow.platform.identity import Role
 from tenantflow.platform.provision import with_database
-from tenantflow.runtime import MARK_CLEAR_SECONDS
+from tenantflow.tenant.marks import MARK_CLEAR_SECONDS
 
 ROOT = Path(__file__).parents[1]
 METRICS_TOKEN = "bench-metrics-secret"

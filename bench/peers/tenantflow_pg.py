@@ -66,7 +66,9 @@ def main() -> None:
 
             name = "tenantflow" if args.steps == 1 else f"tenantflow-{args.steps}-step"
             # Messages follow the commits in the background (the outbox makes that safe).
-            _common.measure_async(name, args, enqueue, loop, settle=runtime.published).print()
+            _common.measure_async(
+                name, args, enqueue, loop, settle=runtime.outbox.published
+            ).print()
         finally:
             _common.stop_workers(procs)
             loop.run_until_complete(runtime.close())

@@ -4,6 +4,7 @@ A workflow is plain async Python whose steps are checkpointed in its tenant's ow
 a crash resumes exactly where it stopped.
 """
 
+from tenantflow.client import Client, RunHandle, TenantClient
 from tenantflow.errors import (
     BackendUnavailableError,
     BulkheadFullError,
@@ -40,7 +41,6 @@ from tenantflow.resilience.breaker import BreakerConfig
 from tenantflow.resilience.bulkhead import BulkheadConfig
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App, Step, Workflow
-from tenantflow.sdk.client import Client, RunHandle, TenantClient
 from tenantflow.sdk.context import Saga, StepContext, WorkflowContext, current_step
 from tenantflow.sdk.options import RetryPolicy, StartOptions, StepOptions, WorkflowOptions
 from tenantflow.settings import Settings

@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from tenantflow.client import Client, TenantClient
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
-from tenantflow.sdk.client import Client, TenantClient
 from tenantflow.settings import Settings
 from tenantflow.worker.worker import Worker
 

@@ -538,7 +538,7 @@ async def test_dead_letters_listed_and_replayed(runtime: Runtime, http: httpx.As
     run_id = (
         await http.post("/v1/runs", json={"workflow": "greet", "args": ["dl"]}, headers=alice)
     ).json()["id"]
-    await runtime.published()
+    await runtime.outbox.published()
     queue = runtime.queue
     for _ in range(100):  # deliveries that never finish, until the message is dead-lettered
         await queue.dequeue("crashy", 10, 0.001)

@@ -164,7 +164,7 @@ async def test_a_heavier_plan_takes_a_bigger_share_of_the_workers(runtime: Runti
         tenant = Client(workflows.app, runtime=runtime).tenant(name)
         for _ in range(backlog):
             await tenant.start(workflows.slow, 0.01)
-    await runtime.published()
+    await runtime.outbox.published()
 
     async def completed() -> dict[str, int]:
         return {

@@ -72,7 +72,7 @@ async def test_the_tenant_label_can_be_switched_off(runtime: Runtime) -> None:
     try:
         tenant = Client(workflows.app, runtime=quiet).tenant("acme")
         await tenant.start(workflows.greet, "x")
-        await quiet.published()
+        await quiet.outbox.published()
         await quiet.metrics.refresh(quiet)
         text = quiet.metrics.exposition().decode()
         assert "acme" not in text and "globex" not in text
@@ -108,7 +108,7 @@ async def test_a_run_taken_over_from_a_lapsed_lease_is_counted(runtime: Runtime)
     counts one reclaimed lease; a run that simply completes counts none."""
     tenant = Client(workflows.app, runtime=runtime).tenant("acme")
     stalled = await tenant.start(workflows.greet, "stalled")
-    await runtime.published()
+    await runtime.outbox.published()
     claim = await runtime.router.store("acme").claim_run(
         stalled.run_id, owner="stalled-worker", now=time.time(), lease=0.2
     )
@@ -134,7 +134,7 @@ async def test_the_stuck_run_detector(runtime: Runtime) -> None:
         tenant = Client(workflows.app, runtime=watched).tenant("acme")
         for name in ("a", "b", "c"):
             await tenant.start(workflows.greet, name)
-        await watched.published()
+        await watched.outbox.published()
         await asyncio.sleep(0.5)
         transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=watched))
         async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as http:
@@ -190,7 +190,7 @@ async def test_probes_and_scrapes_never_wait_for_a_survey(
     )
     try:
         await Client(workflows.app, runtime=watched).tenant("acme").start(workflows.greet, "x")
-        await watched.published()
+        await watched.outbox.published()
         transport = httpx.ASGITransport(app=create_api(workflows.app, runtime=watched))
         async with httpx.AsyncClient(transport=transport, base_url="http://t.test") as http:
             for _ in range(3):

@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy
 
 from tenantflow import App, Client, RunStatus, Runtime, WorkflowContext
+from tenantflow.client import new_run_id
 from tenantflow.engine.executor import encode_input
-from tenantflow.sdk.client import new_run_id
 from tenantflow.store.records import NewRun
 from tenantflow.store.sql import SqlRunStore
 from tenantflow.worker import maintenance
@@ -35,7 +35,7 @@ async def test_a_crash_between_commit_and_publish_loses_nothing(runtime: Runtime
     store = runtime.router.store("acme")
     # Mark the tenant's work and commit the run with its outbox record, as a submit does,
     # then "crash": never publish.
-    await runtime.note_work("acme")
+    await runtime.marks.note("acme")
     run, created, outbox = await store.create_run(
         NewRun(id=new_run_id(), workflow="adder", input=encode_input(adder, (41,), {})),
         now=time.time(),
@@ -80,7 +80,7 @@ async def test_a_rolled_back_submit_publishes_nothing(runtime: Runtime) -> None:
 async def test_runs_survive_the_queue_losing_everything(runtime: Runtime) -> None:
     tenant = Client(app, runtime=runtime).tenant("acme")
     handles = [await tenant.start(adder, i) for i in range(20)]
-    await runtime.published()  # messages follow the commits in the background
+    await runtime.outbox.published()  # messages follow the commits in the background
     assert await runtime.queue.depth("acme") == 20
     await wipe_queue(runtime)
     assert await runtime.queue.depth("acme") == 0
@@ -101,7 +101,7 @@ async def test_a_tenant_keeps_its_mark_while_a_run_is_unfinished(
     monkeypatch.setattr(maintenance, "MARK_CLEAR_SECONDS", 0.0)  # every mark is due at once
     tenant = Client(app, runtime=runtime).tenant("acme")
     handle = await tenant.start(adder, 1)
-    await runtime.published()
+    await runtime.outbox.published()
     await wipe_queue(runtime)
     sweeps = Maintenance(runtime, "test")
     report = await sweeps.run_once()
@@ -121,7 +121,7 @@ async def test_a_mark_that_failed_is_made_later(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The platform database away at submit: the run is accepted and the mark follows."""
-    monkeypatch.setattr("tenantflow.runtime.MARK_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr("tenantflow.tenant.marks.MARK_RETRY_SECONDS", 0.05)
     mark = runtime.registry.mark_active
     failures = iter([True, True])
 

@@ -32,10 +32,10 @@ from tenantflow import (
     WorkflowContext,
     current_step,
 )
+from tenantflow.client import RunHandle
 from tenantflow.queue.base import Envelope, Epoch
 from tenantflow.queue.keys import GROUP
 from tenantflow.queue.redis_streams import RedisStreamsQueue
-from tenantflow.sdk.client import RunHandle
 from tests.apps import durable, effects
 from tests.conftest import cleanup_production, production_settings, running_worker
 from tests.integration.test_crash import Workers, wait_until

@@ -119,8 +119,8 @@ def test_the_migration_gives_each_tenant_an_identity_and_its_credentials_with_it
     before them."""
     from alembic import command
 
+    from tenantflow.platform.database import PLATFORM_MIGRATIONS, migrate_platform
     from tenantflow.platform.provision import with_database
-    from tenantflow.platform.registry import PLATFORM_MIGRATIONS, migrate_platform
     from tenantflow.store.migrate import alembic_config
 
     name = f"tftest_p0004_{uuid.uuid4().hex[:8]}"

@@ -27,9 +27,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from tenantflow import Client, Runtime, Settings
 from tenantflow.api.app import create_api
+from tenantflow.client import new_run_id
 from tenantflow.errors import RunFailedError
 from tenantflow.platform.identity import Role
-from tenantflow.sdk.client import new_run_id
 from tenantflow.store.records import NewRun
 from tenantflow.telemetry.tracing import Tracing
 from tests.apps import traced
@@ -158,7 +158,7 @@ async def test_a_redelivered_message_gets_a_new_span_linked_to_the_same_origin(
 ) -> None:
     rt = traced_runtime
     handle = await Client(traced.app, runtime=rt).tenant("acme").start(traced.order, "x", False)
-    await rt.published()
+    await rt.outbox.published()
     # A consumer takes the message and dies with it: after the lease, a worker reclaims it.
     (lost,) = await rt.queue.dequeue("ghost", 1, rt.settings.lease_seconds)
     assert lost.trace is not None and lost.deliveries == 1
@@ -186,7 +186,7 @@ async def test_a_malformed_traceparent_never_stops_a_worker(
     run, _, outbox = await store.create_run(
         NewRun(id=new_run_id(), workflow="order", input=payload, trace=bad), now=time.time()
     )
-    await rt.publish("acme", outbox)
+    await rt.outbox.publish("acme", outbox)
     async with running_worker(traced.app, rt):
         got = Client(traced.app, runtime=rt).tenant("acme").handle(run.id)
         assert await got.result(timeout=30) == "ordered"
@@ -305,7 +305,7 @@ async def test_a_worker_process_exports_over_otlp_and_logs_json_with_trace_ids(
             .tenant("acme")
             .start(traced.order, "secret-sku-4411", True)
         )
-        await rt.published()
+        await rt.outbox.published()
         port = collector.server_address[1]
         proc = workers.start(
             app="tests.apps.traced:app",

@@ -73,7 +73,7 @@ def test_worker_logs_name_no_server(settings: Settings, tmp_path: Path) -> None:
             await Client(workflows.app, runtime=runtime).tenant("acme").start(workflows.greet, "x")
         )
         assert handle.run_id
-        await runtime.published()
+        await runtime.outbox.published()
         await runtime.close()
 
     asyncio.run(submit())

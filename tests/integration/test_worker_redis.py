@@ -42,7 +42,7 @@ async def test_same_message_id_in_two_tenants_is_two_runs_in_flight(runtime: Run
     for tenant in ("acme", "globex"):
         handle = await Client(app, runtime=runtime).tenant(tenant).start(held)
         runs[tenant] = handle
-    await runtime.published()  # the messages are sent in the background: not after the DEL
+    await runtime.outbox.published()  # the messages are sent in the background: not after the DEL
     # Replace each tenant's message by one with the same explicit stream id in both streams
     # (two XADDs in the same millisecond get the same id anyway).
     for tenant, handle in runs.items():

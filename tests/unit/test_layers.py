@@ -33,12 +33,25 @@ def test_the_code_keeps_its_layers() -> None:
     assert re.search(r"Contracts: [1-9]\d* kept, 0 broken", done.stdout), done.stdout
 
 
-def test_a_platform_module_importing_the_engine_breaks_a_contract(tmp_path: Path) -> None:
+def broken_by(tmp_path: Path, module: str, line: str) -> str:
+    """The linter's report on a copy of the code where ``module`` has ``line`` added."""
     copy = tmp_path / "src"
     shutil.copytree(ROOT / "src" / "tenantflow", copy / "tenantflow")
-    audit = copy / "tenantflow" / "platform" / "audit.py"
-    audit.write_text(audit.read_text() + "\nimport tenantflow.engine.executor  # a violation\n")
+    path = copy / "tenantflow" / module
+    path.write_text(path.read_text() + f"\n{line}  # a violation\n")
     done = lint_imports(copy)
     assert done.returncode != 0, done.stdout
-    assert "the platform plane never imports execution" in done.stdout
-    assert "tenantflow.platform.audit -> tenantflow.engine.executor" in done.stdout
+    return done.stdout
+
+
+def test_a_platform_module_importing_the_engine_breaks_a_contract(tmp_path: Path) -> None:
+    report = broken_by(tmp_path, "platform/audit.py", "import tenantflow.engine.executor")
+    assert "the platform plane never imports execution" in report
+    assert "tenantflow.platform.audit -> tenantflow.engine.executor" in report
+
+
+def test_the_sdk_importing_the_engine_breaks_the_layers(tmp_path: Path) -> None:
+    # The cycle there was (the context typed by the engine's Execution) comes back as a break.
+    report = broken_by(tmp_path, "sdk/context.py", "import tenantflow.engine.executor")
+    assert "the layers, from the entry points down to the backends BROKEN" in report
+    assert "tenantflow.sdk.context -> tenantflow.engine.executor" in report

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from tenantflow import App, ConfigError, RetryPolicy, SerializationError, WorkflowContext
+from tenantflow.client import new_run_id
 from tenantflow.platform.licensing import LicenseClaims, Quotas
 from tenantflow.queue.fairness import Turn, shares
-from tenantflow.sdk.client import new_run_id
 from tenantflow.serde import TypedCodec, dumps, loads
 from tenantflow.store.migrate import migrate_sqlite, script_head
 from tenantflow.store.schema import HEAD_REVISION, metadata
@@ -139,7 +139,7 @@ def test_platform_migrations_match_the_schema_and_give_old_plans_weight_1(
 ) -> None:
     from alembic import command
 
-    from tenantflow.platform.registry import PLATFORM_MIGRATIONS, migrate_platform
+    from tenantflow.platform.database import PLATFORM_MIGRATIONS, migrate_platform
     from tenantflow.platform.schema import PLATFORM_HEAD
     from tenantflow.platform.schema import metadata as platform_metadata
     from tenantflow.store.migrate import alembic_config

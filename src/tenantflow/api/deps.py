@@ -14,6 +14,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from tenantflow.client import Client, TenantClient
 from tenantflow.errors import (
     AuthenticationError,
     InvalidInputError,
@@ -26,7 +27,6 @@ from tenantflow.platform.keys import verify
 from tenantflow.platform.service import ACCESS_AUDIENCE, ACCESS_TYP
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
-from tenantflow.sdk.client import Client, TenantClient
 
 
 def get_runtime(request: Request) -> Runtime:

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from tenantflow.platform.api_keys import ApiKey
 from tenantflow.platform.audit import AuditEntry
-from tenantflow.platform.identity import ApiKey, Invitation, Role, User
+from tenantflow.platform.identity import Invitation, Role, User
 from tenantflow.platform.licensing import MAX_DISPATCH_WEIGHT, MAX_QUOTA, Plan, Quotas
 from tenantflow.platform.registry import TENANT_ID, Tenant
 from tenantflow.queue.base import DeadLetter

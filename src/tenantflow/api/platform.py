@@ -1,5 +1,6 @@
-"""The platform plane over HTTP (``/platform/v1``): the token endpoint, tenants, users,
-memberships, API keys, plans and licenses, the audit log; and the JWKS.
+"""The platform plane over HTTP (``/platform/v1``): the token endpoint, tenants, database
+servers, plans and licenses, the audit log; and the JWKS (users, memberships, invitations and
+API keys: ``api/people.py``).
 
 Platform administrators manage everything. A tenant administrator manages the memberships and
 API keys of their own tenant (their token's tenant, whatever the path says otherwise).
@@ -18,7 +19,6 @@ from fastapi import Path as PathParam
 from tenantflow.api import problems
 from tenantflow.api.deps import (
     AuditCursor,
-    CurrentPrincipal,
     PlatformAdmin,
     RuntimeDep,
     known_query,
@@ -26,13 +26,8 @@ from tenantflow.api.deps import (
 from tenantflow.api.models import (
     PLAIN,
     TENANT_ID_PATTERN,
-    ApiKeyIn,
-    ApiKeyOut,
     AuditPage,
-    InvitationIn,
-    InvitationOut,
     LicenseOut,
-    MembershipIn,
     MembershipOut,
     PlanIn,
     PlanOut,
@@ -45,15 +40,11 @@ from tenantflow.api.models import (
     TenantPatch,
     TokenOut,
     TokenRequest,
-    UserIn,
-    UserOut,
 )
 from tenantflow.api.routing import StrictJsonRoute
 from tenantflow.api.signin import SignInGuard
 from tenantflow.errors import (
-    ConflictError,
     InvalidInputError,
-    PermissionDeniedError,
     TenantNotFoundError,
 )
 from tenantflow.platform.access import Principal
@@ -70,24 +61,29 @@ T = TypeVar("T")
 TenantId = Annotated[str, PathParam(pattern=TENANT_ID_PATTERN)]
 Key = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]
 
+
 # Every route may refuse its caller (/token the credentials, the others the token), and find
 # the platform database out of reach (503).
-router = APIRouter(
-    prefix="/platform/v1",
-    tags=["platform plane"],
-    route_class=StrictJsonRoute,
-    dependencies=[Depends(known_query)],
-    responses=problems.responses(401, 403, 422, 503),
-)
+def platform_router() -> APIRouter:
+    return APIRouter(
+        prefix="/platform/v1",
+        tags=["platform plane"],
+        route_class=StrictJsonRoute,
+        dependencies=[Depends(known_query)],
+        responses=problems.responses(401, 403, 422, 503),
+    )
+
+
+router = platform_router()
 wellknown = APIRouter(tags=["platform plane"])
 
 
-async def _run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Platform calls are synchronous (the platform database): off the event loop."""
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-def _membership_out(m: Membership) -> MembershipOut:
+def membership_out(m: Membership) -> MembershipOut:
     return MembershipOut(
         user_id=m.user_id, tenant=m.tenant_id, role=m.role, created_at=m.created_at
     )
@@ -104,7 +100,7 @@ def _license_out(lic: License) -> LicenseOut:
     )
 
 
-def _admin_of(principal: Principal, tenant_id: str) -> None:
+def require_admin_of(principal: Principal, tenant_id: str) -> None:
     """A platform admin, or this tenant's admin. Another tenant's admin gets the answer a
     missing tenant gets."""
     if principal.platform_admin:
@@ -133,11 +129,11 @@ async def token(body: TokenRequest, request: Request, runtime: RuntimeDep) -> To
             body.password,
             address=request.client.host if request.client else "unknown",
         )
-        issued = await _run(platform.token_for_user, user, body.tenant)
+        issued = await in_thread(platform.token_for_user, user, body.tenant)
     else:
         if not body.api_key:
             raise InvalidInputError("the api_key grant needs api_key")
-        issued = await _run(platform.token_for_api_key, body.api_key)
+        issued = await in_thread(platform.token_for_api_key, body.api_key)
     return TokenOut(
         access_token=issued.access_token,
         expires_in=issued.expires_in,
@@ -149,7 +145,7 @@ async def token(body: TokenRequest, request: Request, runtime: RuntimeDep) -> To
 @wellknown.get("/.well-known/jwks.json")
 async def jwks(runtime: RuntimeDep) -> Jwks:
     """The public keys that verify access tokens and licenses."""
-    return await _run(runtime.platform.jwks)
+    return await in_thread(runtime.platform.jwks)
 
 
 @router.post("/keys/rotate", responses=problems.responses(400, 413))
@@ -160,7 +156,7 @@ async def rotate_keys(
     expires; with ``revoke_tokens`` (a key that leaked) no access token they signed is
     taken from now on, in any API process within a second (licenses still verify)."""
     revoke = body is not None and body.revoke_tokens
-    kid = await _run(runtime.platform.rotate_keys, principal.subject, revoke_tokens=revoke)
+    kid = await in_thread(runtime.platform.rotate_keys, principal.subject, revoke_tokens=revoke)
     return {"kid": kid}
 
 
@@ -176,7 +172,7 @@ ACTION = problems.responses(404, 413)  # of a POST that acts on one tenant
     responses=problems.responses(400, 404, 409, 413),
 )
 async def create_tenant(body: TenantIn, principal: PlatformAdmin, runtime: RuntimeDep) -> TenantOut:
-    tenant = await _run(
+    tenant = await in_thread(
         runtime.platform.create_tenant,
         principal.subject,
         body.id,
@@ -188,14 +184,14 @@ async def create_tenant(body: TenantIn, principal: PlatformAdmin, runtime: Runti
 
 @router.get("/tenants", response_model=list[TenantOut])
 async def list_tenants(principal: PlatformAdmin, runtime: RuntimeDep) -> list[TenantOut]:
-    return [TenantOut.of(t) for t in await _run(runtime.registry.list)]
+    return [TenantOut.of(t) for t in await in_thread(runtime.registry.list)]
 
 
 @router.get("/tenants/{tenant_id}", response_model=TenantOut, responses=problems.responses(404))
 async def show_tenant(
     tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> TenantOut:
-    return TenantOut.of(await _run(runtime.registry.get, tenant_id))
+    return TenantOut.of(await in_thread(runtime.registry.get, tenant_id))
 
 
 @router.patch(
@@ -208,7 +204,7 @@ async def change_tenant(
 ) -> TenantOut:
     """Move the tenant to another plan (a new license is issued)."""
     return TenantOut.of(
-        await _run(runtime.platform.set_plan, principal.subject, tenant_id, body.plan)
+        await in_thread(runtime.platform.set_plan, principal.subject, tenant_id, body.plan)
     )
 
 
@@ -231,7 +227,7 @@ async def _set_status(
     runtime: Runtime, principal: Principal, tenant_id: str, status: TenantStatus
 ) -> TenantOut:
     platform: Platform = runtime.platform
-    return TenantOut.of(await _run(platform.set_status, principal.subject, tenant_id, status))
+    return TenantOut.of(await in_thread(platform.set_status, principal.subject, tenant_id, status))
 
 
 @router.post("/tenants/{tenant_id}/offboard", responses=ACTION)
@@ -240,7 +236,7 @@ async def offboard_tenant(
 ) -> dict[str, str]:
     """Export the tenant's data to an archive, then drop its database."""
     await runtime.forget(tenant_id)
-    archive = await _run(
+    archive = await in_thread(
         runtime.platform.offboard,
         principal.subject,
         tenant_id,
@@ -267,13 +263,13 @@ async def add_server(body: ServerIn, principal: PlatformAdmin, runtime: RuntimeD
     """Register a database server new tenants may be placed on (the one with the fewest
     tenants among those accepting is picked). Its URL is never shown again."""
     return _server_out(
-        await _run(runtime.platform.add_server, principal.subject, body.id, body.url)
+        await in_thread(runtime.platform.add_server, principal.subject, body.id, body.url)
     )
 
 
 @router.get("/servers", response_model=list[ServerOut])
 async def list_servers(principal: PlatformAdmin, runtime: RuntimeDep) -> list[ServerOut]:
-    return [_server_out(s) for s in await _run(runtime.registry.servers)]
+    return [_server_out(s) for s in await in_thread(runtime.registry.servers)]
 
 
 @router.patch(
@@ -285,235 +281,9 @@ async def change_server(
     server_id: Key, body: ServerPatch, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> ServerOut:
     return _server_out(
-        await _run(
+        await in_thread(
             runtime.platform.set_server_accepting, principal.subject, server_id, body.accepting
         )
-    )
-
-
-# -- users, memberships, API keys ------------------------------------------------------------
-
-
-@router.post(
-    "/users",
-    status_code=201,
-    response_model=UserOut,
-    responses=problems.responses(400, 409, 413),
-)
-async def create_user(body: UserIn, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
-    user = await _run(
-        runtime.platform.create_user,
-        principal.subject,
-        body.email,
-        body.password,
-        platform_admin=body.platform_admin,
-    )
-    return UserOut.of(user)
-
-
-@router.get("/users", response_model=list[UserOut])
-async def list_users(principal: PlatformAdmin, runtime: RuntimeDep) -> list[UserOut]:
-    return [UserOut.of(u) for u in await _run(runtime.platform.identity.list_users)]
-
-
-@router.post(
-    "/users/{user_id}/disable", response_model=UserOut, responses=problems.responses(404, 413)
-)
-async def disable_user(user_id: Key, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
-    """The user can no longer sign in, and every token of theirs is refused, in any API
-    process within a second."""
-    return UserOut.of(
-        await _run(runtime.platform.set_user_disabled, principal.subject, user_id, True)
-    )
-
-
-@router.post(
-    "/users/{user_id}/enable", response_model=UserOut, responses=problems.responses(404, 413)
-)
-async def enable_user(user_id: Key, principal: PlatformAdmin, runtime: RuntimeDep) -> UserOut:
-    """The user may sign in again (tokens from before the disabling stay refused)."""
-    return UserOut.of(
-        await _run(runtime.platform.set_user_disabled, principal.subject, user_id, False)
-    )
-
-
-@router.put(
-    "/tenants/{tenant_id}/memberships",
-    response_model=MembershipOut,
-    responses=problems.responses(400, 404, 409, 413),
-)
-async def set_membership(
-    tenant_id: TenantId, body: MembershipIn, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> MembershipOut:
-    """Change a member's role (at once, for their outstanding tokens too). A platform
-    administrator may also add a user directly; a tenant administrator invites them
-    (``POST .../invitations``): a 409 otherwise. Beyond the plan's seats, a 409."""
-    _admin_of(principal, tenant_id)
-    if not principal.platform_admin:
-        current = await _run(runtime.platform.identity.membership, body.user_id, tenant_id)
-        if current is None:
-            raise ConflictError(
-                "the user is not a member: invite them (POST "
-                f"/platform/v1/tenants/{tenant_id}/invitations), and they accept"
-            )
-    membership = await _run(
-        runtime.platform.set_membership, principal.subject, body.user_id, tenant_id, body.role
-    )
-    return _membership_out(membership)
-
-
-@router.get(
-    "/tenants/{tenant_id}/memberships",
-    response_model=list[MembershipOut],
-    responses=problems.responses(404),
-)
-async def list_memberships(
-    tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> list[MembershipOut]:
-    _admin_of(principal, tenant_id)
-    found = await _run(runtime.platform.identity.memberships, tenant_id=tenant_id)
-    return [_membership_out(m) for m in found]
-
-
-@router.delete(
-    "/tenants/{tenant_id}/memberships/{user_id}",
-    status_code=204,
-    responses=problems.responses(404),
-)
-async def remove_membership(
-    tenant_id: TenantId, user_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> None:
-    _admin_of(principal, tenant_id)
-    await _run(runtime.platform.remove_membership, principal.subject, user_id, tenant_id)
-
-
-# -- invitations -----------------------------------------------------------------------------
-
-
-@router.post(
-    "/tenants/{tenant_id}/invitations",
-    status_code=201,
-    response_model=InvitationOut,
-    responses=problems.responses(400, 404, 409, 413),
-)
-async def invite(
-    tenant_id: TenantId, body: InvitationIn, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> InvitationOut:
-    """Offer a role in the tenant to an existing user; they become a member when they
-    accept it (``POST /platform/v1/invitations/{id}/accept``), within 7 days."""
-    _admin_of(principal, tenant_id)
-    made = await _run(
-        runtime.platform.invite, principal.subject, tenant_id, body.user_id, body.role
-    )
-    return InvitationOut.of(made)
-
-
-@router.get(
-    "/tenants/{tenant_id}/invitations",
-    response_model=list[InvitationOut],
-    responses=problems.responses(404),
-)
-async def list_tenant_invitations(
-    tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> list[InvitationOut]:
-    _admin_of(principal, tenant_id)
-    found = await _run(runtime.platform.identity.invitations, tenant_id=tenant_id)
-    return [InvitationOut.of(i) for i in found]
-
-
-@router.delete(
-    "/tenants/{tenant_id}/invitations/{invitation_id}",
-    status_code=204,
-    responses=problems.responses(404),
-)
-async def withdraw_invitation(
-    tenant_id: TenantId, invitation_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> None:
-    _admin_of(principal, tenant_id)
-    await _run(runtime.platform.withdraw_invitation, principal.subject, tenant_id, invitation_id)
-
-
-def _invitee(principal: Principal) -> str:
-    """A user's own token (one with no tenant: ``/token`` without ``tenant``)."""
-    if principal.subject.startswith("key:") or principal.tenant_id is not None:
-        raise PermissionDeniedError("this needs a user's token with no tenant")
-    return principal.subject
-
-
-@router.get("/invitations", response_model=list[InvitationOut])
-async def my_invitations(principal: CurrentPrincipal, runtime: RuntimeDep) -> list[InvitationOut]:
-    """The caller's pending invitations."""
-    user_id = _invitee(principal)
-    found = await _run(runtime.platform.identity.invitations, user_id=user_id)
-    return [InvitationOut.of(i) for i in found]
-
-
-@router.post(
-    "/invitations/{invitation_id}/accept",
-    response_model=MembershipOut,
-    responses=problems.responses(404, 409, 413),
-)
-async def accept_invitation(
-    invitation_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> MembershipOut:
-    """Become a member of the inviting tenant, with the role offered (a 409 if the plan's
-    seats are taken by then). Then sign in for that tenant."""
-    user_id = _invitee(principal)
-    return _membership_out(await _run(runtime.platform.accept_invitation, user_id, invitation_id))
-
-
-@router.post(
-    "/invitations/{invitation_id}/decline",
-    status_code=204,
-    responses=problems.responses(404, 413),
-)
-async def decline_invitation(
-    invitation_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> None:
-    user_id = _invitee(principal)
-    await _run(runtime.platform.decline_invitation, user_id, invitation_id)
-
-
-@router.post(
-    "/tenants/{tenant_id}/api-keys",
-    status_code=201,
-    response_model=ApiKeyOut,
-    responses=problems.responses(400, 404, 413),
-)
-async def create_api_key(
-    tenant_id: TenantId, body: ApiKeyIn, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> ApiKeyOut:
-    """A new key; its secret is in this answer and nowhere else, ever."""
-    _admin_of(principal, tenant_id)
-    key, secret = await _run(
-        runtime.platform.create_api_key, principal.subject, tenant_id, body.name, body.role
-    )
-    return ApiKeyOut.of(key, secret)
-
-
-@router.get(
-    "/tenants/{tenant_id}/api-keys",
-    response_model=list[ApiKeyOut],
-    responses=problems.responses(404),
-)
-async def list_api_keys(
-    tenant_id: TenantId, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> list[ApiKeyOut]:
-    _admin_of(principal, tenant_id)
-    return [ApiKeyOut.of(k) for k in await _run(runtime.platform.identity.api_keys, tenant_id)]
-
-
-@router.delete(
-    "/tenants/{tenant_id}/api-keys/{key_id}",
-    response_model=ApiKeyOut,
-    responses=problems.responses(404),
-)
-async def revoke_api_key(
-    tenant_id: TenantId, key_id: Key, principal: CurrentPrincipal, runtime: RuntimeDep
-) -> ApiKeyOut:
-    _admin_of(principal, tenant_id)
-    return ApiKeyOut.of(
-        await _run(runtime.platform.revoke_api_key, principal.subject, tenant_id, key_id)
     )
 
 
@@ -527,7 +297,7 @@ async def revoke_api_key(
     responses=problems.responses(400, 409, 413),
 )
 async def create_plan(body: PlanIn, principal: PlatformAdmin, runtime: RuntimeDep) -> PlanOut:
-    plan = await _run(
+    plan = await in_thread(
         runtime.platform.create_plan,
         principal.subject,
         body.id,
@@ -540,7 +310,7 @@ async def create_plan(body: PlanIn, principal: PlatformAdmin, runtime: RuntimeDe
 
 @router.get("/plans", response_model=list[PlanOut])
 async def list_plans(principal: PlatformAdmin, runtime: RuntimeDep) -> list[PlanOut]:
-    return [PlanOut.of(p) for p in await _run(runtime.platform.licensing.list_plans)]
+    return [PlanOut.of(p) for p in await in_thread(runtime.platform.licensing.list_plans)]
 
 
 @router.post(
@@ -552,7 +322,9 @@ async def list_plans(principal: PlatformAdmin, runtime: RuntimeDep) -> list[Plan
 async def issue_license(
     tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> LicenseOut:
-    return _license_out(await _run(runtime.platform.issue_license, principal.subject, tenant_id))
+    return _license_out(
+        await in_thread(runtime.platform.issue_license, principal.subject, tenant_id)
+    )
 
 
 @router.get(
@@ -563,8 +335,8 @@ async def issue_license(
 async def list_licenses(
     tenant_id: TenantId, principal: PlatformAdmin, runtime: RuntimeDep
 ) -> list[LicenseOut]:
-    await _run(runtime.registry.get, tenant_id)
-    return [_license_out(x) for x in await _run(runtime.platform.licensing.history, tenant_id)]
+    await in_thread(runtime.registry.get, tenant_id)
+    return [_license_out(x) for x in await in_thread(runtime.platform.licensing.history, tenant_id)]
 
 
 # -- audit -----------------------------------------------------------------------------------
@@ -580,7 +352,7 @@ async def platform_audit(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> AuditPage:
     """Every tenant's entries, or one tenant's (``tenant``)."""
-    entries = await _run(
+    entries = await in_thread(
         runtime.platform.audit.query,
         tenant_id=tenant,
         action=action,

@@ -41,6 +41,7 @@ from tenantflow.api.models import (
 from tenantflow.api.openapi import JSON_VALUE_REF
 from tenantflow.api.routing import StrictJsonRoute
 from tenantflow.api.schemas import self_contained
+from tenantflow.client import RUN_ID, check_cursor
 from tenantflow.errors import (
     NotFoundError,
     RateLimitedError,
@@ -49,7 +50,6 @@ from tenantflow.errors import (
 )
 from tenantflow.platform.access import Principal
 from tenantflow.runtime import Runtime
-from tenantflow.sdk.client import RUN_ID, check_cursor
 from tenantflow.store.records import RunStatus
 
 RunId = Annotated[str, PathParam(max_length=255, pattern=PLAIN)]

@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import pydantic
 import typer
@@ -169,24 +169,16 @@ def plans_create(
 ) -> None:
     """Create a plan, checked as POST /platform/v1/plans checks it (recorded in the audit log,
     actor "cli"). Put tenants on it with `tenants create --plan`."""
-    try:
-        body = PlanIn(
-            id=plan_id,
-            name=name or plan_id,
-            entitlements=entitlement or ["*"],
-            quotas=QuotasModel(
-                runs_per_month=runs_per_month,
-                concurrent_runs=concurrent_runs,
-                seats=seats,
-                requests_per_second=requests_per_second,
-                dispatch_weight=dispatch_weight,
-            ),
-        )
-    except pydantic.ValidationError as exc:
-        error = exc.errors()[0]  # of PlanIn or QuotasModel: loc starts with a field of either
-        field = str(error["loc"][0])
-        option = PLAN_OPTIONS.get(field, "--" + field.replace("_", "-"))
-        raise InvalidInputError(f"{option}: {error['msg']}") from None
+    body = _plan_in(
+        plan_id,
+        name,
+        entitlement,
+        runs_per_month=runs_per_month,
+        concurrent_runs=concurrent_runs,
+        seats=seats,
+        requests_per_second=requests_per_second,
+        dispatch_weight=dispatch_weight,
+    )
     with platform_runtime() as runtime:
         plan = runtime.platform.create_plan(
             ACTOR,
@@ -200,6 +192,24 @@ def plans_create(
         as_json=as_json,
         line=f"created plan {plan.id} (dispatch weight {plan.quotas.dispatch_weight})",
     )
+
+
+def _plan_in(
+    plan_id: str, name: str | None, entitlement: list[str] | None, **quotas: Any
+) -> PlanIn:
+    """The plan as POST /platform/v1/plans checks it; a refusal names the option."""
+    try:
+        return PlanIn(
+            id=plan_id,
+            name=name or plan_id,
+            entitlements=entitlement or ["*"],
+            quotas=QuotasModel(**quotas),
+        )
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]  # of PlanIn or QuotasModel: loc starts with a field of either
+        field = str(error["loc"][0])
+        option = PLAN_OPTIONS.get(field, "--" + field.replace("_", "-"))
+        raise InvalidInputError(f"{option}: {error['msg']}") from None
 
 
 @plans_cli.command("list")
@@ -343,7 +353,7 @@ def keys_list(tenant: TenantOpt, as_json: JsonOpt = False) -> None:
     """List a tenant's API keys (never their secrets)."""
     with platform_runtime() as runtime:
         runtime.registry.get(tenant)
-        keys = runtime.platform.identity.api_keys(tenant)
+        keys = runtime.platform.api_keys.of_tenant(tenant)
     if as_json:
         print_json({"keys": [ApiKeyOut.of(k) for k in keys]})
         return

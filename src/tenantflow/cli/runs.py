@@ -24,9 +24,9 @@ from tenantflow.cli._common import (
     settings,
     time_text,
 )
+from tenantflow.client import Client
 from tenantflow.errors import ConfigError, RunNotFoundError
 from tenantflow.sdk.app import App
-from tenantflow.sdk.client import Client
 from tenantflow.sdk.options import MAX_PRIORITY, MIN_PRIORITY
 from tenantflow.serde import loads, parse_json
 from tenantflow.store.records import RunStatus, StepRecord
@@ -98,7 +98,7 @@ def runs_start(
             client = Client(the_app, runtime=runtime).tenant(tenant)
             bound = wf.options(idempotency_key=idempotency_key, priority=priority)
             handle = await client.start(bound, *positional, **named)
-            await runtime.published()
+            await runtime.outbox.published()
             if wait is not None:
                 try:
                     await handle.result(timeout=wait)
@@ -230,7 +230,7 @@ def runs_event(
         async with runtime_of(settings(), queue=True) as runtime:
             handle = Client(NO_APP, runtime=runtime).tenant(tenant).handle(run_id)
             await handle.send_event(name, value)
-            await runtime.published()
+            await runtime.outbox.published()
 
     run(main())
     print_result(None, as_json=False, line=f"event {name!r} sent to {run_id}")

@@ -30,7 +30,7 @@ from tenantflow.errors import (
     WorkflowTimeoutError,
     summarize,
 )
-from tenantflow.sdk.context import StepContext, WorkflowContext, _step, _workflow
+from tenantflow.sdk.context import StepContext, WorkflowContext, in_step, in_workflow
 from tenantflow.serde import adapter_for, dumps, issues_of, loads
 from tenantflow.store.base import LeaseLost, RunStore
 from tenantflow.store.records import (
@@ -345,8 +345,7 @@ class Execution:
         raw = loads(run.input)
         args, kwargs = self.workflow.codec.decode_args(raw["args"], raw["kwargs"])
         ctx = WorkflowContext(self)
-        token = _workflow.set(ctx)
-        try:
+        with in_workflow(ctx):
             coro: Awaitable[Any] = self.workflow.fn(ctx, *args, **kwargs)
             if run.deadline is None:
                 return await coro
@@ -359,8 +358,6 @@ class Execution:
                 if scope.expired():
                     raise WorkflowTimeoutError() from None
                 raise
-        finally:
-            _workflow.reset(token)
 
     async def _finish(
         self, status: RunStatus, *, result: bytes | None = None, error: bytes | None = None
@@ -442,7 +439,7 @@ class Execution:
                     await self._wait_for_breaker(refused)
                     continue
             attempt += 1
-            token = _step.set(
+            with in_step(
                 StepContext(
                     tenant_id=run.tenant_id,
                     run_id=run.id,
@@ -450,58 +447,58 @@ class Execution:
                     seq=seq,
                     attempt=attempt,
                 )
-            )
-            try:
+            ):
                 try:
-                    with self.host.tracing.span(
-                        f"{'compensate' if self.compensating else 'step'} {step.name}",
-                        attributes={
-                            "tenantflow.tenant": run.tenant_id,
-                            "tenantflow.run": run.id,
-                            "tenantflow.workflow": run.workflow,
-                            "tenantflow.step": step.name,
-                            "tenantflow.seq": seq,
-                            "tenantflow.attempt": attempt,
-                            "tenantflow.compensation": self.compensating,
-                        },
-                    ):
-                        value = await self._attempt(step, args, kwargs)
-                except Exception:
+                    try:
+                        with self.host.tracing.span(
+                            f"{'compensate' if self.compensating else 'step'} {step.name}",
+                            attributes={
+                                "tenantflow.tenant": run.tenant_id,
+                                "tenantflow.run": run.id,
+                                "tenantflow.workflow": run.workflow,
+                                "tenantflow.step": step.name,
+                                "tenantflow.seq": seq,
+                                "tenantflow.attempt": attempt,
+                                "tenantflow.compensation": self.compensating,
+                            },
+                        ):
+                            value = await self._attempt(step, args, kwargs)
+                    except Exception:
+                        if permit is not None:
+                            await self.host.breakers.record(permit, failed=True)
+                        raise
+                    except BaseException:
+                        if (
+                            permit is not None and permit.probe
+                        ):  # free its slot before its lease ends
+                            await self.host.breakers.record(permit, failed=True)
+                        raise
                     if permit is not None:
-                        await self.host.breakers.record(permit, failed=True)
-                    raise
-                except BaseException:
-                    if permit is not None and permit.probe:  # free its slot before its lease ends
-                        await self.host.breakers.record(permit, failed=True)
-                    raise
-                if permit is not None:
-                    await self.host.breakers.record(permit, failed=False)
-                output = dumps(value, what=f"the result of step {step.name!r}")
-                outcome: tuple[StepStatus, bytes | None, bytes | None] = (
-                    StepStatus.COMPLETED,
-                    output,
-                    None,
-                )
-                break
-            except Exception as exc:
-                if policy.should_retry(exc, attempt):
-                    self.host.metrics.step_retries.labels(step.name).inc()
-                    delay = policy.delay(attempt)
-                    log.info(
-                        "step retry",
-                        tenant=run.tenant_id,
-                        run=run.id,
-                        step=step.name,
-                        attempt=attempt,
-                        error=type(exc).__name__,
-                        delay=round(delay, 3),
+                        await self.host.breakers.record(permit, failed=False)
+                    output = dumps(value, what=f"the result of step {step.name!r}")
+                    outcome: tuple[StepStatus, bytes | None, bytes | None] = (
+                        StepStatus.COMPLETED,
+                        output,
+                        None,
                     )
-                    await asyncio.sleep(delay)
-                    continue
-                outcome = (StepStatus.FAILED, None, error_info(exc))
-                break
-            finally:
-                _step.reset(token)
+                    break
+                except Exception as exc:
+                    if policy.should_retry(exc, attempt):
+                        self.host.metrics.step_retries.labels(step.name).inc()
+                        delay = policy.delay(attempt)
+                        log.info(
+                            "step retry",
+                            tenant=run.tenant_id,
+                            run=run.id,
+                            step=step.name,
+                            attempt=attempt,
+                            error=type(exc).__name__,
+                            delay=round(delay, 3),
+                        )
+                        await asyncio.sleep(delay)
+                        continue
+                    outcome = (StepStatus.FAILED, None, error_info(exc))
+                    break
         status, saved, error = outcome
         self.host.metrics.step_seconds.labels(step.name, status.value).observe(
             time.time() - started

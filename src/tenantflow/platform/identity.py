@@ -1,16 +1,10 @@
-"""Identity: users and their memberships in tenants, platform administrators, API keys.
-
-Passwords are hashed with argon2id. An API key is ``tfk_<id>_<secret>``: the id is public and
-names the key; the secret (256 random bits) is shown once and stored as a SHA-256 hash, which
-is enough for a secret that cannot be guessed (argon2 protects low-entropy passwords).
+"""Identity: users, their memberships in tenants and invitations to them, platform
+administrators. Passwords are hashed with argon2id. (API keys: ``platform/api_keys.py``.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import hashlib
-import hmac
 import re
 import secrets
 import time
@@ -31,13 +25,12 @@ from tenantflow.errors import (
     SeatLimitError,
     TenantNotFoundError,
 )
-from tenantflow.platform.schema import api_keys, invitations, memberships, tenants, users
+from tenantflow.platform.schema import invitations, memberships, tenants, users
 
 # No whitespace, and no control character either (PostgreSQL refuses NUL in text).
 EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,255}")
 MIN_PASSWORD = 8
 INVITATION_SECONDS = 7 * 86400  # how long an invitation waits for its answer
-API_KEY = re.compile(r"tfk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
 
 class Role(enum.StrEnum):
@@ -87,17 +80,6 @@ class Invitation:
     expires_at: float
 
 
-@dataclass(frozen=True, kw_only=True)
-class ApiKey:
-    id: str
-    tenant_id: str
-    name: str
-    role: Role
-    created_at: float
-    revoked_at: float | None
-    tenant_uid: str | None = None  # the identity of the tenant it was made in
-
-
 def normalize_email(email: str) -> str:
     email = email.strip().lower()
     if not EMAIL.fullmatch(email):
@@ -113,18 +95,6 @@ def _user(row: Any) -> User:
         created_at=row.created_at,
         disabled=row.disabled_at is not None,
         generation=row.generation,
-    )
-
-
-def _key(row: Any) -> ApiKey:
-    return ApiKey(
-        id=row.id,
-        tenant_id=row.tenant_id,
-        name=row.name,
-        role=Role(row.role),
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-        tenant_uid=row.tenant_uid,
     )
 
 
@@ -430,88 +400,10 @@ class Identity:
         with self.engine.connect() as conn:
             return [_membership(r) for r in conn.execute(query).all()]
 
-    # -- API keys ----------------------------------------------------------------------------
-
-    def create_api_key(self, tenant_id: str, name: str, role: Role) -> tuple[ApiKey, str]:
-        """A new key and its full secret, which is shown this once and never stored."""
-        key_id = secrets.token_hex(8)
-        secret = secrets.token_urlsafe(32)
-        key = ApiKey(
-            id=key_id,
-            tenant_id=tenant_id,
-            name=name,
-            role=role,
-            created_at=self.clock(),
-            revoked_at=None,
-        )
-        with self.engine.begin() as conn:
-            tenant = conn.execute(sa.select(tenants.c.uid).where(tenants.c.id == tenant_id)).first()
-            if tenant is None:
-                raise TenantNotFoundError()
-            key = dataclasses.replace(key, tenant_uid=tenant.uid)
-            conn.execute(
-                api_keys.insert().values(
-                    id=key_id,
-                    tenant_id=tenant_id,
-                    tenant_uid=tenant.uid,
-                    name=name,
-                    role=role.value,
-                    secret_hash=_digest(secret),
-                    created_at=key.created_at,
-                )
-            )
-        return key, f"tfk_{key_id}_{secret}"
-
-    def api_keys(self, tenant_id: str) -> list[ApiKey]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(api_keys)
-                .where(api_keys.c.tenant_id == tenant_id)
-                .order_by(api_keys.c.created_at)
-            ).all()
-        return [_key(r) for r in rows]
-
-    def revoke_api_key(self, tenant_id: str, key_id: str) -> ApiKey:
-        with self.engine.begin() as conn:
-            conn.execute(
-                api_keys.update()
-                .where(
-                    api_keys.c.id == key_id,
-                    api_keys.c.tenant_id == tenant_id,
-                    api_keys.c.revoked_at.is_(None),
-                )
-                .values(revoked_at=self.clock())
-            )
-            row = conn.execute(
-                sa.select(api_keys).where(
-                    api_keys.c.id == key_id, api_keys.c.tenant_id == tenant_id
-                )
-            ).first()
-        if row is None:
-            raise NotFoundError("no such API key")
-        return _key(row)
-
-    def authenticate_api_key(self, presented: str) -> ApiKey:
-        match = API_KEY.fullmatch(presented.strip())
-        if match is None:
-            raise AuthenticationError("invalid API key")
-        key_id, secret = match.groups()
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(api_keys).where(api_keys.c.id == key_id)).first()
-        if row is None or not hmac.compare_digest(row.secret_hash, _digest(secret)):
-            raise AuthenticationError("invalid API key")
-        if row.revoked_at is not None:
-            raise AuthenticationError("this API key was revoked")
-        return _key(row)
-
 
 def _check_password(password: str) -> None:
     if len(password) < MIN_PASSWORD:
         raise InvalidInputError(f"a password has at least {MIN_PASSWORD} characters")
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _membership(row: Any) -> Membership:

@@ -1,4 +1,4 @@
-"""The tenant registry, and the tenant router: the only way to reach a tenant's store.
+"""The tenant registry: the platform plane's record of tenants and where their data lives.
 
 The registry is a table in the platform database (SQLite under the home folder by default,
 PostgreSQL at ``TENANTFLOW_DATABASE_URL``). It stands in for the platform plane's tenant
@@ -8,18 +8,14 @@ records which database holds each one (the routing table).
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import contextlib
-import dataclasses
 import enum
 import multiprocessing
 import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,35 +24,33 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from tenantflow._extras import require
 from tenantflow.backends import log_failure, reason, unavailable
 from tenantflow.errors import (
     ConfigError,
     InvalidTenantIdError,
     NotFoundError,
-    StoreUnavailableError,
     TenantExistsError,
     TenantNotFoundError,
 )
-from tenantflow.platform.artifacts import DiskCache
+from tenantflow.platform.database import (
+    create_database_if_missing,
+    migrate_platform,
+    platform_engine,
+)
 from tenantflow.platform.provision import (
     PostgresProvisioner,
     Provisioner,
     SqliteProvisioner,
     check_server,
-    sqlalchemy_url,
 )
-from tenantflow.platform.schema import PLATFORM_HEAD, active_tenants, database_servers
+from tenantflow.platform.schema import active_tenants, database_servers
 from tenantflow.platform.schema import tenants as tenants_table
-from tenantflow.settings import PLATFORM_CONNECTIONS, Settings
-from tenantflow.store.base import RunStore
+from tenantflow.settings import Settings
 from tenantflow.store.schema import HEAD_REVISION
 
 log = structlog.get_logger(__name__)
 
-PLATFORM_MIGRATIONS = Path(__file__).with_name("migrations")
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-TENANT_CACHE_SECONDS = 2.0
 
 
 class TenantStatus(enum.StrEnum):
@@ -115,94 +109,12 @@ def _tenant(row: Any) -> Tenant:
     )
 
 
-def _platform_engine(url: str, timeout: float, wait: float) -> sa.Engine:
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30})
-
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(conn: Any, _record: Any) -> None:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA busy_timeout = 30000")
-
-        return engine
-    if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        raise ConfigError(
-            f"unsupported database URL scheme {url.split(':', 1)[0]!r}: "
-            "use sqlite:///path or postgresql://user@host:port/database"
-        )
-    require("postgres", "TENANTFLOW_DATABASE_URL=postgresql://…")
-    from tenantflow.store.db import pg_connect_args, pg_session_limits
-
-    engine = sa.create_engine(
-        sqlalchemy_url(url),
-        # Its share of the process's connection budget (the tenant stores have the rest).
-        pool_size=2,
-        max_overflow=PLATFORM_CONNECTIONS - 2,
-        pool_timeout=wait,
-        pool_pre_ping=True,
-        # Opening a connection is bounded by the wait for one, as for the tenant databases:
-        # these reads hold their caller (the tenant router's on the event loop) meanwhile.
-        connect_args=pg_connect_args(min(timeout, wait) if timeout > 0 else wait),
-    )
-    limits = pg_session_limits(timeout)
-
-    @sa.event.listens_for(engine, "connect")
-    def _limits(conn: Any, _record: Any) -> None:
-        autocommit, conn.autocommit = conn.autocommit, True
-        for statement in limits:
-            conn.execute(statement)
-        conn.autocommit = autocommit
-
-    return engine
-
-
-def _create_database_if_missing(url: str, connect_args: dict[str, Any]) -> None:
-    import psycopg
-    from psycopg import errors, sql
-
-    from tenantflow.platform.provision import database_name, with_database
-
-    name = database_name(url)
-    with psycopg.connect(with_database(url, "postgres"), autocommit=True, **connect_args) as admin:
-        if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            try:
-                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            except errors.DuplicateDatabase:
-                pass  # created meanwhile by another process
-
-
 def _migrate_one(url: str) -> None:
     """Runs in a child process (see ``migrate_all``)."""
     if url.startswith("sqlite:///"):
         SqliteProvisioner(Path()).migrate(url)
     else:
         PostgresProvisioner(url, "").migrate(url)
-
-
-def migrate_platform(engine: sa.Engine) -> None:
-    """Bring the platform database to its head revision. At head already, this is one read;
-    on PostgreSQL, processes starting together take turns (an advisory lock)."""
-    from tenantflow.store.migrate import upgrade_connection
-
-    if _platform_revision(engine) == PLATFORM_HEAD:
-        return
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            # A migration (or the wait for another process's) may take longer than the
-            # sessions' statement limit.
-            conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
-            conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 0"))
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('tenantflow-platform'))"))
-        upgrade_connection(conn, PLATFORM_MIGRATIONS)
-
-
-def _platform_revision(engine: sa.Engine) -> str | None:
-    with engine.connect() as conn:
-        if not sa.inspect(conn).has_table("alembic_version"):
-            return None
-        row = conn.execute(sa.text("SELECT version_num FROM alembic_version")).first()
-    return None if row is None else str(row[0])
 
 
 class TenantRegistry:
@@ -216,7 +128,7 @@ class TenantRegistry:
         tenant plane cached serves (an API process started during a platform outage)."""
         url = settings.resolved_database_url()
         self.settings = settings
-        self.engine = _platform_engine(
+        self.engine = platform_engine(
             url, settings.database_timeout_seconds, settings.database_wait_seconds
         )
         self._closed = False
@@ -253,9 +165,7 @@ class TenantRegistry:
         if not url.startswith("sqlite:///"):
             from tenantflow.store.db import pg_connect_args
 
-            _create_database_if_missing(
-                url, pg_connect_args(self.settings.database_timeout_seconds)
-            )
+            create_database_if_missing(url, pg_connect_args(self.settings.database_timeout_seconds))
         migrate_platform(self.engine)
         # The platform's own server holds tenants too, unless routing says otherwise.
         default = f"sqlite:///{self.settings.home}" if url.startswith("sqlite:///") else url
@@ -549,225 +459,3 @@ class TenantRegistry:
     def close(self) -> None:
         self._closed = True
         self.engine.dispose()
-
-
-class TenantRouter:
-    """Resolves a tenant id to its run store.
-
-    Stores are kept in an LRU of at most ``max_open_tenant_dbs``. On PostgreSQL their
-    connections all come from one budget (``database_connections`` less the platform
-    database's share), so the connections of a process do not grow with the tenants it
-    touches. An evicted store is closed at once: its idle connections stay with the budget
-    (for the tenant's next store, or closed to make room for another tenant's), and an
-    operation that still holds it works as before. An evicted SQLite store is closed a little
-    later, when operations that hold it have finished (its connection cannot be reopened
-    under them).
-    """
-
-    SQLITE_CLOSE_DELAY = 30.0
-
-    def __init__(self, registry: TenantRegistry) -> None:
-        from tenantflow.store.pgpool import ConnectionBudget
-
-        self.registry = registry
-        self.settings = registry.settings
-        self.budget = ConnectionBudget(
-            self.settings.database_connections - PLATFORM_CONNECTIONS,
-            wait=self.settings.database_wait_seconds,
-        )
-        sqlite = registry.engine.dialect.name == "sqlite"
-        self._close_delay = self.SQLITE_CLOSE_DELAY if sqlite else 0.0
-        self._stores: OrderedDict[str, RunStore] = OrderedDict()
-        self._tenants: dict[str, tuple[float, Tenant]] = {}
-        # The records on disk, for a process started while the platform database is down.
-        self._disk = DiskCache(self.settings.home / "cache" / "tenants")
-        self._on_disk: dict[str, dict[str, Any]] = {}
-        self._pins: dict[str, int] = {}
-        self._closing: dict[asyncio.Task[None], RunStore] = {}
-
-    def cached(self, tenant_id: str) -> Tenant | None:
-        """The record ``tenant`` would answer from its cache now, without asking the registry
-        (None: it would ask)."""
-        cached = self._tenants.get(tenant_id)
-        if cached is not None and time.monotonic() - cached[0] < TENANT_CACHE_SECONDS:
-            return cached[1]
-        return None
-
-    async def tenant_async(self, tenant_id: str) -> Tenant:
-        """``tenant`` for async callers: from the cache, or read in a thread."""
-        cached = self.cached(tenant_id)
-        return cached if cached is not None else await asyncio.to_thread(self.tenant, tenant_id)
-
-    def tenant(self, tenant_id: str) -> Tenant:
-        """The registry's record, cached for a couple of seconds."""
-        cached = self._tenants.get(tenant_id)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < TENANT_CACHE_SECONDS:
-            return cached[1]
-        try:
-            tenant = self.registry.get(tenant_id)
-        except TenantNotFoundError:
-            self._tenants.pop(tenant_id, None)
-            self._keep_on_disk(tenant_id, None)
-            raise
-        except Exception as exc:
-            last = cached[1] if cached is not None else self._from_disk(tenant_id)
-            if last is None:
-                if unavailable(exc) is not None:
-                    raise StoreUnavailableError(
-                        f"the platform database did not answer: {reason(exc)}"
-                    ) from exc
-                raise
-            # The platform database is away: keep serving the tenant as last seen (its own
-            # database is what runs need), and ask again after the cache interval.
-            log.warning("platform unreachable; using the cached tenant", error=type(exc).__name__)
-            tenant = last
-        else:
-            self._keep_on_disk(tenant_id, tenant)
-        # Fresh from the end of the read: with the platform database away, a read takes its
-        # whole connect bound, and the next call must not pay it again at once.
-        self._tenants[tenant_id] = (time.monotonic(), tenant)
-        return tenant
-
-    def _keep_on_disk(self, tenant_id: str, tenant: Tenant | None) -> None:
-        """Write the tenant's record to disk when it changed (None: remove it)."""
-        if not TENANT_ID.fullmatch(tenant_id):
-            return
-        record = (
-            None
-            if tenant is None
-            else {**dataclasses.asdict(tenant), "status": tenant.status.value}
-        )
-        if record == self._on_disk.get(tenant_id) and tenant_id in self._on_disk:
-            return
-        if record is None:
-            self._disk.remove(f"{tenant_id}.json")
-            self._on_disk.pop(tenant_id, None)
-        else:
-            self._disk.write(f"{tenant_id}.json", record)
-            self._on_disk[tenant_id] = record
-
-    def _from_disk(self, tenant_id: str) -> Tenant | None:
-        record = self._disk.read(f"{tenant_id}.json") if TENANT_ID.fullmatch(tenant_id) else None
-        if not isinstance(record, dict):
-            return None
-        try:
-            return Tenant(**{**record, "status": TenantStatus(record["status"])})
-        except (TypeError, KeyError, ValueError):
-            return None  # written by another version: not to be guessed at
-
-    def store(self, tenant_id: str) -> RunStore:
-        store = self._stores.get(tenant_id)
-        if store is not None:
-            self._stores.move_to_end(tenant_id)
-            return store
-        store = self._open(self.tenant(tenant_id))
-        self._stores[tenant_id] = store
-        self._evict()
-        return store
-
-    def _evict(self) -> None:
-        """Close the least recently used stores beyond the cap, never one pinned by a run in
-        flight (the cap may be exceeded meanwhile)."""
-        excess = len(self._stores) - self.settings.max_open_tenant_dbs
-        for tenant_id in list(self._stores):
-            if excess <= 0:
-                break
-            if self._pins.get(tenant_id):
-                continue
-            self._close_later(self._stores.pop(tenant_id))
-            excess -= 1
-
-    def forget_record(self, tenant_id: str) -> None:
-        """Read the tenant's record afresh next time (it changed)."""
-        self._tenants.pop(tenant_id, None)
-
-    async def forget(self, tenant_id: str) -> None:
-        """Close the tenant's store now and drop what is cached of it (its database is about
-        to go away)."""
-        cached = self._tenants.pop(tenant_id, None)
-        self._keep_on_disk(tenant_id, None)
-        store = self._stores.pop(tenant_id, None)
-        if store is not None:
-            await store.close()
-        if cached is not None:
-            self.budget.discard(cached[1].database_url)
-
-    @contextlib.contextmanager
-    def pinned(self, tenant_id: str) -> Iterator[RunStore]:
-        """The tenant's store, kept open for as long as the block runs."""
-        store = self.store(tenant_id)
-        self._pins[tenant_id] = self._pins.get(tenant_id, 0) + 1
-        try:
-            yield store
-        finally:
-            self._pins[tenant_id] -= 1
-            if not self._pins[tenant_id]:
-                del self._pins[tenant_id]
-
-    @contextlib.asynccontextmanager
-    async def borrowed(self, tenant_id: str) -> AsyncIterator[RunStore]:
-        """The tenant's store for a sweep: the open one if there is, else a store opened for
-        the block and closed after it, so that sweeping every tenant does not flush the LRU."""
-        if tenant_id in self._stores:
-            with self.pinned(tenant_id) as store:
-                yield store
-            return
-        store = self._open(self.tenant(tenant_id))
-        try:
-            yield store
-        finally:
-            await store.close()
-
-    def _open(self, tenant: Tenant) -> RunStore:
-        from tenantflow.store.sql import SqlRunStore
-
-        url = tenant.database_url
-        if url.startswith("sqlite:///"):
-            from tenantflow.store.db import SqliteDatabase
-
-            return SqlRunStore(
-                tenant.id,
-                SqliteDatabase(
-                    Path(url.removeprefix("sqlite:///")),
-                    synchronous=self.settings.sqlite_synchronous,
-                    create=False,  # made by provisioning; gone once offboarded
-                ),
-            )
-        from tenantflow.store.db import PostgresDatabase
-
-        return SqlRunStore(
-            tenant.id,
-            PostgresDatabase(
-                url,
-                max_size=self.settings.tenant_pool_size,
-                timeout=self.settings.database_timeout_seconds,
-                budget=self.budget,
-            ),
-        )
-
-    def _close_later(self, store: RunStore) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # no loop: nothing async was opened
-
-        async def close() -> None:
-            if self._close_delay:
-                await asyncio.sleep(self._close_delay)
-            await store.close()
-
-        task = loop.create_task(close())
-        self._closing[task] = store
-        task.add_done_callback(lambda t: self._closing.pop(t, None))
-
-    async def close(self) -> None:
-        evicted = list(self._closing.items())
-        self._closing.clear()
-        for task, store in evicted:
-            task.cancel()
-            await store.close()
-        for store in self._stores.values():
-            await store.close()
-        self._stores.clear()
-        await self.budget.close()

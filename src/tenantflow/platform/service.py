@@ -27,8 +27,9 @@ from tenantflow.errors import (
     TenantSuspendedError,
 )
 from tenantflow.platform.access import Announce, Change
+from tenantflow.platform.api_keys import ApiKey, ApiKeys
 from tenantflow.platform.audit import AuditLog
-from tenantflow.platform.identity import ApiKey, Identity, Invitation, Membership, Role, User
+from tenantflow.platform.identity import Identity, Invitation, Membership, Role, User
 from tenantflow.platform.keys import Jwks, SigningKeys
 from tenantflow.platform.licensing import License, Licensing, Plan, Quotas
 from tenantflow.platform.registry import DatabaseServer, Tenant, TenantRegistry, TenantStatus
@@ -59,6 +60,7 @@ class Platform:
         self.registry = registry
         self.keys = SigningKeys(engine)
         self.identity = Identity(engine)
+        self.api_keys = ApiKeys(engine)
         self.licensing = Licensing(engine, self.keys, ttl=settings.license_ttl_seconds)
         self.audit = AuditLog(engine)
         # Told of every change that takes access away (after its commit): the runtime drops
@@ -260,7 +262,7 @@ class Platform:
         self, actor: str, tenant_id: str, name: str, role: Role
     ) -> tuple[ApiKey, str]:
         self.registry.get(tenant_id)
-        key, secret = self.identity.create_api_key(tenant_id, name, role)
+        key, secret = self.api_keys.create(tenant_id, name, role)
         self.audit.record(
             "api_key.issued",
             actor=actor,
@@ -271,7 +273,7 @@ class Platform:
         return key, secret
 
     def revoke_api_key(self, actor: str, tenant_id: str, key_id: str) -> ApiKey:
-        key = self.identity.revoke_api_key(tenant_id, key_id)
+        key = self.api_keys.revoke(tenant_id, key_id)
         self.announce(Change("key", key_id))
         self.audit.record("api_key.revoked", actor=actor, tenant_id=tenant_id, target=key_id)
         return key
@@ -312,7 +314,7 @@ class Platform:
         )
 
     def token_for_api_key(self, presented: str) -> Token:
-        key = self.identity.authenticate_api_key(presented)
+        key = self.api_keys.authenticate(presented)
         tenant = self._active(key.tenant_id, key.tenant_uid)
         return self._sign(f"key:{key.id}", tenant, key.role, platform_admin=False)
 

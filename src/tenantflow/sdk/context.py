@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, overload
 
 from tenantflow.errors import ConfigError
 
 if TYPE_CHECKING:
-    from tenantflow.engine.executor import Execution
     from tenantflow.sdk.app import Step, Workflow
+    from tenantflow.store.records import RunRecord
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -19,6 +21,55 @@ T = TypeVar("T")
 
 _workflow: ContextVar[WorkflowContext | None] = ContextVar("tenantflow_workflow", default=None)
 _step: ContextVar[StepContext | None] = ContextVar("tenantflow_step", default=None)
+
+
+class Execution(Protocol):
+    """What a workflow's context asks of the engine executing the run (the engine's
+    ``Execution`` is one): the SDK states the contract, the engine fulfils it."""
+
+    run: RunRecord
+
+    async def sleep(self, seconds: float) -> None: ...
+
+    async def wait_for_event(self, name: str, timeout: float | None, type: Any) -> Any: ...
+
+    async def run_child(
+        self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any: ...
+
+    async def run_step(
+        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any: ...
+
+    def note_compensable(self) -> None: ...
+
+    async def compensate(
+        self,
+        compensations: list[tuple[Step[Any, Any], tuple[Any, ...], dict[str, Any]]],
+        cause: BaseException,
+        *,
+        pivoted: bool,
+    ) -> None: ...
+
+
+@contextmanager
+def in_workflow(ctx: WorkflowContext) -> Iterator[None]:
+    """The engine's way in: inside the block, ``current_workflow()`` answers ``ctx``."""
+    token = _workflow.set(ctx)
+    try:
+        yield
+    finally:
+        _workflow.reset(token)
+
+
+@contextmanager
+def in_step(ctx: StepContext) -> Iterator[None]:
+    """Inside the block (an attempt of a step), ``current_step()`` answers ``ctx``."""
+    token = _step.set(ctx)
+    try:
+        yield
+    finally:
+        _step.reset(token)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,14 +20,35 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from tenantflow.backends import log_failure
 from tenantflow.errors import TenantNotFoundError
-from tenantflow.runtime import Runtime
+
+if TYPE_CHECKING:
+    from tenantflow.platform.registry import TenantRegistry
+    from tenantflow.queue.base import Queue
+    from tenantflow.resilience.breaker import Breakers
+    from tenantflow.settings import Settings
+    from tenantflow.telemetry.metrics import Metrics
+    from tenantflow.tenant.router import TenantRouter
 
 log = structlog.get_logger(__name__)
+
+
+class Installation(Protocol):
+    """What a survey reads: a process's runtime is one (the survey does not import it, as the
+    runtime is composed of this module among others)."""
+
+    settings: Settings
+    registry: TenantRegistry
+    router: TenantRouter
+    queue: Queue
+    metrics: Metrics
+    breakers: Breakers
+
 
 # Tenant databases read at once: enough to hide a round trip, few enough to leave the
 # connection budget to the work.
@@ -64,7 +85,7 @@ class Survey:
 Progress = Callable[[int, int], None]  # (tenant databases read, of how many)
 
 
-async def survey(runtime: Runtime, *, progress: Progress | None = None) -> list[TenantHealth]:
+async def survey(runtime: Installation, *, progress: Progress | None = None) -> list[TenantHealth]:
     """Every tenant's stuck runs and queue lag."""
     settings = runtime.settings
     registry = runtime.registry
@@ -125,7 +146,7 @@ class HealthMonitor:
     background once something asks for it; each survey also sets the shared gauges of
     ``runtime.metrics`` (and the states of the breakers being watched)."""
 
-    runtime: Runtime
+    runtime: Installation
     breakers: set[str] = field(default_factory=set)
     latest: Survey | None = None
     _task: asyncio.Task[None] | None = None

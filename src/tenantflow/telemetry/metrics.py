@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from tenantflow.runtime import Runtime
-    from tenantflow.telemetry.health import TenantHealth
+    from tenantflow.telemetry.health import Installation, TenantHealth
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -89,6 +88,12 @@ class Metrics:
             "(Redis emptied, restarted or failed over).",
             registry=r,
         )
+        self._shared_gauges()
+
+    def _shared_gauges(self) -> None:
+        """The gauges of state shared by the processes (queues, dead letters, stuck runs,
+        breakers), set from the background survey."""
+        r = self.registry
         self.queue_depth = Gauge(
             "tenantflow_queue_depth",
             "Messages waiting or in flight.",
@@ -137,7 +142,7 @@ class Metrics:
     def redelivered(self, tenant_id: str) -> None:
         self.redeliveries.labels(*self.tenant(tenant_id)).inc()
 
-    async def refresh(self, runtime: Runtime, breakers: Iterable[str] = ()) -> None:
+    async def refresh(self, runtime: Installation, breakers: Iterable[str] = ()) -> None:
         """Survey the shared state now (queues and stuck runs of every tenant, the named
         breakers) and set the gauges. The API and workers do it in the background
         (``runtime.health``); this is for a caller that wants the figures at once."""
@@ -165,7 +170,7 @@ class Metrics:
             self.oldest_age.labels("*").set(totals["age"])
             self.stuck_runs.labels("*").set(totals["stuck"])
 
-    async def record_breakers(self, runtime: Runtime, breakers: Iterable[str]) -> None:
+    async def record_breakers(self, runtime: Installation, breakers: Iterable[str]) -> None:
         from tenantflow.resilience.breaker import BreakerState
 
         for name in breakers:

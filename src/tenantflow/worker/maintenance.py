@@ -30,9 +30,10 @@ import structlog
 from tenantflow.backends import log_failure
 from tenantflow.errors import TenantNotFoundError
 from tenantflow.queue.base import Envelope
-from tenantflow.runtime import MARK_CLEAR_SECONDS, Runtime
+from tenantflow.runtime import Runtime
 from tenantflow.store.base import RunStore
 from tenantflow.store.records import OutboxEntry
+from tenantflow.tenant.marks import MARK_CLEAR_SECONDS
 
 log = structlog.get_logger(__name__)
 
@@ -206,7 +207,7 @@ class Maintenance:
         self, tenant_id: str, records: Sequence[OutboxEntry], report: MaintenanceReport
     ) -> None:
         if records:
-            await self.runtime.publish(tenant_id, records)
+            await self.runtime.outbox.publish(tenant_id, records)
             report.relayed += len(records)
             self.totals.relayed += len(records)
 

@@ -147,7 +147,7 @@ class Worker:
     # -- ExecutionHost -----------------------------------------------------------------------
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
-        self.runtime.publish_soon(tenant_id, entries)
+        self.runtime.outbox.publish_soon(tenant_id, entries)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -409,7 +409,7 @@ class Worker:
         if claim.outcome is ClaimOutcome.EXHAUSTED:
             if claim.run is not None:
                 self.metrics.finished(claim.run.workflow, message.tenant_id, "failed")
-            self.runtime.publish_soon(message.tenant_id, claim.wake)
+            self.runtime.outbox.publish_soon(message.tenant_id, claim.wake)
             self._ack(message)
             return
         assert claim.run is not None and claim.lease is not None
@@ -555,7 +555,7 @@ class Worker:
             if outcome.status is not None:
                 self.stats.by_status[outcome.status.value] += 1
                 self.metrics.finished(workflow, message.tenant_id, outcome.status.value)
-            self.runtime.publish_soon(message.tenant_id, outcome.wake)
+            self.runtime.outbox.publish_soon(message.tenant_id, outcome.wake)
             self._ack(message)
         elif outcome.kind is OutcomeKind.SUSPENDED:
             self.stats.suspended += 1

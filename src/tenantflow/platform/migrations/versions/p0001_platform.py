@@ -18,6 +18,12 @@ depends_on = None
 def upgrade() -> None:
     bind = op.get_bind()
     existing = set(sa.inspect(bind).get_table_names())
+    _routing(bind, existing)
+    _identity(existing)
+    _keys_plans_audit(existing)
+
+
+def _routing(bind: sa.Connection, existing: set[str]) -> None:
     if "tenants" in existing:
         # A platform database from before migrations (the tenant registry alone): keep its
         # tenants, add the new columns.
@@ -48,6 +54,8 @@ def upgrade() -> None:
             sa.Column("revision", sa.String(32)),
         )
 
+
+def _identity(existing: set[str]) -> None:
     if "users" not in existing:
         op.create_table(
             "users",
@@ -81,6 +89,8 @@ def upgrade() -> None:
         )
         op.create_index("ix_api_keys_tenant", "api_keys", ["tenant_id"])
 
+
+def _keys_plans_audit(existing: set[str]) -> None:
     if "signing_keys" not in existing:
         op.create_table(
             "signing_keys",

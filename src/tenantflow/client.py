@@ -21,13 +21,14 @@ from tenantflow.errors import (
     TenantSuspendedError,
 )
 from tenantflow.platform.registry import TenantStatus, check_tenant_id
-from tenantflow.runtime import MARK_SLOW_SUBMIT_SECONDS, Runtime
+from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App, Workflow
 from tenantflow.serde import dumps, loads
 from tenantflow.settings import Settings
 from tenantflow.store.base import RunStore
 from tenantflow.store.records import NewRun, RunRecord, RunStatus, StepRecord
 from tenantflow.telemetry.tracing import set_attributes
+from tenantflow.tenant.marks import MARK_SLOW_SUBMIT_SECONDS
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -120,7 +121,7 @@ class TenantClient:
         payload = encode_input(workflow, args, kwargs)
         options = workflow.start_options
         # Before the run exists: sweeps must know the tenant has work (see ``note_work``).
-        await runtime.note_work(self.tenant_id)
+        await runtime.marks.note(self.tenant_id)
         marked = time.monotonic()
         tracing = runtime.tracing
         with tracing.span(
@@ -146,8 +147,8 @@ class TenantClient:
             runtime.metrics.submitted(workflow.name, self.tenant_id)
             if time.monotonic() - marked > MARK_SLOW_SUBMIT_SECONDS:
                 # The mark relied on may have been dropped by a sweep meanwhile.
-                await runtime.note_work(self.tenant_id, again=True)
-        runtime.publish_soon(self.tenant_id, outbox)  # committed: the message may follow
+                await runtime.marks.note(self.tenant_id, again=True)
+        runtime.outbox.publish_soon(self.tenant_id, outbox)  # committed: the message may follow
         return RunHandle(self, run.id, workflow)
 
     def handle(self, run_id: str) -> RunHandle[Any]:
@@ -237,11 +238,11 @@ class RunHandle(Generic[R]):
         cancel of a run that no worker held, which the first request ended at once, gets the
         409 with the status ``cancelled``."""
         run, finished = await self._tenant.store.request_cancel(self.run_id, now=time.time())
-        await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)
+        await self._tenant.client.runtime.outbox.publish(self.tenant_id, finished.wake)
         return run.status
 
     async def send_event(self, name: str, payload: Any = None) -> None:
         """Deliver an event to the run's ``ctx.wait_for_event(name)``."""
         data = dumps(payload, what=f"the payload of event {name!r}")
         finished = await self._tenant.store.send_event(self.run_id, name, data, now=time.time())
-        await self._tenant.client.runtime.publish(self.tenant_id, finished.wake)
+        await self._tenant.client.runtime.outbox.publish(self.tenant_id, finished.wake)
