@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import structlog
 
 from tenantflow.backends import log_failure, unavailable
-from tenantflow.engine.executor import Execution, Outcome, OutcomeKind
+from tenantflow.engine.executor import Execution
+from tenantflow.engine.outcomes import Outcome, OutcomeKind
 from tenantflow.errors import LicenseError, TenantNotFoundError, WorkflowNotRegisteredError
 from tenantflow.platform.registry import TenantStatus
 from tenantflow.queue.base import Message
