@@ -1,4 +1,4 @@
-"""The shared resources of a process: settings, tenant registry and router, queue.
+"""The shared resources of a process: settings, tenant registry and router, queue, coordination.
 
 Backends are chosen from URL schemes and imported lazily, so an unused driver is never needed.
 """
@@ -17,24 +17,22 @@ import structlog
 
 from tenantflow._extras import require
 from tenantflow.backends import log_failure
+from tenantflow.coordination import ACCESS_CHANGES, open_coordination
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Envelope, Queue
+from tenantflow.resilience.breaker import open_breakers
+from tenantflow.resilience.bulkhead import Bulkheads
 from tenantflow.settings import Settings, sqlite_path
 from tenantflow.store.records import OutboxEntry
 from tenantflow.telemetry.metrics import Metrics
 from tenantflow.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
-    import redis
-
     from tenantflow.platform.access import AccessGuard, Change
     from tenantflow.platform.artifacts import PlatformArtifacts
     from tenantflow.platform.licensing import LicenseClaims
     from tenantflow.platform.service import Platform
-    from tenantflow.queue.redis_streams import RedisStreamsQueue
-    from tenantflow.resilience.breaker import Breakers
-    from tenantflow.resilience.bulkhead import Bulkheads
     from tenantflow.telemetry.health import HealthMonitor
 
 log = structlog.get_logger(__name__)
@@ -78,37 +76,6 @@ def open_queue(settings: Settings) -> Queue:
     )
 
 
-def redis_of(queue: Queue) -> RedisStreamsQueue | None:
-    """The Redis Streams queue whose client and keys the shared state of breakers, bulkheads
-    and rate limits use; None on the embedded default (each process keeps its own)."""
-    if queue.__class__.__name__ != "RedisStreamsQueue":  # by name: redis may not be installed
-        return None
-    from tenantflow.queue.redis_streams import RedisStreamsQueue
-
-    assert isinstance(queue, RedisStreamsQueue)
-    return queue
-
-
-def open_breakers(queue: Queue) -> Breakers:
-    """Circuit breakers shared through Redis with the Redis queue; this process's own on the
-    embedded default."""
-    from tenantflow.resilience.breaker import Breakers, LocalBreakers, RedisBreakers
-
-    shared = redis_of(queue)
-    if shared is not None:
-        return Breakers(RedisBreakers(shared.redis, shared.keys.breaker))
-    return Breakers(LocalBreakers())
-
-
-def open_bulkheads(queue: Queue) -> Bulkheads:
-    from tenantflow.resilience.bulkhead import Bulkheads
-
-    shared = redis_of(queue)
-    if shared is not None:
-        return Bulkheads(shared.redis, shared.keys.bulkhead)
-    return Bulkheads()
-
-
 class Runtime:
     """Opened once per process and shared by its clients and workers."""
 
@@ -132,8 +99,11 @@ class Runtime:
         self.registry = TenantRegistry(self.settings, start_offline=cached)
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
-        self.breakers = open_breakers(self.queue)
-        self.bulkheads = open_bulkheads(self.queue)
+        # Locks, limits, notifications and the breakers' and bulkheads' state: the queue's
+        # Redis with the Redis queue, this process's own on the embedded default.
+        self.coordination = open_coordination(self.settings)
+        self.breakers = open_breakers(self.coordination)
+        self.bulkheads = Bulkheads(self.coordination)
         self.metrics = Metrics(per_tenant=self.settings.metrics_per_tenant)
         self._published: dict[str, list[int]] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -148,7 +118,6 @@ class Runtime:
         self._remarker: asyncio.Task[None] | None = None
         self._health: HealthMonitor | None = None
         self._access: AccessGuard | None = None
-        self._announcer: redis.Redis | None = None
 
     @property
     def health(self) -> HealthMonitor:
@@ -177,7 +146,7 @@ class Runtime:
         if self._access is None:
             from tenantflow.platform.access import AccessGuard
 
-            shared = redis_of(self.queue)
+            shared = self.coordination.shared
 
             async def tenant_uid(tenant_id: str) -> str:
                 return (await self.router.tenant_async(tenant_id)).uid
@@ -186,8 +155,8 @@ class Runtime:
                 self.registry.engine,
                 cache_seconds=self.settings.access_cache_seconds,
                 tenant_uid=tenant_uid,
-                redis_url=None if shared is None else self.settings.resolved_queue_url(),
-                channel=None if shared is None else shared.keys.access_changes,
+                redis_url=self.settings.resolved_queue_url() if shared else None,
+                channel=self.coordination.keys.access_changes if shared else None,
                 connect_timeout=self.settings.redis_timeout_seconds,
                 keys_changed=lambda: self.artifacts.invalidate_keys(),
             )
@@ -201,19 +170,8 @@ class Runtime:
         if change.kind == "tenant":
             self.router.forget_record(change.id)
         self.access.changed(change)
-        shared = redis_of(self.queue)
-        if shared is None:
-            return
         try:
-            if self._announcer is None:
-                import redis
-
-                self._announcer = redis.Redis.from_url(
-                    self.settings.resolved_queue_url(),
-                    socket_timeout=self.settings.redis_timeout_seconds,
-                    socket_connect_timeout=self.settings.redis_timeout_seconds,
-                )
-            self._announcer.publish(shared.keys.access_changes, change.encode())
+            self.coordination.publish_blocking(ACCESS_CHANGES, change.encode())
         except Exception as exc:
             log_failure(log, "announcing an access change failed", exc, change=change.kind)
 
@@ -376,8 +334,6 @@ class Runtime:
             await self._health.close()
         if self._access is not None:
             await self._access.close()
-        if self._announcer is not None:
-            await asyncio.to_thread(self._announcer.close)
         if self._remarker is not None and not self._remarker.done():
             # One last try; marks still failing are logged (a sweep may miss those tenants'
             # runs only if the queue loses their messages as well).
@@ -395,6 +351,7 @@ class Runtime:
         await self.flush_outbox()
         await self.router.close()
         await self.queue.close()
+        await self.coordination.close()
         self.registry.close()
         if self.tracing.enabled:  # spans still buffered are exported now
             await asyncio.to_thread(self.tracing.close)
