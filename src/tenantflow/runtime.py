@@ -17,7 +17,7 @@ import structlog
 
 from tenantflow._extras import require
 from tenantflow.backends import log_failure
-from tenantflow.coordination import ACCESS_CHANGES, open_coordination
+from tenantflow.coordination import ACCESS_CHANGES
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry, TenantRouter
 from tenantflow.queue.base import Envelope, Queue
@@ -100,8 +100,8 @@ class Runtime:
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
         # Locks, limits, notifications and the breakers' and bulkheads' state: the queue's
-        # Redis with the Redis queue, this process's own on the embedded default.
-        self.coordination = open_coordination(self.settings)
+        # Redis (and connections) with the Redis queue, this process's own on the embedded one.
+        self.coordination = self.queue.coordination()
         self.breakers = open_breakers(self.coordination)
         self.bulkheads = Bulkheads(self.coordination)
         self.metrics = Metrics(per_tenant=self.settings.metrics_per_tenant)
@@ -146,8 +146,6 @@ class Runtime:
         if self._access is None:
             from tenantflow.platform.access import AccessGuard
 
-            shared = self.coordination.shared
-
             async def tenant_uid(tenant_id: str) -> str:
                 return (await self.router.tenant_async(tenant_id)).uid
 
@@ -155,9 +153,7 @@ class Runtime:
                 self.registry.engine,
                 cache_seconds=self.settings.access_cache_seconds,
                 tenant_uid=tenant_uid,
-                redis_url=self.settings.resolved_queue_url() if shared else None,
-                channel=self.coordination.keys.access_changes if shared else None,
-                connect_timeout=self.settings.redis_timeout_seconds,
+                coordination=self.coordination,
                 keys_changed=lambda: self.artifacts.invalidate_keys(),
             )
         return self._access

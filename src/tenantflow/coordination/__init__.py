@@ -7,11 +7,12 @@ used) and ``LocalCoordination``, in-process, for the embedded default. The break
 bulkheads and sign-in counts keep their state in this backend's scripts when it is
 ``shared``, and in the process otherwise: they choose by that flag, never by a class name.
 
-``open_coordination`` opens it from the settings: the queue's Redis when the queue is Redis
-Streams (the same URL and key prefix, with clients of its own, so that neither the queue nor
-the coordination reaches into the other's connections), in-process otherwise. The queue's
-scripts are the queue's (``queue/lua/``, beside its key layout); they use the one loader of
-``coordination.scripts`` and the one round trip with its reload of ``coordination.redis``.
+A process gets it from its queue (``Queue.coordination``), which the runtime opens from the
+settings: the Redis queue's is a ``RedisCoordination`` on the same URL, key prefix and client
+(one pool of connections per process, warm for the breakers' first calls, which have a quarter
+of a second each); the embedded queue's is in-process. The queue's scripts are the queue's
+(``queue/lua/``, beside its key layout); they use the one loader of ``coordination.scripts``
+and the one round trip, with its reload, of ``coordination.redis``.
 
 Stands on ``errors`` and ``settings`` alone.
 """
@@ -22,7 +23,6 @@ from tenantflow.coordination.base import Coordination, Lock, Subscription
 from tenantflow.coordination.keys import ACCESS_CHANGES, CoordinationKeys
 from tenantflow.coordination.local import LocalCoordination
 from tenantflow.coordination.scripts import SCRIPTS, Script, Scripts
-from tenantflow.settings import Settings
 
 __all__ = [
     "ACCESS_CHANGES",
@@ -34,22 +34,4 @@ __all__ = [
     "Script",
     "Scripts",
     "Subscription",
-    "open_coordination",
 ]
-
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def open_coordination(settings: Settings) -> Coordination:
-    """Redis where the queue is Redis Streams; this process's own on the embedded default."""
-    url = settings.resolved_queue_url()
-    if url.startswith(REDIS_SCHEMES):
-        from tenantflow._extras import require
-
-        require("redis", "TENANTFLOW_QUEUE_URL=redis://…")
-        from tenantflow.coordination.redis import RedisCoordination
-
-        return RedisCoordination(
-            url, prefix=settings.queue_prefix, timeout=settings.redis_timeout_seconds
-        )
-    return LocalCoordination(settings.queue_prefix)

@@ -2,8 +2,8 @@
 
 Scripts are called by SHA, alone (``RedisCoordination.call``) or among the commands of one
 round trip (``send``, which the queue uses for its pipelines); when the server no longer has
-a script (a restart, ``SCRIPT FLUSH``), ``send`` loads the scripts of the round trip and sends
-it again: the one place where that happens.
+a script (a restart, ``SCRIPT FLUSH``), ``send`` sends the round trip again with the scripts
+in full: the one place where that happens.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -64,19 +64,21 @@ class Commands:
 
 async def send(client: Any, commands: Commands) -> list[Any]:
     """The replies of ``commands``, sent in one round trip; if the server lost a script of
-    theirs, the scripts are loaded and the commands sent again (a command that ran before the
-    refused script runs twice: the callers' commands tolerate that)."""
+    theirs, the round trip is sent again with the scripts in full (EVAL, which also caches
+    them on the server again). The commands that were not refused ran the first time too,
+    and run twice: wake-up tokens and hash writes tolerate it, and a flushed cache refuses
+    every script of the round trip."""
     try:
         return await round_trip(client, commands.sent)
     except NoScriptError:
-        await load(client, commands.scripts.values())
-    return await round_trip(client, commands.sent)
+        full = [_in_full(command, commands.scripts) for command in commands.sent]
+    return await round_trip(client, full)
 
 
-async def load(client: Any, scripts: Iterable[Script]) -> None:
-    """Load ``scripts`` into the server's script cache."""
-    for script in scripts:
-        await client.script_load(script.source)
+def _in_full(command: tuple[Any, ...], scripts: Mapping[str, Script]) -> tuple[Any, ...]:
+    if command[0] == "EVALSHA" and command[1] in scripts:
+        return ("EVAL", scripts[command[1]].source, *command[2:])
+    return command
 
 
 async def round_trip(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -116,17 +118,22 @@ async def round_trip(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[A
 
 
 class RedisCoordination:
-    """Opened from a Redis URL (the queue's), with clients of its own: the queue's
-    connections stay free for its hot path."""
+    """Opened from a Redis URL; the Redis queue's shares the queue's client (its pool of
+    connections, warm for the first call of a breaker, which has a quarter of a second)."""
 
     shared = True
 
-    def __init__(self, url: str, *, prefix: str = "tf", timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, prefix: str = "tf", timeout: float = 5.0, client: Any = None
+    ) -> None:
+        """``client``: a redis-py asyncio client of ``url`` (decoding responses) to share,
+        closed by its owner; by default one of its own."""
         self.url = url
         self.timeout = timeout
         self.keys = CoordinationKeys(prefix)
+        self._owns_client = client is None
         # Every command has a deadline: a Redis that hangs is an error, not a caller stuck.
-        self.redis: Any = aredis.Redis.from_url(
+        self.redis: Any = client or aredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._blocking: sync_redis.Redis | None = None
@@ -163,7 +170,8 @@ class RedisCoordination:
         await self.redis.ping()
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        if self._owns_client:
+            await self.redis.aclose()
         if self._blocking is not None:
             await asyncio.to_thread(self._blocking.close)
 
@@ -216,8 +224,7 @@ class RedisSubscription:
                 message = await self._pubsub.get_message(timeout=self._timeout)
                 if message is not None and message.get("type") == "subscribe":
                     break
-        self._proven = time.monotonic()
-        return self
+        return self  # proven by the first PING's answer, once iterating
 
     async def __aexit__(
         self,

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from tenantflow._extras import require
-from tenantflow.coordination.redis import Commands, send
+from tenantflow.coordination.redis import Commands, RedisCoordination, send
 from tenantflow.coordination.scripts import SCRIPTS as LOCKS
 from tenantflow.errors import NotFoundError
 from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
@@ -65,6 +65,7 @@ class RedisStreamsQueue:
         self.redis: Any = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self._url = url
         self.keys = Keys(prefix)
         self.max_deliveries = max_deliveries
         self.tenant_max_inflight = tenant_max_inflight
@@ -507,6 +508,11 @@ class RedisStreamsQueue:
             self._next_look = None
             self._epoch = epoch.id
         return epoch
+
+    def coordination(self) -> RedisCoordination:
+        return RedisCoordination(
+            self._url, prefix=self.keys.prefix, timeout=self._timeout, client=self.redis
+        )
 
     async def ping(self) -> None:
         await self.redis.ping()

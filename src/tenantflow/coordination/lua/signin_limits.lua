@@ -2,8 +2,8 @@
 -- (ms on the Redis clock before which attempts are refused). ARGV[1]: 'check' or 'fail';
 -- ARGV[2]: the longest lock-out (ms), also how long failures are remembered after the last;
 -- ARGV[3..]: each key's failures before lock-outs begin.
--- check: 'ok', or the ms to wait (a string: Lua numbers lose their fraction on the way out).
--- fail: per key, its lock-out now (ms, '0': none) and its failures.
+-- Returns, for check: 'ok', or the ms to wait (a string: Lua numbers lose their fraction on
+-- the way out); for fail: per key, its lock-out now (ms, '0': none) and its failures.
 -- forget: deletes the keys; returns 1.
 local now = now_ms()
 if ARGV[1] == 'forget' then
