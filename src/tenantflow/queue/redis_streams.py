@@ -1,17 +1,16 @@
 """The production queue: Redis Streams, one stream per tenant, a consumer group per stream.
 
-See ``keys`` for the layout and ``lua`` for the scripts. A tenant is in the ready set while it
-has messages to deliver; one script call serves the tenants at its front, each up to its share
-of the free slots (weighted round robin on a pass per tenant), so one tenant's flood cannot
-starve another, and a dequeue costs the same however many tenants exist or were active. The
-per-tenant cap on messages in flight counts the group's pending entries, so it holds across
-all workers.
+See ``keys`` for the layout and ``lua`` (``queue/lua/*.lua``) for the scripts. A tenant is in
+the ready set while it has messages to deliver; one script call serves the tenants at its front,
+each up to its share of the free slots (weighted round robin on a pass per tenant), so one
+tenant's flood cannot starve another, and a dequeue costs the same however many tenants exist or
+were active. The per-tenant cap on messages in flight counts the group's pending entries, so it
+holds across all workers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import math
 import secrets
@@ -22,14 +21,15 @@ from typing import Any
 import structlog
 
 from tenantflow._extras import require
+from tenantflow.coordination.redis import Commands, RedisCoordination, send
+from tenantflow.coordination.scripts import SCRIPTS as LOCKS
 from tenantflow.errors import NotFoundError
-from tenantflow.queue import lua
 from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
 from tenantflow.queue.keys import GROUP, Keys
+from tenantflow.queue.lua import SCRIPTS
 
 try:
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:
     require("redis", "the Redis Streams queue")  # the one line a user can act on
@@ -65,26 +65,10 @@ class RedisStreamsQueue:
         self.redis: Any = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self._url = url
         self.keys = Keys(prefix)
         self.max_deliveries = max_deliveries
         self.tenant_max_inflight = tenant_max_inflight
-        self._sources = {
-            name: getattr(lua, name)
-            for name in (
-                "ENQUEUE",
-                "DISPATCH",
-                "ACK",
-                "RETRY_LATER",
-                "EXTEND",
-                "DEAD_LETTER",
-                "REPLAY",
-                "ADOPT",
-                "EPOCH",
-            )
-        }
-        self._sha = {
-            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()
-        }
         # What this process last wrote to the caps and weights hashes (None: not read yet).
         self._told: dict[str, dict[str, int] | None] = dict.fromkeys(
             (self.keys.caps, self.keys.weights)
@@ -97,7 +81,7 @@ class RedisStreamsQueue:
         self._trimmed = -math.inf
         # Dispatch calls, per consumer: those whose replies with deliveries arrived (their
         # kept copies are dropped by the next call), and those whose replies did not, with
-        # until when to ask for them (see ``lua.DISPATCH``).
+        # until when to ask for them (see ``queue/lua/dispatch.lua``).
         self._calls = (f"{secrets.token_hex(4)}.{n}" for n in itertools.count())
         self._answered: dict[str, list[str]] = {}
         self._unanswered: dict[str, dict[str, float]] = {}
@@ -124,7 +108,7 @@ class RedisStreamsQueue:
 
         # One round trip: the script, the wake-up.
         def build(pipe: Commands) -> None:
-            self._eval(pipe, "ENQUEUE", keys, [tenant_id, run_id, priority, trace or "", delay_ms])
+            self._eval(pipe, "enqueue", keys, [tenant_id, run_id, priority, trace or "", delay_ms])
             if delay_ms == 0:
                 self._wake(pipe, tenant_id)
 
@@ -151,7 +135,7 @@ class RedisStreamsQueue:
                     args.extend((e.run_id, e.priority, e.trace or "", delay_ms))
                     if delay_ms == 0:
                         tokens.append(tenant)
-                self._eval(pipe, "ENQUEUE", self.keys.queue(tenant), args)
+                self._eval(pipe, "enqueue", self.keys.queue(tenant), args)
             if tokens:
                 pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
             if trim:  # tokens nobody took (every worker busy) are capped
@@ -168,23 +152,14 @@ class RedisStreamsQueue:
     # -- scripts -----------------------------------------------------------------------------
 
     def _eval(self, pipe: Commands, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        pipe.evalsha(self._sha[name], keys, args)
+        pipe.script(SCRIPTS[name], keys, args)
 
     async def _execute(self, build: Callable[[Commands], None], *, client: Any = None) -> list[Any]:
-        """Send the commands ``build`` adds in one round trip, and return their replies.
-        Scripts are called by SHA; if the server lost them (a restart), they are loaded and
-        the commands sent again."""
+        """Send the commands ``build`` adds in one round trip, and return their replies
+        (scripts by SHA, loaded again if the server lost them: ``coordination.redis.send``)."""
         commands = Commands()
         build(commands)
-        for attempt in (1, 2):
-            try:
-                return await _round_trip(client or self.redis, commands.sent)
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-            for source in self._sources.values():
-                await self.redis.script_load(source)
-        raise AssertionError("unreachable")
+        return await send(client or self.redis, commands)
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -264,7 +239,7 @@ class RedisStreamsQueue:
             return []
         if not self._adopted:
             await self._execute(
-                lambda pipe: self._eval(pipe, "ADOPT", [self.keys.active, self.keys.due], [])
+                lambda pipe: self._eval(pipe, "adopt", [self.keys.active, self.keys.due], [])
             )
             self._adopted = True
         told = Commands()
@@ -289,7 +264,7 @@ class RedisStreamsQueue:
             pipe.sent.extend(told.sent)
             self._eval(
                 pipe,
-                "DISPATCH",
+                "dispatch",
                 [self.keys.ready, self.keys.due, self.keys.caps, self.keys.weights],
                 [
                     self.keys.prefix,
@@ -362,10 +337,10 @@ class RedisStreamsQueue:
         return consumer, count
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
-        await self._per_tenant("EXTEND", messages)
+        await self._per_tenant("extend", messages)
 
     async def ack(self, messages: Sequence[Message]) -> None:
-        await self._per_tenant("ACK", messages)
+        await self._per_tenant("ack", messages)
 
     async def _per_tenant(self, script: str, messages: Sequence[Message]) -> None:
         """One script call per tenant for a batch of deliveries, all in one round trip."""
@@ -390,7 +365,7 @@ class RedisStreamsQueue:
         def build(pipe: Commands) -> None:
             self._eval(
                 pipe,
-                "RETRY_LATER",
+                "retry_later",
                 self.keys.queue(message.tenant_id),
                 [
                     message.tenant_id,
@@ -418,7 +393,7 @@ class RedisStreamsQueue:
         await self._execute(
             lambda pipe: self._eval(
                 pipe,
-                "DEAD_LETTER",
+                "dead_letter",
                 self.keys.queue(message.tenant_id),
                 [GROUP, consumer, message.id, count, reason, DEAD_LETTERS_MAX],
             )
@@ -441,7 +416,7 @@ class RedisStreamsQueue:
 
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
         def build(pipe: Commands) -> None:
-            self._eval(pipe, "REPLAY", self.keys.queue(tenant_id), [tenant_id, dead_letter_id])
+            self._eval(pipe, "replay", self.keys.queue(tenant_id), [tenant_id, dead_letter_id])
             self._wake(pipe, tenant_id)
 
         try:
@@ -503,13 +478,12 @@ class RedisStreamsQueue:
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
         """Take (or keep, if ``owner`` holds it) a lock that expires after ``ttl`` seconds."""
-        key = self.keys.lock(name)
-        if await self.redis.set(key, owner, nx=True, px=int(ttl * 1000)):
-            return True
-        if await self.redis.get(key) == owner:
-            await self.redis.pexpire(key, int(ttl * 1000))
-            return True
-        return False
+        (reply,) = await self._execute(
+            lambda pipe: pipe.script(
+                LOCKS["lock_acquire"], [self.keys.lock(name)], [owner, int(ttl * 1000)]
+            )
+        )
+        return int(reply) == 1
 
     async def wait(self, timeout: float) -> None:
         """Block until a wake-up token arrives (or ``timeout``). Each enqueue pushes one token
@@ -525,7 +499,7 @@ class RedisStreamsQueue:
 
     async def epoch(self) -> Epoch:
         (reply,) = await self._execute(
-            lambda pipe: self._eval(pipe, "EPOCH", [self.keys.epoch], [secrets.token_hex(8)])
+            lambda pipe: self._eval(pipe, "epoch", [self.keys.epoch], [secrets.token_hex(8)])
         )
         epoch = Epoch(reply[0], new=bool(int(reply[1])))
         if epoch.id != self._epoch:
@@ -534,6 +508,11 @@ class RedisStreamsQueue:
             self._next_look = None
             self._epoch = epoch.id
         return epoch
+
+    def coordination(self) -> RedisCoordination:
+        return RedisCoordination(
+            self._url, prefix=self.keys.prefix, timeout=self._timeout, client=self.redis
+        )
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -548,65 +527,3 @@ def _by_tenant(messages: Sequence[Message]) -> dict[str, list[Message]]:
     for m in messages:
         out.setdefault(m.tenant_id, []).append(m)
     return out
-
-
-class Commands:
-    """Commands to send in one round trip (what ``RedisStreamsQueue._execute`` builds)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
-
-    def evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        self.sent.append(("EVALSHA", sha, len(keys), *keys, *args))
-
-    def hset(self, key: str, mapping: Mapping[str, int]) -> None:
-        self.sent.append(("HSET", key, *(item for pair in mapping.items() for item in pair)))
-
-    def hdel(self, key: str, fields: Sequence[str]) -> None:
-        self.sent.append(("HDEL", key, *fields))
-
-    def lpush(self, key: str, *values: str) -> None:
-        self.sent.append(("LPUSH", key, *values))
-
-    def ltrim(self, key: str, start: int, end: int) -> None:
-        self.sent.append(("LTRIM", key, start, end))
-
-    def blpop(self, key: str, timeout: float) -> None:
-        self.sent.append(("BLPOP", key, timeout))
-
-
-async def _round_trip(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """The commands in one write, their replies in order (raw: no redis-py reply callbacks).
-
-    On a pooled connection of ``client`` directly, not through redis-py's pipeline, whose
-    bookkeeping costs a fifth to a quarter of the CPU of a round trip (measured: 105-113
-    against 136-156 us; a worker draining a backlog, 439-480 against 510-529 us per run).
-    Every reply is read before an error reply is raised, so the connection stays in step; a
-    connection that fails or whose wait is cancelled is closed (redis-py closes it too), never
-    given back with replies left unread on it. No retry, as with the pipeline (the client has
-    no retry configured): the commands may have run, and not every script may run twice (a
-    dequeue would strand the messages it took); the callers decide."""
-    packed = None
-    pool = client.connection_pool
-    conn = await pool.get_connection()
-    try:
-        packed = conn.pack_commands(commands)
-        await conn.send_packed_command(packed, check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:  # read whole: the rest still follows
-                replies.append(exc)
-    except BaseException:
-        if packed is not None:  # sent, or on its way: the connection's state is unknown
-            await conn.disconnect()
-        raise
-    finally:
-        # Shielded, as redis-py's pipeline does: a cancellation while the pool's lock is
-        # taken must not leave the connection counted in use for good.
-        await asyncio.shield(pool.release(conn))
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies
