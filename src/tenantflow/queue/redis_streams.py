@@ -11,7 +11,6 @@ holds across all workers.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import secrets
 import time
@@ -24,9 +23,11 @@ from tenantflow._extras import require
 from tenantflow.coordination.redis import Commands, RedisCoordination, send
 from tenantflow.coordination.scripts import SCRIPTS as LOCKS
 from tenantflow.errors import NotFoundError
-from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
+from tenantflow.queue.base import Envelope, Epoch, Message
+from tenantflow.queue.dispatch_calls import Call, DispatchCalls, messages_of
 from tenantflow.queue.keys import GROUP, Keys
 from tenantflow.queue.lua import SCRIPTS
+from tenantflow.queue.redis_inspect import Inspection
 
 try:
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,10 +46,9 @@ WAKE_TRIM_SECONDS = 1.0
 TELL_REREAD_SECONDS = 10.0  # caps and weights: how often the shared hashes are read back
 BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
-STATS_BATCH = 256  # tenants per pipelined round trip of stats_many
 
 
-class RedisStreamsQueue:
+class RedisStreamsQueue(Inspection):
     def __init__(
         self,
         url: str,
@@ -82,9 +82,7 @@ class RedisStreamsQueue:
         # Dispatch calls, per consumer: those whose replies with deliveries arrived (their
         # kept copies are dropped by the next call), and those whose replies did not, with
         # until when to ask for them (see ``queue/lua/dispatch.lua``).
-        self._calls = (f"{secrets.token_hex(4)}.{n}" for n in itertools.count())
-        self._answered: dict[str, list[str]] = {}
-        self._unanswered: dict[str, dict[str, float]] = {}
+        self._calls = DispatchCalls()
         # Blocking waits get a client (and connections) of their own; each wait has its own
         # deadline (its block time plus the command timeout), set around the call.
         self._timeout = timeout
@@ -237,26 +235,10 @@ class RedisStreamsQueue:
     ) -> list[Message]:
         if max_messages <= 0:
             return []
-        if not self._adopted:
-            await self._execute(
-                lambda pipe: self._eval(pipe, "adopt", [self.keys.active, self.keys.due], [])
-            )
-            self._adopted = True
-        told = Commands()
-        await self._tell(told, self.keys.caps, caps)
-        await self._tell(told, self.keys.weights, weights)
+        told = await self._prepare(caps, weights)
         min_idle = max(1, int(visibility_timeout * 1000))
         block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
-        call = next(self._calls)
-        answered = self._answered.pop(consumer, [])
-        unanswered = self._unanswered.setdefault(consumer, {})
-        now = time.monotonic()
-        # Asked for until their copies lapse, even after a reply: a call held up on the way
-        # (a link that stalled) may run after the one that asked.
-        asked = [c for c, until in unanswered.items() if until > now]
-        for c in [c for c in unanswered if c not in asked]:
-            del unanswered[c]
-        unanswered[call] = now + visibility_timeout  # until its reply arrives
+        call = self._calls.begin(consumer, visibility_timeout)
 
         def build(pipe: Commands) -> None:
             if wait is not None:
@@ -276,60 +258,67 @@ class RedisStreamsQueue:
                     self.tenant_max_inflight,
                     DEAD_LETTERS_MAX,
                     DISPATCH_LOOK,
-                    call,
-                    len(answered),
-                    *answered,
-                    len(asked),
-                    *asked,
+                    call.id,
+                    len(call.answered),
+                    *call.answered,
+                    len(call.asked),
+                    *call.asked,
                     *skip,
                 ],
             )
 
         try:
-            if wait is None:
-                replies = await self._execute(build)
-            else:
-                try:
-                    # On the deadline the call is cancelled and redis-py drops its connection.
-                    async with asyncio.timeout(block + self._timeout):
-                        replies = await self._execute(build, client=self._blocking)
-                except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
-                    # Redis away: behave as a poll. (A script's error goes to the caller,
-                    # whose retries back off.)
-                    log.warning("queue wake-up wait failed", error=type(exc).__name__)
-                    self._unreplied(consumer, answered)
-                    await asyncio.sleep(wait)
-                    return []
+            replies = await self._send_dispatch(build, wait, block)
         except BaseException:
-            self._unreplied(consumer, answered)
+            self._unreplied(consumer, call)
             raise
-        del unanswered[call]
+        if replies is None:  # Redis away while waiting: behaved as a poll
+            self._unreplied(consumer, call)
+            return []
         now_ms, next_ms, *flat = replies[-1]
-        if flat:
-            self._answered.setdefault(consumer, []).append(call)
+        self._calls.replied(consumer, call, delivered=bool(flat))
         self._next_look = (
             None if int(next_ms) < 0 else time.monotonic() + (int(next_ms) - int(now_ms)) / 1000
         )
-        out: list[Message] = []
-        for i in range(0, len(flat), 7):
-            tenant, entry_id, run_id, priority, deliveries, count, trace = flat[i : i + 7]
-            out.append(
-                Message(
-                    id=entry_id,
-                    tenant_id=tenant,
-                    run_id=run_id,
-                    priority=int(priority),
-                    deliveries=int(deliveries),
-                    receipt=f"{consumer}|{count}",
-                    trace=trace or None,
-                )
-            )
-        return out
+        return messages_of(consumer, flat)
 
-    def _unreplied(self, consumer: str, answered: list[str]) -> None:
+    async def _prepare(
+        self, caps: Mapping[str, int] | None, weights: Mapping[str, int] | None
+    ) -> Commands:
+        """The commands a dispatch call sends first: the caps and weights that changed (the
+        stream's adoption into the ready set, once per process, goes at once)."""
+        if not self._adopted:
+            await self._execute(
+                lambda pipe: self._eval(pipe, "adopt", [self.keys.active, self.keys.due], [])
+            )
+            self._adopted = True
+        told = Commands()
+        await self._tell(told, self.keys.caps, caps)
+        await self._tell(told, self.keys.weights, weights)
+        return told
+
+    async def _send_dispatch(
+        self, build: Callable[[Commands], None], wait: float | None, block: float
+    ) -> list[Any] | None:
+        """The dispatch call's round trip; with ``wait``, on the blocking client, and None if
+        Redis did not answer in time (after sleeping ``wait``, as a poll would)."""
+        if wait is None:
+            return await self._execute(build)
+        try:
+            # On the deadline the call is cancelled and redis-py drops its connection.
+            async with asyncio.timeout(block + self._timeout):
+                return await self._execute(build, client=self._blocking)
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
+            # Redis away: behave as a poll. (A script's error goes to the caller, whose retries
+            # back off.)
+            log.warning("queue wake-up wait failed", error=type(exc).__name__)
+            await asyncio.sleep(wait)
+            return None
+
+    def _unreplied(self, consumer: str, call: Call) -> None:
         """A dispatch call without its reply: whether it ran, and what it wrote, is unknown."""
         self._told = dict.fromkeys(self._told)
-        self._answered.setdefault(consumer, []).extend(answered)  # dropped by the next call
+        self._calls.unreplied(consumer, call)
 
     @staticmethod
     def _receipt(message: Message) -> tuple[str, str]:
@@ -399,21 +388,6 @@ class RedisStreamsQueue:
             )
         )
 
-    async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
-        entries = await self.redis.xrange(self.keys.tenant(tenant_id).dead, count=limit)
-        return [
-            DeadLetter(
-                id=entry_id,
-                tenant_id=tenant_id,
-                run_id=fields["run"],
-                deliveries=int(fields["deliveries"]),
-                failed_at=int(fields["at"]) / 1000,
-                reason=fields.get("reason") or None,  # absent from letters of earlier versions
-                parked=fields.get("parked") == "1",
-            )
-            for entry_id, fields in entries
-        ]
-
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
         def build(pipe: Commands) -> None:
             self._eval(pipe, "replay", self.keys.queue(tenant_id), [tenant_id, dead_letter_id])
@@ -429,37 +403,6 @@ class RedisStreamsQueue:
         if not done:
             raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
 
-    async def depth(self, tenant_id: str) -> int:
-        keys = self.keys.tenant(tenant_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.stream)
-            pipe.zcard(keys.delayed)
-            stream, delayed = await pipe.execute()
-        return int(stream) + int(delayed)
-
-    async def stats(self, tenant_id: str) -> QueueStats:
-        return (await self.stats_many([tenant_id]))[tenant_id]
-
-    async def stats_many(self, tenant_ids: Sequence[str]) -> dict[str, QueueStats]:
-        out: dict[str, QueueStats] = {}
-        for start in range(0, len(tenant_ids), STATS_BATCH):
-            batch = tenant_ids[start : start + STATS_BATCH]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for tenant_id in batch:
-                    keys = self.keys.tenant(tenant_id)
-                    pipe.xlen(keys.stream)
-                    pipe.zcard(keys.delayed)
-                    pipe.xlen(keys.dead)
-                    pipe.xrange(keys.stream, count=1)  # acknowledged entries are deleted
-                replies = await pipe.execute()
-            for i, tenant_id in enumerate(batch):
-                stream, delayed, dead, first = replies[4 * i : 4 * i + 4]
-                oldest = int(first[0][0].split("-")[0]) / 1000 if first else None
-                out[tenant_id] = QueueStats(
-                    depth=int(stream) + int(delayed), dead_letters=int(dead), oldest_at=oldest
-                )
-        return out
-
     async def purge(self, tenant_id: str) -> None:
         keys = self.keys.tenant(tenant_id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -467,12 +410,6 @@ class RedisStreamsQueue:
             for key in (self.keys.ready, self.keys.due, self.keys.active):
                 pipe.zrem(key, tenant_id)
             await pipe.execute()
-
-    async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
-        if not run_ids:
-            return set()
-        counts = await self.redis.hmget(self.keys.tenant(tenant_id).live, list(run_ids))
-        return {run for run, n in zip(run_ids, counts, strict=True) if n and int(n) > 0}
 
     # -- coordination ------------------------------------------------------------------------
 
