@@ -35,7 +35,7 @@ from tests.conftest import running_worker, settings_env
 
 from tenantflow import App, Client, RunStatus, Runtime, Settings, WorkflowContext
 from tenantflow.client import new_run_id
-from tenantflow.engine.executor import encode_input
+from tenantflow.engine.steps import encode_input
 from tenantflow.queue.base import Envelope
 from tenantflow.store.sql import SQL_INSERT_RUN, SqlRunStore
 

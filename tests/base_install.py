@@ -36,7 +36,7 @@ NOT_MODULES = (
     "tenantflow.platform.migrations.env",
 )
 # A backend's own module needs its extra; without it, it says which one to install.
-BACKENDS = {"tenantflow.queue.redis_streams": "redis"}
+BACKENDS = {"tenantflow.queue.redis_streams": "redis", "tenantflow.coordination.redis": "redis"}
 
 
 class WithoutExtras(importlib.abc.MetaPathFinder):

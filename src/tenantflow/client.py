@@ -9,7 +9,7 @@ import uuid
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from tenantflow.engine.executor import encode_input
+from tenantflow.engine.steps import encode_input
 from tenantflow.errors import (
     InvalidCursorError,
     Issue,

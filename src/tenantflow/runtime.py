@@ -1,4 +1,4 @@
-"""The shared resources of a process: settings, tenant registry and router, queue.
+"""The shared resources of a process: settings, tenant registry and router, queue, coordination.
 
 Backends are chosen from URL schemes and imported lazily, so an unused driver is never needed.
 """
@@ -12,9 +12,12 @@ import structlog
 
 from tenantflow._extras import require
 from tenantflow.backends import log_failure
+from tenantflow.coordination import ACCESS_CHANGES
 from tenantflow.errors import ConfigError
 from tenantflow.platform.registry import TenantRegistry
 from tenantflow.queue.base import Queue
+from tenantflow.resilience.breaker import open_breakers
+from tenantflow.resilience.bulkhead import Bulkheads
 from tenantflow.settings import Settings, sqlite_path
 from tenantflow.telemetry.metrics import Metrics
 from tenantflow.telemetry.tracing import Tracing
@@ -23,14 +26,9 @@ from tenantflow.tenant.outbox import OutboxPublisher
 from tenantflow.tenant.router import TenantRouter
 
 if TYPE_CHECKING:
-    import redis
-
     from tenantflow.platform.access import AccessGuard, Change
     from tenantflow.platform.licensing import LicenseClaims
     from tenantflow.platform.service import Platform
-    from tenantflow.queue.redis_streams import RedisStreamsQueue
-    from tenantflow.resilience.breaker import Breakers
-    from tenantflow.resilience.bulkhead import Bulkheads
     from tenantflow.telemetry.health import HealthMonitor
     from tenantflow.tenant.artifacts import PlatformArtifacts
 
@@ -65,37 +63,6 @@ def open_queue(settings: Settings) -> Queue:
     )
 
 
-def redis_of(queue: Queue) -> RedisStreamsQueue | None:
-    """The Redis Streams queue whose client and keys the shared state of breakers, bulkheads
-    and rate limits use; None on the embedded default (each process keeps its own)."""
-    if queue.__class__.__name__ != "RedisStreamsQueue":  # by name: redis may not be installed
-        return None
-    from tenantflow.queue.redis_streams import RedisStreamsQueue
-
-    assert isinstance(queue, RedisStreamsQueue)
-    return queue
-
-
-def open_breakers(queue: Queue) -> Breakers:
-    """Circuit breakers shared through Redis with the Redis queue; this process's own on the
-    embedded default."""
-    from tenantflow.resilience.breaker import Breakers, LocalBreakers, RedisBreakers
-
-    shared = redis_of(queue)
-    if shared is not None:
-        return Breakers(RedisBreakers(shared.redis, shared.keys.breaker))
-    return Breakers(LocalBreakers())
-
-
-def open_bulkheads(queue: Queue) -> Bulkheads:
-    from tenantflow.resilience.bulkhead import Bulkheads
-
-    shared = redis_of(queue)
-    if shared is not None:
-        return Bulkheads(shared.redis, shared.keys.bulkhead)
-    return Bulkheads()
-
-
 class Runtime:
     """Opened once per process and shared by its clients and workers."""
 
@@ -119,8 +86,11 @@ class Runtime:
         self.registry = TenantRegistry(self.settings, start_offline=cached)
         self.router = TenantRouter(self.registry)
         self.queue = open_queue(self.settings)
-        self.breakers = open_breakers(self.queue)
-        self.bulkheads = open_bulkheads(self.queue)
+        # Locks, limits, notifications and the breakers' and bulkheads' state: the queue's
+        # Redis (and connections) with the Redis queue, this process's own on the embedded one.
+        self.coordination = self.queue.coordination()
+        self.breakers = open_breakers(self.coordination)
+        self.bulkheads = Bulkheads(self.coordination)
         self.metrics = Metrics(per_tenant=self.settings.metrics_per_tenant)
         self.outbox = OutboxPublisher(self.queue, self.router)
         self.marks = WorkMarks(self.registry)
@@ -128,7 +98,6 @@ class Runtime:
         self._artifacts: PlatformArtifacts | None = None
         self._health: HealthMonitor | None = None
         self._access: AccessGuard | None = None
-        self._announcer: redis.Redis | None = None
 
     @property
     def health(self) -> HealthMonitor:
@@ -157,8 +126,6 @@ class Runtime:
         if self._access is None:
             from tenantflow.platform.access import AccessGuard
 
-            shared = redis_of(self.queue)
-
             async def tenant_uid(tenant_id: str) -> str:
                 return (await self.router.tenant_async(tenant_id)).uid
 
@@ -166,9 +133,7 @@ class Runtime:
                 self.registry.engine,
                 cache_seconds=self.settings.access_cache_seconds,
                 tenant_uid=tenant_uid,
-                redis_url=None if shared is None else self.settings.resolved_queue_url(),
-                channel=None if shared is None else shared.keys.access_changes,
-                connect_timeout=self.settings.redis_timeout_seconds,
+                coordination=self.coordination,
                 keys_changed=lambda: self.artifacts.invalidate_keys(),
             )
         return self._access
@@ -181,19 +146,8 @@ class Runtime:
         if change.kind == "tenant":
             self.router.forget_record(change.id)
         self.access.changed(change)
-        shared = redis_of(self.queue)
-        if shared is None:
-            return
         try:
-            if self._announcer is None:
-                import redis
-
-                self._announcer = redis.Redis.from_url(
-                    self.settings.resolved_queue_url(),
-                    socket_timeout=self.settings.redis_timeout_seconds,
-                    socket_connect_timeout=self.settings.redis_timeout_seconds,
-                )
-            self._announcer.publish(shared.keys.access_changes, change.encode())
+            self.coordination.publish_blocking(ACCESS_CHANGES, change.encode())
         except Exception as exc:
             log_failure(log, "announcing an access change failed", exc, change=change.kind)
 
@@ -230,12 +184,11 @@ class Runtime:
             await self._health.close()
         if self._access is not None:
             await self._access.close()
-        if self._announcer is not None:
-            await asyncio.to_thread(self._announcer.close)
         await self.marks.close()
         await self.outbox.close()
         await self.router.close()
         await self.queue.close()
+        await self.coordination.close()
         self.registry.close()
         if self.tracing.enabled:  # spans still buffered are exported now
             await asyncio.to_thread(self.tracing.close)

@@ -334,6 +334,7 @@ async def test_without_a_live_channel_a_grant_is_read_again_after_half_a_second(
     grant serves for 0.5 s at most, then is read again."""
     import asyncio
 
+    from tenantflow.coordination.redis import RedisCoordination
     from tenantflow.platform.access import STALE_SECONDS, AccessGuard
     from tenantflow.platform.schema import memberships
     from tests.servers import free_port
@@ -344,13 +345,9 @@ async def test_without_a_live_channel_a_grant_is_read_again_after_half_a_second(
     async def uid(tenant_id: str) -> str:
         return (await runtime.router.tenant_async(tenant_id)).uid
 
+    nobody = RedisCoordination(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
     guard = AccessGuard(
-        runtime.registry.engine,
-        cache_seconds=10,
-        tenant_uid=uid,
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",
-        channel="nobody-listens",
-        connect_timeout=0.2,
+        runtime.registry.engine, cache_seconds=10, tenant_uid=uid, coordination=nobody
     )
     try:
         assert (await guard.admit(claims, None)).role is Role.OPERATOR
@@ -362,3 +359,4 @@ async def test_without_a_live_channel_a_grant_is_read_again_after_half_a_second(
         assert (await guard.admit(claims, None)).role is Role.VIEWER
     finally:
         await guard.close()
+        await nobody.close()

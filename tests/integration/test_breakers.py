@@ -24,6 +24,7 @@ from tenantflow import (
     Runtime,
     WorkflowContext,
 )
+from tenantflow.coordination.redis import RedisCoordination
 from tenantflow.resilience.breaker import (
     Breakers,
     BreakerState,
@@ -32,7 +33,6 @@ from tenantflow.resilience.breaker import (
     RedisBreakers,
     WindowType,
 )
-from tenantflow.runtime import redis_of
 from tests.conftest import running_worker
 
 SMALL = BreakerConfig(
@@ -161,7 +161,7 @@ async def test_a_lost_probe_frees_its_slot_when_its_lease_ends(runtime: Runtime)
     answers close the breaker."""
     breakers = runtime.breakers
     first, _ = await half_open_probes(breakers, "lost")
-    shared = redis_of(runtime.queue)
+    shared = runtime.coordination if isinstance(runtime.coordination, RedisCoordination) else None
     if shared is not None:  # the lease ends on the Redis clock
         _, _, probes = shared.keys.breaker("lost")
         seconds, micros = await shared.redis.time()
@@ -213,10 +213,8 @@ def test_the_probe_timeout_is_a_positive_number_of_seconds() -> None:
 
 
 async def test_without_redis_each_process_falls_back_to_its_own(runtime: Runtime) -> None:
-    import redis.asyncio as redis
-
-    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
-    breakers = Breakers(RedisBreakers(unreachable, lambda name: (f"x:{name}", f"y:{name}", "z")))
+    unreachable = RedisCoordination("redis://127.0.0.1:1", timeout=0.2)
+    breakers = Breakers(RedisBreakers(unreachable))
     try:
         breakers.configure("payments", SMALL)
         await outcomes(breakers, "payments", True, True, True, True)
@@ -225,7 +223,7 @@ async def test_without_redis_each_process_falls_back_to_its_own(runtime: Runtime
         with pytest.raises(CircuitOpenError):
             await breakers.acquire("payments")
     finally:
-        await unreachable.aclose()
+        await unreachable.close()
 
 
 # -- a step behind a breaker -----------------------------------------------------------------
@@ -354,7 +352,7 @@ async def test_a_bulkhead_is_shared_by_processes(runtime: Runtime) -> None:
         await asyncio.gather(
             *(rt.bulkheads.call("partner", work, wait=10) for rt in [runtime, other] * 6)
         )
-        shared = runtime.bulkheads.redis is not None
+        shared = runtime.bulkheads.coordination is not None
         assert inside["most"] == (3 if shared else 6)
         assert await runtime.bulkheads.in_use("partner") == 0
         slots = [await runtime.bulkheads.take("partner") for _ in range(3)]

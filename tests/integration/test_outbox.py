@@ -11,7 +11,7 @@ import sqlalchemy
 
 from tenantflow import App, Client, RunStatus, Runtime, WorkflowContext
 from tenantflow.client import new_run_id
-from tenantflow.engine.executor import encode_input
+from tenantflow.engine.steps import encode_input
 from tenantflow.store.records import NewRun
 from tenantflow.store.sql import SqlRunStore
 from tenantflow.worker import maintenance

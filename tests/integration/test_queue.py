@@ -545,7 +545,7 @@ async def test_a_redis_connection_left_with_unread_replies_is_never_reused() -> 
     import redis.asyncio as redis
     from redis.exceptions import ResponseError
 
-    from tenantflow.queue.redis_streams import _round_trip
+    from tenantflow.coordination.redis import round_trip as _round_trip
 
     client = redis.Redis.from_url(REDIS_URL, decode_responses=True, max_connections=1)
     key = f"tftest{uuid.uuid4().hex[:10]}:list"

@@ -23,14 +23,14 @@ from tenantflow.api import openapi, problems
 from tenantflow.api import people as people_routes
 from tenantflow.api import platform as platform_routes
 from tenantflow.api import runs as run_routes
-from tenantflow.api.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from tenantflow.api.ratelimit import RateLimiter
 from tenantflow.api.signin import (
     LocalSignInLimits,
     RedisSignInLimits,
     SignInGuard,
     SignInLimits,
 )
-from tenantflow.runtime import Runtime, redis_of
+from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.settings import Settings
 from tenantflow.telemetry.tracing import mark_error
@@ -86,22 +86,21 @@ def create_api(
 
 
 def _attach(api: FastAPI, runtime: Runtime, workflows: App) -> None:
-    """The app's state: the runtime, the request rate limits and the sign-in guard (shared
-    through Redis with the Redis queue, this process's own on the embedded default)."""
+    """The app's state: the runtime, the request rate limits and the sign-in guard (on the
+    runtime's coordination backend: shared through Redis with the Redis queue, this process's
+    own on the embedded default)."""
     for name, config in workflows.breakers.items():
         runtime.breakers.configure(name, config)
     runtime.health.watch_breakers(workflows.breakers)
     api.state.runtime = runtime
-    shared = redis_of(runtime.queue)
+    coordination = runtime.coordination
     longest = runtime.settings.signin_lockout_max_seconds
-    limiter: RateLimiter
     limits: SignInLimits
-    if shared is not None:
-        limiter = RedisRateLimiter(shared.redis, shared.keys.rate)
-        limits = RedisSignInLimits(shared.redis, shared.keys.signin, longest)
+    if coordination.shared:
+        limits = RedisSignInLimits(coordination, longest)
     else:
-        limiter, limits = LocalRateLimiter(), LocalSignInLimits(longest)
-    api.state.limiter = limiter
+        limits = LocalSignInLimits(longest)
+    api.state.limiter = RateLimiter(coordination)
 
     async def record(scope: str, subject: str, details: dict[str, Any]) -> None:
         await asyncio.to_thread(runtime.platform.record_lockout, scope, subject, details)

@@ -10,8 +10,9 @@ passwords would spend that CPU for every tenant of the process. So:
   sign-in-throttled`` with ``Retry-After``, and is never hashed. Failures are forgotten
   ``signin_lockout_max_seconds`` after the last; a success forgets the account's (never the
   address's: a valid account must not buy guesses at others). With the Redis queue the counts
-  live in Redis (one script per check and per failure, on the Redis clock), shared by every
-  API process; on the embedded default, and while Redis does not answer, in the process.
+  live in Redis (the coordination backend's script, one call per check and per failure, on
+  the Redis clock), shared by every API process; on the embedded default, and while Redis
+  does not answer, in the process.
 - **Hashes run off the event loop**, ``signin_concurrency`` at a time, in threads of their own
   at a lower scheduling priority (Linux), so that other requests go first when the CPU is
   short. An attempt waiting for its turn is checked again before it is hashed.
@@ -43,8 +44,8 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from tenantflow.backends import log_failure, unavailable
+from tenantflow.coordination import Coordination
 from tenantflow.errors import AuthenticationError, SignInThrottledError
-from tenantflow.resilience.scripts import NOW_MS, Script
 from tenantflow.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -54,44 +55,6 @@ LOCKOUT_FIRST_SECONDS = 1.0  # the first lock-out; each next one twice the last
 LOCAL_KEYS = 100_000  # counts kept in a process at most (the oldest are dropped first)
 HASHING_NICENESS = 10  # of the hashing threads: the event loop's thread goes first
 REDIS_WARNING_SECONDS = 10.0  # Redis away: one line this often, not one per attempt
-
-LIMITS = (
-    NOW_MS
-    + """
--- KEYS: an attempt's counts (its account's, its address's), each a hash: n (failures), until
--- (ms on the Redis clock before which attempts are refused). ARGV[1]: 'check' or 'fail';
--- ARGV[2]: the longest lock-out (ms), also how long failures are remembered after the last;
--- ARGV[3..]: each key's failures before lock-outs begin.
--- check: 'ok', or the ms to wait (a string: Lua numbers lose their fraction on the way out).
--- fail: per key, its lock-out now (ms, '0': none) and its failures.
-local now = now_ms()
-local longest = tonumber(ARGV[2])
-if ARGV[1] == 'check' then
-  local wait = 0
-  for _, key in ipairs(KEYS) do
-    local left = tonumber(redis.call('HGET', key, 'until') or '0') - now
-    if left > wait then wait = left end
-  end
-  if wait > 0 then return tostring(wait) end
-  return 'ok'
-end
-local out = {}
-for i, key in ipairs(KEYS) do
-  local n = redis.call('HINCRBY', key, 'n', 1)
-  local over = n - tonumber(ARGV[2 + i])
-  local lock = 0
-  if over > 0 then
-    lock = math.min(longest, ARGV[3 + #KEYS] * 2 ^ math.min(over - 1, 40))
-    redis.call('HSET', key, 'until', tostring(now + lock))
-  end
-  redis.call('PEXPIRE', key, longest)
-  out[#out + 1] = tostring(lock)
-  out[#out + 1] = n
-end
-return out
-"""
-)
-_LIMITS = Script(LIMITS)
 
 
 def lockout_seconds(over: int, longest: float) -> float:
@@ -157,28 +120,30 @@ class LocalSignInLimits:
 
 
 class RedisSignInLimits:
-    """Counts in Redis, shared by every API process of the installation. While Redis does not
-    answer, this process's own counts stand in (sign-in goes on, still limited)."""
+    """Counts in Redis (the shared coordination backend's ``signin_limits`` script), shared by
+    every API process of the installation. While Redis does not answer, this process's own
+    counts stand in (sign-in goes on, still limited)."""
 
-    def __init__(self, redis: Any, key_of: Callable[[str], str], longest: float) -> None:
-        self.redis = redis
-        self.key_of = key_of
+    def __init__(self, coordination: Coordination, longest: float) -> None:
+        self.coordination = coordination
         self.longest_ms = int(longest * 1000)
         self.local = LocalSignInLimits(longest)
         self._warned_at = -math.inf
 
+    def _limits(self, keys: Sequence[str], *args: Any) -> Awaitable[Any]:
+        names = [self.coordination.keys.signin(k) for k in keys]
+        return self.coordination.call("signin_limits", names, *args)
+
     async def locked_for(self, keys: Sequence[str]) -> float:
-        names = tuple(map(self.key_of, keys))
-        reply = await self._shared(_LIMITS(self.redis, names, "check", self.longest_ms))
+        reply = await self._shared(self._limits(keys, "check", self.longest_ms))
         if reply is None:
             return await self.local.locked_for(keys)
         return 0.0 if reply == "ok" else float(reply) / 1000.0
 
     async def failed(self, keys: Sequence[tuple[str, int]]) -> list[tuple[float, int]]:
         frees = [free for _, free in keys]
-        names = tuple(self.key_of(k) for k, _ in keys)
         first_ms = int(LOCKOUT_FIRST_SECONDS * 1000)
-        fail = _LIMITS(self.redis, names, "fail", self.longest_ms, *frees, first_ms)
+        fail = self._limits([k for k, _ in keys], "fail", self.longest_ms, *frees, first_ms)
         reply = await self._shared(fail)
         if reply is None:
             return await self.local.failed(keys)
@@ -186,7 +151,7 @@ class RedisSignInLimits:
 
     async def forget(self, key: str) -> None:
         await self.local.forget(key)
-        await self._shared(self.redis.delete(self.key_of(key)))
+        await self._shared(self._limits([key], "forget"))
 
     async def _shared(self, call: Awaitable[Any]) -> Any:
         """The reply of Redis; None when it does not answer (said every few seconds)."""

@@ -6,151 +6,67 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
-from pydantic import ValidationError
 
 from tenantflow.backends import unavailable
 from tenantflow.errors import (
-    BulkheadFullError,
-    ChildWorkflowError,
     CircuitOpenError,
-    EventPayloadError,
     NonDeterminismError,
     StepFailedError,
-    StepTimeoutError,
     StoreUnavailableError,
     WorkflowCancelled,
     WorkflowSuspended,
     WorkflowTimeoutError,
-    summarize,
 )
 from tenantflow.sdk.context import StepContext, WorkflowContext, in_step, in_workflow
-from tenantflow.serde import adapter_for, dumps, issues_of, loads
+from tenantflow.serde import dumps, loads
 from tenantflow.store.base import LeaseLost, RunStore
 from tenantflow.store.records import (
-    TERMINAL,
     Lease,
-    NewRun,
-    OutboxEntry,
     RunRecord,
     RunStatus,
     StepKind,
     StepRecord,
     StepStatus,
-    SuspendOutcome,
     Wait,
     WaitKind,
 )
 
 if TYPE_CHECKING:
-    from tenantflow.resilience.breaker import Breakers
-    from tenantflow.resilience.bulkhead import Bulkheads
     from tenantflow.sdk.app import Step, Workflow
-    from tenantflow.telemetry.metrics import Metrics
-    from tenantflow.telemetry.tracing import Tracing
+
+from tenantflow.engine.outcomes import (
+    ExecutionHost,
+    Outcome,
+    OutcomeKind,
+    SagaCompensated,
+    SagaNeedsAttention,
+    StoreUnavailable,
+    WorkflowReleased,
+    error_info,
+)
+from tenantflow.engine.steps import (
+    NotAdmitted,
+    attempt,
+    breaker_name,
+    step_result,
+)
+from tenantflow.engine.waits import DurableWaits
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-# A sleep this close to its end is finished in place rather than by releasing the worker.
-INLINE_SLEEP = 0.05
 BREAKER_INLINE_WAIT = 2.0  # an open breaker's wait this short is spent holding the run
-BULKHEAD_POLL = 0.05
 # While the database is away: how often a run tries again to renew its lease before a step, or
 # to commit a step's checkpoint.
 LEASE_RETRY_SECONDS = 0.5
 
 
-class StoreUnavailable(BaseException):
-    """A store call failed (its cause says how), or the lease could not be renewed before it
-    ended: give the run back and retry later."""
-
-
-class WorkflowReleased(BaseException):
-    """The worker is shutting down: stop at this step boundary and give the run back."""
-
-
-class SagaCompensated(BaseException):
-    """A saga failed or was cancelled, and every compensation ran: end the run
-    ``compensated``. ``args[0]`` is what made it compensate."""
-
-
-class SagaNeedsAttention(BaseException):
-    """A saga cannot be brought to a clean state (a compensation failed after its retries,
-    or it failed past its pivot): end the run ``needs_attention``. ``args[0]`` says why."""
-
-
-class OutcomeKind(enum.Enum):
-    FINISHED = "finished"
-    SUSPENDED = "suspended"
-    RELEASED = "released"
-    RETRY = "retry"  # the store failed: the run was given back, try the message again later
-    LEASE_LOST = "lease_lost"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Outcome:
-    kind: OutcomeKind
-    status: RunStatus | None = None
-    wake_at: float | None = None
-    wake: tuple[OutboxEntry, ...] = ()
-    unavailable: bool = False  # RETRY: the database did not answer (not the message's fault)
-
-
-class ExecutionHost(Protocol):
-    """What an execution needs from the worker that runs it."""
-
-    lease_seconds: float
-    stopping: bool
-    breakers: Breakers
-    bulkheads: Bulkheads
-    metrics: Metrics
-    tracing: Tracing
-
-    async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None: ...
-
-
-def encode_input(
-    workflow: Workflow[Any, Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
-) -> bytes:
-    """Check the arguments against the workflow's signature and encode them as JSON."""
-    workflow.codec.signature.bind(None, *args, **kwargs)  # TypeError on a wrong call
-    return dumps(
-        {"args": list(args), "kwargs": kwargs}, what=f"the input of workflow {workflow.name!r}"
-    )
-
-
-def _event_payload(name: str, payload: bytes | None, as_type: type[Any] | None) -> Any:
-    """An event's checkpointed payload (None: the wait timed out), validated into ``as_type``.
-    A payload that does not fit raises ``EventPayloadError`` in the workflow, the same on every
-    replay, since the payload is checkpointed as it came."""
-    if payload is None:
-        return None
-    value = loads(payload)
-    if as_type is None:
-        return value
-    try:
-        return adapter_for(as_type).validate_python(value)
-    except ValidationError as exc:
-        issues = issues_of(exc.errors(include_url=False))
-        what = getattr(as_type, "__name__", repr(as_type))
-        raise EventPayloadError(
-            f"the payload of event {name!r} does not fit {what}: {summarize(issues)}",
-            issues=issues,
-        ) from None
-
-
-def error_info(exc: BaseException) -> bytes:
-    return dumps({"type": type(exc).__name__, "message": str(exc)})
-
-
-class Execution:
+class Execution(DurableWaits):
     def __init__(
         self,
         *,
@@ -420,98 +336,22 @@ class Execution:
         await self._flush()
         seq, checkpoint = self._next(step.name, StepKind.STEP)
         if checkpoint is not None:
-            return self._step_result(checkpoint, step)
+            return step_result(checkpoint, step)
         await self._persist_compensable()
-        run = self.run
-        policy = step.options.retry
         started = time.time()
-        attempt = 0
-        breaker = self._breaker_name(step)
-        while True:
-            await self._hold_lease()
-            permit = None
-            if breaker is not None:
-                try:
-                    permit = await self.host.breakers.acquire(breaker)
-                except CircuitOpenError as refused:
-                    # The dependency is known to be down: wait (durably, if long) instead of
-                    # using up this step's retries on calls bound to fail.
-                    await self._wait_for_breaker(refused)
-                    continue
-            attempt += 1
-            with in_step(
-                StepContext(
-                    tenant_id=run.tenant_id,
-                    run_id=run.id,
-                    step_name=step.name,
-                    seq=seq,
-                    attempt=attempt,
-                )
-            ):
-                try:
-                    try:
-                        with self.host.tracing.span(
-                            f"{'compensate' if self.compensating else 'step'} {step.name}",
-                            attributes={
-                                "tenantflow.tenant": run.tenant_id,
-                                "tenantflow.run": run.id,
-                                "tenantflow.workflow": run.workflow,
-                                "tenantflow.step": step.name,
-                                "tenantflow.seq": seq,
-                                "tenantflow.attempt": attempt,
-                                "tenantflow.compensation": self.compensating,
-                            },
-                        ):
-                            value = await self._attempt(step, args, kwargs)
-                    except Exception:
-                        if permit is not None:
-                            await self.host.breakers.record(permit, failed=True)
-                        raise
-                    except BaseException:
-                        if (
-                            permit is not None and permit.probe
-                        ):  # free its slot before its lease ends
-                            await self.host.breakers.record(permit, failed=True)
-                        raise
-                    if permit is not None:
-                        await self.host.breakers.record(permit, failed=False)
-                    output = dumps(value, what=f"the result of step {step.name!r}")
-                    outcome: tuple[StepStatus, bytes | None, bytes | None] = (
-                        StepStatus.COMPLETED,
-                        output,
-                        None,
-                    )
-                    break
-                except Exception as exc:
-                    if policy.should_retry(exc, attempt):
-                        self.host.metrics.step_retries.labels(step.name).inc()
-                        delay = policy.delay(attempt)
-                        log.info(
-                            "step retry",
-                            tenant=run.tenant_id,
-                            run=run.id,
-                            step=step.name,
-                            attempt=attempt,
-                            error=type(exc).__name__,
-                            delay=round(delay, 3),
-                        )
-                        await asyncio.sleep(delay)
-                        continue
-                    outcome = (StepStatus.FAILED, None, error_info(exc))
-                    break
-        status, saved, error = outcome
+        status, saved, error, attempts = await self._attempts(step, args, kwargs, seq)
         self.host.metrics.step_seconds.labels(step.name, status.value).observe(
             time.time() - started
         )
         record = StepRecord(
-            run_id=run.id,
+            run_id=self.run.id,
             seq=seq,
             name=step.name,
             kind=StepKind.STEP,
             status=status,
             output=saved,
             error=error,
-            attempts=attempt,
+            attempts=attempts,
             started_at=started,
             finished_at=time.time(),
         )
@@ -519,13 +359,65 @@ class Execution:
         # between has no side effects, so nothing can act on an uncommitted result.
         self._pending = record
         self.checkpoints[seq] = record
-        return self._step_result(record, step)
+        return step_result(record, step)
 
-    def _breaker_name(self, step: Step[Any, Any]) -> str | None:
-        name = step.options.breaker
-        if name is None:
-            return None
-        return f"{name}@{self.run.tenant_id}" if step.options.breaker_per_tenant else name
+    async def _attempts(
+        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], seq: int
+    ) -> tuple[StepStatus, bytes | None, bytes | None, int]:
+        """Attempts of a step until one succeeds or its retry policy gives up: the status,
+        the result or the error, and the number of attempts."""
+        run = self.run
+        attempts = 0
+        breaker = breaker_name(step, run.tenant_id)
+        while True:
+            await self._hold_lease()
+            context = StepContext(
+                tenant_id=run.tenant_id,
+                run_id=run.id,
+                step_name=step.name,
+                seq=seq,
+                attempt=attempts + 1,
+            )
+            try:
+                with in_step(context):
+                    value = await attempt(
+                        step,
+                        args,
+                        kwargs,
+                        self.host,
+                        context,
+                        workflow=run.workflow,
+                        breaker=breaker,
+                        compensating=self.compensating,
+                    )
+                output = dumps(value, what=f"the result of step {step.name!r}")
+                return StepStatus.COMPLETED, output, None, attempts + 1
+            except NotAdmitted as refused:
+                # The dependency is known to be down: wait (durably, if long) instead of using
+                # up this step's retries on calls bound to fail.
+                await self._wait_for_breaker(refused.error)
+            except Exception as exc:
+                attempts += 1
+                if not await self._retrying(step, exc, attempts):
+                    return StepStatus.FAILED, None, error_info(exc), attempts
+
+    async def _retrying(self, step: Step[Any, Any], exc: Exception, attempts: int) -> bool:
+        """Whether the step's retry policy tries again after ``exc``; if so, after its delay."""
+        if not step.options.retry.should_retry(exc, attempts):
+            return False
+        self.host.metrics.step_retries.labels(step.name).inc()
+        delay = step.options.retry.delay(attempts)
+        log.info(
+            "step retry",
+            tenant=self.run.tenant_id,
+            run=self.run.id,
+            step=step.name,
+            attempt=attempts,
+            error=type(exc).__name__,
+            delay=round(delay, 3),
+        )
+        await asyncio.sleep(delay)
+        return True
 
     async def _wait_for_breaker(self, refused: CircuitOpenError) -> None:
         """Sleep through a short wait here; release the worker for a long one (the run comes
@@ -541,55 +433,6 @@ class Execution:
             retry_in=round(refused.retry_after, 2),
         )
         await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=time.time() + refused.retry_after))
-
-    async def _attempt(
-        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if step.options.bulkhead is None:
-            return await self._attempt_now(step, args, kwargs)
-        bulkheads = self.host.bulkheads
-        while True:  # wait for a slot: the calls holding them end soon
-            try:
-                slot = await bulkheads.take(step.options.bulkhead)
-                break
-            except BulkheadFullError as full:
-                await asyncio.sleep(min(full.retry_after, BULKHEAD_POLL))
-        try:
-            return await self._attempt_now(step, args, kwargs)
-        finally:
-            await bulkheads.give_back(slot)
-
-    async def _attempt_now(
-        self, step: Step[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        call: Awaitable[Any]
-        if step.is_async:
-            call = step.fn(*args, **kwargs)
-        else:
-            # to_thread copies the context, so current_step() works in the thread too.
-            call = asyncio.to_thread(step.fn, *args, **kwargs)
-        timeout = step.options.timeout
-        if timeout is None:
-            return await call
-        scope = asyncio.timeout(timeout)
-        try:
-            async with scope:
-                return await call
-        except TimeoutError:
-            if scope.expired():
-                raise StepTimeoutError(
-                    f"step {step.name!r} did not finish within {timeout} s"
-                ) from None
-            raise
-
-    @staticmethod
-    def _step_result(record: StepRecord, step: Step[Any, Any]) -> Any:
-        if record.status is StepStatus.COMPLETED:
-            return step.codec.decode_return(loads(record.output))
-        info = record.error_info or {}
-        raise StepFailedError(
-            step.name, str(info.get("type")), str(info.get("message")), record.attempts
-        )
 
     # -- sagas -------------------------------------------------------------------------------
 
@@ -654,119 +497,3 @@ class Execution:
         finally:
             self.compensating = False
         raise SagaCompensated(cause)
-
-    # -- durable waits -----------------------------------------------------------------------
-
-    async def _suspend(self, wait: Wait) -> None:
-        """Release the worker until ``wait`` is met; returns if it already is."""
-        outcome = await self._io(
-            self.store.suspend_run(self.run.id, wait, lease=self.lease, now=time.time())
-        )
-        if outcome is SuspendOutcome.SUSPENDED:
-            raise WorkflowSuspended(wait.wake_at)
-        if outcome is SuspendOutcome.CANCEL:
-            self.cancel_requested = True
-            raise WorkflowCancelled()
-
-    async def sleep(self, seconds: float) -> None:
-        await self._flush()
-        await self._persist_compensable()
-        seq, checkpoint = self._next("sleep", StepKind.SLEEP)
-        if checkpoint is None:
-            now = time.time()
-            wake_at = now + max(0.0, float(seconds))
-            await self._record(
-                StepRecord(
-                    run_id=self.run.id,
-                    seq=seq,
-                    name="sleep",
-                    kind=StepKind.SLEEP,
-                    status=StepStatus.COMPLETED,
-                    output=dumps(wake_at),
-                    error=None,
-                    attempts=1,
-                    started_at=now,
-                    finished_at=now,
-                )
-            )
-        else:
-            wake_at = float(loads(checkpoint.output))
-        remaining = wake_at - time.time()
-        if remaining <= 0:
-            return
-        if remaining <= INLINE_SLEEP:
-            await asyncio.sleep(remaining)
-            return
-        await self._suspend(Wait(kind=WaitKind.SLEEP, wake_at=wake_at))
-
-    async def wait_for_event(
-        self, name: str, timeout: float | None, as_type: type[Any] | None = None
-    ) -> Any:
-        await self._flush()
-        await self._persist_compensable()
-        seq, checkpoint = self._next(name, StepKind.EVENT)
-        if checkpoint is not None and checkpoint.status is StepStatus.COMPLETED:
-            return _event_payload(name, checkpoint.output, as_type)
-        deadline = time.time() + timeout if timeout is not None else None
-        while True:
-            got = await self._io(
-                self.store.wait_event(
-                    self.run.id, seq, name, deadline, lease=self.lease, now=time.time()
-                )
-            )
-            if got.received:
-                return _event_payload(name, got.payload, as_type)
-            if got.timed_out:
-                return None
-            await self._suspend(Wait(kind=WaitKind.EVENT, wake_at=got.deadline, event_name=name))
-
-    async def run_child(
-        self, workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        await self._flush()
-        await self._persist_compensable()
-        seq, checkpoint = self._next(workflow.name, StepKind.CHILD)
-        child_id = f"{self.run.id}.{seq}"
-        if checkpoint is not None and checkpoint.status is not StepStatus.PENDING:
-            return self._child_result(
-                workflow, child_id, checkpoint.status, checkpoint.output, checkpoint.error
-            )
-        child = NewRun(
-            id=child_id,
-            workflow=workflow.name,
-            input=encode_input(workflow, args, kwargs),
-            parent_id=self.run.id,
-            priority=self.run.priority,
-            timeout=workflow.workflow_options.timeout,
-            max_recoveries=workflow.workflow_options.max_recovery_attempts,
-            trace=self.host.tracing.traceparent(),  # the child's deliveries join this trace
-        )
-        while True:
-            state = await self._io(
-                self.store.start_child(self.run.id, seq, child, lease=self.lease, now=time.time())
-            )
-            if state.status in TERMINAL:
-                done = (
-                    StepStatus.COMPLETED
-                    if state.status is RunStatus.COMPLETED
-                    else StepStatus.FAILED
-                )
-                return self._child_result(workflow, child_id, done, state.result, state.error)
-            await self.host.publish(self.run.tenant_id, state.wake)
-            await self._suspend(Wait(kind=WaitKind.CHILD, wake_at=None, child_id=child_id))
-
-    @staticmethod
-    def _child_result(
-        workflow: Workflow[Any, Any],
-        child_id: str,
-        status: StepStatus,
-        output: bytes | None,
-        error: bytes | None,
-    ) -> Any:
-        if status is StepStatus.COMPLETED:
-            return workflow.codec.decode_return(loads(output))
-        info: dict[str, Any] | None = loads(error)
-        child_status = (
-            "cancelled" if info and info.get("type") == "RunCancelledError" else ("failed")
-        )
-        raise ChildWorkflowError(child_id, child_status, info)

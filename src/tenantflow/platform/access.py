@@ -9,12 +9,13 @@ platform database's rows, which each process caches briefly; the role used is th
 now, not the one in the token.
 
 A change (``Change``) drops the cached rows it touches in this process at once, and in every
-other process through Redis pub/sub (``<prefix>:access-changes``). A subscriber proves its
-subscription live by a PING on it every ``PING_SECONDS``: a PONG comes after every message
-published before its PING. While the proof is younger than ``STALE_SECONDS`` cached rows are
-used for up to ``access_cache_seconds``; otherwise (no Redis, the embedded default; Redis
-away) rows older than ``STALE_SECONDS`` are read again. Either way a change takes effect
-everywhere within about ``STALE_SECONDS`` plus a read.
+other process through the coordination backend's pub/sub (``ACCESS_CHANGES``; on Redis
+``<prefix>:access-changes``). A Redis subscription proves itself live by a PING on it every
+``coordination.base.PING_SECONDS``: a PONG comes after every message published before its PING.
+While the proof is younger than ``STALE_SECONDS`` cached rows are used for up to
+``access_cache_seconds``; otherwise (no Redis, the embedded default; Redis away) rows older than
+``STALE_SECONDS`` are read again. Either way a change takes effect everywhere within about
+``STALE_SECONDS`` plus a read.
 
 With the platform database away the last rows read keep serving (the tenant plane outlives a
 platform outage), and a read again that does not answer within ``REREAD_WAIT_SECONDS`` holds up
@@ -48,11 +49,10 @@ from tenantflow.platform.identity import Role
 from tenantflow.platform.schema import api_keys, memberships, signing_keys, tenants, users
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from tenantflow.coordination import Coordination, Subscription
 
 log = structlog.get_logger(__name__)
 
-PING_SECONDS = 0.2
 STALE_SECONDS = 0.5
 RECONNECT_SECONDS = 0.5
 REREAD_WAIT_SECONDS = 0.1
@@ -248,26 +248,22 @@ class AccessGuard:
         *,
         cache_seconds: float,
         tenant_uid: Callable[[str], Awaitable[str]],
-        redis_url: str | None = None,
-        channel: str | None = None,
-        connect_timeout: float = 2.0,
+        coordination: Coordination | None = None,
         keys_changed: Callable[[], None] = lambda: None,
     ) -> None:
         """``tenant_uid``: a tenant's identity as last known (from the tenant router's
-        cache), for a token admitted by its claims while the platform is away."""
+        cache), for a token admitted by its claims while the platform is away.
+        ``coordination``: where other processes' changes arrive (``ACCESS_CHANGES``)."""
         self.engine = engine
         self.tenant_uid = tenant_uid
         self.cache_seconds = cache_seconds
-        self.redis_url = redis_url
-        self.channel = channel
-        self.connect_timeout = connect_timeout
+        self.coordination = coordination
         self.keys_changed = keys_changed  # the signing keys rotated: fetch them again
-        self._redis: Redis | None = None
         self._entries: dict[Key, _Entry] = {}
         self._loading: dict[Key, asyncio.Future[Any]] = {}
         self._epoch = 0  # moved on by every change: a read begun before one is not kept
         self._lock = threading.Lock()  # changes arrive from platform calls' threads too
-        self._proven = -math.inf  # monotonic send time of the newest PING answered
+        self._subscription: Subscription | None = None  # while subscribed
         self._listener: asyncio.Task[None] | None = None
         self._warned = -math.inf
 
@@ -297,8 +293,8 @@ class AccessGuard:
             self.keys_changed()  # a rotation may be among what was missed
 
     def start(self) -> None:
-        """Listen for other processes' changes (with Redis; idempotent)."""
-        if self.redis_url is None or self.channel is None:
+        """Listen for other processes' changes (idempotent)."""
+        if self.coordination is None:
             return
         if self._listener is None or self._listener.done():
             # A fresh context: the listener serves the process, not the request that started it.
@@ -312,68 +308,34 @@ class AccessGuard:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._listener, CLOSE_SECONDS)
             self._listener = None
-        if self._redis is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._redis.aclose(), CLOSE_SECONDS)
-            self._redis = None
 
     @property
     def proven(self) -> bool:
         """Whether every change published more than ``STALE_SECONDS`` ago has arrived."""
-        return time.monotonic() - self._proven <= STALE_SECONDS
+        proven = -math.inf if self._subscription is None else self._subscription.proven
+        return time.monotonic() - proven <= STALE_SECONDS
 
     async def _listen(self) -> None:
-        assert self.redis_url is not None and self.channel is not None
-        import redis.asyncio
+        from tenantflow.coordination import ACCESS_CHANGES
 
-        # A client of its own, answers as bytes: redis-py mis-parses a PONG on a subscribed
-        # connection that decodes responses.
-        self._redis = redis.asyncio.Redis.from_url(
-            self.redis_url, socket_connect_timeout=self.connect_timeout
-        )
+        assert self.coordination is not None
         while True:
-            pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
-                await self._serve(pubsub)
+                async with self.coordination.subscribe(ACCESS_CHANGES) as subscription:
+                    # A (re)subscription: what was published while unsubscribed never arrives.
+                    self._forget_all()
+                    self._subscription = subscription
+                    async for message in subscription:
+                        change = Change.decode(message)
+                        if change is not None:
+                            self.changed(change)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._proven = -math.inf
                 self._warn("access changes unreachable; re-reading grants", exc)
                 await asyncio.sleep(RECONNECT_SECONDS)
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), CLOSE_SECONDS)  # type: ignore[no-untyped-call]
-
-    async def _serve(self, pubsub: Any) -> None:
-        sent: dict[int, float] = {}
-        seq = 0
-        next_ping = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_ping:
-                seq += 1
-                sent[seq] = now
-                sent.pop(seq - 50, None)  # an unanswered PING is not waited for for ever
-                await pubsub.ping(str(seq))
-                next_ping = now + PING_SECONDS
-            message = await pubsub.get_message(timeout=max(0.0, next_ping - time.monotonic()))
-            if message is None:
-                continue
-            kind = message.get("type")
-            if kind == "pong":
-                data = message.get("data")
-                text = data.decode() if isinstance(data, bytes) else str(data)
-                if text.isdigit() and int(text) in sent:
-                    self._proven = max(self._proven, sent.pop(int(text)))
-            elif kind == "message":
-                change = Change.decode(message.get("data", b""))
-                if change is not None:
-                    self.changed(change)
-            elif kind == "subscribe":
-                # A (re)subscription: what was published while unsubscribed never arrives.
-                self._forget_all()
+                self._subscription = None
 
     # -- the check ---------------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from tenantflow.coordination import Coordination
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -189,6 +191,11 @@ class Queue(Protocol):
         """The identity of the queue's data set, made if there is none. A consumer that sees
         it change (or ``new``) knows messages may have been lost. The embedded queue's never
         changes: it is kept on the same disk as the tenant databases."""
+        ...
+
+    def coordination(self) -> Coordination:
+        """The coordination backend beside this queue: the same Redis, on the same client,
+        for the Redis queue; this process's own for the embedded one (made anew each call)."""
         ...
 
     async def ping(self) -> None:

@@ -1,4 +1,5 @@
-"""Every Redis key and channel tenantflow uses, in one place.
+"""Every Redis key and channel tenantflow uses, in one place: the queue's here, the rest in
+``coordination.keys`` (which ``Keys`` extends).
 
 Each tenant's keys share the hash tag ``{t:<tenant>}``, so they live in one slot. The ready
 and due sets span tenants and every script of a tenant's queue changes them together with the
@@ -11,6 +12,8 @@ with a tenant's keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tenantflow.coordination.keys import CoordinationKeys
 
 GROUP = "workers"  # the consumer group on every tenant stream
 
@@ -28,8 +31,9 @@ class TenantKeys:
 
 
 @dataclass(frozen=True)
-class Keys:
-    prefix: str = "tf"
+class Keys(CoordinationKeys):
+    """The queue's keys, and (inherited) those of the coordination backend under the same
+    prefix: rate limits, sign-in counts, breakers, bulkheads, locks, channels."""
 
     def tenant(self, tenant_id: str) -> TenantKeys:
         tag = f"{self.prefix}:{{t:{tenant_id}}}"
@@ -80,39 +84,12 @@ class Keys:
     def taken(self, consumer: str, call: str) -> str:
         """String: the deliveries one dispatch call made to ``consumer`` (JSON, as the call
         returned them), kept for a visibility timeout or until the consumer has its reply, so
-        that a reply lost on the way can be delivered again; see ``lua.DISPATCH``."""
+        that a reply lost on the way can be delivered again; see ``queue/lua/dispatch.lua``."""
         return f"{self.prefix}:taken:{consumer}:{call}"
-
-    def rate(self, tenant_id: str) -> str:
-        """The tenant's request-rate state (``api.ratelimit``), under its hash tag."""
-        return f"{self.prefix}:{{t:{tenant_id}}}:rate"
-
-    def signin(self, name: str) -> str:
-        """Failed sign-ins of an account or a client address (``api.signin``); all under one
-        hash tag, since one script counts an attempt's two at once."""
-        return f"{self.prefix}:{{signin}}:{name}"
-
-    def breaker(self, name: str) -> tuple[str, str, str]:
-        """A circuit breaker's state hash, its sliding window and its half-open probes' leases
-        (a sorted set scored by lease end), under one hash tag."""
-        tag = f"{self.prefix}:{{b:{name}}}"
-        return f"{tag}:state", f"{tag}:window", f"{tag}:probes"
-
-    def bulkhead(self, name: str) -> str:
-        """A bulkhead's holders (a sorted set scored by lease end)."""
-        return f"{self.prefix}:{{k:{name}}}:bulkhead"
-
-    def lock(self, name: str) -> str:
-        return f"{self.prefix}:lock:{name}"
-
-    @property
-    def access_changes(self) -> str:
-        """Pub/sub channel: changes that take access away (``platform.access``)."""
-        return f"{self.prefix}:access-changes"
 
     @property
     def epoch(self) -> str:
         """String: the identity of the queue's data set, ``<random>|<run_id>`` (the run id of
         the Redis server process that made it). Missing, or made by another server process,
-        it says the data set may have lost messages; see ``lua.EPOCH``."""
+        it says the data set may have lost messages; see ``queue/lua/epoch.lua``."""
         return f"{self.prefix}:epoch"

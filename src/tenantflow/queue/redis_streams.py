@@ -1,18 +1,16 @@
 """The production queue: Redis Streams, one stream per tenant, a consumer group per stream.
 
-See ``keys`` for the layout and ``lua`` for the scripts. A tenant is in the ready set while it
-has messages to deliver; one script call serves the tenants at its front, each up to its share
-of the free slots (weighted round robin on a pass per tenant), so one tenant's flood cannot
-starve another, and a dequeue costs the same however many tenants exist or were active. The
-per-tenant cap on messages in flight counts the group's pending entries, so it holds across
-all workers.
+See ``keys`` for the layout and ``lua`` (``queue/lua/*.lua``) for the scripts. A tenant is in
+the ready set while it has messages to deliver; one script call serves the tenants at its front,
+each up to its share of the free slots (weighted round robin on a pass per tenant), so one
+tenant's flood cannot starve another, and a dequeue costs the same however many tenants exist or
+were active. The per-tenant cap on messages in flight counts the group's pending entries, so it
+holds across all workers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import math
 import secrets
 import time
@@ -22,14 +20,17 @@ from typing import Any
 import structlog
 
 from tenantflow._extras import require
+from tenantflow.coordination.redis import Commands, RedisCoordination, send
+from tenantflow.coordination.scripts import SCRIPTS as LOCKS
 from tenantflow.errors import NotFoundError
-from tenantflow.queue import lua
-from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
+from tenantflow.queue.base import Envelope, Epoch, Message
+from tenantflow.queue.dispatch_calls import Call, DispatchCalls, messages_of
 from tenantflow.queue.keys import GROUP, Keys
+from tenantflow.queue.lua import SCRIPTS
+from tenantflow.queue.redis_inspect import Inspection
 
 try:
     from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import NoScriptError, ResponseError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError:
     require("redis", "the Redis Streams queue")  # the one line a user can act on
@@ -45,10 +46,9 @@ WAKE_TRIM_SECONDS = 1.0
 TELL_REREAD_SECONDS = 10.0  # caps and weights: how often the shared hashes are read back
 BLOCK_MAX_SECONDS = 30.0  # the longest one blocking wait for a wake-up token
 WAKE_TOKENS_MAX = 256  # tokens left while every worker is busy cost one spare dequeue each
-STATS_BATCH = 256  # tenants per pipelined round trip of stats_many
 
 
-class RedisStreamsQueue:
+class RedisStreamsQueue(Inspection):
     def __init__(
         self,
         url: str,
@@ -65,26 +65,10 @@ class RedisStreamsQueue:
         self.redis: Any = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self._url = url
         self.keys = Keys(prefix)
         self.max_deliveries = max_deliveries
         self.tenant_max_inflight = tenant_max_inflight
-        self._sources = {
-            name: getattr(lua, name)
-            for name in (
-                "ENQUEUE",
-                "DISPATCH",
-                "ACK",
-                "RETRY_LATER",
-                "EXTEND",
-                "DEAD_LETTER",
-                "REPLAY",
-                "ADOPT",
-                "EPOCH",
-            )
-        }
-        self._sha = {
-            name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()
-        }
         # What this process last wrote to the caps and weights hashes (None: not read yet).
         self._told: dict[str, dict[str, int] | None] = dict.fromkeys(
             (self.keys.caps, self.keys.weights)
@@ -97,10 +81,8 @@ class RedisStreamsQueue:
         self._trimmed = -math.inf
         # Dispatch calls, per consumer: those whose replies with deliveries arrived (their
         # kept copies are dropped by the next call), and those whose replies did not, with
-        # until when to ask for them (see ``lua.DISPATCH``).
-        self._calls = (f"{secrets.token_hex(4)}.{n}" for n in itertools.count())
-        self._answered: dict[str, list[str]] = {}
-        self._unanswered: dict[str, dict[str, float]] = {}
+        # until when to ask for them (see ``queue/lua/dispatch.lua``).
+        self._calls = DispatchCalls()
         # Blocking waits get a client (and connections) of their own; each wait has its own
         # deadline (its block time plus the command timeout), set around the call.
         self._timeout = timeout
@@ -124,7 +106,7 @@ class RedisStreamsQueue:
 
         # One round trip: the script, the wake-up.
         def build(pipe: Commands) -> None:
-            self._eval(pipe, "ENQUEUE", keys, [tenant_id, run_id, priority, trace or "", delay_ms])
+            self._eval(pipe, "enqueue", keys, [tenant_id, run_id, priority, trace or "", delay_ms])
             if delay_ms == 0:
                 self._wake(pipe, tenant_id)
 
@@ -151,7 +133,7 @@ class RedisStreamsQueue:
                     args.extend((e.run_id, e.priority, e.trace or "", delay_ms))
                     if delay_ms == 0:
                         tokens.append(tenant)
-                self._eval(pipe, "ENQUEUE", self.keys.queue(tenant), args)
+                self._eval(pipe, "enqueue", self.keys.queue(tenant), args)
             if tokens:
                 pipe.lpush(self.keys.wake, *tokens[:WAKE_TOKENS_MAX])
             if trim:  # tokens nobody took (every worker busy) are capped
@@ -168,23 +150,14 @@ class RedisStreamsQueue:
     # -- scripts -----------------------------------------------------------------------------
 
     def _eval(self, pipe: Commands, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        pipe.evalsha(self._sha[name], keys, args)
+        pipe.script(SCRIPTS[name], keys, args)
 
     async def _execute(self, build: Callable[[Commands], None], *, client: Any = None) -> list[Any]:
-        """Send the commands ``build`` adds in one round trip, and return their replies.
-        Scripts are called by SHA; if the server lost them (a restart), they are loaded and
-        the commands sent again."""
+        """Send the commands ``build`` adds in one round trip, and return their replies
+        (scripts by SHA, loaded again if the server lost them: ``coordination.redis.send``)."""
         commands = Commands()
         build(commands)
-        for attempt in (1, 2):
-            try:
-                return await _round_trip(client or self.redis, commands.sent)
-            except NoScriptError:
-                if attempt == 2:
-                    raise
-            for source in self._sources.values():
-                await self.redis.script_load(source)
-        raise AssertionError("unreachable")
+        return await send(client or self.redis, commands)
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -262,26 +235,10 @@ class RedisStreamsQueue:
     ) -> list[Message]:
         if max_messages <= 0:
             return []
-        if not self._adopted:
-            await self._execute(
-                lambda pipe: self._eval(pipe, "ADOPT", [self.keys.active, self.keys.due], [])
-            )
-            self._adopted = True
-        told = Commands()
-        await self._tell(told, self.keys.caps, caps)
-        await self._tell(told, self.keys.weights, weights)
+        told = await self._prepare(caps, weights)
         min_idle = max(1, int(visibility_timeout * 1000))
         block = 0.0 if wait is None else min(max(wait, 0.001), BLOCK_MAX_SECONDS)
-        call = next(self._calls)
-        answered = self._answered.pop(consumer, [])
-        unanswered = self._unanswered.setdefault(consumer, {})
-        now = time.monotonic()
-        # Asked for until their copies lapse, even after a reply: a call held up on the way
-        # (a link that stalled) may run after the one that asked.
-        asked = [c for c, until in unanswered.items() if until > now]
-        for c in [c for c in unanswered if c not in asked]:
-            del unanswered[c]
-        unanswered[call] = now + visibility_timeout  # until its reply arrives
+        call = self._calls.begin(consumer, visibility_timeout)
 
         def build(pipe: Commands) -> None:
             if wait is not None:
@@ -289,7 +246,7 @@ class RedisStreamsQueue:
             pipe.sent.extend(told.sent)
             self._eval(
                 pipe,
-                "DISPATCH",
+                "dispatch",
                 [self.keys.ready, self.keys.due, self.keys.caps, self.keys.weights],
                 [
                     self.keys.prefix,
@@ -301,60 +258,67 @@ class RedisStreamsQueue:
                     self.tenant_max_inflight,
                     DEAD_LETTERS_MAX,
                     DISPATCH_LOOK,
-                    call,
-                    len(answered),
-                    *answered,
-                    len(asked),
-                    *asked,
+                    call.id,
+                    len(call.answered),
+                    *call.answered,
+                    len(call.asked),
+                    *call.asked,
                     *skip,
                 ],
             )
 
         try:
-            if wait is None:
-                replies = await self._execute(build)
-            else:
-                try:
-                    # On the deadline the call is cancelled and redis-py drops its connection.
-                    async with asyncio.timeout(block + self._timeout):
-                        replies = await self._execute(build, client=self._blocking)
-                except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
-                    # Redis away: behave as a poll. (A script's error goes to the caller,
-                    # whose retries back off.)
-                    log.warning("queue wake-up wait failed", error=type(exc).__name__)
-                    self._unreplied(consumer, answered)
-                    await asyncio.sleep(wait)
-                    return []
+            replies = await self._send_dispatch(build, wait, block)
         except BaseException:
-            self._unreplied(consumer, answered)
+            self._unreplied(consumer, call)
             raise
-        del unanswered[call]
+        if replies is None:  # Redis away while waiting: behaved as a poll
+            self._unreplied(consumer, call)
+            return []
         now_ms, next_ms, *flat = replies[-1]
-        if flat:
-            self._answered.setdefault(consumer, []).append(call)
+        self._calls.replied(consumer, call, delivered=bool(flat))
         self._next_look = (
             None if int(next_ms) < 0 else time.monotonic() + (int(next_ms) - int(now_ms)) / 1000
         )
-        out: list[Message] = []
-        for i in range(0, len(flat), 7):
-            tenant, entry_id, run_id, priority, deliveries, count, trace = flat[i : i + 7]
-            out.append(
-                Message(
-                    id=entry_id,
-                    tenant_id=tenant,
-                    run_id=run_id,
-                    priority=int(priority),
-                    deliveries=int(deliveries),
-                    receipt=f"{consumer}|{count}",
-                    trace=trace or None,
-                )
-            )
-        return out
+        return messages_of(consumer, flat)
 
-    def _unreplied(self, consumer: str, answered: list[str]) -> None:
+    async def _prepare(
+        self, caps: Mapping[str, int] | None, weights: Mapping[str, int] | None
+    ) -> Commands:
+        """The commands a dispatch call sends first: the caps and weights that changed (the
+        stream's adoption into the ready set, once per process, goes at once)."""
+        if not self._adopted:
+            await self._execute(
+                lambda pipe: self._eval(pipe, "adopt", [self.keys.active, self.keys.due], [])
+            )
+            self._adopted = True
+        told = Commands()
+        await self._tell(told, self.keys.caps, caps)
+        await self._tell(told, self.keys.weights, weights)
+        return told
+
+    async def _send_dispatch(
+        self, build: Callable[[Commands], None], wait: float | None, block: float
+    ) -> list[Any] | None:
+        """The dispatch call's round trip; with ``wait``, on the blocking client, and None if
+        Redis did not answer in time (after sleeping ``wait``, as a poll would)."""
+        if wait is None:
+            return await self._execute(build)
+        try:
+            # On the deadline the call is cancelled and redis-py drops its connection.
+            async with asyncio.timeout(block + self._timeout):
+                return await self._execute(build, client=self._blocking)
+        except (RedisConnectionError, RedisTimeoutError, TimeoutError) as exc:
+            # Redis away: behave as a poll. (A script's error goes to the caller, whose retries
+            # back off.)
+            log.warning("queue wake-up wait failed", error=type(exc).__name__)
+            await asyncio.sleep(wait)
+            return None
+
+    def _unreplied(self, consumer: str, call: Call) -> None:
         """A dispatch call without its reply: whether it ran, and what it wrote, is unknown."""
         self._told = dict.fromkeys(self._told)
-        self._answered.setdefault(consumer, []).extend(answered)  # dropped by the next call
+        self._calls.unreplied(consumer, call)
 
     @staticmethod
     def _receipt(message: Message) -> tuple[str, str]:
@@ -362,10 +326,10 @@ class RedisStreamsQueue:
         return consumer, count
 
     async def extend(self, messages: Sequence[Message], visibility_timeout: float) -> None:
-        await self._per_tenant("EXTEND", messages)
+        await self._per_tenant("extend", messages)
 
     async def ack(self, messages: Sequence[Message]) -> None:
-        await self._per_tenant("ACK", messages)
+        await self._per_tenant("ack", messages)
 
     async def _per_tenant(self, script: str, messages: Sequence[Message]) -> None:
         """One script call per tenant for a batch of deliveries, all in one round trip."""
@@ -390,7 +354,7 @@ class RedisStreamsQueue:
         def build(pipe: Commands) -> None:
             self._eval(
                 pipe,
-                "RETRY_LATER",
+                "retry_later",
                 self.keys.queue(message.tenant_id),
                 [
                     message.tenant_id,
@@ -418,30 +382,15 @@ class RedisStreamsQueue:
         await self._execute(
             lambda pipe: self._eval(
                 pipe,
-                "DEAD_LETTER",
+                "dead_letter",
                 self.keys.queue(message.tenant_id),
                 [GROUP, consumer, message.id, count, reason, DEAD_LETTERS_MAX],
             )
         )
 
-    async def dead_letters(self, tenant_id: str, limit: int = 100) -> list[DeadLetter]:
-        entries = await self.redis.xrange(self.keys.tenant(tenant_id).dead, count=limit)
-        return [
-            DeadLetter(
-                id=entry_id,
-                tenant_id=tenant_id,
-                run_id=fields["run"],
-                deliveries=int(fields["deliveries"]),
-                failed_at=int(fields["at"]) / 1000,
-                reason=fields.get("reason") or None,  # absent from letters of earlier versions
-                parked=fields.get("parked") == "1",
-            )
-            for entry_id, fields in entries
-        ]
-
     async def replay_dead_letter(self, tenant_id: str, dead_letter_id: str) -> None:
         def build(pipe: Commands) -> None:
-            self._eval(pipe, "REPLAY", self.keys.queue(tenant_id), [tenant_id, dead_letter_id])
+            self._eval(pipe, "replay", self.keys.queue(tenant_id), [tenant_id, dead_letter_id])
             self._wake(pipe, tenant_id)
 
         try:
@@ -454,37 +403,6 @@ class RedisStreamsQueue:
         if not done:
             raise NotFoundError(f"no dead letter {dead_letter_id} in this tenant")
 
-    async def depth(self, tenant_id: str) -> int:
-        keys = self.keys.tenant(tenant_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.stream)
-            pipe.zcard(keys.delayed)
-            stream, delayed = await pipe.execute()
-        return int(stream) + int(delayed)
-
-    async def stats(self, tenant_id: str) -> QueueStats:
-        return (await self.stats_many([tenant_id]))[tenant_id]
-
-    async def stats_many(self, tenant_ids: Sequence[str]) -> dict[str, QueueStats]:
-        out: dict[str, QueueStats] = {}
-        for start in range(0, len(tenant_ids), STATS_BATCH):
-            batch = tenant_ids[start : start + STATS_BATCH]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for tenant_id in batch:
-                    keys = self.keys.tenant(tenant_id)
-                    pipe.xlen(keys.stream)
-                    pipe.zcard(keys.delayed)
-                    pipe.xlen(keys.dead)
-                    pipe.xrange(keys.stream, count=1)  # acknowledged entries are deleted
-                replies = await pipe.execute()
-            for i, tenant_id in enumerate(batch):
-                stream, delayed, dead, first = replies[4 * i : 4 * i + 4]
-                oldest = int(first[0][0].split("-")[0]) / 1000 if first else None
-                out[tenant_id] = QueueStats(
-                    depth=int(stream) + int(delayed), dead_letters=int(dead), oldest_at=oldest
-                )
-        return out
-
     async def purge(self, tenant_id: str) -> None:
         keys = self.keys.tenant(tenant_id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -493,23 +411,16 @@ class RedisStreamsQueue:
                 pipe.zrem(key, tenant_id)
             await pipe.execute()
 
-    async def live(self, tenant_id: str, run_ids: Sequence[str]) -> set[str]:
-        if not run_ids:
-            return set()
-        counts = await self.redis.hmget(self.keys.tenant(tenant_id).live, list(run_ids))
-        return {run for run, n in zip(run_ids, counts, strict=True) if n and int(n) > 0}
-
     # -- coordination ------------------------------------------------------------------------
 
     async def try_lock(self, name: str, owner: str, ttl: float) -> bool:
         """Take (or keep, if ``owner`` holds it) a lock that expires after ``ttl`` seconds."""
-        key = self.keys.lock(name)
-        if await self.redis.set(key, owner, nx=True, px=int(ttl * 1000)):
-            return True
-        if await self.redis.get(key) == owner:
-            await self.redis.pexpire(key, int(ttl * 1000))
-            return True
-        return False
+        (reply,) = await self._execute(
+            lambda pipe: pipe.script(
+                LOCKS["lock_acquire"], [self.keys.lock(name)], [owner, int(ttl * 1000)]
+            )
+        )
+        return int(reply) == 1
 
     async def wait(self, timeout: float) -> None:
         """Block until a wake-up token arrives (or ``timeout``). Each enqueue pushes one token
@@ -525,7 +436,7 @@ class RedisStreamsQueue:
 
     async def epoch(self) -> Epoch:
         (reply,) = await self._execute(
-            lambda pipe: self._eval(pipe, "EPOCH", [self.keys.epoch], [secrets.token_hex(8)])
+            lambda pipe: self._eval(pipe, "epoch", [self.keys.epoch], [secrets.token_hex(8)])
         )
         epoch = Epoch(reply[0], new=bool(int(reply[1])))
         if epoch.id != self._epoch:
@@ -534,6 +445,11 @@ class RedisStreamsQueue:
             self._next_look = None
             self._epoch = epoch.id
         return epoch
+
+    def coordination(self) -> RedisCoordination:
+        return RedisCoordination(
+            self._url, prefix=self.keys.prefix, timeout=self._timeout, client=self.redis
+        )
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -548,65 +464,3 @@ def _by_tenant(messages: Sequence[Message]) -> dict[str, list[Message]]:
     for m in messages:
         out.setdefault(m.tenant_id, []).append(m)
     return out
-
-
-class Commands:
-    """Commands to send in one round trip (what ``RedisStreamsQueue._execute`` builds)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Any, ...]] = []
-
-    def evalsha(self, sha: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        self.sent.append(("EVALSHA", sha, len(keys), *keys, *args))
-
-    def hset(self, key: str, mapping: Mapping[str, int]) -> None:
-        self.sent.append(("HSET", key, *(item for pair in mapping.items() for item in pair)))
-
-    def hdel(self, key: str, fields: Sequence[str]) -> None:
-        self.sent.append(("HDEL", key, *fields))
-
-    def lpush(self, key: str, *values: str) -> None:
-        self.sent.append(("LPUSH", key, *values))
-
-    def ltrim(self, key: str, start: int, end: int) -> None:
-        self.sent.append(("LTRIM", key, start, end))
-
-    def blpop(self, key: str, timeout: float) -> None:
-        self.sent.append(("BLPOP", key, timeout))
-
-
-async def _round_trip(client: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """The commands in one write, their replies in order (raw: no redis-py reply callbacks).
-
-    On a pooled connection of ``client`` directly, not through redis-py's pipeline, whose
-    bookkeeping costs a fifth to a quarter of the CPU of a round trip (measured: 105-113
-    against 136-156 us; a worker draining a backlog, 439-480 against 510-529 us per run).
-    Every reply is read before an error reply is raised, so the connection stays in step; a
-    connection that fails or whose wait is cancelled is closed (redis-py closes it too), never
-    given back with replies left unread on it. No retry, as with the pipeline (the client has
-    no retry configured): the commands may have run, and not every script may run twice (a
-    dequeue would strand the messages it took); the callers decide."""
-    packed = None
-    pool = client.connection_pool
-    conn = await pool.get_connection()
-    try:
-        packed = conn.pack_commands(commands)
-        await conn.send_packed_command(packed, check_health=False)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:  # read whole: the rest still follows
-                replies.append(exc)
-    except BaseException:
-        if packed is not None:  # sent, or on its way: the connection's state is unknown
-            await conn.disconnect()
-        raise
-    finally:
-        # Shielded, as redis-py's pipeline does: a cancellation while the pool's lock is
-        # taken must not leave the connection counted in use for good.
-        await asyncio.shield(pool.release(conn))
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies

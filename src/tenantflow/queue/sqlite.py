@@ -15,6 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from tenantflow import _sqlite
+from tenantflow.coordination import LocalCoordination
 from tenantflow.errors import NotFoundError
 from tenantflow.queue.base import DeadLetter, Envelope, Epoch, Message, QueueStats
 from tenantflow.queue.fairness import Turn, shares, weight_of
@@ -413,6 +414,9 @@ class SqliteQueue:
 
     async def epoch(self) -> Epoch:
         return EPOCH
+
+    def coordination(self) -> LocalCoordination:
+        return LocalCoordination()
 
     async def ping(self) -> None:
         return None

@@ -11,11 +11,12 @@ loses the slot to the next caller, so a lost probe delays recovery by at most it
 never wedges the breaker half-open. An answer that comes after its lease is not counted,
 whatever it says: the slot went to another probe, whose answer counts instead.
 
-With the Redis queue the state lives in Redis and changes only through the scripts below, on
-the Redis clock, so every process sees one breaker and the half-open probes are counted across
-all of them. When Redis cannot be reached, each process falls back to a breaker of its own
-(same rules, local clock), and says so in its log; it rejoins the shared one when Redis
-answers again. On the embedded default the local breaker is the only one.
+With the Redis queue the state lives in Redis and changes only through the coordination
+backend's scripts (``coordination/lua/breaker_*.lua``), on the Redis clock, so every process
+sees one breaker and the half-open probes are counted across all of them. When Redis cannot be
+reached, each process falls back to a breaker of its own (same rules, local clock), and says so
+in its log; it rejoins the shared one when Redis answers again. On the embedded default the
+local breaker is the only one.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
+from tenantflow.coordination import Coordination
 from tenantflow.errors import CircuitOpenError
-from tenantflow.resilience.scripts import NOW_MS, Script
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -234,154 +235,20 @@ def _trips(config: BreakerConfig, calls: int, failures: int, slow: int) -> bool:
 
 # -- the shared breaker (Redis) ----------------------------------------------------------------
 
-# KEYS[1] the breaker's hash: state, opened_at (ms), and while half-open the probes' answers
-#         so far: probe_n (how many), probe_f (failed), probe_s (slow)
-# KEYS[2] its window: a list of "f|s" outcomes (count-based) or a hash second -> "n|f|s"
-#         (time-based)
-# KEYS[3] the half-open probes in flight: a sorted set, member = probe id, score = the end of
-#         its lease (ms); a lease that has ended frees its slot for the next caller
-# Times are the Redis clock's. Each script is one atomic change of one breaker.
-_COMMON = (
-    NOW_MS
-    + """
-local function trips(calls, failures, slow, failure_rate, slow_rate)
-  return (100 * failures / calls >= failure_rate) or (100 * slow / calls >= slow_rate)
-end
--- window: {calls, failures, slow} of the sliding window, dropping what fell out of it
-local function window(kind, size, now)
-  local calls, failures, slow = 0, 0, 0
-  if kind == 'count' then
-    redis.call('LTRIM', KEYS[2], 0, size - 1)
-    for _, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-      calls = calls + 1
-      if string.sub(v, 1, 1) == '1' then failures = failures + 1 end
-      if string.sub(v, 3, 3) == '1' then slow = slow + 1 end
-    end
-  else
-    local oldest = math.floor(now / 1000) - size
-    local all = redis.call('HGETALL', KEYS[2])
-    for i = 1, #all, 2 do
-      if tonumber(all[i]) <= oldest then
-        redis.call('HDEL', KEYS[2], all[i])
-      else
-        local n, f, s = string.match(all[i + 1], '^(%d+)|(%d+)|(%d+)$')
-        calls = calls + tonumber(n); failures = failures + tonumber(f); slow = slow + tonumber(s)
-      end
-    end
-  end
-  return calls, failures, slow
-end
-"""
-)
-
-# ARGV: wait_open_ms, half_open_calls, probe id, probe lease ms, retry ms when the half-open
-# slots are taken. Returns {allowed (0/1), probe (0/1), retry_after_ms}.
-ACQUIRE = Script(
-    _COMMON
-    + """
-local now = now_ms()
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'open' then
-  local waited = now - tonumber(redis.call('HGET', KEYS[1], 'opened_at'))
-  if waited < tonumber(ARGV[1]) then return {0, 0, tonumber(ARGV[1]) - waited} end
-  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe_n', 0, 'probe_f', 0, 'probe_s', 0)
-  redis.call('DEL', KEYS[3])
-  state = 'half_open'
-end
-if state == 'half_open' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)  -- the leases of lost probes end
-  local answered = tonumber(redis.call('HGET', KEYS[1], 'probe_n') or '0')
-  if answered + redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[2]) then
-    return {0, 0, tonumber(ARGV[5])}
-  end
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]) + 1000)
-  return {1, 1, 0}
-end
-return {1, 0, 0}
-"""
-)
-
-# ARGV: probe id ('' for an ordinary call), failed, slow (0/1), window type, window size,
-#       minimum calls, failure rate, slow rate, half-open calls. Returns the state after the
-#       call, or 'late' for a probe that no longer held its lease (its answer is not counted).
-RECORD = Script(
-    _COMMON
-    + """
-local now = now_ms()
-local probe, failed, slow = ARGV[1], ARGV[2], ARGV[3]
-local kind, size, minimum = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local failure_rate, slow_rate, half = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if probe ~= '' then
-  local lease_end = redis.call('ZSCORE', KEYS[3], probe)
-  redis.call('ZREM', KEYS[3], probe)
-  if state ~= 'half_open' or not lease_end or tonumber(lease_end) <= now then return 'late' end
-  local n = redis.call('HINCRBY', KEYS[1], 'probe_n', 1)
-  local f = redis.call('HINCRBY', KEYS[1], 'probe_f', tonumber(failed))
-  local s = redis.call('HINCRBY', KEYS[1], 'probe_s', tonumber(slow))
-  if n >= half then
-    redis.call('DEL', KEYS[2], KEYS[3])
-    if trips(n, f, s, failure_rate, slow_rate) then
-      redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now)
-      return 'open'
-    end
-    redis.call('HSET', KEYS[1], 'state', 'closed')
-    return 'closed'
-  end
-  return state
-end
-if state ~= 'closed' then return state end
-if kind == 'count' then
-  redis.call('LPUSH', KEYS[2], failed .. '|' .. slow)
-else
-  local second = tostring(math.floor(now / 1000))
-  local cur = redis.call('HGET', KEYS[2], second) or '0|0|0'
-  local n, f, s = string.match(cur, '^(%d+)|(%d+)|(%d+)$')
-  redis.call('HSET', KEYS[2], second, (tonumber(n) + 1) .. '|' .. (tonumber(f) + tonumber(failed))
-             .. '|' .. (tonumber(s) + tonumber(slow)))
-  redis.call('PEXPIRE', KEYS[2], (size + 1) * 1000)
-end
-local calls, failures, slows = window(kind, size, now)
-if calls >= minimum and trips(calls, failures, slows, failure_rate, slow_rate) then
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now)
-  redis.call('DEL', KEYS[2])
-  return 'open'
-end
-return 'closed'
-"""
-)
-
-# ARGV: window type, window size, wait_open_ms. Returns {state, calls, failures, slow,
-# retry_after_ms}.
-STATUS = Script(
-    _COMMON
-    + """
-local now = now_ms()
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local calls, failures, slow = window(ARGV[1], tonumber(ARGV[2]), now)
-local retry = 0
-if state == 'open' then
-  local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at'))
-  retry = math.max(0, tonumber(ARGV[3]) - (now - opened))
-end
-return {state, calls, failures, slow, retry}
-"""
-)
-
 
 class RedisBreakers:
-    """Breakers shared through Redis, with a local fallback while Redis is away."""
+    """Breakers shared through a shared coordination backend (its ``breaker_*`` scripts),
+    with a local fallback while Redis is away."""
 
-    def __init__(self, redis: Any, key_of: Callable[[str], tuple[str, str, str]]) -> None:
-        self.redis = redis
-        self.key_of = key_of
+    def __init__(self, coordination: Coordination) -> None:
+        self.coordination = coordination
         self.fallback = LocalBreakers()
         self._degraded = False
         self._retry_shared_at = 0.0
 
-    async def _eval(self, script: Script, name: str, *args: Any) -> Any:
-        return await script(self.redis, self.key_of(name), *args)
+    async def _eval(self, script: str, name: str, *args: Any) -> Any:
+        keys = self.coordination.keys.breaker(name)
+        return await self.coordination.call(f"breaker_{script}", keys, *args)
 
     async def _shared(self, make: Callable[[], Awaitable[T]]) -> T | None:
         """The shared breaker's answer, or None (use the fallback) while Redis is away. After
@@ -412,7 +279,7 @@ class RedisBreakers:
     async def acquire(self, name: str, config: BreakerConfig, probe: str) -> tuple[bool, float]:
         reply = await self._shared(
             lambda: self._eval(
-                ACQUIRE,
+                "acquire",
                 name,
                 int(config.wait_open * 1000),
                 config.half_open_calls,
@@ -431,7 +298,7 @@ class RedisBreakers:
     ) -> None:
         reply = await self._shared(
             lambda: self._eval(
-                RECORD,
+                "record",
                 name,
                 probe or "",
                 int(failed),
@@ -452,7 +319,7 @@ class RedisBreakers:
     async def status(self, name: str, config: BreakerConfig) -> BreakerStatus:
         reply = await self._shared(
             lambda: self._eval(
-                STATUS,
+                "status",
                 name,
                 config.window_type.value,
                 config.window_size,
@@ -520,3 +387,9 @@ class Breakers:
 
     async def status(self, name: str) -> BreakerStatus:
         return await self.backend.status(name, self.config(name))
+
+
+def open_breakers(coordination: Coordination) -> Breakers:
+    """Circuit breakers shared through the backend when it is shared; this process's own
+    otherwise (the embedded default)."""
+    return Breakers(RedisBreakers(coordination) if coordination.shared else LocalBreakers())

@@ -2,8 +2,8 @@
 
 With the Redis queue a bulkhead is a sorted set of the calls holding a slot, scored by when
 their lease ends (Redis clock): a process that dies mid-call gives its slot back when the lease
-ends. Taking and giving back a slot are scripts. Without Redis (or while it is away) each
-process limits itself to N on its own, and says so.
+ends. Taking and giving back a slot are the coordination backend's ``bulkhead_*`` scripts.
+Without Redis (or while it is away) each process limits itself to N on its own, and says so.
 """
 
 from __future__ import annotations
@@ -17,36 +17,14 @@ from typing import Any, TypeVar
 
 import structlog
 
+from tenantflow.coordination import Coordination
 from tenantflow.errors import BulkheadFullError
-from tenantflow.resilience.scripts import NOW_MS, Script
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 SHARED_TIMEOUT_SECONDS = 0.25
 RETRY_SHARED_SECONDS = 2.0
-
-# KEYS[1] the bulkhead's holders: member = slot id, score = lease end (ms, Redis clock); a
-# lease that has ended is no longer counted, and its slot goes to the next caller.
-# ARGV: slot id, max concurrent, lease ms. Returns 1 if the slot was taken, else the ms until
-# the earliest lease ends (an upper bound on the wait), negated.
-TAKE = Script(
-    NOW_MS
-    + """
-local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
-  return 1
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return -(tonumber(first[2]) - now)
-"""
-)
-
-# KEYS[1] as above. Returns how many slots are held (leases not yet ended).
-IN_USE = Script(NOW_MS + "return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +44,9 @@ class Slot:
 
 
 class Bulkheads:
-    def __init__(self, redis: Any | None = None, key_of: Callable[[str], str] | None = None):
-        self.redis = redis
-        self.key_of = key_of
+    def __init__(self, coordination: Coordination | None = None) -> None:
+        """Shared through ``coordination`` when it is shared; this process's own otherwise."""
+        self.coordination = coordination if coordination and coordination.shared else None
         self.configs: dict[str, BulkheadConfig] = {}
         self._local: dict[str, int] = {}
         self._retry_shared_at = 0.0
@@ -99,9 +77,7 @@ class Bulkheads:
         if slot.id == "local":
             self._local[slot.name] = max(0, self._local.get(slot.name, 0) - 1)
             return
-        redis, key_of = self.redis, self.key_of
-        assert redis is not None and key_of is not None
-        await self._shared(lambda: redis.zrem(key_of(slot.name), slot.id))
+        await self._shared(lambda: self._call("bulkhead_give_back", slot.name, slot.id))
 
     async def call(self, name: str, fn: Callable[[], Awaitable[T]], *, wait: float) -> T:
         """``await fn()`` holding a slot of ``name``, waiting up to ``wait`` s for one."""
@@ -121,20 +97,25 @@ class Bulkheads:
 
     async def in_use(self, name: str) -> int:
         if self._use_shared():
-            redis, key_of = self.redis, self.key_of
-            assert redis is not None and key_of is not None
-            reply = await self._shared(lambda: IN_USE(redis, (key_of(name),)))
+            reply = await self._shared(lambda: self._call("bulkhead_in_use", name))
             if reply is not None:
                 return int(reply)
         return self._local.get(name, 0)
 
     def _use_shared(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._retry_shared_at
+        return self.coordination is not None and time.monotonic() >= self._retry_shared_at
+
+    async def _call(self, script: str, name: str, *args: Any) -> Any:
+        assert self.coordination is not None
+        key = self.coordination.keys.bulkhead(name)
+        return await self.coordination.call(script, [key], *args)
 
     async def _take_shared(self, slot: Slot, config: BulkheadConfig) -> int:
-        assert self.redis is not None and self.key_of is not None
-        key, lease_ms = self.key_of(slot.name), int(config.lease_seconds * 1000)
-        return int(await TAKE(self.redis, (key,), slot.id, config.max_concurrent, lease_ms))
+        lease_ms = int(config.lease_seconds * 1000)
+        taken = await self._call(
+            "bulkhead_take", slot.name, slot.id, config.max_concurrent, lease_ms
+        )
+        return int(taken)
 
     async def _shared(self, make: Callable[[], Awaitable[T]]) -> T | None:
         from redis.exceptions import ConnectionError as RedisConnectionError

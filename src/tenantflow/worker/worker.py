@@ -16,66 +16,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import secrets
 import signal
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Coroutine, Sequence
-from contextvars import Context
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from tenantflow.backends import log_failure, unavailable
-from tenantflow.engine.executor import Execution, Outcome, OutcomeKind
-from tenantflow.errors import LicenseError, TenantNotFoundError, WorkflowNotRegisteredError
-from tenantflow.platform.registry import TenantStatus
+from tenantflow.engine.executor import Execution
+from tenantflow.engine.outcomes import Outcome, OutcomeKind
+from tenantflow.errors import TenantNotFoundError, WorkflowNotRegisteredError
 from tenantflow.queue.base import Message
 from tenantflow.runtime import Runtime
 from tenantflow.sdk.app import App
 from tenantflow.store.base import RunStore
-from tenantflow.store.records import ClaimOutcome, Lease, OutboxEntry
+from tenantflow.store.records import Claim, ClaimOutcome, Lease, OutboxEntry
 from tenantflow.telemetry.tracing import mark_error, set_attributes
+from tenantflow.worker.leases import LeaseKeeping
 from tenantflow.worker.maintenance import Maintenance, MaintenanceReport
+from tenantflow.worker.platform_view import PlatformView
+from tenantflow.worker.returns import GiveBack, GivingBack
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 log = structlog.get_logger(__name__)
 
-CANCEL_POLL_SECONDS = 0.5
 QUEUE_RETRY_MAX_SECONDS = 2.0
-STORE_RETRY_SECONDS = 1.0
-STORE_RETRY_MAX_SECONDS = 5.0  # the longest wait for a tenant database that does not answer
-STORE_PROBE_PAUSE = 0.25  # between two probes of a tenant database that refused at once
 UNREGISTERED_RETRY_SECONDS = 5.0
 ACK_FLUSH_SECONDS = 5.0
-PLATFORM_VIEW_SECONDS = 1.0
 EPOCH_CHECK_SECONDS = 0.5
 REBUILD_RETRY_SECONDS = 0.5
-NO_RUNS = -1  # a cap below any count: the queue gives the tenant nothing
 FAILED_STATUSES = frozenset({"failed", "needs_attention"})
-
-
-class _TenantView(TypedDict):
-    """The platform's word on tenants, as every dequeue takes it."""
-
-    skip: frozenset[str]  # suspended: not taken from
-    caps: dict[str, int]  # licensed caps on runs in flight
-    weights: dict[str, int]  # licensed dispatch weights (absent: 1)
-
-
-@dataclass
-class _GiveBack:
-    """A ``retry_later`` the queue did not take (it was away): sent again once it answers."""
-
-    message: Message
-    due: float  # when the message is to be visible (wall clock)
-    count_delivery: bool
 
 
 @dataclass
@@ -98,7 +76,7 @@ class WorkerStats:
         return self.sweeps.reenqueued
 
 
-class Worker:
+class Worker(GivingBack, LeaseKeeping):
     def __init__(self, app: App, runtime: Runtime, *, concurrency: int | None = None) -> None:
         self.app = app
         self.runtime = runtime
@@ -139,10 +117,10 @@ class Worker:
         self._queue_back = asyncio.Event()
         self._queue_check = asyncio.Event()
         self._rebuild = asyncio.Event()
-        self._unsent: dict[tuple[str, str], _GiveBack] = {}
+        self._unsent: dict[tuple[str, str], GiveBack] = {}
         self._unacked: list[Message] = []
-        # The platform's word on tenants, refreshed in the background (_refresh_platform_view).
-        self._view: _TenantView = {"skip": frozenset(), "caps": {}, "weights": {}}
+        # The platform's word on tenants, refreshed in the background.
+        self.platform_view = PlatformView(runtime)
 
     # -- ExecutionHost -----------------------------------------------------------------------
 
@@ -165,62 +143,24 @@ class Worker:
 
     async def run(self) -> None:
         """Work until ``stop()``; then drain within the grace period."""
-        queue = self.runtime.queue
-        poll = self.runtime.settings.poll_interval
-        await self._refresh_platform_view()
+        await self.platform_view.refresh()
         self._serve_metrics()
-        keepalive = asyncio.create_task(self._keepalive())
-        maintenance = asyncio.create_task(self._maintenance())
-        platform_view = asyncio.create_task(self._watch_platform())
-        queue_watch = asyncio.create_task(self._watch_queue())
+        background = [
+            asyncio.create_task(self._keepalive()),
+            asyncio.create_task(self._maintenance()),
+            asyncio.create_task(self.platform_view.watch()),
+            asyncio.create_task(self._watch_queue()),
+        ]
         log.info("worker started", owner=self.owner, concurrency=self.concurrency)
-        backoff = 0.0
-        idle = False
         try:
-            while not self.stopping:
-                free = self.concurrency - len(self._inflight)
-                if free <= 0:
-                    self._slot_free.clear()
-                    await self._wait_any(self._slot_free.wait(), poll)
-                    continue
-                try:
-                    if idle:  # nothing last time: wait for work, and take it as it comes
-                        messages = await queue.wait_and_dequeue(
-                            poll, self.owner, free, self.lease_seconds, **self._view
-                        )
-                    else:
-                        messages = await queue.dequeue(
-                            self.owner, free, self.lease_seconds, **self._view
-                        )
-                except Exception as exc:
-                    # The queue is away (restarting, unreachable): keep the runs in flight
-                    # going and try again, backing off, rather than die; sooner if the
-                    # watcher finds it answering.
-                    backoff = min(max(backoff * 2, poll), QUEUE_RETRY_MAX_SECONDS)
-                    log_failure(log, "dequeue failed; retrying", exc, retry_in=round(backoff, 2))
-                    self._queue_back.clear()
-                    await self._wait_any(self._queue_back.wait(), backoff)
-                    continue
-                if backoff:  # answering again: is it the same data set?
-                    self._queue_check.set()
-                backoff = 0.0
-                if self.stopping:  # stopped while waiting: these go to another worker
-                    for message in messages:
-                        try:
-                            await queue.retry_later(message, 0.0, count_delivery=False)
-                        except Exception as exc:  # it comes back when its lease ends
-                            log.warning("giving a message back failed", error=type(exc).__name__)
-                    break
-                for message in messages:
-                    self._spawn(message)
-                idle = not messages
+            await self._serve()
         finally:
             await self._drain()
             await self._flush_acks()
             if self._tasks:  # acknowledgements still on their way
                 await asyncio.wait(set(self._tasks), timeout=ACK_FLUSH_SECONDS)
             await self._resend()
-            for task in (keepalive, maintenance, platform_view, queue_watch):
+            for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -228,6 +168,49 @@ class Worker:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
             log.info("worker stopped", owner=self.owner)
+
+    async def _serve(self) -> None:
+        """Take messages as slots free, until ``stop()``."""
+        queue = self.runtime.queue
+        poll = self.runtime.settings.poll_interval
+        backoff = 0.0
+        idle = False
+        while not self.stopping:
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._wait_any(self._slot_free.wait(), poll)
+                continue
+            view = self.platform_view.view
+            try:
+                if idle:  # nothing last time: wait for work, and take it as it comes
+                    messages = await queue.wait_and_dequeue(
+                        poll, self.owner, free, self.lease_seconds, **view
+                    )
+                else:
+                    messages = await queue.dequeue(self.owner, free, self.lease_seconds, **view)
+            except Exception as exc:
+                # The queue is away (restarting, unreachable): keep the runs in flight going
+                # and try again, backing off, rather than die; sooner if the watcher finds it
+                # answering.
+                backoff = min(max(backoff * 2, poll), QUEUE_RETRY_MAX_SECONDS)
+                log_failure(log, "dequeue failed; retrying", exc, retry_in=round(backoff, 2))
+                self._queue_back.clear()
+                await self._wait_any(self._queue_back.wait(), backoff)
+                continue
+            if backoff:  # answering again: is it the same data set?
+                self._queue_check.set()
+            backoff = 0.0
+            if self.stopping:  # stopped while waiting: these go to another worker
+                for message in messages:
+                    try:
+                        await queue.retry_later(message, 0.0, count_delivery=False)
+                    except Exception as exc:  # it comes back when its lease ends
+                        log.warning("giving a message back failed", error=type(exc).__name__)
+                return
+            for message in messages:
+                self._spawn(message)
+            idle = not messages
 
     async def _wait_any(self, waiter: Awaitable[Any], timeout: float | None) -> None:
         stop = asyncio.ensure_future(self._stop.wait())
@@ -273,71 +256,6 @@ class Worker:
             await self._retry(message, store_away=unavailable(exc) is not None)
         finally:
             self._inflight.discard(message)
-
-    async def _retry(self, message: Message, *, store_away: bool) -> None:
-        """Try the message again later. The tenant's database not answering is not the
-        message's fault: that delivery does not count, and the message is given back as soon
-        as the database answers again (``_park``), after a wait as long as it has been away
-        at the latest (``STORE_RETRY_SECONDS`` to ``STORE_RETRY_MAX_SECONDS``, and at most
-        half a lease): the longer an outage, the fewer tries."""
-        if not store_away:
-            await self._give_back(message, STORE_RETRY_SECONDS)
-            return
-        away = time.monotonic() - self._store_away.setdefault(message.tenant_id, time.monotonic())
-        longest = min(STORE_RETRY_MAX_SECONDS, self.lease_seconds / 2)
-        delay = min(max(away, min(STORE_RETRY_SECONDS, longest)), longest)
-        self._park(message, delay)
-
-    def _park(self, message: Message, delay: float) -> None:
-        """Keep ``message`` (its visibility extended with those in flight; no slot taken) until
-        its tenant's database answers again, or for ``delay`` at most, then give it back for
-        now: a run waits for the database, not for a wait fixed when the database failed."""
-        self._parked.add(message)
-        back = self._store_back.get(message.tenant_id)
-        if back is None:
-            back = self._store_back[message.tenant_id] = asyncio.Event()
-            self._track(self._probe_store(message.tenant_id, back))
-
-        async def wait_then_give_back() -> None:
-            try:
-                await self._wait_any(back.wait(), delay)
-            finally:
-                self._parked.discard(message)
-            await self._give_back(message, 0.0, count_delivery=False)
-
-        self._track(wait_then_give_back())
-
-    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
-        """A background task of this worker, waited for when it stops."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _probe_store(self, tenant_id: str, back: asyncio.Event) -> None:
-        """While messages of ``tenant_id`` are parked: ask its database, one call at a time
-        (each within the database's own bound), until it answers or they are all given back.
-        Another call answering (a claim, a renewal) ends it too."""
-        try:
-            while not back.is_set() and not self.stopping:
-                if not any(m.tenant_id == tenant_id for m in self._parked):
-                    return
-                try:
-                    await self.runtime.router.store(tenant_id).ping()
-                except Exception:
-                    await self._wait_any(back.wait(), STORE_PROBE_PAUSE)
-                    continue
-                self._store_answers(tenant_id)
-        finally:
-            if self._store_back.get(tenant_id) is back:
-                del self._store_back[tenant_id]
-
-    def _store_answers(self, tenant_id: str) -> None:
-        """The tenant's database answered a call: it is not away, and what was parked for it
-        goes back to the queue now."""
-        self._store_away.pop(tenant_id, None)
-        back = self._store_back.pop(tenant_id, None)
-        if back is not None:
-            back.set()
 
     async def _handle(self, message: Message) -> None:
         key = (message.tenant_id, message.run_id)
@@ -397,20 +315,7 @@ class Worker:
         self._store_answers(message.tenant_id)
         log.debug("claimed", outcome=claim.outcome.value, message=message.id)
         set_attributes(span, {"tenantflow.claim": claim.outcome.value})
-        if claim.outcome is ClaimOutcome.DROP:
-            self.stats.dropped += 1
-            self._ack(message)
-            return
-        if claim.outcome is ClaimOutcome.DEFER:
-            assert claim.not_before is not None
-            # From now, not from before the claim: it may have waited for the database.
-            await self._give_back(message, claim.not_before - time.time(), count_delivery=False)
-            return
-        if claim.outcome is ClaimOutcome.EXHAUSTED:
-            if claim.run is not None:
-                self.metrics.finished(claim.run.workflow, message.tenant_id, "failed")
-            self.runtime.outbox.publish_soon(message.tenant_id, claim.wake)
-            self._ack(message)
+        if await self._not_claimed(message, claim):
             return
         assert claim.run is not None and claim.lease is not None
         lease = claim.lease
@@ -455,6 +360,24 @@ class Worker:
                 mark_error(span, outcome.status.value)
         await self._settle(message, outcome, claim.run.workflow)
 
+    async def _not_claimed(self, message: Message, claim: Claim) -> bool:
+        """Settle a delivery whose claim did not give this worker the run (True)."""
+        if claim.outcome is ClaimOutcome.DROP:
+            self.stats.dropped += 1
+            self._ack(message)
+        elif claim.outcome is ClaimOutcome.DEFER:
+            assert claim.not_before is not None
+            # From now, not from before the claim: it may have waited for the database.
+            await self._give_back(message, claim.not_before - time.time(), count_delivery=False)
+        elif claim.outcome is ClaimOutcome.EXHAUSTED:
+            if claim.run is not None:
+                self.metrics.finished(claim.run.workflow, message.tenant_id, "failed")
+            self.runtime.outbox.publish_soon(message.tenant_id, claim.wake)
+            self._ack(message)
+        else:
+            return False
+        return True
+
     async def _unregistered(
         self, message: Message, store: RunStore, workflow: str, lease: Lease
     ) -> None:
@@ -478,76 +401,6 @@ class Worker:
         )
         await store.release_run(message.run_id, lease=lease, now=time.time(), stuck_reason=stuck)
         await queue.dead_letter(message, reason)
-
-    def _ack(self, message: Message) -> None:
-        """Acknowledge soon: acknowledgements of one turn of the loop go in one round trip.
-        (Lost with the process, the delivery comes back and finds its run ended: dropped.)"""
-        self._acks.append(message)
-        if len(self._acks) == 1:
-            # A fresh context: the batch acknowledges many runs, not this one's.
-            asyncio.get_running_loop().call_soon(self._flush_acks_soon, context=Context())
-
-    def _flush_acks_soon(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._flush_acks())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _flush_acks(self) -> None:
-        acks, self._acks = self._acks, []
-        if acks:
-            try:
-                await self.runtime.queue.ack(acks)
-            except Exception as exc:
-                # Sent again once the queue answers (else the deliveries come back, and find
-                # their runs ended).
-                self._unacked.extend(acks)
-                log_failure(log, "acknowledgement failed; sent again once the queue answers", exc)
-
-    async def _give_back(
-        self, message: Message, delay: float, *, count_delivery: bool = True
-    ) -> None:
-        """``retry_later``. If the queue is away, it is kept and sent once the queue answers,
-        rather than the run waiting for its delivery to lapse, or, if the queue lost the
-        message meanwhile, for the reconciler (a ``retry_later`` of a lost message makes a new
-        one)."""
-        due = time.time() + delay
-        fields = {"tenant": message.tenant_id, "run": message.run_id, "message": message.id}
-        log.debug("giving back", delay=round(delay, 3), **fields)
-        try:
-            await self.runtime.queue.retry_later(message, delay, count_delivery=count_delivery)
-        except Exception as exc:
-            self._unsent[message.tenant_id, message.id] = _GiveBack(message, due, count_delivery)
-            log_failure(
-                log,
-                "giving a message back failed; sent again once the queue answers",
-                exc,
-                **fields,
-            )
-
-    async def _resend(self) -> None:
-        """Send what the queue did not take while it was away; stop at the first failure."""
-        queue = self.runtime.queue
-        for key, unsent in list(self._unsent.items()):
-            delay = max(0.0, unsent.due - time.time())
-            log.debug(
-                "giving back again",
-                tenant=unsent.message.tenant_id,
-                run=unsent.message.run_id,
-                message=unsent.message.id,
-                delay=round(delay, 3),
-            )
-            try:
-                await queue.retry_later(unsent.message, delay, count_delivery=unsent.count_delivery)
-            except Exception:
-                return
-            if self._unsent.get(key) is unsent:  # not given back anew meanwhile
-                del self._unsent[key]
-        if self._unacked:
-            acks, self._unacked = self._unacked, []
-            try:
-                await queue.ack(acks)
-            except Exception:
-                self._unacked.extend(acks)
 
     async def _settle(self, message: Message, outcome: Outcome, workflow: str) -> None:
         if outcome.kind is OutcomeKind.FINISHED:
@@ -588,55 +441,6 @@ class Worker:
             log.info("metrics served", port=settings.metrics_port)
             self.runtime.health.watch_breakers(self.app.breakers)
             self.runtime.health.start()
-
-    # -- the platform's word on tenants ------------------------------------------------------
-
-    async def _watch_platform(self) -> None:
-        while True:
-            await asyncio.sleep(PLATFORM_VIEW_SECONDS)
-            tick = asyncio.ensure_future(self._platform_tick())
-            try:
-                await asyncio.shield(tick)
-            except asyncio.CancelledError:
-                # Stopping: the tick reads the platform in a thread, which cannot be
-                # interrupted. Let it finish and give its connection back before the runtime
-                # closes the platform's pool (a connection given back to a closed pool is
-                # never closed).
-                with contextlib.suppress(Exception):
-                    await tick
-                raise
-
-    async def _platform_tick(self) -> None:
-        await self._refresh_platform_view()
-
-    async def _refresh_platform_view(self) -> None:
-        """Which tenants are suspended, and each licensed tenant's cap on concurrent runs and
-        dispatch weight (its plan's). Through a platform outage the last view stands (and
-        licenses their cached copies)."""
-        try:
-            tenants = await asyncio.to_thread(self.runtime.registry.list)
-        except Exception as exc:
-            log.warning("platform unreachable; keeping the tenant view", error=type(exc).__name__)
-            return
-        paused = frozenset(t.id for t in tenants if t.status is TenantStatus.SUSPENDED)
-        caps: dict[str, int] = {}
-        weights: dict[str, int] = {}
-        for tenant in tenants:
-            if tenant.plan_id is None:
-                continue
-            try:
-                license = await self.runtime.license(tenant.id)
-            except LicenseError:
-                # No valid license: the tenant's runs wait (a cap nobody can fit under).
-                caps[tenant.id] = NO_RUNS
-                continue
-            if license is None:
-                continue
-            if license.quotas.concurrent_runs is not None:
-                caps[tenant.id] = license.quotas.concurrent_runs
-            if license.quotas.dispatch_weight != 1 and tenant.id not in paused:
-                weights[tenant.id] = license.quotas.dispatch_weight
-        self._view = {"skip": paused, "caps": caps, "weights": weights}
 
     # -- relay and reconciler ----------------------------------------------------------------
 
@@ -688,105 +492,3 @@ class Worker:
             self._queue_check.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue_check.wait(), EPOCH_CHECK_SECONDS)
-
-    # -- leases and cancellation -------------------------------------------------------------
-
-    async def _keepalive(self) -> None:
-        renew_every = self.lease_seconds / 3
-        last_renew = time.monotonic()
-        polling: asyncio.Task[None] | None = None
-        try:
-            while True:
-                await asyncio.sleep(min(CANCEL_POLL_SECONDS, renew_every))
-                try:
-                    if time.monotonic() - last_renew >= renew_every:
-                        last_renew = time.monotonic()
-                        await self._renew()
-                    elif polling is None or polling.done():
-                        # Not waited for: a database that does not answer must not hold up
-                        # the renewals (and the queue's visibility with them).
-                        polling = asyncio.create_task(self._poll_cancellations())
-                except Exception as exc:
-                    log_failure(log, "lease renewal failed", exc)
-        finally:
-            tasks = [*self._renewing.values(), *([polling] if polling else [])]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _executions_by_tenant(self) -> dict[str, dict[str, Execution]]:
-        out: dict[str, dict[str, Execution]] = defaultdict(dict)
-        for (tenant_id, run_id), execution in list(self._running.items()):
-            if execution is not None:
-                out[tenant_id][run_id] = execution
-        return out
-
-    async def _renew(self) -> None:
-        try:
-            await self.runtime.queue.extend([*self._inflight, *self._parked], self.lease_seconds)
-        except Exception as exc:
-            # The queue may be down or emptied; the database leases still matter most.
-            log_failure(log, "queue lease renewal failed", exc)
-        until = time.time() + self.lease_seconds
-        # Concurrently, and waited for a third of a lease at most: one slow tenant database
-        # must not let the others' leases lapse, nor hold up the next round (the queue's
-        # visibility with it). A renewal that answers later still counts; a tenant whose
-        # last one has not answered yet gets none this round.
-        started: dict[asyncio.Task[None], dict[str, Execution]] = {}
-        for tenant_id, executions in self._executions_by_tenant().items():
-            if tenant_id in self._renewing:
-                for execution in executions.values():
-                    execution.lease_renewal_failed()
-                continue
-            task = asyncio.create_task(self._renew_tenant(tenant_id, executions, until))
-            self._renewing[tenant_id] = task
-            task.add_done_callback(functools.partial(self._renewed, tenant_id))
-            started[task] = executions
-        if not started:
-            return
-        # Not wait_for: a call cancelled on a server that does not answer waits for it (the
-        # driver's own cancel request), up to the database's bound.
-        _, pending = await asyncio.wait(set(started), timeout=self.lease_seconds / 3)
-        for task in pending:
-            for execution in started[task].values():
-                execution.lease_renewal_failed()
-
-    def _renewed(self, tenant_id: str, task: asyncio.Task[None]) -> None:
-        if self._renewing.get(tenant_id) is task:
-            del self._renewing[tenant_id]
-
-    async def _renew_tenant(
-        self, tenant_id: str, executions: dict[str, Execution], until: float
-    ) -> None:
-        leases = {run_id: execution.lease for run_id, execution in executions.items()}
-        try:
-            store = self.runtime.router.store(tenant_id)
-            # An answer later than the lease would be worth nothing (without a database
-            # timeout, nothing else bounds the call).
-            async with asyncio.timeout(self.lease_seconds):
-                cancels, lost = await store.renew_leases(leases, until=until)
-        except Exception as exc:
-            log.warning(
-                "lease renewal of a tenant failed", tenant=tenant_id, error=type(exc).__name__
-            )
-            # Not renewed: these runs start no new step until a renewal goes through.
-            for execution in executions.values():
-                execution.lease_renewal_failed()
-            return
-        self._store_answers(tenant_id)
-        for run_id, execution in executions.items():
-            if run_id in lost:
-                execution.lease_lost()
-            else:
-                execution.lease_renewed(until)
-        for run_id in cancels:
-            executions[run_id].cancel()
-
-    async def _poll_cancellations(self) -> None:
-        try:
-            for tenant_id, executions in self._executions_by_tenant().items():
-                store = self.runtime.router.store(tenant_id)
-                for run_id in await store.cancel_requested(list(executions)):
-                    executions[run_id].cancel()
-        except Exception as exc:
-            log_failure(log, "looking for cancellations failed", exc)
