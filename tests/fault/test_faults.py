@@ -307,8 +307,8 @@ async def test_fault(
     assert counts.duplicated_elsewhere == 0, counts
     assert counts.recovery_seconds is not None, counts
     if counts.recovery_seconds > scenario.recovery_bound and scenario.not_met:
-        trail = "\n".join(counts.notes)
-        pytest.xfail(f"recovery {counts.recovery_seconds} s: {scenario.not_met}\n{trail}")
+        notes = "\n".join(counts.notes)
+        pytest.xfail(f"recovery {counts.recovery_seconds} s: {scenario.not_met}\n{notes}")
     assert counts.recovery_seconds <= scenario.recovery_bound, counts
 
 
