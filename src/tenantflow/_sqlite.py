@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tenantflow.errors import ConfigError
+
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -34,7 +36,7 @@ def connect(path: Path, *, synchronous: str = "NORMAL", create: bool = True) -> 
     # In WAL mode NORMAL is safe against a crash of the process (kill -9) — the case the worker
     # must survive; a power loss may lose the last transactions. FULL adds an fsync per commit.
     if synchronous not in ("NORMAL", "FULL"):
-        raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        raise ConfigError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
 

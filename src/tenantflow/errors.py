@@ -28,8 +28,10 @@ class TenantflowError(Exception):
         return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
 
 
-class ConfigError(TenantflowError):
-    """The configuration is invalid."""
+class ConfigError(TenantflowError, ValueError):
+    """The configuration is invalid.
+
+    A ``ValueError`` too: what was given is a value the setting cannot take."""
 
 
 class MissingExtraError(ConfigError):

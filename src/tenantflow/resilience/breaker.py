@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 
 from tenantflow.coordination import Coordination
-from tenantflow.errors import CircuitOpenError
+from tenantflow.errors import CircuitOpenError, ConfigError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -76,11 +76,11 @@ class BreakerConfig:
 
     def __post_init__(self) -> None:
         if self.window_size < 1 or self.minimum_calls < 1 or self.half_open_calls < 1:
-            raise ValueError("window size, minimum calls and half-open calls are at least 1")
+            raise ConfigError("window size, minimum calls and half-open calls are at least 1")
         if not (0 < self.failure_rate <= 100 and 0 < self.slow_call_rate <= 100):
-            raise ValueError("rates are percentages in (0, 100]")
+            raise ConfigError("rates are percentages in (0, 100]")
         if not (0 < self.probe_timeout < math.inf):
-            raise ValueError("the probe timeout is a positive number of seconds")
+            raise ConfigError("the probe timeout is a positive number of seconds")
 
     @property
     def probe_lease(self) -> float:

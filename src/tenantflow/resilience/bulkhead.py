@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import structlog
 
 from tenantflow.coordination import Coordination
-from tenantflow.errors import BulkheadFullError
+from tenantflow.errors import BulkheadFullError, ConfigError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -34,7 +34,7 @@ class BulkheadConfig:
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1 or self.lease_seconds <= 0:
-            raise ValueError("a bulkhead allows at least one call, for a positive lease")
+            raise ConfigError("a bulkhead allows at least one call, for a positive lease")
 
 
 @dataclass(frozen=True)

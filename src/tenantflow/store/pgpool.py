@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from tenantflow.backends import reason
-from tenantflow.errors import DatabaseBusyError, StoreUnavailableError
+from tenantflow.errors import ConfigError, DatabaseBusyError, StoreUnavailableError
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -46,7 +46,7 @@ class ConnectionBudget:
 
     def __init__(self, limit: int, *, wait: float) -> None:
         if limit < 1:
-            raise ValueError("a connection budget needs at least one connection")
+            raise ConfigError("a connection budget needs at least one connection")
         self.limit = limit
         self.wait = wait
         self.open = 0
