@@ -76,9 +76,12 @@ class Client:
         self.runtime = runtime or Runtime(settings)
 
     def tenant(self, tenant_id: str) -> TenantClient:
+        """This client scoped to ``tenant_id``: every run it starts or reads is that tenant's
+        (``InvalidTenantIdError`` for an id that cannot name a tenant)."""
         return TenantClient(self, check_tenant_id(tenant_id))
 
     async def close(self) -> None:
+        """Close the runtime this client opened (one it was given stays open)."""
         if self._own_runtime:
             await self.runtime.close()
 
@@ -95,12 +98,16 @@ class Client:
 
 
 class TenantClient:
+    """A client scoped to one tenant (``Client.tenant``): starts its runs, finds and lists
+    them."""
+
     def __init__(self, client: Client, tenant_id: str) -> None:
         self.client = client
         self.tenant_id = tenant_id
 
     @property
     def store(self) -> RunStore:
+        """The tenant's run store, through the router."""
         return self.client.runtime.router.store(self.tenant_id)
 
     async def start(
@@ -152,6 +159,8 @@ class TenantClient:
         return RunHandle(self, run.id, workflow)
 
     def handle(self, run_id: str) -> RunHandle[Any]:
+        """A handle to the run ``run_id`` of this tenant (not checked until it is used: a run
+        of another tenant is as missing as one that does not exist)."""
         return RunHandle(self, run_id, None)
 
     async def list_runs(
@@ -181,15 +190,18 @@ class RunHandle(Generic[R]):
         self._workflow = workflow
 
     async def describe(self) -> RunRecord:
+        """The run as stored now (``RunNotFoundError`` if this tenant has no such run)."""
         run = await self._tenant.store.get_run(self.run_id)
         if run is None:
             raise RunNotFoundError(f"no run {self.run_id} in this tenant")
         return run
 
     async def status(self) -> RunStatus:
+        """The run's status now."""
         return (await self.describe()).status
 
     async def steps(self) -> list[StepRecord]:
+        """The run's checkpoints, in the order the workflow made them."""
         return await self._tenant.store.get_steps(self.run_id)
 
     async def result(self, timeout: float | None = None) -> R:

@@ -20,6 +20,7 @@ class TenantflowError(Exception):
 
     @property
     def message(self) -> str:
+        """The error's message (its first argument)."""
         return str(self.args[0]) if self.args else ""
 
     @classmethod

@@ -180,6 +180,8 @@ class Runtime:
         await self.router.forget(tenant_id)
 
     async def close(self) -> None:
+        """Send what is pending (outbox records, marks of work), then close the stores, the
+        queue, the coordination backend and the platform database."""
         if self._health is not None:
             await self._health.close()
         if self._access is not None:

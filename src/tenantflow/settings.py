@@ -147,9 +147,11 @@ class Settings(BaseSettings):
     log_format: str = Field(default="console", pattern="^(console|json)$")
 
     def resolved_database_url(self) -> str:
+        """The platform database's URL: ``database_url``, or SQLite under ``home``."""
         return self.database_url or f"sqlite:///{self.home / 'platform.db'}"
 
     def resolved_queue_url(self) -> str:
+        """The queue's URL: ``queue_url``, or SQLite under ``home``."""
         return self.queue_url or f"sqlite:///{self.home / 'queue.db'}"
 
 

@@ -29,6 +29,9 @@ RETRY_SHARED_SECONDS = 2.0
 
 @dataclass(frozen=True, kw_only=True)
 class BulkheadConfig:
+    """A bulkhead: at most ``max_concurrent`` calls at once, across every process sharing it;
+    a slot held by a process that died is free again after ``lease_seconds``."""
+
     max_concurrent: int = 25  # Resilience4j's default
     lease_seconds: float = 300.0  # a slot of a process that died comes back after this
 

@@ -189,6 +189,7 @@ class App:
     # -- lookup ------------------------------------------------------------------------------
 
     def get_workflow(self, name: str) -> Workflow[Any, Any]:
+        """The workflow registered as ``name`` (``WorkflowNotRegisteredError`` if none)."""
         try:
             return self.workflows[name]
         except KeyError:

@@ -10,6 +10,8 @@ from tenantflow.serde import loads
 
 
 class RunStatus(enum.StrEnum):
+    """Where a run is: queued, running, waiting (asleep, for an event or a child), or ended."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SLEEPING = "sleeping"
@@ -22,6 +24,7 @@ class RunStatus(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
+        """Whether the run has ended (it changes no more)."""
         return self in TERMINAL
 
 
@@ -51,6 +54,9 @@ class StepStatus(enum.StrEnum):
 
 @dataclass(frozen=True, kw_only=True)
 class RunRecord:
+    """A run as stored: its status, input and result (JSON bytes), times (epoch seconds),
+    and how often it was recovered and executed."""
+
     id: str
     tenant_id: str
     workflow: str
@@ -77,12 +83,16 @@ class RunRecord:
 
     @property
     def error_info(self) -> dict[str, Any] | None:
+        """The error as a dict (``type``, ``message``), or None."""
         value: dict[str, Any] | None = loads(self.error)
         return value
 
 
 @dataclass(frozen=True, kw_only=True)
 class StepRecord:
+    """A checkpoint of a run: a step's result or error, a sleep, an event or a child, at its
+    position ``seq``."""
+
     run_id: str
     seq: int
     name: str
@@ -96,6 +106,7 @@ class StepRecord:
 
     @property
     def error_info(self) -> dict[str, Any] | None:
+        """The error as a dict (``type``, ``message``), or None."""
         value: dict[str, Any] | None = loads(self.error)
         return value
 

@@ -77,6 +77,10 @@ class WorkerStats:
 
 
 class Worker(GivingBack, LeaseKeeping):
+    """Executes the runs of ``app``'s workflows, for every tenant, from the runtime's queue:
+    ``concurrency`` at once (default ``worker_concurrency``). ``await worker.run()`` works
+    until ``stop()``, then drains."""
+
     def __init__(self, app: App, runtime: Runtime, *, concurrency: int | None = None) -> None:
         self.app = app
         self.runtime = runtime
@@ -125,6 +129,7 @@ class Worker(GivingBack, LeaseKeeping):
     # -- ExecutionHost -----------------------------------------------------------------------
 
     async def publish(self, tenant_id: str, entries: Sequence[OutboxEntry]) -> None:
+        """Send a run's outbox records (a child started, a parent woken) soon."""
         self.runtime.outbox.publish_soon(tenant_id, entries)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -137,6 +142,7 @@ class Worker(GivingBack, LeaseKeeping):
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
+        """``stop()`` on SIGTERM and SIGINT (a drain, then exit)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
