@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,58 @@ class RunRecord:
     # when one claims it.
     stuck_reason: str | None = None
 
+    @classmethod
+    def from_row(cls, tenant_id: str, row: Mapping[str, Any]) -> RunRecord:
+        """The run in a row of ``run_columns`` (``queries.sql``), by column name."""
+        return cls(
+            id=row["id"],
+            tenant_id=tenant_id,
+            workflow=row["workflow"],
+            status=RunStatus(row["status"]),
+            input=bytes(row["input"]),
+            result=_bytes(row["result"]),
+            error=_bytes(row["error"]),
+            idempotency_key=row["idempotency_key"],
+            parent_id=row["parent_id"],
+            priority=row["priority"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            deadline=row["deadline"],
+            wake_at=row["wake_at"],
+            recoveries=row["recoveries"],
+            executions=row["executions"],
+            cancel_requested=bool(row["cancel_requested"]),
+            compensable=bool(row["compensable"]),
+            stuck_reason=row["stuck_reason"],
+        )
+
+    @classmethod
+    def new(cls, tenant_id: str, run: NewRun, now: float) -> RunRecord:
+        """The run that inserting ``run`` at ``now`` creates."""
+        return cls(
+            id=run.id,
+            tenant_id=tenant_id,
+            workflow=run.workflow,
+            status=RunStatus.QUEUED,
+            input=run.input,
+            result=None,
+            error=None,
+            idempotency_key=run.idempotency_key,
+            parent_id=run.parent_id,
+            priority=run.priority,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+            deadline=None,
+            wake_at=None,
+            recoveries=0,
+            executions=0,
+            cancel_requested=False,
+        )
+
     @property
     def error_info(self) -> dict[str, Any] | None:
         value: dict[str, Any] | None = loads(self.error)
@@ -94,10 +147,45 @@ class StepRecord:
     started_at: float
     finished_at: float | None
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> StepRecord:
+        """The checkpoint in a row of ``step_columns`` (``queries.sql``), by column name."""
+        return cls(
+            run_id=row["run_id"],
+            seq=row["seq"],
+            name=row["name"],
+            kind=StepKind(row["kind"]),
+            status=StepStatus(row["status"]),
+            output=_bytes(row["output"]),
+            error=_bytes(row["error"]),
+            attempts=row["attempts"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+        )
+
+    def params(self) -> tuple[Any, ...]:
+        """The values of ``step_columns``, in their order (a unit test holds the two alike)."""
+        return (
+            self.run_id,
+            self.seq,
+            self.name,
+            self.kind.value,
+            self.status.value,
+            self.output,
+            self.error,
+            self.attempts,
+            self.started_at,
+            self.finished_at,
+        )
+
     @property
     def error_info(self) -> dict[str, Any] | None:
         value: dict[str, Any] | None = loads(self.error)
         return value
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +201,22 @@ class NewRun:
     timeout: float | None = None
     max_recoveries: int = 10
     trace: str | None = None  # W3C traceparent of the span that started it (tracing on)
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        """The values of ``insert_run`` (``queries.sql``), created at ``now``."""
+        return (
+            self.id,
+            self.workflow,
+            self.input,
+            self.idempotency_key,
+            self.parent_id,
+            self.priority,
+            self.timeout,
+            self.max_recoveries,
+            now,
+            now,
+            self.trace,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
