@@ -83,8 +83,9 @@ async def lock_descendants(tx: Tx, run_id: str) -> None:
 
 
 async def read_run(tx: Tx, tenant_id: str, run_id: str) -> RunRecord | None:
-    row = await fetch_one(tx, Q["get_run"], (run_id,))
-    return RunRecord.from_row(tenant_id, row) if row else None
+    statement = Q["get_run"]
+    row = await tx.one(statement, (run_id,))
+    return RunRecord.from_row(tenant_id, row, statement.at) if row else None
 
 
 async def child_state(tx: Tx, child_id: str) -> ChildState:

@@ -41,15 +41,18 @@ class Statement(str):
 
     name: str
     columns: tuple[str, ...]
+    at: dict[str, int]  # each column's place in a row
 
     def __new__(cls, name: str, text: str) -> Statement:
         self = super().__new__(cls, text)
         self.name = name
         self.columns = output_columns(text)
+        self.at = {column: i for i, column in enumerate(self.columns)}
         return self
 
     def named(self, row: Sequence[Any]) -> dict[str, Any]:
-        """``row`` by column name."""
+        """``row`` by column name. A dict a row costs a few microseconds: the hot path reads
+        its rows through ``at`` instead."""
         return dict(zip(self.columns, row, strict=True))
 
     def many(self, count: int) -> str:

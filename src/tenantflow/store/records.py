@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,30 +77,31 @@ class RunRecord:
     stuck_reason: str | None = None
 
     @classmethod
-    def from_row(cls, tenant_id: str, row: Mapping[str, Any]) -> RunRecord:
-        """The run in a row of ``run_columns`` (``queries.sql``), by column name."""
+    def from_row(cls, tenant_id: str, row: Sequence[Any], at: Mapping[str, int]) -> RunRecord:
+        """The run in a row with ``run_columns`` (``queries.sql``), read by column name: ``at``
+        gives each column's place (a statement's, built once; a dict a row costs more)."""
         return cls(
-            id=row["id"],
+            id=row[at["id"]],
             tenant_id=tenant_id,
-            workflow=row["workflow"],
-            status=RunStatus(row["status"]),
-            input=bytes(row["input"]),
-            result=_bytes(row["result"]),
-            error=_bytes(row["error"]),
-            idempotency_key=row["idempotency_key"],
-            parent_id=row["parent_id"],
-            priority=row["priority"],
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            deadline=row["deadline"],
-            wake_at=row["wake_at"],
-            recoveries=row["recoveries"],
-            executions=row["executions"],
-            cancel_requested=bool(row["cancel_requested"]),
-            compensable=bool(row["compensable"]),
-            stuck_reason=row["stuck_reason"],
+            workflow=row[at["workflow"]],
+            status=RunStatus(row[at["status"]]),
+            input=bytes(row[at["input"]]),
+            result=_bytes(row[at["result"]]),
+            error=_bytes(row[at["error"]]),
+            idempotency_key=row[at["idempotency_key"]],
+            parent_id=row[at["parent_id"]],
+            priority=row[at["priority"]],
+            created_at=row[at["created_at"]],
+            updated_at=row[at["updated_at"]],
+            started_at=row[at["started_at"]],
+            finished_at=row[at["finished_at"]],
+            deadline=row[at["deadline"]],
+            wake_at=row[at["wake_at"]],
+            recoveries=row[at["recoveries"]],
+            executions=row[at["executions"]],
+            cancel_requested=bool(row[at["cancel_requested"]]),
+            compensable=bool(row[at["compensable"]]),
+            stuck_reason=row[at["stuck_reason"]],
         )
 
     @classmethod
@@ -148,19 +149,20 @@ class StepRecord:
     finished_at: float | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> StepRecord:
-        """The checkpoint in a row of ``step_columns`` (``queries.sql``), by column name."""
+    def from_row(cls, row: Sequence[Any], at: Mapping[str, int]) -> StepRecord:
+        """The checkpoint in a row with ``step_columns`` (``queries.sql``), read by column
+        name, ``at`` giving each column's place."""
         return cls(
-            run_id=row["run_id"],
-            seq=row["seq"],
-            name=row["name"],
-            kind=StepKind(row["kind"]),
-            status=StepStatus(row["status"]),
-            output=_bytes(row["output"]),
-            error=_bytes(row["error"]),
-            attempts=row["attempts"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
+            run_id=row[at["run_id"]],
+            seq=row[at["seq"]],
+            name=row[at["name"]],
+            kind=StepKind(row[at["kind"]]),
+            status=StepStatus(row[at["status"]]),
+            output=_bytes(row[at["output"]]),
+            error=_bytes(row[at["error"]]),
+            attempts=row[at["attempts"]],
+            started_at=row[at["started_at"]],
+            finished_at=row[at["finished_at"]],
         )
 
     def params(self) -> tuple[Any, ...]:

@@ -105,8 +105,8 @@ class SqlRunStore(Upkeep):
         self.tenant_id = tenant_id
         self.db = db
 
-    def _run(self, row: Mapping[str, Any]) -> RunRecord:
-        return RunRecord.from_row(self.tenant_id, row)
+    def _run(self, statement: Statement, row: Sequence[Any]) -> RunRecord:
+        return RunRecord.from_row(self.tenant_id, row, statement.at)
 
     async def mark_compensable(self, run_id: str, *, lease: Lease, now: float) -> None:
         async with self.db.transaction() as tx:
@@ -123,21 +123,22 @@ class SqlRunStore(Upkeep):
             statement = Q["create_run_pg"]
             inserted = await self.db.batched(statement, (*params, now))
             if inserted is not None:  # the new run is exactly what was inserted
-                entry_id = int(statement.named(inserted)["id"])
+                entry_id = int(inserted[statement.at["id"]])
                 entry = OutboxEntry(
                     id=entry_id, run_id=run.id, priority=run.priority, trace=run.trace
                 )
                 return RunRecord.new(self.tenant_id, run, now), True, (entry,)
         else:
             async with self.db.transaction() as tx:
-                row = await fetch_one(tx, Q["insert_run_returning"], params)
+                statement = Q["insert_run_returning"]
+                row = await tx.one(statement, params)
                 if row is not None:
                     if monthly_quota is not None:
                         # Counted in the run's transaction: a refusal creates nothing, and
                         # concurrent submits queue on the counter's row.
                         await self._count_run(tx, now, monthly_quota)
                     entry = await changes.add_outbox(tx, run.id, run.priority, now)
-                    return self._run(row), True, (entry,)
+                    return self._run(statement, row), True, (entry,)
         return await self._existing(run), False, ()
 
     @staticmethod
@@ -154,11 +155,12 @@ class SqlRunStore(Upkeep):
     async def _existing(self, run: NewRun) -> RunRecord:
         """The run that already holds ``run``'s id or idempotency key, if it is the same
         request; an ``IdempotencyConflictError`` otherwise."""
+        statement = Q["get_run_by_key"]
         async with self.db.autocommit() as tx:
-            row = await fetch_one(tx, Q["get_run_by_key"], (run.idempotency_key,))
+            row = await tx.one(statement, (run.idempotency_key,))
         if row is None:
             raise IdempotencyConflictError(f"run id {run.id} is already taken")
-        existing = self._run(row)
+        existing = self._run(statement, row)
         if existing.workflow != run.workflow or loads(existing.input) != loads(run.input):
             raise IdempotencyConflictError(
                 f"idempotency key {run.idempotency_key!r} was used for run {existing.id} with "
@@ -185,13 +187,11 @@ class SqlRunStore(Upkeep):
         filters = f"WHERE {' AND '.join(c for c, _ in asked)}" if asked else ""
         statement = Q["list_runs"]
         async with self.db.autocommit() as tx:
-            rows = await fetch_all(
-                tx,
-                statement,
+            rows = await tx.all(
+                statement.fill(filters=filters),
                 (*(value for _, value in asked), max(1, min(limit, 1000))),
-                text=statement.fill(filters=filters),
             )
-        return [self._run(r) for r in rows]
+        return [self._run(statement, r) for r in rows]
 
     async def count_runs(self, *, status: RunStatus | None = None) -> int:
         async with self.db.autocommit() as tx:
@@ -207,7 +207,8 @@ class SqlRunStore(Upkeep):
 
     @staticmethod
     async def _steps(tx: Tx, run_id: str) -> list[StepRecord]:
-        return [StepRecord.from_row(r) for r in await fetch_all(tx, Q["steps_of_run"], (run_id,))]
+        statement = Q["steps_of_run"]
+        return [StepRecord.from_row(r, statement.at) for r in await tx.all(statement, (run_id,))]
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -221,7 +222,7 @@ class SqlRunStore(Upkeep):
         if row is None:
             return await self._claim_other(run_id, owner=owner, now=now, lease=lease)
         # The common case: a queued run.
-        claimed = self._run(statement.named(row))
+        claimed = self._run(statement, row)
         steps: tuple[StepRecord, ...] = ()
         if claimed.executions > 1:  # it ran before (released, woken up): replay
             steps = tuple(await self.get_steps(run_id))
@@ -236,11 +237,13 @@ class SqlRunStore(Upkeep):
         """A claim of a run that is not simply queued: recovered, woken, exhausted, or not to
         be taken (yet)."""
         async with self.db.transaction() as tx:
-            row = await fetch_one(tx, Q["claim_read"], (run_id,))
+            read = Q["claim_read"]
+            row = await tx.one(read, (run_id,))
             if row is None:
                 return Claim(outcome=ClaimOutcome.DROP)
-            run = self._run(row)
-            lease_until, status = row["lease_until"], run.status
+            run = self._run(read, row)
+            lease_until, timeout = row[read.at["lease_until"]], row[read.at["timeout"]]
+            status = run.status
             if status in TERMINAL:
                 return Claim(outcome=ClaimOutcome.DROP, run=run)
             if status is RunStatus.RUNNING and lease_until > now:
@@ -255,9 +258,9 @@ class SqlRunStore(Upkeep):
                     return Claim(outcome=ClaimOutcome.DEFER, run=run, not_before=run.wake_at)
             recoveries = run.recoveries + (1 if status is RunStatus.RUNNING else 0)
             deadline = run.deadline
-            if deadline is None and row["timeout"] is not None:
-                deadline = now + row["timeout"]
-            failure = _exhausted(recoveries, row["max_recoveries"], deadline, now)
+            if deadline is None and timeout is not None:
+                deadline = now + timeout
+            failure = _exhausted(recoveries, row[read.at["max_recoveries"]], deadline, now)
             if failure is not None:
                 wake = await changes.finish(tx, run_id, RunStatus.FAILED, None, failure, now)
                 return Claim(
@@ -265,12 +268,12 @@ class SqlRunStore(Upkeep):
                     run=await changes.read_run(tx, self.tenant_id, run_id),
                     wake=tuple(wake),
                 )
-            taken = await fetch_one(
-                tx, Q["claim"], (owner, now + lease, recoveries, now, deadline, now, run_id)
-            )
+            claim = Q["claim"]
+            params = (owner, now + lease, recoveries, now, deadline, now, run_id)
+            taken = await tx.one(claim, params)
             assert taken is not None
             steps = tuple(await self._steps(tx, run_id))
-        claimed = self._run(taken)
+        claimed = self._run(claim, taken)
         return Claim(
             outcome=ClaimOutcome.CLAIMED,
             run=claimed,
@@ -300,7 +303,7 @@ class SqlRunStore(Upkeep):
             )
             if row is None:
                 raise LeaseLost(step.run_id)
-            return bool(statement.named(row)["cancel_requested"])
+            return bool(row[statement.at["cancel_requested"]])
         async with self.db.transaction() as tx:
             cancel = await changes.owned(tx, step.run_id, lease, now)
             await tx.run(Q["upsert_step"], step.params())
@@ -438,10 +441,11 @@ class SqlRunStore(Upkeep):
     async def request_cancel(self, run_id: str, *, now: float) -> tuple[RunRecord, Finished]:
         async with self.db.transaction() as tx:
             await changes.lock_descendants(tx, run_id)
-            row = await fetch_one(tx, Q["lock_run"], (run_id,))
+            lock = Q["lock_run"]
+            row = await tx.one(lock, (run_id,))
             if row is None:
                 raise RunNotFoundError(f"no run {run_id} in this tenant")
-            run = self._run(row)
+            run = self._run(lock, row)
             if run.status in TERMINAL:
                 raise RunFinishedError(run_id, run.status.value, "it cannot be cancelled")
             first = not run.cancel_requested
