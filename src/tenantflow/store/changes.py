@@ -20,16 +20,21 @@ def fence(lease: Lease) -> tuple[str, int]:
 async def owned(tx: Tx, run_id: str, lease: Lease, now: float) -> bool:
     """Fence: the run is still ours, in this attempt (its row locked until the transaction
     ends). Returns whether its cancellation was requested."""
-    row = await fetch_one(tx, Q["touch_owned"], (now, run_id, *fence(lease)))
+    statement = Q["touch_owned"]  # once a checkpoint (SQLite): its row read through ``at``
+    row = await tx.one(statement, (now, run_id, *fence(lease)))
     if row is None:
         raise LeaseLost(run_id)
-    return bool(row["cancel_requested"])
+    return bool(row[statement.at["cancel_requested"]])
 
 
 async def add_outbox(tx: Tx, run_id: str, priority: int, now: float) -> OutboxEntry:
-    row = await fetch_one(tx, Q["insert_outbox"], (priority, now, run_id))
+    statement = Q["insert_outbox"]  # once a submit (SQLite): its row read through ``at``
+    row = await tx.one(statement, (priority, now, run_id))
     assert row is not None
-    return OutboxEntry(id=int(row["id"]), run_id=run_id, priority=priority, trace=row["trace"])
+    at = statement.at
+    return OutboxEntry(
+        id=int(row[at["id"]]), run_id=run_id, priority=priority, trace=row[at["trace"]]
+    )
 
 
 async def wake(tx: Tx, run_id: str, now: float) -> list[OutboxEntry]:
