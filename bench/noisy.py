@@ -37,7 +37,8 @@ from tenantflow import App, Client, RunStatus, Runtime, Settings, WorkflowContex
 from tenantflow.client import new_run_id
 from tenantflow.engine.steps import encode_input
 from tenantflow.queue.base import Envelope
-from tenantflow.store.sql import SQL_INSERT_RUN, SqlRunStore
+from tenantflow.store.queries import Q
+from tenantflow.store.sql import SqlRunStore
 
 ROOT = Path(__file__).parents[1]
 app = App("noisy")
@@ -140,7 +141,7 @@ async def flood(runtime: Runtime, tenant_id: str, n: int) -> None:
         for i in range(n)
     ]
     async with store.db.transaction() as tx:
-        await tx.many(SQL_INSERT_RUN, rows)
+        await tx.many(Q["insert_run"], rows)
     await runtime.marks.note(tenant_id)
     # In batches, so that the backlog is there before a running worker has served much of it.
     for i in range(0, n, 1000):

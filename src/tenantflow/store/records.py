@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,59 @@ class RunRecord:
     # when one claims it.
     stuck_reason: str | None = None
 
+    @classmethod
+    def from_row(cls, tenant_id: str, row: Sequence[Any], at: Mapping[str, int]) -> RunRecord:
+        """The run in a row with ``run_columns`` (``queries.sql``), read by column name: ``at``
+        gives each column's place (a statement's, built once; a dict a row costs more)."""
+        return cls(
+            id=row[at["id"]],
+            tenant_id=tenant_id,
+            workflow=row[at["workflow"]],
+            status=RunStatus(row[at["status"]]),
+            input=bytes(row[at["input"]]),
+            result=_bytes(row[at["result"]]),
+            error=_bytes(row[at["error"]]),
+            idempotency_key=row[at["idempotency_key"]],
+            parent_id=row[at["parent_id"]],
+            priority=row[at["priority"]],
+            created_at=row[at["created_at"]],
+            updated_at=row[at["updated_at"]],
+            started_at=row[at["started_at"]],
+            finished_at=row[at["finished_at"]],
+            deadline=row[at["deadline"]],
+            wake_at=row[at["wake_at"]],
+            recoveries=row[at["recoveries"]],
+            executions=row[at["executions"]],
+            cancel_requested=bool(row[at["cancel_requested"]]),
+            compensable=bool(row[at["compensable"]]),
+            stuck_reason=row[at["stuck_reason"]],
+        )
+
+    @classmethod
+    def new(cls, tenant_id: str, run: NewRun, now: float) -> RunRecord:
+        """The run that inserting ``run`` at ``now`` creates."""
+        return cls(
+            id=run.id,
+            tenant_id=tenant_id,
+            workflow=run.workflow,
+            status=RunStatus.QUEUED,
+            input=run.input,
+            result=None,
+            error=None,
+            idempotency_key=run.idempotency_key,
+            parent_id=run.parent_id,
+            priority=run.priority,
+            created_at=now,
+            updated_at=now,
+            started_at=None,
+            finished_at=None,
+            deadline=None,
+            wake_at=None,
+            recoveries=0,
+            executions=0,
+            cancel_requested=False,
+        )
+
     @property
     def error_info(self) -> dict[str, Any] | None:
         """The error as a dict (``type``, ``message``), or None."""
@@ -104,11 +158,47 @@ class StepRecord:
     started_at: float
     finished_at: float | None
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any], at: Mapping[str, int]) -> StepRecord:
+        """The checkpoint in a row with ``step_columns`` (``queries.sql``), read by column
+        name, ``at`` giving each column's place."""
+        return cls(
+            run_id=row[at["run_id"]],
+            seq=row[at["seq"]],
+            name=row[at["name"]],
+            kind=StepKind(row[at["kind"]]),
+            status=StepStatus(row[at["status"]]),
+            output=_bytes(row[at["output"]]),
+            error=_bytes(row[at["error"]]),
+            attempts=row[at["attempts"]],
+            started_at=row[at["started_at"]],
+            finished_at=row[at["finished_at"]],
+        )
+
+    def params(self) -> tuple[Any, ...]:
+        """The values of ``step_columns``, in their order (a unit test holds the two alike)."""
+        return (
+            self.run_id,
+            self.seq,
+            self.name,
+            self.kind.value,
+            self.status.value,
+            self.output,
+            self.error,
+            self.attempts,
+            self.started_at,
+            self.finished_at,
+        )
+
     @property
     def error_info(self) -> dict[str, Any] | None:
         """The error as a dict (``type``, ``message``), or None."""
         value: dict[str, Any] | None = loads(self.error)
         return value
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +214,22 @@ class NewRun:
     timeout: float | None = None
     max_recoveries: int = 10
     trace: str | None = None  # W3C traceparent of the span that started it (tracing on)
+
+    def params(self, now: float) -> tuple[Any, ...]:
+        """The values of ``insert_run`` (``queries.sql``), created at ``now``."""
+        return (
+            self.id,
+            self.workflow,
+            self.input,
+            self.idempotency_key,
+            self.parent_id,
+            self.priority,
+            self.timeout,
+            self.max_recoveries,
+            now,
+            now,
+            self.trace,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
