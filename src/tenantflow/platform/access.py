@@ -322,8 +322,11 @@ class AccessGuard:
         while True:
             try:
                 async with self.coordination.subscribe(ACCESS_CHANGES) as subscription:
-                    # A (re)subscription: what was published while unsubscribed never arrives.
-                    self._forget_all()
+                    # A (re)subscription to other processes' changes: what was published while
+                    # unsubscribed never arrives. (In-process, nothing can be missed, and the
+                    # grants last read must stay, to serve through a platform outage.)
+                    if self.coordination.shared:
+                        self._forget_all()
                     self._subscription = subscription
                     async for message in subscription:
                         change = Change.decode(message)
