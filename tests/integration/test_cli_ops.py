@@ -178,9 +178,20 @@ class serving:
                     return base
             except httpx.ConnectError:
                 pass
-            assert time.monotonic() < deadline, [p.poll() for p in self.procs]
-            assert all(p.poll() is None for p in self.procs)
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise AssertionError(f"not serving: {self._stop()}")
             time.sleep(0.1)
+
+    def _stop(self) -> list[tuple[list[str], int | None, str]]:
+        """Stop every process; each one's command, exit code and output."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        found = []
+        for command, proc in zip(self.commands, self.procs, strict=True):
+            out, _ = proc.communicate(timeout=30)
+            found.append((command, proc.returncode, out))
+        return found
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:
