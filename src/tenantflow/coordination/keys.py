@@ -40,10 +40,5 @@ class CoordinationKeys:
         """A pub/sub channel (``access-changes``: changes that take access away)."""
         return f"{self.prefix}:{name}"
 
-    @property
-    def access_changes(self) -> str:
-        """Pub/sub channel: changes that take access away (``platform.access``)."""
-        return self.channel(ACCESS_CHANGES)
-
 
 ACCESS_CHANGES = "access-changes"
